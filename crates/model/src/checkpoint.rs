@@ -204,7 +204,7 @@ pub fn load(dir: &Path, device: Device) -> Result<(Llama, String), CheckpointErr
         return Err(CheckpointError::MissingTokenizer { path: dir.to_path_buf() });
     }
     let tokenizer = std::fs::read_to_string(&tok_path).map_err(io_err(&tok_path))?;
-    let model = Llama::new(&config, device);
+    let model = Llama::new(&config, device, 0);
     load_weights(&model, &dir.join(WEIGHTS_FILE))?;
     Ok((model, tokenizer))
 }
@@ -215,8 +215,7 @@ mod tests {
     use crate::config::Preset;
 
     fn nano() -> Llama {
-        tch::manual_seed(3);
-        Llama::new(&Preset::by_name("nano").unwrap().config(), Device::Cpu)
+        Llama::new(&Preset::by_name("nano").unwrap().config(), Device::Cpu, 3)
     }
 
     #[test]
@@ -236,7 +235,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Preset::by_name("nano").unwrap().config();
         c.intermediate_size = 128;
-        let other = Llama::new(&c, Device::Cpu);
+        let other = Llama::new(&c, Device::Cpu, 3);
         save(&other, b"{}", dir.path()).unwrap();
         let m = nano();
         let before = m.params()[0].tensor.copy();

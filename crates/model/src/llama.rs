@@ -48,13 +48,17 @@ pub struct Llama {
     rope_cos: Tensor,
     rope_sin: Tensor,
     device: Device,
+    /// Kind that matrix multiplies and attention run in. Parameters, the residual
+    /// stream and norms stay f32; `BFloat16` here is mixed precision with f32 master
+    /// weights (what CUDA autocast does for these ops).
+    compute_kind: Kind,
 }
 
 impl Llama {
-    /// A freshly initialised model. Tensors are drawn in declaration order from
-    /// libtorch's generator, so `tch::manual_seed(s)` before this call makes it
-    /// reproducible.
-    pub fn new(config: &LlamaConfig, device: Device) -> Llama {
+    /// A freshly initialised model. Initial values come from our own generator seeded
+    /// by `seed` and each tensor's position, not from libtorch's global one, so every
+    /// node (and every thread) builds the same θ₀ from the same seed on any device.
+    pub fn new(config: &LlamaConfig, device: Device, seed: u64) -> Llama {
         config.validate().expect("LlamaConfig must be validated before building a model");
         let mut params = Vec::new();
         let d = config.hidden_size as i64;
@@ -66,7 +70,8 @@ impl Llama {
         let residual_std = INIT_STD / (2.0 * config.num_hidden_layers as f64).sqrt();
         let mut add = |name: String, shape: &[i64], std: Option<f64>| -> usize {
             let t = match std {
-                Some(std) => Tensor::randn(shape, (Kind::Float, device)) * std,
+                Some(std) => normal_init(shape, std, seed ^ (params.len() as u64).wrapping_mul(0xA076_1D64_78BD_642F))
+                    .to_device(device),
                 None => Tensor::ones(shape, (Kind::Float, device)),
             };
             params.push(Param { name, tensor: t.set_requires_grad(true) });
@@ -93,7 +98,18 @@ impl Llama {
             .then(|| add("lm_head.weight".into(), &[v, d], Some(INIT_STD)));
         let (rope_cos, rope_sin) = rope_tables(config, device);
         let model =
-            Llama { config: config.clone(), params, embed, layers, norm, lm_head, rope_cos, rope_sin, device };
+            Llama {
+            config: config.clone(),
+            params,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_cos,
+            rope_sin,
+            device,
+            compute_kind: Kind::Float,
+        };
         debug_assert_eq!(model.numel() as u64, config.params_total());
         model
     }
@@ -104,6 +120,15 @@ impl Llama {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Runs matrix multiplies and attention in `kind` (`Float` or `BFloat16`).
+    pub fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute_kind = kind;
+    }
+
+    pub fn compute_kind(&self) -> Kind {
+        self.compute_kind
     }
 
     /// The parameters in their fixed order.
@@ -128,16 +153,18 @@ impl Llama {
         let (h, kvh, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim() as i64);
         let eps = c.rms_norm_eps;
         let d = c.hidden_size as i64;
+        let ck = self.compute_kind;
         let w = |i: usize| &self.params[i].tensor;
-        let cos = self.rope_cos.narrow(0, 0, t);
-        let sin = self.rope_sin.narrow(0, 0, t);
+        let lin = |x: &Tensor, i: usize| x.to_kind(ck).linear::<Tensor>(&w(i).to_kind(ck), None);
+        let cos = self.rope_cos.narrow(0, 0, t).to_kind(ck);
+        let sin = self.rope_sin.narrow(0, 0, t).to_kind(ck);
 
         let mut x = Tensor::embedding(w(self.embed), input_ids, -1, false, false);
         for l in &self.layers {
             let hn = x.rms_norm([d], Some(w(l.input_norm)), eps);
-            let q = hn.linear::<Tensor>(w(l.q), None).view([b, t, h, hd]).transpose(1, 2);
-            let k = hn.linear::<Tensor>(w(l.k), None).view([b, t, kvh, hd]).transpose(1, 2);
-            let v = hn.linear::<Tensor>(w(l.v), None).view([b, t, kvh, hd]).transpose(1, 2);
+            let q = lin(&hn, l.q).view([b, t, h, hd]).transpose(1, 2);
+            let k = lin(&hn, l.k).view([b, t, kvh, hd]).transpose(1, 2);
+            let v = lin(&hn, l.v).view([b, t, kvh, hd]).transpose(1, 2);
             let q = apply_rope(&q, &cos, &sin);
             let k = apply_rope(&k, &cos, &sin);
             let (k, v) = if kvh == h {
@@ -148,13 +175,13 @@ impl Llama {
             };
             let a = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false);
             let a = a.transpose(1, 2).reshape([b, t, d]);
-            x = x + a.linear::<Tensor>(w(l.o), None);
+            x = x + lin(&a, l.o).to_kind(Kind::Float);
             let hn = x.rms_norm([d], Some(w(l.post_norm)), eps);
-            let gated = hn.linear::<Tensor>(w(l.gate), None).silu() * hn.linear::<Tensor>(w(l.up), None);
-            x = x + gated.linear::<Tensor>(w(l.down), None);
+            let gated = lin(&hn, l.gate).silu() * lin(&hn, l.up);
+            x = x + lin(&gated, l.down).to_kind(Kind::Float);
         }
         let x = x.rms_norm([d], Some(w(self.norm)), eps);
-        x.linear::<Tensor>(w(self.lm_head.unwrap_or(self.embed)), None)
+        lin(&x, self.lm_head.unwrap_or(self.embed))
     }
 
     /// Mean next-token cross-entropy (nats) of `tokens` `[batch, seq + 1]`.
@@ -205,6 +232,30 @@ impl Llama {
     }
 }
 
+/// A tensor of normal samples with standard deviation `std`, by Box–Muller over
+/// SplitMix64: identical on every machine for the same seed.
+fn normal_init(shape: &[i64], std: f64, seed: u64) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut values = Vec::with_capacity(n as usize);
+    while values.len() < n as usize {
+        let (u1, u2) = (next().max(f64::MIN_POSITIVE), next());
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let theta = std::f64::consts::TAU * u2;
+        values.push((r * theta.cos()) as f32);
+        values.push((r * theta.sin()) as f32);
+    }
+    values.truncate(n as usize);
+    Tensor::from_slice(&values).view(shape)
+}
+
 /// cos/sin tables `[max_positions, head_dim]` in the Hugging Face layout: the
 /// frequencies repeated twice along the channel axis, matching `rotate_half`.
 fn rope_tables(config: &LlamaConfig, device: Device) -> (Tensor, Tensor) {
@@ -223,7 +274,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let x1 = x.narrow(3, 0, half);
     let x2 = x.narrow(3, half, half);
     let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
-    x * cos.to_kind(x.kind()) + rotated * sin.to_kind(x.kind())
+    x * cos + rotated * sin
 }
 
 #[cfg(test)]
@@ -235,12 +286,12 @@ mod tests {
     fn allocated_parameters_match_the_counted_ones() {
         for name in ["nano", "micro"] {
             let c = Preset::by_name(name).unwrap().config();
-            let m = Llama::new(&c, Device::Cpu);
+            let m = Llama::new(&c, Device::Cpu, 1);
             assert_eq!(m.numel() as u64, c.params_total(), "{name}");
         }
         let mut c = Preset::by_name("nano").unwrap().config();
         c.tie_word_embeddings = false;
-        let m = Llama::new(&c, Device::Cpu);
+        let m = Llama::new(&c, Device::Cpu, 1);
         assert_eq!(m.numel() as u64, c.params_total());
         assert_eq!(m.params().last().unwrap().name, "lm_head.weight");
     }
@@ -248,9 +299,8 @@ mod tests {
     #[test]
     fn forward_is_causal() {
         // Changing a later token must not change the logits at earlier positions.
-        tch::manual_seed(1);
         let c = Preset::by_name("nano").unwrap().config();
-        let m = Llama::new(&c, Device::Cpu);
+        let m = Llama::new(&c, Device::Cpu, 1);
         let a = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).view([1, 6]);
         let b = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 99]).view([1, 6]);
         let (la, lb) = tch::no_grad(|| (m.forward(&a), m.forward(&b)));
@@ -261,9 +311,8 @@ mod tests {
 
     #[test]
     fn untrained_loss_is_near_uniform() {
-        tch::manual_seed(2);
         let c = Preset::by_name("nano").unwrap().config();
-        let m = Llama::new(&c, Device::Cpu);
+        let m = Llama::new(&c, Device::Cpu, 1);
         let tokens = Tensor::randint(c.vocab_size as i64, [4, 33], (Kind::Int64, Device::Cpu));
         let loss = f64::try_from(m.loss(&tokens)).unwrap();
         let uniform = (c.vocab_size as f64).ln();
