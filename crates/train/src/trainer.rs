@@ -126,6 +126,17 @@ pub struct Summary {
     pub stopped_early: bool,
 }
 
+/// One inner step: forward, backward, gradient clipping, AdamW. Returns the loss
+/// tensor (reading it synchronises with the device).
+pub fn train_step(model: &Llama, optim: &mut AdamW, batch: &Tensor, lr: f64, grad_clip: f64) -> Tensor {
+    model.zero_grad();
+    let loss = model.loss(batch);
+    loss.backward();
+    let _norm = clip_grad_norm(model, grad_clip);
+    optim.step(model, lr);
+    loss.detach()
+}
+
 /// Resolves a checkpoint argument: a checkpoint directory itself, or a run directory
 /// whose `latest` names one.
 pub fn resolve_checkpoint(dir: &Path) -> PathBuf {
@@ -341,11 +352,7 @@ impl Run<'_> {
             let total_for_lr = if self.state.total_steps == 0 { u64::MAX } else { self.state.total_steps };
             let lr = lr_at(step, opts.lr, opts.warmup_steps, total_for_lr, opts.min_lr_ratio);
             let batch = self.batch(step, &mut perm);
-            self.model.zero_grad();
-            let loss = self.model.loss(&batch);
-            loss.backward();
-            let _norm = clip_grad_norm(&self.model, opts.grad_clip);
-            self.optim.step(&self.model, lr);
+            let loss = train_step(&self.model, &mut self.optim, &batch, lr, opts.grad_clip);
             let loss = f64::try_from(&loss).expect("scalar loss");
             if !loss.is_finite() {
                 return Err(TrainError::Diverged { step, loss });
