@@ -190,33 +190,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Finds a Python for the reference: the flag, `$TESSERA_PYTHON`, a `.venv` above the
-/// working directory or the executable, then `python3`.
-fn python(args: &BenchArgs) -> PathBuf {
-    if let Some(p) = &args.python {
-        return p.clone();
-    }
-    if let Some(p) = std::env::var_os("TESSERA_PYTHON") {
-        return p.into();
-    }
-    let starts = [std::env::current_dir().ok(), std::env::current_exe().ok()];
-    for start in starts.into_iter().flatten() {
-        for dir in start.ancestors() {
-            let candidate = dir.join(".venv/bin/python");
-            if candidate.exists() {
-                return candidate;
-            }
-        }
-    }
-    PathBuf::from("python3")
-}
-
 fn run_reference(args: &BenchArgs, scratch: &std::path::Path, spec: &serde_json::Value) -> Result<Reference> {
     let script = scratch.join("reference_train.py");
     std::fs::write(&script, REFERENCE_SCRIPT)?;
     let spec_path = scratch.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(spec)?)?;
-    let python = python(args);
+    let python = args.python.clone().unwrap_or_else(tessera_train::python::find);
     let out = Command::new(&python)
         .arg(&script)
         .arg(&spec_path)

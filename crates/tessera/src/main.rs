@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod ledger_cli;
 mod progress;
 
 use std::ops::ControlFlow;
@@ -44,6 +45,8 @@ enum Command {
     Bench(BenchCommand),
     /// Prepare the bundled corpus, train `micro` for a few minutes, and sample from it.
     Demo(demo::DemoArgs),
+    /// The token ledger: sales, run funding, payouts, stake, revenue, Merkle proofs.
+    Ledger(ledger_cli::LedgerArgs),
 }
 
 #[derive(Subcommand)]
@@ -247,6 +250,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Bench(BenchCommand::Train(args)) => bench::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Ledger(args) => ledger_cli::run(args),
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod data;
 pub mod eval;
 pub mod optim;
+pub mod python;
 pub mod rng;
 pub mod trainer;
 

@@ -1,0 +1,341 @@
+//! `tessera ledger ...`: the token ledger from the command line. Every command opens
+//! the SQLite ledger (which replays and cross-checks its journal), does one thing, and
+//! prints a line, or JSON with `--json`. Amounts are given in tokens with up to nine
+//! decimals; JSON shows base units as strings.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use tessera_ledger::state::{LedgerConfig, SlashTo, PPM};
+use tessera_ledger::{merkle, Account, Amount, Ledger, Operation, Request, Signer, SqliteStore, Store, Work};
+
+#[derive(Args)]
+pub struct LedgerArgs {
+    /// The ledger database.
+    #[arg(long, global = true, default_value = "tessera-ledger.db")]
+    db: PathBuf,
+    /// Request id; re-running a command with the same id is a no-op. Default: a new id.
+    #[arg(long, global = true)]
+    id: Option<String>,
+    /// Who signs: `organiser` or `contributor:ID`.
+    #[arg(long = "as", global = true, default_value = "organiser")]
+    signer: String,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: LedgerCommand,
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Create a new ledger database.
+    Init {
+        /// Unbonding delay in hours.
+        #[arg(long, default_value_t = 168.0)]
+        unbond_delay_hours: f64,
+        /// Where slashed stake goes: `burned` or `treasury`.
+        #[arg(long, default_value = "burned")]
+        slash_to: String,
+    },
+    /// Record a token sale: issue tokens to the buyer (and optionally to the treasury).
+    Sale {
+        #[arg(long)]
+        buyer: String,
+        #[arg(long)]
+        tokens: String,
+        #[arg(long, default_value = "0")]
+        treasury_tokens: String,
+        /// What the buyer paid, e.g. "25000 USD".
+        #[arg(long)]
+        proceeds: String,
+    },
+    /// Fund a run's pool from the treasury.
+    Fund {
+        #[arg(long)]
+        run: String,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        tokens: String,
+        #[arg(long)]
+        reward_per_round: String,
+    },
+    /// Pay a round from a work file: JSON `[{"contributor": ID, "tokens": N, "score_ppm": N}]`.
+    Payout {
+        #[arg(long)]
+        run: String,
+        #[arg(long)]
+        round: u64,
+        #[arg(long)]
+        work: PathBuf,
+    },
+    Stake {
+        #[arg(long)]
+        run: String,
+        #[arg(long)]
+        contributor: String,
+        #[arg(long)]
+        tokens: String,
+    },
+    /// Start unbonding stake; release it after the delay with `release`.
+    Unbond {
+        #[arg(long)]
+        run: String,
+        #[arg(long)]
+        contributor: String,
+        #[arg(long)]
+        tokens: String,
+    },
+    Release {
+        #[arg(long)]
+        run: String,
+        #[arg(long)]
+        contributor: String,
+    },
+    /// Slash a fraction (0-1) of a contributor's stake for proven cheating.
+    Slash {
+        #[arg(long)]
+        run: String,
+        #[arg(long)]
+        contributor: String,
+        #[arg(long)]
+        fraction: f64,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Record model revenue paid by `payer`, split by contribution share.
+    Revenue {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        payer: String,
+        #[arg(long)]
+        tokens: String,
+        /// Fraction (0-1) reinvested into the treasury.
+        #[arg(long, default_value_t = 0.2)]
+        reinvest: f64,
+    },
+    /// An account's balance (e.g. `treasury`, `contributor:ID`, `pool:RUN`).
+    Balance { account: String },
+    /// An account's newest transfers.
+    History {
+        account: String,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// The Merkle root of all balances; `--epoch N` records it as epoch N's root.
+    Root {
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
+    /// A Merkle proof of one account's balance.
+    Prove { account: String },
+    /// Check a proof (JSON from `prove --json`) against a root.
+    Verify {
+        /// With a proof file: check the proof. Without: re-check the whole ledger.
+        #[arg(long)]
+        proof: Option<PathBuf>,
+        #[arg(long)]
+        root: Option<String>,
+    },
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn tokens(text: &str) -> Result<Amount> {
+    Amount::parse_tokens(text).map_err(Into::into)
+}
+
+fn ppm(fraction: f64, what: &str) -> Result<u32> {
+    if !(0.0..=1.0).contains(&fraction) {
+        bail!("{what} must be between 0 and 1, got {fraction}");
+    }
+    Ok((fraction * PPM as f64).round() as u32)
+}
+
+fn signer(text: &str) -> Result<Signer> {
+    match text {
+        "organiser" | "organizer" => Ok(Signer::Organiser),
+        other => match other.strip_prefix("contributor:") {
+            Some(id) => {
+                tessera_ledger::account::check_id(id)?;
+                Ok(Signer::Contributor(id.to_string()))
+            }
+            None => bail!("--as must be `organiser` or `contributor:ID`, got `{other}`"),
+        },
+    }
+}
+
+fn print(json: bool, value: serde_json::Value, line: String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn open(args: &LedgerArgs) -> Result<Ledger<SqliteStore>> {
+    let store = SqliteStore::open(&args.db)?;
+    Ledger::open(store).with_context(|| format!("opening ledger {}", args.db.display()))
+}
+
+pub fn run(args: LedgerArgs) -> Result<()> {
+    let op = match &args.command {
+        LedgerCommand::Init { unbond_delay_hours, slash_to } => {
+            if !(*unbond_delay_hours >= 0.0 && unbond_delay_hours.is_finite()) {
+                bail!("--unbond-delay-hours must be a non-negative number");
+            }
+            let slash_to = match slash_to.as_str() {
+                "burned" => SlashTo::Burned,
+                "treasury" => SlashTo::Treasury,
+                other => bail!("--slash-to must be `burned` or `treasury`, got `{other}`"),
+            };
+            let config = LedgerConfig { unbond_delay_ms: (unbond_delay_hours * 3_600_000.0) as u64, slash_to };
+            SqliteStore::init(&args.db, config)?;
+            return print(args.json, serde_json::json!({"db": args.db, "config": config}), format!("created ledger {}", args.db.display()));
+        }
+        LedgerCommand::Sale { buyer, tokens: t, treasury_tokens, proceeds } => Operation::Sale {
+            buyer: buyer.clone(),
+            tokens: tokens(t)?,
+            treasury_tokens: tokens(treasury_tokens)?,
+            proceeds: proceeds.clone(),
+        },
+        LedgerCommand::Fund { run, model, tokens: t, reward_per_round } => Operation::Fund {
+            run: run.clone(),
+            model: model.clone(),
+            amount: tokens(t)?,
+            reward_per_round: tokens(reward_per_round)?,
+        },
+        LedgerCommand::Payout { run, round, work } => {
+            let text = std::fs::read_to_string(work).with_context(|| format!("reading {}", work.display()))?;
+            let work: Vec<Work> = serde_json::from_str(&text).with_context(|| format!("{}: expected [{{\"contributor\", \"tokens\", \"score_ppm\"}}]", work.display()))?;
+            Operation::Payout { run: run.clone(), round: *round, work }
+        }
+        LedgerCommand::Stake { run, contributor, tokens: t } => {
+            Operation::Stake { run: run.clone(), contributor: contributor.clone(), amount: tokens(t)? }
+        }
+        LedgerCommand::Unbond { run, contributor, tokens: t } => {
+            Operation::Unbond { run: run.clone(), contributor: contributor.clone(), amount: tokens(t)? }
+        }
+        LedgerCommand::Release { run, contributor } => Operation::Release { run: run.clone(), contributor: contributor.clone() },
+        LedgerCommand::Slash { run, contributor, fraction, reason } => Operation::Slash {
+            run: run.clone(),
+            contributor: contributor.clone(),
+            fraction_ppm: ppm(*fraction, "--fraction")?,
+            reason: reason.clone(),
+        },
+        LedgerCommand::Revenue { model, payer, tokens: t, reinvest } => Operation::Revenue {
+            model: model.clone(),
+            payer: payer.clone(),
+            amount: tokens(t)?,
+            reinvest_ppm: ppm(*reinvest, "--reinvest")?,
+        },
+        LedgerCommand::Root { epoch: Some(epoch) } => Operation::CloseEpoch { epoch: *epoch },
+        LedgerCommand::Root { epoch: None } => {
+            let ledger = open(&args)?;
+            let root = ledger.state().root();
+            return print(args.json, serde_json::json!({"root": root, "epochs": ledger.state().epochs()}), root);
+        }
+        LedgerCommand::Balance { account } => {
+            let account: Account = account.parse()?;
+            let ledger = open(&args)?;
+            let (units, text) = match account {
+                Account::Issuance => (format!("-{}", ledger.state().issued()), format!("-{}", Amount(ledger.state().issued()).tokens_string())),
+                ref a => {
+                    let b = ledger.state().balance(a).with_context(|| format!("unknown account `{a}`"))?;
+                    (b.to_string(), Amount(b).tokens_string())
+                }
+            };
+            return print(
+                args.json,
+                serde_json::json!({"account": account, "base_units": units, "tokens": text}),
+                format!("{account}: {text} tokens"),
+            );
+        }
+        LedgerCommand::History { account, limit } => {
+            let account: Account = account.parse()?;
+            let ledger = open(&args)?;
+            if let Signer::Contributor(c) = signer(&args.signer)? {
+                // A contributor sees only its own accounts' history.
+                let own = matches!(&account, Account::Contributor(x) | Account::Stake { contributor: x, .. } | Account::Unbonding { contributor: x, .. } if *x == c);
+                if !own {
+                    bail!("contributor:{c} may only read its own history, not {account}");
+                }
+            }
+            let history = ledger.store().history(&account, *limit)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&history)?);
+            } else {
+                for t in &history {
+                    let sign = if t.credit == account { "+" } else { "-" };
+                    println!("{:<32} {:?} {sign}{} {} -> {}", t.id, t.kind, Amount(t.amount.0).tokens_string(), t.debit, t.credit);
+                }
+            }
+            return Ok(());
+        }
+        LedgerCommand::Prove { account } => {
+            let account: Account = account.parse()?;
+            let ledger = open(&args)?;
+            let proof = ledger.state().prove(&account)?;
+            let root = ledger.state().root();
+            return print(
+                args.json,
+                serde_json::json!({"root": root, "proof": proof}),
+                format!("{account} = {} base units under root {root} ({} steps)", proof.balance, proof.steps.len()),
+            );
+        }
+        LedgerCommand::Verify { proof: Some(path), root } => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            let proof: merkle::Proof = serde_json::from_value(value.get("proof").cloned().unwrap_or(value.clone()))
+                .with_context(|| format!("{}: not a proof", path.display()))?;
+            let root = root.clone().or_else(|| value.get("root").and_then(|r| r.as_str()).map(String::from));
+            let Some(root) = root else { bail!("give --root or a proof file that carries one") };
+            let ok = merkle::verify(&root, &proof);
+            print(args.json, serde_json::json!({"valid": ok}), format!("proof {}", if ok { "valid" } else { "INVALID" }))?;
+            if !ok {
+                bail!("the proof does not match root {root}");
+            }
+            return Ok(());
+        }
+        LedgerCommand::Verify { proof: None, .. } => {
+            let ledger = open(&args)?;
+            let report = ledger.verify()?;
+            let clean = report.problems.is_empty();
+            print(
+                args.json,
+                serde_json::to_value(&report)?,
+                format!(
+                    "{}: {} requests, {} transfers, {} accounts, supply {} tokens, root {}",
+                    if clean { "clean" } else { "PROBLEMS" },
+                    report.requests,
+                    report.transfers,
+                    report.accounts,
+                    Amount(report.supply.parse().unwrap_or(0)).tokens_string(),
+                    report.root
+                ),
+            )?;
+            if !clean {
+                bail!("ledger verification failed: {}", report.problems.join("; "));
+            }
+            return Ok(());
+        }
+    };
+    let id = args.id.clone().unwrap_or_else(|| format!("cli-{}-{}", now_ms(), std::process::id()));
+    let request = Request { id, signer: signer(&args.signer)?, op };
+    let mut ledger = open(&args)?;
+    let receipt = ledger.submit(&request, now_ms())?;
+    let mut line = format!("request {}: {} transfer(s)", receipt.request, receipt.transfers.len());
+    for t in &receipt.transfers {
+        line.push_str(&format!("\n  {} {} -> {}", Amount(t.amount.0).tokens_string(), t.debit, t.credit));
+    }
+    if let Some(root) = &receipt.root {
+        line.push_str(&format!("\n  root {root}"));
+    }
+    print(args.json, serde_json::to_value(&receipt)?, line)
+}
