@@ -13,7 +13,10 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
-    if std::path::Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
+    if std::path::Path::new(&lib_dir)
+        .join("libtorch_cuda.so")
+        .exists()
+    {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
 }

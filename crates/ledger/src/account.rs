@@ -21,9 +21,15 @@ pub enum Account {
     Pool(String),
     Contributor(String),
     /// Tokens a contributor has staked to join a run.
-    Stake { run: String, contributor: String },
+    Stake {
+        run: String,
+        contributor: String,
+    },
     /// Stake on its way back to a contributor, released after the unbonding delay.
-    Unbonding { run: String, contributor: String },
+    Unbonding {
+        run: String,
+        contributor: String,
+    },
 }
 
 /// Why a string is not an account name or an identifier.
@@ -38,7 +44,9 @@ pub struct AccountError {
 pub fn check_id(id: &str) -> Result<(), AccountError> {
     let ok = !id.is_empty()
         && id.len() <= ID_BYTES_MAX
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -67,7 +75,10 @@ impl FromStr for Account {
     type Err = AccountError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = |reason: &str| AccountError { text: s.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| AccountError {
+            text: s.to_string(),
+            reason: reason.to_string(),
+        };
         let account = match parts.as_slice() {
             ["issuance"] => Account::Issuance,
             ["treasury"] => Account::Treasury,
@@ -109,7 +120,9 @@ impl Serialize for Account {
 
 impl<'de> Deserialize<'de> for Account {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -119,11 +132,28 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_bad_ones_are_refused() {
-        for name in ["issuance", "treasury", "burned", "pool:run-1", "contributor:ab12", "stake:r:c", "unbonding:r.2:c_3"] {
+        for name in [
+            "issuance",
+            "treasury",
+            "burned",
+            "pool:run-1",
+            "contributor:ab12",
+            "stake:r:c",
+            "unbonding:r.2:c_3",
+        ] {
             let a: Account = name.parse().unwrap();
             assert_eq!(a.to_string(), name);
         }
-        for bad in ["", "pool", "pool:", "contributor:a:b", "stake:r", "bank:x", "contributor:é", "pool:a b"] {
+        for bad in [
+            "",
+            "pool",
+            "pool:",
+            "contributor:a:b",
+            "stake:r",
+            "bank:x",
+            "contributor:é",
+            "pool:a b",
+        ] {
             assert!(bad.parse::<Account>().is_err(), "{bad}");
         }
     }

@@ -31,23 +31,34 @@ impl Amount {
 
     /// Parses a token amount with up to nine decimals, e.g. `"12.5"` or `"0.000000001"`.
     pub fn parse_tokens(text: &str) -> Result<Amount, AmountError> {
-        let err = |reason| AmountError { text: text.to_string(), reason };
+        let err = |reason| AmountError {
+            text: text.to_string(),
+            reason,
+        };
         let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
         if whole.is_empty() && frac.is_empty() {
             return Err(err("empty"));
         }
         let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
         if !digits(whole) || !digits(frac) || (text.contains('.') && frac.is_empty()) {
-            return Err(err("expected digits with an optional decimal point, like 12.5"));
+            return Err(err(
+                "expected digits with an optional decimal point, like 12.5",
+            ));
         }
         if frac.len() > TOKEN_DECIMALS {
             return Err(err("more than 9 decimal places"));
         }
-        let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| err("too large"))? };
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| err("too large"))?
+        };
         let frac_units: u128 = if frac.is_empty() {
             0
         } else {
-            format!("{frac:0<9}").parse().map_err(|_| err("bad fraction"))?
+            format!("{frac:0<9}")
+                .parse()
+                .map_err(|_| err("bad fraction"))?
         };
         let units = whole
             .checked_mul(BASE_UNITS_PER_TOKEN)
@@ -58,7 +69,10 @@ impl Amount {
 
     /// Parses a decimal count of base units, e.g. `"1500000000"`.
     pub fn parse_base_units(text: &str) -> Result<Amount, AmountError> {
-        let err = |reason| AmountError { text: text.to_string(), reason };
+        let err = |reason| AmountError {
+            text: text.to_string(),
+            reason,
+        };
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err("expected a whole number of base units"));
         }
@@ -116,7 +130,12 @@ mod tests {
 
     #[test]
     fn token_strings_round_trip_exactly() {
-        for (text, units) in [("12.5", 12_500_000_000u128), ("3", 3_000_000_000), ("0.000000001", 1), (".5", 500_000_000)] {
+        for (text, units) in [
+            ("12.5", 12_500_000_000u128),
+            ("3", 3_000_000_000),
+            ("0.000000001", 1),
+            (".5", 500_000_000),
+        ] {
             let a = Amount::parse_tokens(text).unwrap();
             assert_eq!(a.0, units, "{text}");
             assert_eq!(Amount::parse_tokens(&a.tokens_string()).unwrap(), a);
@@ -125,13 +144,25 @@ mod tests {
 
     #[test]
     fn malformed_amounts_say_why() {
-        for bad in ["", "-1", "1.", "1e9", "0.0000000001", "1,000", "abc", "1000000000000000001"] {
+        for bad in [
+            "",
+            "-1",
+            "1.",
+            "1e9",
+            "0.0000000001",
+            "1,000",
+            "abc",
+            "1000000000000000001",
+        ] {
             assert!(Amount::parse_tokens(bad).is_err(), "{bad}");
         }
         assert!(Amount::parse_base_units("12.5").is_err());
         let e = Amount::parse_tokens("0.0000000001").unwrap_err();
         assert!(e.to_string().contains("9 decimal places"), "{e}");
-        assert_eq!(serde_json::from_str::<Amount>("\"17\"").unwrap(), Amount(17));
+        assert_eq!(
+            serde_json::from_str::<Amount>("\"17\"").unwrap(),
+            Amount(17)
+        );
         assert!(serde_json::from_str::<Amount>("17").is_err());
     }
 }

@@ -21,5 +21,7 @@ pub mod store;
 
 pub use account::Account;
 pub use amount::{Amount, BASE_UNITS_PER_TOKEN};
-pub use state::{LedgerConfig, LedgerError, Operation, Receipt, Request, Signer, State, Transfer, Work};
+pub use state::{
+    LedgerConfig, LedgerError, Operation, Receipt, Request, Signer, State, Transfer, Work,
+};
 pub use store::{Ledger, MemoryStore, SqliteStore, Store, StoreError, SubmitError};

@@ -58,8 +58,15 @@ pub fn root_and_path(leaves: &[Hash], prove: Option<usize>) -> (Hash, Vec<Step>)
             match pair {
                 [l, r] => {
                     if index / 2 == i && index != usize::MAX {
-                        let (sib, on_left) = if index % 2 == 0 { (r, false) } else { (l, true) };
-                        path.push(Step { sibling: to_hex(sib), sibling_on_left: on_left });
+                        let (sib, on_left) = if index.is_multiple_of(2) {
+                            (r, false)
+                        } else {
+                            (l, true)
+                        };
+                        path.push(Step {
+                            sibling: to_hex(sib),
+                            sibling_on_left: on_left,
+                        });
                     }
                     next.push(node_hash(l, r));
                 }
@@ -97,8 +104,14 @@ pub fn verify(root_hex: &str, proof: &Proof) -> bool {
     };
     let mut h = leaf_hash(&proof.account, balance);
     for step in &proof.steps {
-        let Some(sib) = from_hex(&step.sibling) else { return false };
-        h = if step.sibling_on_left { node_hash(&sib, &h) } else { node_hash(&h, &sib) };
+        let Some(sib) = from_hex(&step.sibling) else {
+            return false;
+        };
+        h = if step.sibling_on_left {
+            node_hash(&sib, &h)
+        } else {
+            node_hash(&h, &sib)
+        };
     }
     h == root
 }
@@ -110,15 +123,24 @@ mod tests {
     #[test]
     fn every_leaf_proves_and_a_changed_balance_does_not() {
         for n in [1usize, 2, 3, 5, 8, 13] {
-            let accounts: Vec<(String, u128)> = (0..n).map(|i| (format!("contributor:c{i}"), i as u128 * 10)).collect();
+            let accounts: Vec<(String, u128)> = (0..n)
+                .map(|i| (format!("contributor:c{i}"), i as u128 * 10))
+                .collect();
             let leaves: Vec<Hash> = accounts.iter().map(|(a, b)| leaf_hash(a, *b)).collect();
             let (root, _) = root_and_path(&leaves, None);
             for (i, (a, b)) in accounts.iter().enumerate() {
                 let (r, steps) = root_and_path(&leaves, Some(i));
                 assert_eq!(r, root);
-                let proof = Proof { account: a.clone(), balance: b.to_string(), steps };
+                let proof = Proof {
+                    account: a.clone(),
+                    balance: b.to_string(),
+                    steps,
+                };
                 assert!(verify(&to_hex(&root), &proof), "n={n} i={i}");
-                let forged = Proof { balance: (b + 1).to_string(), ..proof };
+                let forged = Proof {
+                    balance: (b + 1).to_string(),
+                    ..proof
+                };
                 assert!(!verify(&to_hex(&root), &forged));
             }
         }

@@ -48,7 +48,10 @@ pub fn mul_div(a: u128, b: u128, d: u128) -> (u128, u128) {
 /// Splits `total` in proportion to `weights` (largest-remainder rule, see module docs).
 /// Returns `None` when every weight is zero.
 pub fn split(total: u128, weights: &[u128]) -> Option<Vec<u128>> {
-    let sum = weights.iter().try_fold(0u128, |acc, &w| acc.checked_add(w)).expect("weight sum overflows u128");
+    let sum = weights
+        .iter()
+        .try_fold(0u128, |acc, &w| acc.checked_add(w))
+        .expect("weight sum overflows u128");
     if sum == 0 {
         return None;
     }
@@ -61,7 +64,10 @@ pub fn split(total: u128, weights: &[u128]) -> Option<Vec<u128>> {
     }
     let given: u128 = parts.iter().sum();
     let left = total - given;
-    assert!(left < weights.len() as u128 + 1, "largest remainder left {left} units");
+    assert!(
+        left < weights.len() as u128 + 1,
+        "largest remainder left {left} units"
+    );
     // Largest remainder first; on equal remainders, the earlier entry first.
     remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     for &(_, i) in remainders.iter().take(left as usize) {
@@ -82,7 +88,9 @@ mod tests {
         assert_eq!(mul_div(u128::MAX, 2, 4), (u128::MAX / 2, 2));
         let mut x = 0x1234_5678_9abc_def0_u128;
         for _ in 0..1000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let (a, b, d) = (x >> 70, x & 0xffff_ffff, (x >> 20 & 0xffff_ffff_ffff) + 1);
             assert_eq!(mul_div(a, b, d), (a * b / d, a * b % d));
         }

@@ -36,7 +36,10 @@ pub struct LedgerConfig {
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig { unbond_delay_ms: 7 * 24 * 3600 * 1000, slash_to: SlashTo::Burned }
+        LedgerConfig {
+            unbond_delay_ms: 7 * 24 * 3600 * 1000,
+            slash_to: SlashTo::Burned,
+        }
     }
 }
 
@@ -63,21 +66,53 @@ pub struct Work {
 pub enum Operation {
     /// Issue `tokens` to a buyer and `treasury_tokens` to the treasury; `proceeds`
     /// records what the buyer paid (for example "25000 USD").
-    Sale { buyer: String, tokens: Amount, treasury_tokens: Amount, proceeds: String },
+    Sale {
+        buyer: String,
+        tokens: Amount,
+        treasury_tokens: Amount,
+        proceeds: String,
+    },
     /// Move `amount` from the treasury to a run's pool, which pays `reward_per_round`.
-    Fund { run: String, model: String, amount: Amount, reward_per_round: Amount },
+    Fund {
+        run: String,
+        model: String,
+        amount: Amount,
+        reward_per_round: Amount,
+    },
     /// Pay a closed round's reward to its accepted contributors by verified work.
-    Payout { run: String, round: u64, work: Vec<Work> },
-    Stake { run: String, contributor: String, amount: Amount },
+    Payout {
+        run: String,
+        round: u64,
+        work: Vec<Work>,
+    },
+    Stake {
+        run: String,
+        contributor: String,
+        amount: Amount,
+    },
     /// Start returning stake; it can be released after the unbonding delay.
-    Unbond { run: String, contributor: String, amount: Amount },
+    Unbond {
+        run: String,
+        contributor: String,
+        amount: Amount,
+    },
     /// Return all matured unbonded stake to the contributor.
     Release { run: String, contributor: String },
     /// Take `fraction_ppm` of a contributor's stake for proven cheating.
-    Slash { run: String, contributor: String, fraction_ppm: u32, reason: String },
+    Slash {
+        run: String,
+        contributor: String,
+        fraction_ppm: u32,
+        reason: String,
+    },
     /// Model revenue paid by `payer`: `reinvest_ppm` to the treasury, the rest to the
     /// model's contributors by contribution share.
-    Revenue { model: String, payer: String, amount: Amount, reinvest_ppm: u32 },
+    Revenue {
+        model: String,
+        payer: String,
+        amount: Amount,
+        reinvest_ppm: u32,
+    },
     /// Record the Merkle root of all balances at the end of an epoch.
     CloseEpoch { epoch: u64 },
 }
@@ -166,19 +201,35 @@ pub enum LedgerError {
     #[error("model `{model}` has no recorded contributions")]
     UnknownModel { model: String },
     #[error("overdraft: `{account}` holds {balance} base units, {needed} needed")]
-    Overdraft { account: String, balance: u128, needed: u128 },
+    Overdraft {
+        account: String,
+        balance: u128,
+        needed: u128,
+    },
     #[error("`{signer}` may not {action}; only {allowed} may")]
-    WrongSigner { signer: String, action: &'static str, allowed: &'static str },
+    WrongSigner {
+        signer: String,
+        action: &'static str,
+        allowed: &'static str,
+    },
     #[error("malformed amount: {reason}")]
     BadAmount { reason: String },
     #[error("round {round} of run `{run}` was already paid by request `{request}`")]
-    AlreadyPaid { run: String, round: u64, request: String },
+    AlreadyPaid {
+        run: String,
+        round: u64,
+        request: String,
+    },
     #[error("run `{run}` pool is empty")]
     PoolEmpty { run: String },
     #[error("bad work record: {reason}")]
     BadWork { reason: String },
     #[error("no unbonded stake of `{contributor}` in run `{run}` has matured{}", .next_release_ms.map(|t| format!("; next release at {t} ms")).unwrap_or_default())]
-    NotMatured { run: String, contributor: String, next_release_ms: Option<u64> },
+    NotMatured {
+        run: String,
+        contributor: String,
+        next_release_ms: Option<u64>,
+    },
     #[error("epoch {epoch} is not after the last closed epoch {last}")]
     EpochOrder { epoch: u64, last: u64 },
     #[error("a run's model cannot change: `{run}` trains `{model}`")]
@@ -197,12 +248,33 @@ pub struct RunInfo {
 /// Non-balance changes a plan carries.
 #[derive(Debug, Clone)]
 enum Aux {
-    Run { run: String, model: String, reward_per_round: u128 },
-    Paid { run: String, round: u64, request: String },
-    Shares { model: String, work: Vec<(String, u128)> },
-    UnbondingAdd { key: (String, String), amount: u128, release_at_ms: u64 },
-    UnbondingTake { key: (String, String), now_ms: u64 },
-    Epoch { epoch: u64, root: String },
+    Run {
+        run: String,
+        model: String,
+        reward_per_round: u128,
+    },
+    Paid {
+        run: String,
+        round: u64,
+        request: String,
+    },
+    Shares {
+        model: String,
+        work: Vec<(String, u128)>,
+    },
+    UnbondingAdd {
+        key: (String, String),
+        amount: u128,
+        release_at_ms: u64,
+    },
+    UnbondingTake {
+        key: (String, String),
+        now_ms: u64,
+    },
+    Epoch {
+        epoch: u64,
+        root: String,
+    },
 }
 
 /// A validated request, ready to commit.
@@ -240,7 +312,9 @@ pub struct State {
 fn check_request_id(id: &str) -> Result<(), LedgerError> {
     let ok = !id.is_empty()
         && id.len() <= REQUEST_ID_BYTES_MAX
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:/-".contains(&b));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:/-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -250,14 +324,18 @@ fn check_request_id(id: &str) -> Result<(), LedgerError> {
 
 fn positive(amount: Amount, what: &str) -> Result<u128, LedgerError> {
     if amount.0 == 0 {
-        return Err(LedgerError::BadAmount { reason: format!("{what} must be positive") });
+        return Err(LedgerError::BadAmount {
+            reason: format!("{what} must be positive"),
+        });
     }
     Ok(amount.0)
 }
 
 fn fraction(ppm: u32, what: &str) -> Result<u128, LedgerError> {
     if ppm > PPM {
-        return Err(LedgerError::BadAmount { reason: format!("{what} is {ppm} ppm, at most {PPM}") });
+        return Err(LedgerError::BadAmount {
+            reason: format!("{what} is {ppm} ppm, at most {PPM}"),
+        });
     }
     Ok(ppm as u128)
 }
@@ -276,30 +354,45 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn balance(&self, a: &Account) -> Option<u128> {
-        self.overlay.get(a).copied().or_else(|| self.state.balances.get(a).copied())
+        self.overlay
+            .get(a)
+            .copied()
+            .or_else(|| self.state.balances.get(a).copied())
     }
 
     fn require(&self, a: &Account) -> Result<u128, LedgerError> {
-        self.balance(a).ok_or_else(|| LedgerError::UnknownAccount { account: a.to_string() })
+        self.balance(a).ok_or_else(|| LedgerError::UnknownAccount {
+            account: a.to_string(),
+        })
     }
 
-    fn move_(&mut self, kind: TransferKind, debit: Account, credit: Account, amount: u128) -> Result<(), LedgerError> {
+    fn move_(
+        &mut self,
+        kind: TransferKind,
+        debit: Account,
+        credit: Account,
+        amount: u128,
+    ) -> Result<(), LedgerError> {
         if amount == 0 {
             return Ok(());
         }
         if debit == Account::Issuance {
             let delta = self.issued_delta + amount;
             if self.state.issued.checked_add(delta).is_none() {
-                return Err(LedgerError::BadAmount { reason: "issuance would overflow".into() });
+                return Err(LedgerError::BadAmount {
+                    reason: "issuance would overflow".into(),
+                });
             }
             self.issued_delta = delta;
         } else {
             let have = self.require(&debit)?;
-            let left = have.checked_sub(amount).ok_or_else(|| LedgerError::Overdraft {
-                account: debit.to_string(),
-                balance: have,
-                needed: amount,
-            })?;
+            let left = have
+                .checked_sub(amount)
+                .ok_or_else(|| LedgerError::Overdraft {
+                    account: debit.to_string(),
+                    balance: have,
+                    needed: amount,
+                })?;
             self.overlay.insert(debit.clone(), left);
         }
         let have = self.balance(&credit).unwrap_or(0);
@@ -383,17 +476,28 @@ impl State {
     }
 
     fn root_and_path(&self, account: Option<&Account>) -> (merkle::Hash, Vec<merkle::Step>) {
-        let leaves: Vec<merkle::Hash> =
-            self.balances.iter().map(|(a, b)| merkle::leaf_hash(&a.to_string(), *b)).collect();
+        let leaves: Vec<merkle::Hash> = self
+            .balances
+            .iter()
+            .map(|(a, b)| merkle::leaf_hash(&a.to_string(), *b))
+            .collect();
         let index = account.and_then(|a| self.balances.keys().position(|k| k == a));
         merkle::root_and_path(&leaves, index)
     }
 
     /// A proof of `account`'s balance under [`State::root`].
     pub fn prove(&self, account: &Account) -> Result<merkle::Proof, LedgerError> {
-        let balance = self.balance(account).ok_or_else(|| LedgerError::UnknownAccount { account: account.to_string() })?;
+        let balance = self
+            .balance(account)
+            .ok_or_else(|| LedgerError::UnknownAccount {
+                account: account.to_string(),
+            })?;
         let (_, steps) = self.root_and_path(Some(account));
-        Ok(merkle::Proof { account: account.to_string(), balance: balance.to_string(), steps })
+        Ok(merkle::Proof {
+            account: account.to_string(),
+            balance: balance.to_string(),
+            steps,
+        })
     }
 
     fn authorize(&self, req: &Request) -> Result<(), LedgerError> {
@@ -423,13 +527,17 @@ impl State {
             Operation::CloseEpoch { .. } => organiser_only("close an epoch"),
             Operation::Stake { contributor, .. } => self_or_organiser(contributor, "stake"),
             Operation::Unbond { contributor, .. } => self_or_organiser(contributor, "unbond"),
-            Operation::Release { contributor, .. } => self_or_organiser(contributor, "release stake"),
+            Operation::Release { contributor, .. } => {
+                self_or_organiser(contributor, "release stake")
+            }
         }
     }
 
     fn known_run(&self, run: &str) -> Result<&RunInfo, LedgerError> {
         check_id(run)?;
-        self.runs.get(run).ok_or_else(|| LedgerError::UnknownRun { run: run.to_string() })
+        self.runs.get(run).ok_or_else(|| LedgerError::UnknownRun {
+            run: run.to_string(),
+        })
     }
 
     /// Validates `req` at time `now_ms` and computes everything it would change.
@@ -464,40 +572,78 @@ impl State {
             Ok(Account::Contributor(id.to_string()))
         };
         match &req.op {
-            Operation::Sale { buyer, tokens, treasury_tokens, proceeds } => {
+            Operation::Sale {
+                buyer,
+                tokens,
+                treasury_tokens,
+                proceeds,
+            } => {
                 let buyer = contributor(buyer)?;
                 if tokens.0 == 0 && treasury_tokens.0 == 0 {
-                    return Err(LedgerError::BadAmount { reason: "a sale must issue some tokens".into() });
+                    return Err(LedgerError::BadAmount {
+                        reason: "a sale must issue some tokens".into(),
+                    });
                 }
                 if proceeds.len() > 256 {
-                    return Err(LedgerError::BadAmount { reason: "proceeds note is over 256 bytes".into() });
+                    return Err(LedgerError::BadAmount {
+                        reason: "proceeds note is over 256 bytes".into(),
+                    });
                 }
                 b.move_(TransferKind::Sale, Account::Issuance, buyer, tokens.0)?;
-                b.move_(TransferKind::TreasuryAllocation, Account::Issuance, Account::Treasury, treasury_tokens.0)?;
+                b.move_(
+                    TransferKind::TreasuryAllocation,
+                    Account::Issuance,
+                    Account::Treasury,
+                    treasury_tokens.0,
+                )?;
             }
-            Operation::Fund { run, model, amount, reward_per_round } => {
+            Operation::Fund {
+                run,
+                model,
+                amount,
+                reward_per_round,
+            } => {
                 check_id(run)?;
                 check_id(model)?;
                 let amount = positive(*amount, "the funding amount")?;
                 let reward = positive(*reward_per_round, "the reward per round")?;
                 if let Some(info) = self.runs.get(run) {
                     if info.model != *model {
-                        return Err(LedgerError::ModelChange { run: run.clone(), model: info.model.clone() });
+                        return Err(LedgerError::ModelChange {
+                            run: run.clone(),
+                            model: info.model.clone(),
+                        });
                     }
                 }
                 b.run = Some(run.clone());
                 b.model = Some(model.clone());
-                b.move_(TransferKind::Fund, Account::Treasury, Account::Pool(run.clone()), amount)?;
-                aux.push(Aux::Run { run: run.clone(), model: model.clone(), reward_per_round: reward });
+                b.move_(
+                    TransferKind::Fund,
+                    Account::Treasury,
+                    Account::Pool(run.clone()),
+                    amount,
+                )?;
+                aux.push(Aux::Run {
+                    run: run.clone(),
+                    model: model.clone(),
+                    reward_per_round: reward,
+                });
             }
             Operation::Payout { run, round, work } => {
                 let info = self.known_run(run)?;
                 if let Some(by) = info.paid.get(round) {
-                    return Err(LedgerError::AlreadyPaid { run: run.clone(), round: *round, request: by.clone() });
+                    return Err(LedgerError::AlreadyPaid {
+                        run: run.clone(),
+                        round: *round,
+                        request: by.clone(),
+                    });
                 }
                 if work.is_empty() || work.len() > PAYOUT_ENTRIES_MAX {
                     return Err(LedgerError::BadWork {
-                        reason: format!("{} entries; 1 to {PAYOUT_ENTRIES_MAX} expected", work.len()),
+                        reason: format!(
+                            "{} entries; 1 to {PAYOUT_ENTRIES_MAX} expected",
+                            work.len()
+                        ),
                     });
                 }
                 let mut entries: Vec<(String, u128)> = Vec::with_capacity(work.len());
@@ -505,7 +651,10 @@ impl State {
                     check_id(&w.contributor)?;
                     if w.tokens > WORK_TOKENS_MAX {
                         return Err(LedgerError::BadWork {
-                            reason: format!("{} claims {} tokens, over {WORK_TOKENS_MAX}", w.contributor, w.tokens),
+                            reason: format!(
+                                "{} claims {} tokens, over {WORK_TOKENS_MAX}",
+                                w.contributor, w.tokens
+                            ),
                         });
                     }
                     let weight = w.tokens as u128 * fraction(w.score_ppm, "score")?;
@@ -513,7 +662,9 @@ impl State {
                 }
                 entries.sort();
                 if let Some(pair) = entries.windows(2).find(|p| p[0].0 == p[1].0) {
-                    return Err(LedgerError::BadWork { reason: format!("{} is listed twice", pair[0].0) });
+                    return Err(LedgerError::BadWork {
+                        reason: format!("{} is listed twice", pair[0].0),
+                    });
                 }
                 let pool = Account::Pool(run.clone());
                 let reward = info.reward_per_round.min(b.require(&pool)?);
@@ -521,36 +672,78 @@ impl State {
                     return Err(LedgerError::PoolEmpty { run: run.clone() });
                 }
                 let weights: Vec<u128> = entries.iter().map(|e| e.1).collect();
-                let parts = split(reward, &weights)
-                    .ok_or_else(|| LedgerError::BadWork { reason: "no verified work to pay".into() })?;
+                let parts = split(reward, &weights).ok_or_else(|| LedgerError::BadWork {
+                    reason: "no verified work to pay".into(),
+                })?;
                 b.run = Some(run.clone());
                 b.round = Some(*round);
                 b.model = Some(info.model.clone());
                 for ((c, _), part) in entries.iter().zip(parts) {
-                    b.move_(TransferKind::Payout, pool.clone(), Account::Contributor(c.clone()), part)?;
+                    b.move_(
+                        TransferKind::Payout,
+                        pool.clone(),
+                        Account::Contributor(c.clone()),
+                        part,
+                    )?;
                 }
-                aux.push(Aux::Paid { run: run.clone(), round: *round, request: req.id.clone() });
-                aux.push(Aux::Shares { model: info.model.clone(), work: entries });
+                aux.push(Aux::Paid {
+                    run: run.clone(),
+                    round: *round,
+                    request: req.id.clone(),
+                });
+                aux.push(Aux::Shares {
+                    model: info.model.clone(),
+                    work: entries,
+                });
             }
-            Operation::Stake { run, contributor: c, amount } => {
+            Operation::Stake {
+                run,
+                contributor: c,
+                amount,
+            } => {
                 self.known_run(run)?;
                 let from = contributor(c)?;
                 let amount = positive(*amount, "the stake")?;
                 b.run = Some(run.clone());
-                b.move_(TransferKind::Stake, from, Account::Stake { run: run.clone(), contributor: c.clone() }, amount)?;
+                b.move_(
+                    TransferKind::Stake,
+                    from,
+                    Account::Stake {
+                        run: run.clone(),
+                        contributor: c.clone(),
+                    },
+                    amount,
+                )?;
             }
-            Operation::Unbond { run, contributor: c, amount } => {
+            Operation::Unbond {
+                run,
+                contributor: c,
+                amount,
+            } => {
                 self.known_run(run)?;
                 contributor(c)?;
                 let amount = positive(*amount, "the unbonded amount")?;
                 b.run = Some(run.clone());
-                let stake = Account::Stake { run: run.clone(), contributor: c.clone() };
-                let unbonding = Account::Unbonding { run: run.clone(), contributor: c.clone() };
+                let stake = Account::Stake {
+                    run: run.clone(),
+                    contributor: c.clone(),
+                };
+                let unbonding = Account::Unbonding {
+                    run: run.clone(),
+                    contributor: c.clone(),
+                };
                 b.move_(TransferKind::Unbond, stake, unbonding, amount)?;
                 let release_at_ms = now_ms.saturating_add(self.config.unbond_delay_ms);
-                aux.push(Aux::UnbondingAdd { key: (run.clone(), c.clone()), amount, release_at_ms });
+                aux.push(Aux::UnbondingAdd {
+                    key: (run.clone(), c.clone()),
+                    amount,
+                    release_at_ms,
+                });
             }
-            Operation::Release { run, contributor: c } => {
+            Operation::Release {
+                run,
+                contributor: c,
+            } => {
                 self.known_run(run)?;
                 let to = contributor(c)?;
                 let key = (run.clone(), c.clone());
@@ -564,22 +757,37 @@ impl State {
                     });
                 }
                 b.run = Some(run.clone());
-                let unbonding = Account::Unbonding { run: run.clone(), contributor: c.clone() };
+                let unbonding = Account::Unbonding {
+                    run: run.clone(),
+                    contributor: c.clone(),
+                };
                 b.move_(TransferKind::Release, unbonding, to, matured)?;
                 aux.push(Aux::UnbondingTake { key, now_ms });
             }
-            Operation::Slash { run, contributor: c, fraction_ppm, reason } => {
+            Operation::Slash {
+                run,
+                contributor: c,
+                fraction_ppm,
+                reason,
+            } => {
                 self.known_run(run)?;
                 contributor(c)?;
                 let ppm = fraction(*fraction_ppm, "the slashed fraction")?;
                 if reason.is_empty() || reason.len() > 256 {
-                    return Err(LedgerError::BadAmount { reason: "a slash needs a reason of 1-256 bytes".into() });
+                    return Err(LedgerError::BadAmount {
+                        reason: "a slash needs a reason of 1-256 bytes".into(),
+                    });
                 }
-                let stake = Account::Stake { run: run.clone(), contributor: c.clone() };
+                let stake = Account::Stake {
+                    run: run.clone(),
+                    contributor: c.clone(),
+                };
                 let held = b.require(&stake)?;
                 let amount = crate::split::mul_div(held, ppm, PPM as u128).0;
                 if amount == 0 {
-                    return Err(LedgerError::BadAmount { reason: format!("{stake} holds nothing to slash") });
+                    return Err(LedgerError::BadAmount {
+                        reason: format!("{stake} holds nothing to slash"),
+                    });
                 }
                 let to = match self.config.slash_to {
                     SlashTo::Burned => Account::Burned,
@@ -588,7 +796,12 @@ impl State {
                 b.run = Some(run.clone());
                 b.move_(TransferKind::Slash, stake, to, amount)?;
             }
-            Operation::Revenue { model, payer, amount, reinvest_ppm } => {
+            Operation::Revenue {
+                model,
+                payer,
+                amount,
+                reinvest_ppm,
+            } => {
                 check_id(model)?;
                 let payer = contributor(payer)?;
                 let amount = positive(*amount, "the revenue")?;
@@ -597,33 +810,60 @@ impl State {
                     .shares
                     .get(model)
                     .filter(|s| s.values().any(|&w| w > 0))
-                    .ok_or_else(|| LedgerError::UnknownModel { model: model.clone() })?;
+                    .ok_or_else(|| LedgerError::UnknownModel {
+                        model: model.clone(),
+                    })?;
                 let reinvest = crate::split::mul_div(amount, ppm, PPM as u128).0;
                 let to_split = amount - reinvest;
                 let weights: Vec<u128> = shares.values().copied().collect();
                 let parts = split(to_split, &weights).expect("shares have positive weight");
                 b.model = Some(model.clone());
-                b.move_(TransferKind::Reinvest, payer.clone(), Account::Treasury, reinvest)?;
+                b.move_(
+                    TransferKind::Reinvest,
+                    payer.clone(),
+                    Account::Treasury,
+                    reinvest,
+                )?;
                 for (c, part) in shares.keys().zip(parts) {
-                    b.move_(TransferKind::Revenue, payer.clone(), Account::Contributor(c.clone()), part)?;
+                    b.move_(
+                        TransferKind::Revenue,
+                        payer.clone(),
+                        Account::Contributor(c.clone()),
+                        part,
+                    )?;
                 }
             }
             Operation::CloseEpoch { epoch } => {
                 if let Some((&last, _)) = self.epochs.last_key_value() {
                     if *epoch <= last {
-                        return Err(LedgerError::EpochOrder { epoch: *epoch, last });
+                        return Err(LedgerError::EpochOrder {
+                            epoch: *epoch,
+                            last,
+                        });
                     }
                 }
                 let r = self.root();
-                aux.push(Aux::Epoch { epoch: *epoch, root: r.clone() });
+                aux.push(Aux::Epoch {
+                    epoch: *epoch,
+                    root: r.clone(),
+                });
                 root = Some(r);
             }
         }
-        let Builder { overlay, transfers, issued_delta, .. } = b;
+        let Builder {
+            overlay,
+            transfers,
+            issued_delta,
+            ..
+        } = b;
         Ok(Planned::New(Box::new(Plan {
             request: req.clone(),
             content_hash,
-            receipt: Receipt { request: req.id.clone(), transfers, root },
+            receipt: Receipt {
+                request: req.id.clone(),
+                transfers,
+                root,
+            },
             balances: overlay.into_iter().collect(),
             issued_delta,
             aux,
@@ -638,13 +878,25 @@ impl State {
         self.issued += plan.issued_delta;
         for aux in plan.aux {
             match aux {
-                Aux::Run { run, model, reward_per_round } => {
+                Aux::Run {
+                    run,
+                    model,
+                    reward_per_round,
+                } => {
                     let info = self.runs.entry(run).or_default();
                     info.model = model;
                     info.reward_per_round = reward_per_round;
                 }
-                Aux::Paid { run, round, request } => {
-                    self.runs.get_mut(&run).expect("planned against a known run").paid.insert(round, request);
+                Aux::Paid {
+                    run,
+                    round,
+                    request,
+                } => {
+                    self.runs
+                        .get_mut(&run)
+                        .expect("planned against a known run")
+                        .paid
+                        .insert(round, request);
                 }
                 Aux::Shares { model, work } => {
                     let shares = self.shares.entry(model).or_default();
@@ -652,8 +904,15 @@ impl State {
                         *shares.entry(c).or_insert(0) += w;
                     }
                 }
-                Aux::UnbondingAdd { key, amount, release_at_ms } => {
-                    self.unbonding.entry(key).or_default().push((amount, release_at_ms));
+                Aux::UnbondingAdd {
+                    key,
+                    amount,
+                    release_at_ms,
+                } => {
+                    self.unbonding
+                        .entry(key)
+                        .or_default()
+                        .push((amount, release_at_ms));
                 }
                 Aux::UnbondingTake { key, now_ms } => {
                     if let Some(list) = self.unbonding.get_mut(&key) {
@@ -665,7 +924,8 @@ impl State {
                 }
             }
         }
-        self.requests.insert(plan.request.id.clone(), (plan.content_hash, plan.receipt));
+        self.requests
+            .insert(plan.request.id.clone(), (plan.content_hash, plan.receipt));
         self.assert_invariants();
     }
 
@@ -684,19 +944,39 @@ impl State {
     /// Every balance but issuance's adds up to what was issued, and the supply is
     /// issued minus burned. A violation is a bug in this module, so it panics.
     pub fn assert_invariants(&self) {
-        let total = self.balances.values().try_fold(0u128, |acc, b| acc.checked_add(*b)).expect("balances overflow");
-        assert_eq!(total, self.issued, "balances do not add up to issued tokens");
+        let total = self
+            .balances
+            .values()
+            .try_fold(0u128, |acc, b| acc.checked_add(*b))
+            .expect("balances overflow");
+        assert_eq!(
+            total, self.issued,
+            "balances do not add up to issued tokens"
+        );
         let circulating = total - self.burned();
-        assert_eq!(circulating, self.supply(), "supply is not issued minus burned");
-        assert!(!self.balances.contains_key(&Account::Issuance), "issuance holds a positive balance");
+        assert_eq!(
+            circulating,
+            self.supply(),
+            "supply is not issued minus burned"
+        );
+        assert!(
+            !self.balances.contains_key(&Account::Issuance),
+            "issuance holds a positive balance"
+        );
         for (key, pending) in &self.unbonding {
             let sum: u128 = pending.iter().map(|p| p.0).sum();
             let held = self
                 .balances
-                .get(&Account::Unbonding { run: key.0.clone(), contributor: key.1.clone() })
+                .get(&Account::Unbonding {
+                    run: key.0.clone(),
+                    contributor: key.1.clone(),
+                })
                 .copied()
                 .unwrap_or(0);
-            assert_eq!(sum, held, "unbonding entries of {key:?} differ from the account's balance");
+            assert_eq!(
+                sum, held,
+                "unbonding entries of {key:?} differ from the account's balance"
+            );
         }
     }
 
@@ -707,6 +987,9 @@ impl State {
 
     /// Contributors with a share of `model`'s work, in account order.
     pub fn contributors_of(&self, model: &str) -> BTreeSet<String> {
-        self.shares.get(model).map(|s| s.keys().cloned().collect()).unwrap_or_default()
+        self.shares
+            .get(model)
+            .map(|s| s.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }

@@ -65,7 +65,12 @@ pub trait Store {
     /// The journal in commit order.
     fn journal(&self) -> Result<Vec<JournalEntry>, StoreError>;
     /// Persists one request with its transfers and the new balances, atomically.
-    fn append(&mut self, entry: &JournalEntry, transfers: &[Transfer], balances: &[(Account, u128)]) -> Result<(), StoreError>;
+    fn append(
+        &mut self,
+        entry: &JournalEntry,
+        transfers: &[Transfer],
+        balances: &[(Account, u128)],
+    ) -> Result<(), StoreError>;
     /// Every stored transfer in order.
     fn transfers(&self) -> Result<Vec<Transfer>, StoreError>;
     /// The stored balances table.
@@ -85,7 +90,10 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(config: LedgerConfig) -> MemoryStore {
-        MemoryStore { config, ..Default::default() }
+        MemoryStore {
+            config,
+            ..Default::default()
+        }
     }
 }
 
@@ -96,7 +104,12 @@ impl Store for MemoryStore {
     fn journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
         Ok(self.journal.clone())
     }
-    fn append(&mut self, entry: &JournalEntry, transfers: &[Transfer], balances: &[(Account, u128)]) -> Result<(), StoreError> {
+    fn append(
+        &mut self,
+        entry: &JournalEntry,
+        transfers: &[Transfer],
+        balances: &[(Account, u128)],
+    ) -> Result<(), StoreError> {
         self.journal.push(entry.clone());
         self.transfers.extend_from_slice(transfers);
         self.balances.extend(balances.iter().cloned());
@@ -109,7 +122,14 @@ impl Store for MemoryStore {
         Ok(self.balances.clone())
     }
     fn history(&self, account: &Account, limit: usize) -> Result<Vec<Transfer>, StoreError> {
-        Ok(self.transfers.iter().rev().filter(|t| &t.debit == account || &t.credit == account).take(limit).cloned().collect())
+        Ok(self
+            .transfers
+            .iter()
+            .rev()
+            .filter(|t| &t.debit == account || &t.credit == account)
+            .take(limit)
+            .cloned()
+            .collect())
     }
 }
 
@@ -145,27 +165,43 @@ impl SqliteStore {
     /// Creates a new ledger database at `path`; refuses an existing one.
     pub fn init(path: &Path, config: LedgerConfig) -> Result<SqliteStore, StoreError> {
         if path.exists() {
-            return Err(StoreError::Setup(format!("{} already exists; refusing to overwrite a ledger", path.display())));
+            return Err(StoreError::Setup(format!(
+                "{} already exists; refusing to overwrite a ledger",
+                path.display()
+            )));
         }
         let conn = Self::connect(path)?;
         conn.execute_batch(SCHEMA)?;
         let config_json = serde_json::to_string(&config).expect("config serialises");
-        conn.execute("INSERT INTO meta(key, value) VALUES ('schema', ?1), ('config', ?2)", params![SCHEMA_VERSION, config_json])?;
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('schema', ?1), ('config', ?2)",
+            params![SCHEMA_VERSION, config_json],
+        )?;
         Ok(SqliteStore { conn })
     }
 
     /// Opens an existing ledger database.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         if !path.exists() {
-            return Err(StoreError::Setup(format!("no ledger at {}; create one with `tessera ledger init`", path.display())));
+            return Err(StoreError::Setup(format!(
+                "no ledger at {}; create one with `tessera ledger init`",
+                path.display()
+            )));
         }
         let conn = Self::connect(path)?;
-        let version: Option<String> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0)).optional().map_err(|e| {
+        let version: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| {
                 StoreError::Corrupt(format!("{}: not a Tessera ledger ({e})", path.display()))
             })?;
         if version.as_deref() != Some(SCHEMA_VERSION) {
-            return Err(StoreError::Corrupt(format!("{}: schema version {version:?}, expected {SCHEMA_VERSION}", path.display())));
+            return Err(StoreError::Corrupt(format!(
+                "{}: schema version {version:?}, expected {SCHEMA_VERSION}",
+                path.display()
+            )));
         }
         Ok(SqliteStore { conn })
     }
@@ -175,7 +211,11 @@ fn parse_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad {what} row: {e}")))
 }
 
-fn transfer_rows(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Vec<Transfer>, StoreError> {
+fn transfer_rows(
+    conn: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<Transfer>, StoreError> {
     let mut stmt = conn.prepare(sql)?;
     let rows = stmt.query_map(p, |r| r.get::<_, String>(0))?;
     rows.map(|r| parse_json(&r?, "transfer")).collect()
@@ -183,29 +223,52 @@ fn transfer_rows(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> Resu
 
 impl Store for SqliteStore {
     fn config(&self) -> Result<LedgerConfig, StoreError> {
-        let text: String = self.conn.query_row("SELECT value FROM meta WHERE key = 'config'", [], |r| r.get(0))?;
+        let text: String =
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = 'config'", [], |r| {
+                    r.get(0)
+                })?;
         parse_json(&text, "config")
     }
 
     fn journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT body, now_ms FROM requests ORDER BY seq")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT body, now_ms FROM requests ORDER BY seq")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         rows.map(|row| {
             let (body, now) = row?;
-            Ok(JournalEntry { request: parse_json(&body, "request")?, now_ms: now as u64 })
+            Ok(JournalEntry {
+                request: parse_json(&body, "request")?,
+                now_ms: now as u64,
+            })
         })
         .collect()
     }
 
-    fn append(&mut self, entry: &JournalEntry, transfers: &[Transfer], balances: &[(Account, u128)]) -> Result<(), StoreError> {
+    fn append(
+        &mut self,
+        entry: &JournalEntry,
+        transfers: &[Transfer],
+        balances: &[(Account, u128)],
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         let body = serde_json::to_string(&entry.request).expect("request serialises");
-        tx.execute("INSERT INTO requests(id, body, now_ms) VALUES (?1, ?2, ?3)", params![entry.request.id, body, entry.now_ms as i64])?;
+        tx.execute(
+            "INSERT INTO requests(id, body, now_ms) VALUES (?1, ?2, ?3)",
+            params![entry.request.id, body, entry.now_ms as i64],
+        )?;
         {
             let mut ins = tx.prepare_cached("INSERT INTO transfers(id, request_id, body, debit, credit) VALUES (?1, ?2, ?3, ?4, ?5)")?;
             for t in transfers {
                 let body = serde_json::to_string(t).expect("transfer serialises");
-                ins.execute(params![t.id, t.request, body, t.debit.to_string(), t.credit.to_string()])?;
+                ins.execute(params![
+                    t.id,
+                    t.request,
+                    body,
+                    t.debit.to_string(),
+                    t.credit.to_string()
+                ])?;
             }
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO balances(account, amount) VALUES (?1, ?2) ON CONFLICT(account) DO UPDATE SET amount = excluded.amount",
@@ -227,8 +290,12 @@ impl Store for SqliteStore {
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         rows.map(|row| {
             let (a, b) = row?;
-            let account = a.parse().map_err(|e| StoreError::Corrupt(format!("balances: {e}")))?;
-            let amount = b.parse().map_err(|_| StoreError::Corrupt(format!("balances: `{b}` of {a} is not an amount")))?;
+            let account = a
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("balances: {e}")))?;
+            let amount = b.parse().map_err(|_| {
+                StoreError::Corrupt(format!("balances: `{b}` of {a} is not an amount"))
+            })?;
             Ok((account, amount))
         })
         .collect()
@@ -266,7 +333,10 @@ pub struct Ledger<S: Store> {
 }
 
 /// Replays a journal into a fresh state, collecting the transfers it produces.
-fn replay(config: LedgerConfig, journal: &[JournalEntry]) -> Result<(State, Vec<Transfer>), String> {
+fn replay(
+    config: LedgerConfig,
+    journal: &[JournalEntry],
+) -> Result<(State, Vec<Transfer>), String> {
     let mut state = State::new(config);
     let mut transfers = Vec::new();
     for e in journal {
@@ -275,8 +345,15 @@ fn replay(config: LedgerConfig, journal: &[JournalEntry]) -> Result<(State, Vec<
                 transfers.extend(plan.receipt.transfers.iter().cloned());
                 state.commit(*plan);
             }
-            Ok(Planned::Replay(_)) => return Err(format!("request `{}` is journaled twice", e.request.id)),
-            Err(err) => return Err(format!("request `{}` does not re-apply: {err}", e.request.id)),
+            Ok(Planned::Replay(_)) => {
+                return Err(format!("request `{}` is journaled twice", e.request.id))
+            }
+            Err(err) => {
+                return Err(format!(
+                    "request `{}` does not re-apply: {err}",
+                    e.request.id
+                ))
+            }
         }
     }
     Ok((state, transfers))
@@ -285,9 +362,15 @@ fn replay(config: LedgerConfig, journal: &[JournalEntry]) -> Result<(State, Vec<
 impl<S: Store> Ledger<S> {
     /// Loads the ledger from `store`, replaying and cross-checking its journal.
     pub fn open(store: S) -> Result<Ledger<S>, StoreError> {
-        let ledger = Ledger { state: State::new(store.config()?), store };
+        let ledger = Ledger {
+            state: State::new(store.config()?),
+            store,
+        };
         match ledger.check()? {
-            (state, r) if r.problems.is_empty() => Ok(Ledger { state, store: ledger.store }),
+            (state, r) if r.problems.is_empty() => Ok(Ledger {
+                state,
+                store: ledger.store,
+            }),
             (_, r) => Err(StoreError::Corrupt(r.problems.join("; "))),
         }
     }
@@ -306,8 +389,12 @@ impl<S: Store> Ledger<S> {
         match self.state.plan(request, now_ms)? {
             Planned::Replay(receipt) => Ok(receipt),
             Planned::New(plan) => {
-                let entry = JournalEntry { request: request.clone(), now_ms };
-                self.store.append(&entry, &plan.receipt.transfers, &plan.balances)?;
+                let entry = JournalEntry {
+                    request: request.clone(),
+                    now_ms,
+                };
+                self.store
+                    .append(&entry, &plan.receipt.transfers, &plan.balances)?;
                 let receipt = plan.receipt.clone();
                 self.state.commit(*plan);
                 Ok(receipt)
@@ -340,20 +427,35 @@ impl<S: Store> Ledger<S> {
             }
         };
         if transfers.len() != stored_transfers.len() {
-            problems.push(format!("journal implies {} transfers, {} are stored", transfers.len(), stored_transfers.len()));
+            problems.push(format!(
+                "journal implies {} transfers, {} are stored",
+                transfers.len(),
+                stored_transfers.len()
+            ));
         }
-        if let Some((a, b)) = transfers.iter().zip(&stored_transfers).find(|(a, b)| a != b) {
-            problems.push(format!("stored transfer `{}` differs from the journal's `{}`", b.id, a.id));
+        if let Some((a, b)) = transfers
+            .iter()
+            .zip(&stored_transfers)
+            .find(|(a, b)| a != b)
+        {
+            problems.push(format!(
+                "stored transfer `{}` differs from the journal's `{}`",
+                b.id, a.id
+            ));
         }
         for (account, amount) in state.balances() {
             let stored = stored_balances.get(account).copied().unwrap_or(0);
             if stored != *amount {
-                problems.push(format!("{account}: stored balance {stored}, journal implies {amount}"));
+                problems.push(format!(
+                    "{account}: stored balance {stored}, journal implies {amount}"
+                ));
             }
         }
         for (account, amount) in &stored_balances {
             if state.balance(account).is_none() && *amount != 0 {
-                problems.push(format!("{account}: stored balance {amount} for an account the journal never touched"));
+                problems.push(format!(
+                    "{account}: stored balance {amount} for an account the journal never touched"
+                ));
             }
         }
         // A ledger loaded earlier must still match its journal (the file was not altered).

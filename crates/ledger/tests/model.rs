@@ -8,14 +8,20 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tessera_ledger::state::SlashTo;
-use tessera_ledger::{Account, Amount, Ledger, LedgerConfig, MemoryStore, Operation, Request, Signer, SqliteStore, State, Store, Work};
+use tessera_ledger::{
+    Account, Amount, Ledger, LedgerConfig, MemoryStore, Operation, Request, Signer, SqliteStore,
+    State, Store, Work,
+};
 
 const DELAY_MS: u64 = 50;
 
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn below(&mut self, n: u64) -> u64 {
@@ -96,7 +102,12 @@ impl Model {
         let organiser = req.signer == Signer::Organiser;
         let may = |c: &str| organiser || req.signer == Signer::Contributor(c.to_string());
         let ok = match &req.op {
-            Operation::Sale { buyer, tokens, treasury_tokens, .. } => {
+            Operation::Sale {
+                buyer,
+                tokens,
+                treasury_tokens,
+                ..
+            } => {
                 organiser
                     && (tokens.0 > 0 || treasury_tokens.0 > 0)
                     && self.transfer(&[
@@ -104,7 +115,12 @@ impl Model {
                         ("issuance".into(), "treasury".into(), treasury_tokens.0),
                     ])
             }
-            Operation::Fund { run, model, amount, reward_per_round } => {
+            Operation::Fund {
+                run,
+                model,
+                amount,
+                reward_per_round,
+            } => {
                 let same_model = self.runs.get(run).is_none_or(|r| r.0 == *model);
                 let ok = organiser
                     && amount.0 > 0
@@ -112,29 +128,50 @@ impl Model {
                     && same_model
                     && self.transfer(&[("treasury".into(), format!("pool:{run}"), amount.0)]);
                 if ok {
-                    self.runs.insert(run.clone(), (model.clone(), reward_per_round.0));
+                    self.runs
+                        .insert(run.clone(), (model.clone(), reward_per_round.0));
                 }
                 ok
             }
             Operation::Payout { run, round, work } => {
-                let Some((model, per_round)) = self.runs.get(run).cloned() else { return false };
+                let Some((model, per_round)) = self.runs.get(run).cloned() else {
+                    return false;
+                };
                 let mut names: Vec<&String> = work.iter().map(|w| &w.contributor).collect();
                 names.sort();
                 names.dedup();
-                if !organiser || self.paid.contains(&(run.clone(), *round)) || names.len() != work.len() || work.iter().any(|w| w.score_ppm > 1_000_000) {
+                if !organiser
+                    || self.paid.contains(&(run.clone(), *round))
+                    || names.len() != work.len()
+                    || work.iter().any(|w| w.score_ppm > 1_000_000)
+                {
                     return false;
                 }
-                let mut entries: Vec<(String, u128)> =
-                    work.iter().map(|w| (w.contributor.clone(), w.tokens as u128 * w.score_ppm as u128)).collect();
+                let mut entries: Vec<(String, u128)> = work
+                    .iter()
+                    .map(|w| {
+                        (
+                            w.contributor.clone(),
+                            w.tokens as u128 * w.score_ppm as u128,
+                        )
+                    })
+                    .collect();
                 entries.sort();
                 let pool = format!("pool:{run}");
                 let reward = per_round.min(self.bal(&pool).unwrap_or(0));
                 if reward == 0 {
                     return false;
                 }
-                let Some(parts) = Self::split(reward, &entries.iter().map(|e| e.1).collect::<Vec<_>>()) else { return false };
-                let moves: Vec<_> =
-                    entries.iter().zip(&parts).map(|((c, _), p)| (pool.clone(), format!("contributor:{c}"), *p)).collect();
+                let Some(parts) =
+                    Self::split(reward, &entries.iter().map(|e| e.1).collect::<Vec<_>>())
+                else {
+                    return false;
+                };
+                let moves: Vec<_> = entries
+                    .iter()
+                    .zip(&parts)
+                    .map(|((c, _), p)| (pool.clone(), format!("contributor:{c}"), *p))
+                    .collect();
                 assert!(self.transfer(&moves));
                 self.paid.insert((run.clone(), *round));
                 let s = self.shares.entry(model).or_default();
@@ -143,35 +180,66 @@ impl Model {
                 }
                 true
             }
-            Operation::Stake { run, contributor, amount } => {
+            Operation::Stake {
+                run,
+                contributor,
+                amount,
+            } => {
                 may(contributor)
                     && self.runs.contains_key(run)
                     && amount.0 > 0
-                    && self.transfer(&[(format!("contributor:{contributor}"), format!("stake:{run}:{contributor}"), amount.0)])
+                    && self.transfer(&[(
+                        format!("contributor:{contributor}"),
+                        format!("stake:{run}:{contributor}"),
+                        amount.0,
+                    )])
             }
-            Operation::Unbond { run, contributor, amount } => {
+            Operation::Unbond {
+                run,
+                contributor,
+                amount,
+            } => {
                 let ok = may(contributor)
                     && self.runs.contains_key(run)
                     && amount.0 > 0
-                    && self.transfer(&[(format!("stake:{run}:{contributor}"), format!("unbonding:{run}:{contributor}"), amount.0)]);
+                    && self.transfer(&[(
+                        format!("stake:{run}:{contributor}"),
+                        format!("unbonding:{run}:{contributor}"),
+                        amount.0,
+                    )]);
                 if ok {
-                    self.unbonding.entry((run.clone(), contributor.clone())).or_default().push((amount.0, now + DELAY_MS));
+                    self.unbonding
+                        .entry((run.clone(), contributor.clone()))
+                        .or_default()
+                        .push((amount.0, now + DELAY_MS));
                 }
                 ok
             }
             Operation::Release { run, contributor } => {
                 let key = (run.clone(), contributor.clone());
-                let matured: u128 = self.unbonding.get(&key).map_or(0, |v| v.iter().filter(|p| p.1 <= now).map(|p| p.0).sum());
+                let matured: u128 = self
+                    .unbonding
+                    .get(&key)
+                    .map_or(0, |v| v.iter().filter(|p| p.1 <= now).map(|p| p.0).sum());
                 let ok = may(contributor)
                     && self.runs.contains_key(run)
                     && matured > 0
-                    && self.transfer(&[(format!("unbonding:{run}:{contributor}"), format!("contributor:{contributor}"), matured)]);
+                    && self.transfer(&[(
+                        format!("unbonding:{run}:{contributor}"),
+                        format!("contributor:{contributor}"),
+                        matured,
+                    )]);
                 if ok {
                     self.unbonding.get_mut(&key).unwrap().retain(|p| p.1 > now);
                 }
                 ok
             }
-            Operation::Slash { run, contributor, fraction_ppm, .. } => {
+            Operation::Slash {
+                run,
+                contributor,
+                fraction_ppm,
+                ..
+            } => {
                 let stake = format!("stake:{run}:{contributor}");
                 let amount = self.bal(&stake).unwrap_or(0) * *fraction_ppm as u128 / 1_000_000;
                 organiser
@@ -180,16 +248,32 @@ impl Model {
                     && amount > 0
                     && self.transfer(&[(stake, "burned".into(), amount)])
             }
-            Operation::Revenue { model, payer, amount, reinvest_ppm } => {
-                let Some(shares) = self.shares.get(model).cloned() else { return false };
+            Operation::Revenue {
+                model,
+                payer,
+                amount,
+                reinvest_ppm,
+            } => {
+                let Some(shares) = self.shares.get(model).cloned() else {
+                    return false;
+                };
                 if !organiser || amount.0 == 0 || *reinvest_ppm > 1_000_000 {
                     return false;
                 }
                 let reinvest = amount.0 * *reinvest_ppm as u128 / 1_000_000;
-                let parts = Self::split(amount.0 - reinvest, &shares.values().copied().collect::<Vec<_>>()).unwrap();
+                let parts = Self::split(
+                    amount.0 - reinvest,
+                    &shares.values().copied().collect::<Vec<_>>(),
+                )
+                .unwrap();
                 let payer = format!("contributor:{payer}");
                 let mut moves = vec![(payer.clone(), "treasury".to_string(), reinvest)];
-                moves.extend(shares.keys().zip(parts).map(|(c, p)| (payer.clone(), format!("contributor:{c}"), p)));
+                moves.extend(
+                    shares
+                        .keys()
+                        .zip(parts)
+                        .map(|(c, p)| (payer.clone(), format!("contributor:{c}"), p)),
+                );
                 self.transfer(&moves)
             }
             Operation::CloseEpoch { epoch } => {
@@ -218,52 +302,116 @@ fn random_request(rng: &mut Lcg, n: u64, history: &[Request]) -> Request {
         other.id = old.id.clone();
         return other;
     }
-    let amount = |rng: &mut Lcg| Amount(match rng.below(10) { 0 => 0, 1 => 1 << 40, _ => rng.below(5_000) as u128 });
+    let amount = |rng: &mut Lcg| {
+        Amount(match rng.below(10) {
+            0 => 0,
+            1 => 1 << 40,
+            _ => rng.below(5_000) as u128,
+        })
+    };
     let c = |rng: &mut Lcg| rng.pick(CONTRIBUTORS).to_string();
     let run = |rng: &mut Lcg| rng.pick(RUNS).to_string();
     let op = match rng.below(11) {
-        0 => Operation::Sale { buyer: c(rng), tokens: amount(rng), treasury_tokens: amount(rng), proceeds: "10 USD".into() },
-        1 => Operation::Fund { run: run(rng), model: rng.pick(MODELS).to_string(), amount: amount(rng), reward_per_round: amount(rng) },
+        0 => Operation::Sale {
+            buyer: c(rng),
+            tokens: amount(rng),
+            treasury_tokens: amount(rng),
+            proceeds: "10 USD".into(),
+        },
+        1 => Operation::Fund {
+            run: run(rng),
+            model: rng.pick(MODELS).to_string(),
+            amount: amount(rng),
+            reward_per_round: amount(rng),
+        },
         2 | 3 => {
             let k = rng.below(5);
             let work = (0..k)
                 .map(|_| Work {
                     contributor: c(rng),
                     tokens: rng.below(1 << 20),
-                    score_ppm: if rng.below(30) == 0 { 1_000_001 } else { rng.below(1_000_001) as u32 },
+                    score_ppm: if rng.below(30) == 0 {
+                        1_000_001
+                    } else {
+                        rng.below(1_000_001) as u32
+                    },
                 })
                 .collect();
-            Operation::Payout { run: run(rng), round: rng.below(400), work }
+            Operation::Payout {
+                run: run(rng),
+                round: rng.below(400),
+                work,
+            }
         }
-        4 | 5 => Operation::Stake { run: run(rng), contributor: c(rng), amount: amount(rng) },
-        6 => Operation::Unbond { run: run(rng), contributor: c(rng), amount: amount(rng) },
-        7 => Operation::Release { run: run(rng), contributor: c(rng) },
-        8 => Operation::Slash { run: run(rng), contributor: c(rng), fraction_ppm: rng.below(1_100_000) as u32, reason: "audit mismatch".into() },
-        9 => Operation::Revenue { model: rng.pick(MODELS).to_string(), payer: c(rng), amount: amount(rng), reinvest_ppm: rng.below(1_100_000) as u32 },
-        _ => Operation::CloseEpoch { epoch: rng.below(n / 50 + 2) },
+        4 | 5 => Operation::Stake {
+            run: run(rng),
+            contributor: c(rng),
+            amount: amount(rng),
+        },
+        6 => Operation::Unbond {
+            run: run(rng),
+            contributor: c(rng),
+            amount: amount(rng),
+        },
+        7 => Operation::Release {
+            run: run(rng),
+            contributor: c(rng),
+        },
+        8 => Operation::Slash {
+            run: run(rng),
+            contributor: c(rng),
+            fraction_ppm: rng.below(1_100_000) as u32,
+            reason: "audit mismatch".into(),
+        },
+        9 => Operation::Revenue {
+            model: rng.pick(MODELS).to_string(),
+            payer: c(rng),
+            amount: amount(rng),
+            reinvest_ppm: rng.below(1_100_000) as u32,
+        },
+        _ => Operation::CloseEpoch {
+            epoch: rng.below(n / 50 + 2),
+        },
     };
     let signer = match rng.below(8) {
         0 => Signer::Contributor(c(rng)),
         1 => match &op {
-            Operation::Stake { contributor, .. } | Operation::Unbond { contributor, .. } | Operation::Release { contributor, .. } => {
-                Signer::Contributor(contributor.clone())
-            }
+            Operation::Stake { contributor, .. }
+            | Operation::Unbond { contributor, .. }
+            | Operation::Release { contributor, .. } => Signer::Contributor(contributor.clone()),
             _ => Signer::Organiser,
         },
         _ => Signer::Organiser,
     };
-    Request { id: format!("req-{n}"), signer, op }
+    Request {
+        id: format!("req-{n}"),
+        signer,
+        op,
+    }
 }
 
 fn same_balances(state: &State, model: &Model) {
-    let ours: BTreeMap<String, u128> = state.balances().iter().filter(|(_, b)| **b > 0).map(|(a, b)| (a.to_string(), *b)).collect();
-    let theirs: BTreeMap<String, u128> = model.balances.iter().filter(|(_, b)| **b > 0).map(|(a, b)| (a.clone(), *b)).collect();
+    let ours: BTreeMap<String, u128> = state
+        .balances()
+        .iter()
+        .filter(|(_, b)| **b > 0)
+        .map(|(a, b)| (a.to_string(), *b))
+        .collect();
+    let theirs: BTreeMap<String, u128> = model
+        .balances
+        .iter()
+        .filter(|(_, b)| **b > 0)
+        .map(|(a, b)| (a.clone(), *b))
+        .collect();
     assert_eq!(ours, theirs);
     assert_eq!(state.issued(), model.issued);
 }
 
 fn config() -> LedgerConfig {
-    LedgerConfig { unbond_delay_ms: DELAY_MS, slash_to: SlashTo::Burned }
+    LedgerConfig {
+        unbond_delay_ms: DELAY_MS,
+        slash_to: SlashTo::Burned,
+    }
 }
 
 #[test]
@@ -279,12 +427,20 @@ fn a_million_random_requests_match_the_reference_model() {
         let before = (ledger.state().balances().clone(), ledger.state().issued());
         let ours = ledger.submit(&req, now);
         let theirs = model.apply(&req, now);
-        assert_eq!(ours.is_ok(), theirs, "request {n} {req:?}: ledger said {ours:?}");
+        assert_eq!(
+            ours.is_ok(),
+            theirs,
+            "request {n} {req:?}: ledger said {ours:?}"
+        );
         match ours {
             Ok(_) => accepted += 1,
             Err(_) => {
                 refused += 1;
-                assert_eq!((ledger.state().balances(), ledger.state().issued()), (&before.0, before.1), "a refused request changed balances");
+                assert_eq!(
+                    (ledger.state().balances(), ledger.state().issued()),
+                    (&before.0, before.1),
+                    "a refused request changed balances"
+                );
             }
         }
         if history.len() < 5_000 || rng.below(100) == 0 {
@@ -296,7 +452,10 @@ fn a_million_random_requests_match_the_reference_model() {
     }
     same_balances(ledger.state(), &model);
     // The stream must exercise both paths substantially.
-    assert!(accepted > 200_000 && refused > 200_000, "accepted {accepted}, refused {refused}");
+    assert!(
+        accepted > 200_000 && refused > 200_000,
+        "accepted {accepted}, refused {refused}"
+    );
     let report = ledger.verify().unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

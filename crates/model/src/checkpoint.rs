@@ -28,7 +28,10 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub enum CheckpointError {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// `config.json` is missing a field, has a bad value, or is not a Llama config.
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -43,17 +46,29 @@ pub enum CheckpointError {
     Unexpected { path: PathBuf, name: String },
     /// A tensor's shape differs from what the configuration implies.
     #[error("{path}: tensor `{name}` has shape {found:?}, config.json implies {expected:?}")]
-    Shape { path: PathBuf, name: String, expected: Vec<i64>, found: Vec<i64> },
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
     /// A tensor is stored in a dtype Tessera cannot load into f32.
     #[error("{path}: tensor `{name}` has dtype {dtype}, expected F32, BF16 or F16")]
-    Dtype { path: PathBuf, name: String, dtype: String },
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
     /// The directory has no `tokenizer.json`.
     #[error("{path}: no tokenizer.json in the checkpoint; copy the tokenizer of the data set it was trained on")]
     MissingTokenizer { path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
@@ -84,11 +99,18 @@ struct F32Bytes {
 
 impl F32Bytes {
     fn of(t: &Tensor) -> F32Bytes {
-        let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        let t = t
+            .detach()
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous();
         let numel = t.numel();
         let mut bytes = vec![0u8; numel * 4];
         t.copy_data_u8(&mut bytes, numel);
-        F32Bytes { shape: t.size().iter().map(|&s| s as usize).collect(), bytes }
+        F32Bytes {
+            shape: t.size().iter().map(|&s| s as usize).collect(),
+            bytes,
+        }
     }
 }
 
@@ -110,19 +132,26 @@ impl View for &F32Bytes {
 /// Serialises named tensors as f32 safetensors, with `{"format": "pt"}` metadata so
 /// `transformers` accepts the file, and writes it atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(), CheckpointError> {
-    let views: Vec<(String, F32Bytes)> =
-        tensors.iter().map(|(n, t)| (n.to_string(), F32Bytes::of(t))).collect();
+    let views: Vec<(String, F32Bytes)> = tensors
+        .iter()
+        .map(|(n, t)| (n.to_string(), F32Bytes::of(t)))
+        .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), Some(metadata))
-        .map_err(|e| CheckpointError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+        .map_err(|e| CheckpointError::Format {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     write_atomic(path, &bytes).map_err(io_err(path))
 }
 
 /// Reads every tensor of a safetensors file as f32 CPU tensors, keyed by name.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, CheckpointError> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| CheckpointError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let kind = match view.dtype() {
@@ -148,10 +177,14 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, Checkpoi
 /// the given `tokenizer.json` contents.
 pub fn save(model: &Llama, tokenizer_json: &[u8], dir: &Path) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let named: Vec<(&str, &Tensor)> =
-        model.params().iter().map(|p| (p.name.as_str(), &p.tensor)).collect();
+    let named: Vec<(&str, &Tensor)> = model
+        .params()
+        .iter()
+        .map(|p| (p.name.as_str(), &p.tensor))
+        .collect();
     write_safetensors(&dir.join(WEIGHTS_FILE), &named)?;
-    let config = serde_json::to_vec_pretty(&model.config().to_hf_json()).expect("config serialises");
+    let config =
+        serde_json::to_vec_pretty(&model.config().to_hf_json()).expect("config serialises");
     let config_path = dir.join(CONFIG_FILE);
     write_atomic(&config_path, &config).map_err(io_err(&config_path))?;
     let tok_path = dir.join(TOKENIZER_FILE);
@@ -174,10 +207,12 @@ pub fn load_weights(model: &Llama, path: &Path) -> Result<(), CheckpointError> {
         tensors.remove("lm_head.weight");
     }
     for p in model.params() {
-        let t = tensors.get(&p.name).ok_or_else(|| CheckpointError::Missing {
-            path: path.to_path_buf(),
-            name: p.name.clone(),
-        })?;
+        let t = tensors
+            .get(&p.name)
+            .ok_or_else(|| CheckpointError::Missing {
+                path: path.to_path_buf(),
+                name: p.name.clone(),
+            })?;
         if t.size() != p.tensor.size() {
             return Err(CheckpointError::Shape {
                 path: path.to_path_buf(),
@@ -187,8 +222,14 @@ pub fn load_weights(model: &Llama, path: &Path) -> Result<(), CheckpointError> {
             });
         }
     }
-    if let Some(extra) = tensors.keys().find(|k| !model.params().iter().any(|p| &p.name == *k)) {
-        return Err(CheckpointError::Unexpected { path: path.to_path_buf(), name: extra.clone() });
+    if let Some(extra) = tensors
+        .keys()
+        .find(|k| !model.params().iter().any(|p| &p.name == *k))
+    {
+        return Err(CheckpointError::Unexpected {
+            path: path.to_path_buf(),
+            name: extra.clone(),
+        });
     }
     for (i, p) in model.params().iter().enumerate() {
         model.set_param(i, &tensors[&p.name].to_device(model.device()));
@@ -201,7 +242,9 @@ pub fn load(dir: &Path, device: Device) -> Result<(Llama, String), CheckpointErr
     let config = load_config(dir)?;
     let tok_path = dir.join(TOKENIZER_FILE);
     if !tok_path.exists() {
-        return Err(CheckpointError::MissingTokenizer { path: dir.to_path_buf() });
+        return Err(CheckpointError::MissingTokenizer {
+            path: dir.to_path_buf(),
+        });
     }
     let tokenizer = std::fs::read_to_string(&tok_path).map_err(io_err(&tok_path))?;
     let model = Llama::new(&config, device, 0);
@@ -256,6 +299,9 @@ mod tests {
         assert!(matches!(err, CheckpointError::Format { .. }), "{err}");
         std::fs::remove_file(dir.path().join(TOKENIZER_FILE)).unwrap();
         let err = load(dir.path(), Device::Cpu).unwrap_err();
-        assert!(matches!(err, CheckpointError::MissingTokenizer { .. }), "{err}");
+        assert!(
+            matches!(err, CheckpointError::MissingTokenizer { .. }),
+            "{err}"
+        );
     }
 }

@@ -62,20 +62,22 @@ impl LlamaConfig {
                 return Err(ConfigError::Zero { field });
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ConfigError::HeadsSplit {
                 hidden_size: self.hidden_size,
                 heads: self.num_attention_heads,
             });
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ConfigError::KvGroups {
                 heads: self.num_attention_heads,
                 kv_heads: self.num_key_value_heads,
             });
         }
-        if self.head_dim() % 2 != 0 {
-            return Err(ConfigError::OddHeadDim { head_dim: self.head_dim() });
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(ConfigError::OddHeadDim {
+                head_dim: self.head_dim(),
+            });
         }
         Ok(())
     }
@@ -165,9 +167,14 @@ impl LlamaConfig {
     pub fn from_hf_json(text: &str) -> Result<Self, String> {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("config.json is not JSON: {e}"))?;
-        let arch = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+        let arch = value
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("llama");
         if arch != "llama" {
-            return Err(format!("config.json has model_type `{arch}`, expected `llama`"));
+            return Err(format!(
+                "config.json has model_type `{arch}`, expected `llama`"
+            ));
         }
         let config: LlamaConfig = serde_json::from_value(value)
             .map_err(|e| format!("config.json is missing or has a bad field: {e}"))?;
@@ -352,10 +359,17 @@ impl Preset {
 
     /// Looks a preset up by name.
     pub fn by_name(name: &str) -> Result<&'static Preset, ConfigError> {
-        PRESETS.iter().find(|p| p.name == name).ok_or_else(|| ConfigError::UnknownPreset {
-            name: name.to_string(),
-            known: PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
-        })
+        PRESETS
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| ConfigError::UnknownPreset {
+                name: name.to_string(),
+                known: PRESETS
+                    .iter()
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// How far the exact count is from the size in the name, as a fraction.
@@ -374,7 +388,12 @@ mod tests {
         for preset in PRESETS {
             preset.config().validate().unwrap();
             if let Some(dev) = preset.deviation_from_name() {
-                assert!(dev.abs() <= 0.03, "{} is {:.2}% off its name", preset.name, dev * 100.0);
+                assert!(
+                    dev.abs() <= 0.03,
+                    "{} is {:.2}% off its name",
+                    preset.name,
+                    dev * 100.0
+                );
             }
         }
         assert!(Preset::by_name("1.4t").is_ok());
@@ -383,16 +402,30 @@ mod tests {
     #[test]
     fn llama3_8b_count_matches_the_published_figure() {
         // Meta reports 8,030,261,248 parameters for Llama 3 8B.
-        assert_eq!(Preset::by_name("8b").unwrap().config().params_total(), 8_030_261_248);
+        assert_eq!(
+            Preset::by_name("8b").unwrap().config().params_total(),
+            8_030_261_248
+        );
     }
 
     #[test]
     fn validation_names_the_broken_relation() {
         let mut c = Preset::by_name("nano").unwrap().config();
         c.num_key_value_heads = 3;
-        assert_eq!(c.validate(), Err(ConfigError::KvGroups { heads: 4, kv_heads: 3 }));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::KvGroups {
+                heads: 4,
+                kv_heads: 3
+            })
+        );
         c.num_key_value_heads = 0;
-        assert_eq!(c.validate(), Err(ConfigError::Zero { field: "num_key_value_heads" }));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Zero {
+                field: "num_key_value_heads"
+            })
+        );
         let err = Preset::by_name("9b").unwrap_err().to_string();
         assert!(err.contains("9b") && err.contains("1.4t"), "{err}");
     }
@@ -402,6 +435,8 @@ mod tests {
         let c = Preset::by_name("micro").unwrap().config();
         let text = serde_json::to_string(&c.to_hf_json()).unwrap();
         assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), c);
-        assert!(LlamaConfig::from_hf_json("{\"model_type\":\"gpt2\"}").unwrap_err().contains("gpt2"));
+        assert!(LlamaConfig::from_hf_json("{\"model_type\":\"gpt2\"}")
+            .unwrap_err()
+            .contains("gpt2"));
     }
 }

@@ -59,7 +59,9 @@ impl Llama {
     /// by `seed` and each tensor's position, not from libtorch's global one, so every
     /// node (and every thread) builds the same θ₀ from the same seed on any device.
     pub fn new(config: &LlamaConfig, device: Device, seed: u64) -> Llama {
-        config.validate().expect("LlamaConfig must be validated before building a model");
+        config
+            .validate()
+            .expect("LlamaConfig must be validated before building a model");
         let mut params = Vec::new();
         let d = config.hidden_size as i64;
         let kv = (config.num_key_value_heads * config.head_dim()) as i64;
@@ -70,11 +72,18 @@ impl Llama {
         let residual_std = INIT_STD / (2.0 * config.num_hidden_layers as f64).sqrt();
         let mut add = |name: String, shape: &[i64], std: Option<f64>| -> usize {
             let t = match std {
-                Some(std) => normal_init(shape, std, seed ^ (params.len() as u64).wrapping_mul(0xA076_1D64_78BD_642F))
-                    .to_device(device),
+                Some(std) => normal_init(
+                    shape,
+                    std,
+                    seed ^ (params.len() as u64).wrapping_mul(0xA076_1D64_78BD_642F),
+                )
+                .to_device(device),
                 None => Tensor::ones(shape, (Kind::Float, device)),
             };
-            params.push(Param { name, tensor: t.set_requires_grad(true) });
+            params.push(Param {
+                name,
+                tensor: t.set_requires_grad(true),
+            });
             params.len() - 1
         };
         let embed = add("model.embed_tokens.weight".into(), &[v, d], Some(INIT_STD));
@@ -83,22 +92,45 @@ impl Llama {
             let p = format!("model.layers.{i}");
             layers.push(LayerIds {
                 input_norm: add(format!("{p}.input_layernorm.weight"), &[d], None),
-                q: add(format!("{p}.self_attn.q_proj.weight"), &[d, d], Some(INIT_STD)),
-                k: add(format!("{p}.self_attn.k_proj.weight"), &[kv, d], Some(INIT_STD)),
-                v: add(format!("{p}.self_attn.v_proj.weight"), &[kv, d], Some(INIT_STD)),
-                o: add(format!("{p}.self_attn.o_proj.weight"), &[d, d], Some(residual_std)),
+                q: add(
+                    format!("{p}.self_attn.q_proj.weight"),
+                    &[d, d],
+                    Some(INIT_STD),
+                ),
+                k: add(
+                    format!("{p}.self_attn.k_proj.weight"),
+                    &[kv, d],
+                    Some(INIT_STD),
+                ),
+                v: add(
+                    format!("{p}.self_attn.v_proj.weight"),
+                    &[kv, d],
+                    Some(INIT_STD),
+                ),
+                o: add(
+                    format!("{p}.self_attn.o_proj.weight"),
+                    &[d, d],
+                    Some(residual_std),
+                ),
                 post_norm: add(format!("{p}.post_attention_layernorm.weight"), &[d], None),
-                gate: add(format!("{p}.mlp.gate_proj.weight"), &[ff, d], Some(INIT_STD)),
+                gate: add(
+                    format!("{p}.mlp.gate_proj.weight"),
+                    &[ff, d],
+                    Some(INIT_STD),
+                ),
                 up: add(format!("{p}.mlp.up_proj.weight"), &[ff, d], Some(INIT_STD)),
-                down: add(format!("{p}.mlp.down_proj.weight"), &[d, ff], Some(residual_std)),
+                down: add(
+                    format!("{p}.mlp.down_proj.weight"),
+                    &[d, ff],
+                    Some(residual_std),
+                ),
             });
         }
         let norm = add("model.norm.weight".into(), &[d], None);
         let lm_head = (!config.tie_word_embeddings)
             .then(|| add("lm_head.weight".into(), &[v, d], Some(INIT_STD)));
         let (rope_cos, rope_sin) = rope_tables(config, device);
-        let model =
-            Llama {
+        let model = Llama {
             config: config.clone(),
             params,
             embed,
@@ -142,6 +174,9 @@ impl Llama {
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
+    // `x += y` on a tch tensor is an in-place `add_`, which would overwrite the
+    // residual stream that RMSNorm saved for the backward pass.
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
         assert!(
@@ -150,7 +185,11 @@ impl Llama {
             self.config.max_position_embeddings
         );
         let c = &self.config;
-        let (h, kvh, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim() as i64);
+        let (h, kvh, hd) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim() as i64,
+        );
         let eps = c.rms_norm_eps;
         let d = c.hidden_size as i64;
         let ck = self.compute_kind;
@@ -171,9 +210,14 @@ impl Llama {
                 (k, v)
             } else {
                 let rep = h / kvh;
-                (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None))
+                (
+                    k.repeat_interleave_self_int(rep, 1, None),
+                    v.repeat_interleave_self_int(rep, 1, None),
+                )
             };
-            let a = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false);
+            let a = Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, true, None, false,
+            );
             let a = a.transpose(1, 2).reshape([b, t, d]);
             x = x + lin(&a, l.o).to_kind(Kind::Float);
             let hn = x.rms_norm([d], Some(w(l.post_norm)), eps);
@@ -194,7 +238,13 @@ impl Llama {
         logits
             .view([-1, v])
             .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Mean, -100, 0.0)
+            .cross_entropy_loss::<Tensor>(
+                &targets.reshape([-1]),
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            )
     }
 
     /// Per-token next-token cross-entropy (nats) of `tokens` `[batch, seq + 1]`,
@@ -208,7 +258,13 @@ impl Llama {
             let v = self.config.vocab_size as i64;
             logits
                 .view([-1, v])
-                .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::None, -100, 0.0)
+                .cross_entropy_loss::<Tensor>(
+                    &targets.reshape([-1]),
+                    None,
+                    tch::Reduction::None,
+                    -100,
+                    0.0,
+                )
                 .view([targets.size()[0], t - 1])
         })
     }
@@ -260,9 +316,15 @@ fn normal_init(shape: &[i64], std: f64, seed: u64) -> Tensor {
 /// frequencies repeated twice along the channel axis, matching `rotate_half`.
 fn rope_tables(config: &LlamaConfig, device: Device) -> (Tensor, Tensor) {
     let hd = config.head_dim() as i64;
-    let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / hd as f64;
+    let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu))
+        .to_kind(Kind::Float)
+        / hd as f64;
     let inv_freq = (Tensor::from(config.rope_theta as f32).pow(&exponents)).reciprocal();
-    let positions = Tensor::arange(config.max_position_embeddings as i64, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float);
+    let positions = Tensor::arange(
+        config.max_position_embeddings as i64,
+        (Kind::Int64, Device::Cpu),
+    )
+    .to_kind(Kind::Float);
     let freqs = positions.unsqueeze(1).matmul(&inv_freq.unsqueeze(0));
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
     (emb.cos().to_device(device), emb.sin().to_device(device))
@@ -306,7 +368,9 @@ mod tests {
         let (la, lb) = tch::no_grad(|| (m.forward(&a), m.forward(&b)));
         let early = |l: &Tensor| l.narrow(1, 0, 5);
         assert!(early(&la).allclose(&early(&lb), 1e-6, 1e-6, false));
-        assert!(!la.narrow(1, 5, 1).allclose(&lb.narrow(1, 5, 1), 1e-6, 1e-6, false));
+        assert!(!la
+            .narrow(1, 5, 1)
+            .allclose(&lb.narrow(1, 5, 1), 1e-6, 1e-6, false));
     }
 
     #[test]
@@ -316,6 +380,9 @@ mod tests {
         let tokens = Tensor::randint(c.vocab_size as i64, [4, 33], (Kind::Int64, Device::Cpu));
         let loss = f64::try_from(m.loss(&tokens)).unwrap();
         let uniform = (c.vocab_size as f64).ln();
-        assert!((loss - uniform).abs() < 0.1, "loss {loss} vs ln(V) {uniform}");
+        assert!(
+            (loss - uniform).abs() < 0.1,
+            "loss {loss} vs ln(V) {uniform}"
+        );
     }
 }

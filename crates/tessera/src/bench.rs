@@ -84,7 +84,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let config = Preset::by_name(&args.preset)?.config();
     if args.seq_len > config.max_position_embeddings {
-        bail!("--seq {} exceeds the preset's context of {}", args.seq_len, config.max_position_embeddings);
+        bail!(
+            "--seq {} exceeds the preset's context of {}",
+            args.seq_len,
+            config.max_position_embeddings
+        );
     }
     let mut model = Llama::new(&config, device, 0);
     if device.is_cuda() {
@@ -102,7 +106,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let weights = scratch.path().join("weights.safetensors");
     if !args.no_reference {
-        let named: Vec<(&str, &Tensor)> = model.params().iter().map(|p| (p.name.as_str(), &p.tensor)).collect();
+        let named: Vec<(&str, &Tensor)> = model
+            .params()
+            .iter()
+            .map(|p| (p.name.as_str(), &p.tensor))
+            .collect();
         checkpoint::write_safetensors(&weights, &named)?;
         let raw: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         std::fs::write(scratch.path().join("batch.bin"), raw)?;
@@ -166,7 +174,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         peak_derivation,
         mfu: peak_flops.map(|p| achieved_flops / p),
         first_loss,
-        ratio_to_reference: reference.as_ref().map(|r| tokens_per_second / r.tokens_per_second),
+        ratio_to_reference: reference
+            .as_ref()
+            .map(|r| tokens_per_second / r.tokens_per_second),
         reference,
     };
     if args.json {
@@ -177,25 +187,46 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "{} ({} params) on {} with {} thread(s), batch {}x{}",
         report.preset, report.params, report.device, threads, args.batch_size, args.seq_len
     );
-    println!("tessera:   {:>10.0} tokens/s, {:.2} GFLOP/s", tokens_per_second, achieved_flops / 1e9);
+    println!(
+        "tessera:   {:>10.0} tokens/s, {:.2} GFLOP/s",
+        tokens_per_second,
+        achieved_flops / 1e9
+    );
     match report.mfu {
-        Some(mfu) => println!("MFU:       {:>10.1}% of {} ", mfu * 100.0, report.peak_derivation),
+        Some(mfu) => println!(
+            "MFU:       {:>10.1}% of {} ",
+            mfu * 100.0,
+            report.peak_derivation
+        ),
         None => println!("MFU:       unknown peak ({})", report.peak_derivation),
     }
     if let (Some(r), Some(ratio)) = (&report.reference, report.ratio_to_reference) {
-        println!("pytorch:   {:>10.0} tokens/s (torch {}, eager)", r.tokens_per_second, r.torch);
+        println!(
+            "pytorch:   {:>10.0} tokens/s (torch {}, eager)",
+            r.tokens_per_second, r.torch
+        );
         println!("ratio:     {ratio:>10.3} (tessera / pytorch eager)");
-        println!("first-step loss: tessera {:.6}, pytorch {:.6}", first_loss, r.first_loss);
+        println!(
+            "first-step loss: tessera {:.6}, pytorch {:.6}",
+            first_loss, r.first_loss
+        );
     }
     Ok(())
 }
 
-fn run_reference(args: &BenchArgs, scratch: &std::path::Path, spec: &serde_json::Value) -> Result<Reference> {
+fn run_reference(
+    args: &BenchArgs,
+    scratch: &std::path::Path,
+    spec: &serde_json::Value,
+) -> Result<Reference> {
     let script = scratch.join("reference_train.py");
     std::fs::write(&script, REFERENCE_SCRIPT)?;
     let spec_path = scratch.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(spec)?)?;
-    let python = args.python.clone().unwrap_or_else(tessera_train::python::find);
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(tessera_train::python::find);
     let out = Command::new(&python)
         .arg(&script)
         .arg(&spec_path)
@@ -222,11 +253,26 @@ fn peak_flops(device: Device, threads: usize) -> (Option<f64>, String) {
             .args(["--query-gpu=name", "--format=csv,noheader"])
             .output()
             .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
             .unwrap_or_default();
-        let table = [("H200", 989.4e12), ("H100", 989.4e12), ("A100", 312e12), ("L40S", 362.05e12), ("4090", 165.2e12)];
+        let table = [
+            ("H200", 989.4e12),
+            ("H100", 989.4e12),
+            ("A100", 312e12),
+            ("L40S", 362.05e12),
+            ("4090", 165.2e12),
+        ];
         return match table.iter().find(|(k, _)| name.contains(k)) {
-            Some((k, f)) => (Some(*f), format!("{name}: {k} dense bf16 peak {:.1} TFLOP/s", f / 1e12)),
+            Some((k, f)) => (
+                Some(*f),
+                format!("{name}: {k} dense bf16 peak {:.1} TFLOP/s", f / 1e12),
+            ),
             None => (None, format!("no peak known for GPU `{name}`")),
         };
     }

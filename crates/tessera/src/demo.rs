@@ -30,10 +30,14 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> Result<()> {
     let data = args.dir.join("data");
     if !data.join(MANIFEST_FILE).exists() {
-        std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+        std::fs::create_dir_all(&args.dir)
+            .with_context(|| format!("creating {}", args.dir.display()))?;
         let corpus = args.dir.join("tinyshakespeare.txt");
         std::fs::write(&corpus, CORPUS).with_context(|| format!("writing {}", corpus.display()))?;
-        eprintln!("preparing the bundled corpus (tinyshakespeare, {} bytes)", CORPUS.len());
+        eprintln!(
+            "preparing the bundled corpus (tinyshakespeare, {} bytes)",
+            CORPUS.len()
+        );
         let m = prepare(&PrepareOptions {
             inputs: vec![corpus],
             out: data.clone(),
@@ -42,7 +46,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
             tokenizer: None,
             shard_tokens_max: 1 << 24,
         })?;
-        eprintln!("tokenizer: vocab {}; {} validation bytes held out", m.vocab_size, m.val_text_bytes);
+        eprintln!(
+            "tokenizer: vocab {}; {} validation bytes held out",
+            m.vocab_size, m.val_text_bytes
+        );
     }
     // A fresh run every time: the demo shows training from scratch.
     let out = args.dir.join("run");
@@ -64,7 +71,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         weight_decay: 0.1,
         eval_every: 100,
         checkpoint_every: 500,
-        runtime: RuntimeArgs { device: args.runtime.device.clone(), threads: args.runtime.threads },
+        runtime: RuntimeArgs {
+            device: args.runtime.device.clone(),
+            threads: args.runtime.threads,
+        },
     };
     let summary = run_train(&train_args)?;
     let (device, _) = args.runtime.setup()?;
@@ -73,7 +83,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         &model,
         &tokenizer,
         "ROMEO:",
-        &SampleOptions { tokens: 120, temperature: 0.8, top_k: 50, top_p: 0.95, seed: args.seed },
+        &SampleOptions {
+            tokens: 120,
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 0.95,
+            seed: args.seed,
+        },
     )?;
     println!("---- sample ----\n{sample}\n----------------");
     println!(
@@ -81,7 +97,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         summary.steps, summary.tokens_seen, summary.tokens_per_second
     );
     if let Some(e) = summary.final_eval {
-        println!("validation: {:.4} bits per byte (loss {:.4} nats/token)", e.bpb, e.loss);
+        println!(
+            "validation: {:.4} bits per byte (loss {:.4} nats/token)",
+            e.bpb, e.loss
+        );
     }
     println!("checkpoint: {}", summary.checkpoint.display());
     println!(

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use tessera_ledger::state::{LedgerConfig, SlashTo, PPM};
-use tessera_ledger::{merkle, Account, Amount, Ledger, Operation, Request, Signer, SqliteStore, Store, Work};
+use tessera_ledger::{
+    merkle, Account, Amount, Ledger, Operation, Request, Signer, SqliteStore, Store, Work,
+};
 
 #[derive(Args)]
 pub struct LedgerArgs {
@@ -143,7 +145,9 @@ enum LedgerCommand {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn tokens(text: &str) -> Result<Amount> {
@@ -186,7 +190,10 @@ fn open(args: &LedgerArgs) -> Result<Ledger<SqliteStore>> {
 
 pub fn run(args: LedgerArgs) -> Result<()> {
     let op = match &args.command {
-        LedgerCommand::Init { unbond_delay_hours, slash_to } => {
+        LedgerCommand::Init {
+            unbond_delay_hours,
+            slash_to,
+        } => {
             if !(*unbond_delay_hours >= 0.0 && unbond_delay_hours.is_finite()) {
                 bail!("--unbond-delay-hours must be a non-negative number");
             }
@@ -195,41 +202,93 @@ pub fn run(args: LedgerArgs) -> Result<()> {
                 "treasury" => SlashTo::Treasury,
                 other => bail!("--slash-to must be `burned` or `treasury`, got `{other}`"),
             };
-            let config = LedgerConfig { unbond_delay_ms: (unbond_delay_hours * 3_600_000.0) as u64, slash_to };
+            let config = LedgerConfig {
+                unbond_delay_ms: (unbond_delay_hours * 3_600_000.0) as u64,
+                slash_to,
+            };
             SqliteStore::init(&args.db, config)?;
-            return print(args.json, serde_json::json!({"db": args.db, "config": config}), format!("created ledger {}", args.db.display()));
+            return print(
+                args.json,
+                serde_json::json!({"db": args.db, "config": config}),
+                format!("created ledger {}", args.db.display()),
+            );
         }
-        LedgerCommand::Sale { buyer, tokens: t, treasury_tokens, proceeds } => Operation::Sale {
+        LedgerCommand::Sale {
+            buyer,
+            tokens: t,
+            treasury_tokens,
+            proceeds,
+        } => Operation::Sale {
             buyer: buyer.clone(),
             tokens: tokens(t)?,
             treasury_tokens: tokens(treasury_tokens)?,
             proceeds: proceeds.clone(),
         },
-        LedgerCommand::Fund { run, model, tokens: t, reward_per_round } => Operation::Fund {
+        LedgerCommand::Fund {
+            run,
+            model,
+            tokens: t,
+            reward_per_round,
+        } => Operation::Fund {
             run: run.clone(),
             model: model.clone(),
             amount: tokens(t)?,
             reward_per_round: tokens(reward_per_round)?,
         },
         LedgerCommand::Payout { run, round, work } => {
-            let text = std::fs::read_to_string(work).with_context(|| format!("reading {}", work.display()))?;
-            let work: Vec<Work> = serde_json::from_str(&text).with_context(|| format!("{}: expected [{{\"contributor\", \"tokens\", \"score_ppm\"}}]", work.display()))?;
-            Operation::Payout { run: run.clone(), round: *round, work }
+            let text = std::fs::read_to_string(work)
+                .with_context(|| format!("reading {}", work.display()))?;
+            let work: Vec<Work> = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: expected [{{\"contributor\", \"tokens\", \"score_ppm\"}}]",
+                    work.display()
+                )
+            })?;
+            Operation::Payout {
+                run: run.clone(),
+                round: *round,
+                work,
+            }
         }
-        LedgerCommand::Stake { run, contributor, tokens: t } => {
-            Operation::Stake { run: run.clone(), contributor: contributor.clone(), amount: tokens(t)? }
-        }
-        LedgerCommand::Unbond { run, contributor, tokens: t } => {
-            Operation::Unbond { run: run.clone(), contributor: contributor.clone(), amount: tokens(t)? }
-        }
-        LedgerCommand::Release { run, contributor } => Operation::Release { run: run.clone(), contributor: contributor.clone() },
-        LedgerCommand::Slash { run, contributor, fraction, reason } => Operation::Slash {
+        LedgerCommand::Stake {
+            run,
+            contributor,
+            tokens: t,
+        } => Operation::Stake {
+            run: run.clone(),
+            contributor: contributor.clone(),
+            amount: tokens(t)?,
+        },
+        LedgerCommand::Unbond {
+            run,
+            contributor,
+            tokens: t,
+        } => Operation::Unbond {
+            run: run.clone(),
+            contributor: contributor.clone(),
+            amount: tokens(t)?,
+        },
+        LedgerCommand::Release { run, contributor } => Operation::Release {
+            run: run.clone(),
+            contributor: contributor.clone(),
+        },
+        LedgerCommand::Slash {
+            run,
+            contributor,
+            fraction,
+            reason,
+        } => Operation::Slash {
             run: run.clone(),
             contributor: contributor.clone(),
             fraction_ppm: ppm(*fraction, "--fraction")?,
             reason: reason.clone(),
         },
-        LedgerCommand::Revenue { model, payer, tokens: t, reinvest } => Operation::Revenue {
+        LedgerCommand::Revenue {
+            model,
+            payer,
+            tokens: t,
+            reinvest,
+        } => Operation::Revenue {
             model: model.clone(),
             payer: payer.clone(),
             amount: tokens(t)?,
@@ -239,15 +298,25 @@ pub fn run(args: LedgerArgs) -> Result<()> {
         LedgerCommand::Root { epoch: None } => {
             let ledger = open(&args)?;
             let root = ledger.state().root();
-            return print(args.json, serde_json::json!({"root": root, "epochs": ledger.state().epochs()}), root);
+            return print(
+                args.json,
+                serde_json::json!({"root": root, "epochs": ledger.state().epochs()}),
+                root,
+            );
         }
         LedgerCommand::Balance { account } => {
             let account: Account = account.parse()?;
             let ledger = open(&args)?;
             let (units, text) = match account {
-                Account::Issuance => (format!("-{}", ledger.state().issued()), format!("-{}", Amount(ledger.state().issued()).tokens_string())),
+                Account::Issuance => (
+                    format!("-{}", ledger.state().issued()),
+                    format!("-{}", Amount(ledger.state().issued()).tokens_string()),
+                ),
                 ref a => {
-                    let b = ledger.state().balance(a).with_context(|| format!("unknown account `{a}`"))?;
+                    let b = ledger
+                        .state()
+                        .balance(a)
+                        .with_context(|| format!("unknown account `{a}`"))?;
                     (b.to_string(), Amount(b).tokens_string())
                 }
             };
@@ -273,7 +342,14 @@ pub fn run(args: LedgerArgs) -> Result<()> {
             } else {
                 for t in &history {
                     let sign = if t.credit == account { "+" } else { "-" };
-                    println!("{:<32} {:?} {sign}{} {} -> {}", t.id, t.kind, Amount(t.amount.0).tokens_string(), t.debit, t.credit);
+                    println!(
+                        "{:<32} {:?} {sign}{} {} -> {}",
+                        t.id,
+                        t.kind,
+                        Amount(t.amount.0).tokens_string(),
+                        t.debit,
+                        t.credit
+                    );
                 }
             }
             return Ok(());
@@ -286,18 +362,35 @@ pub fn run(args: LedgerArgs) -> Result<()> {
             return print(
                 args.json,
                 serde_json::json!({"root": root, "proof": proof}),
-                format!("{account} = {} base units under root {root} ({} steps)", proof.balance, proof.steps.len()),
+                format!(
+                    "{account} = {} base units under root {root} ({} steps)",
+                    proof.balance,
+                    proof.steps.len()
+                ),
             );
         }
-        LedgerCommand::Verify { proof: Some(path), root } => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        LedgerCommand::Verify {
+            proof: Some(path),
+            root,
+        } => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             let value: serde_json::Value = serde_json::from_str(&text)?;
-            let proof: merkle::Proof = serde_json::from_value(value.get("proof").cloned().unwrap_or(value.clone()))
-                .with_context(|| format!("{}: not a proof", path.display()))?;
-            let root = root.clone().or_else(|| value.get("root").and_then(|r| r.as_str()).map(String::from));
-            let Some(root) = root else { bail!("give --root or a proof file that carries one") };
+            let proof: merkle::Proof =
+                serde_json::from_value(value.get("proof").cloned().unwrap_or(value.clone()))
+                    .with_context(|| format!("{}: not a proof", path.display()))?;
+            let root = root
+                .clone()
+                .or_else(|| value.get("root").and_then(|r| r.as_str()).map(String::from));
+            let Some(root) = root else {
+                bail!("give --root or a proof file that carries one")
+            };
             let ok = merkle::verify(&root, &proof);
-            print(args.json, serde_json::json!({"valid": ok}), format!("proof {}", if ok { "valid" } else { "INVALID" }))?;
+            print(
+                args.json,
+                serde_json::json!({"valid": ok}),
+                format!("proof {}", if ok { "valid" } else { "INVALID" }),
+            )?;
             if !ok {
                 bail!("the proof does not match root {root}");
             }
@@ -326,13 +419,29 @@ pub fn run(args: LedgerArgs) -> Result<()> {
             return Ok(());
         }
     };
-    let id = args.id.clone().unwrap_or_else(|| format!("cli-{}-{}", now_ms(), std::process::id()));
-    let request = Request { id, signer: signer(&args.signer)?, op };
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("cli-{}-{}", now_ms(), std::process::id()));
+    let request = Request {
+        id,
+        signer: signer(&args.signer)?,
+        op,
+    };
     let mut ledger = open(&args)?;
     let receipt = ledger.submit(&request, now_ms())?;
-    let mut line = format!("request {}: {} transfer(s)", receipt.request, receipt.transfers.len());
+    let mut line = format!(
+        "request {}: {} transfer(s)",
+        receipt.request,
+        receipt.transfers.len()
+    );
     for t in &receipt.transfers {
-        line.push_str(&format!("\n  {} {} -> {}", Amount(t.amount.0).tokens_string(), t.debit, t.credit));
+        line.push_str(&format!(
+            "\n  {} {} -> {}",
+            Amount(t.amount.0).tokens_string(),
+            t.debit,
+            t.credit
+        ));
     }
     if let Some(root) = &receipt.root {
         line.push_str(&format!("\n  root {root}"));

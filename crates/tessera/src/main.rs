@@ -20,7 +20,11 @@ use tessera_train::eval::{evaluate_text, generate, SampleOptions};
 use tessera_train::trainer::{resolve_checkpoint, train, Budget, TrainOptions};
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Train one open language model together, verifiably")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Train one open language model together, verifiably"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -140,7 +144,9 @@ pub struct RuntimeArgs {
 impl RuntimeArgs {
     /// Applies the thread count and returns the device.
     pub fn setup(&self) -> Result<(Device, usize)> {
-        let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         if threads == 0 {
             bail!("--threads must be at least 1");
         }
@@ -155,7 +161,10 @@ impl RuntimeArgs {
             },
         };
         if device.is_cuda() && !tch::Cuda::is_available() {
-            bail!("--device {} asked for CUDA but no CUDA device is available", self.device);
+            bail!(
+                "--device {} asked for CUDA but no CUDA device is available",
+                self.device
+            );
         }
         Ok((device, threads))
     }
@@ -220,7 +229,14 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Model(ModelCommand::List { json }) => model_list(json),
-        Command::Data(DataCommand::Prepare { inputs, out, vocab_size, val_fraction, tokenizer, shard_tokens }) => {
+        Command::Data(DataCommand::Prepare {
+            inputs,
+            out,
+            vocab_size,
+            val_fraction,
+            tokenizer,
+            shard_tokens,
+        }) => {
             let m = prepare(&PrepareOptions {
                 inputs,
                 out: out.clone(),
@@ -229,7 +245,8 @@ fn run(cli: Cli) -> Result<()> {
                 tokenizer,
                 shard_tokens_max: shard_tokens,
             })?;
-            let count = |s: &[tessera_train::data::ShardEntry]| s.iter().map(|e| e.tokens).sum::<u64>();
+            let count =
+                |s: &[tessera_train::data::ShardEntry]| s.iter().map(|e| e.tokens).sum::<u64>();
             println!(
                 "prepared {}: vocab {}, {} train tokens in {} shard(s), {} validation tokens ({} bytes)",
                 out.display(),
@@ -298,7 +315,8 @@ fn model_list(json: bool) -> Result<()> {
             "{:<6} {:>17} {:>8} {:>6} {:>6} {:>8} {:>11.3} {:>12}  {}",
             p.name,
             group_digits(c.params_total()),
-            p.deviation_from_name().map_or("-".into(), |d| format!("{:+.2}%", d * 100.0)),
+            p.deviation_from_name()
+                .map_or("-".into(), |d| format!("{:+.2}%", d * 100.0)),
             c.num_hidden_layers,
             c.hidden_size,
             c.max_position_embeddings,
@@ -307,7 +325,9 @@ fn model_list(json: bool) -> Result<()> {
             p.summary
         );
     }
-    println!("FLOPs per token at the preset's context: 6·(matmul parameters) + 12·layers·width·context.");
+    println!(
+        "FLOPs per token at the preset's context: 6·(matmul parameters) + 12·layers·width·context."
+    );
     println!("Training memory per replica: bf16 weights and gradients + f32 AdamW moments (12 bytes/parameter), activations excluded.");
     Ok(())
 }
@@ -316,7 +336,7 @@ fn group_digits(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -341,11 +361,14 @@ pub fn train_options(args: &TrainArgs) -> Result<TrainOptions> {
     let preset = Preset::by_name(&args.preset)?;
     let mut model = preset.config();
     let manifest_path = args.data.join(tessera_train::data::MANIFEST_FILE);
-    let manifest: tessera_train::data::Manifest = serde_json::from_str(
-        &std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("reading {}; run `tessera data prepare` first", manifest_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", manifest_path.display()))?;
+    let manifest: tessera_train::data::Manifest =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| {
+            format!(
+                "reading {}; run `tessera data prepare` first",
+                manifest_path.display()
+            )
+        })?)
+        .with_context(|| format!("parsing {}", manifest_path.display()))?;
     model.vocab_size = manifest.vocab_size.div_ceil(64) * 64;
     let budget = match (args.minutes, args.steps) {
         (Some(m), None) => Budget::Minutes(m),
@@ -365,7 +388,10 @@ pub fn train_options(args: &TrainArgs) -> Result<TrainOptions> {
         min_lr_ratio: 0.1,
         warmup_steps: args.warmup_steps,
         grad_clip: args.grad_clip,
-        adamw: tessera_train::optim::AdamWConfig { weight_decay: args.weight_decay, ..Default::default() },
+        adamw: tessera_train::optim::AdamWConfig {
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        },
         eval_every: args.eval_every,
         eval_tokens_max: 1 << 16,
         checkpoint_every: args.checkpoint_every,
@@ -403,23 +429,32 @@ fn print_train_summary(s: &tessera_train::Summary) {
     println!("checkpoint: {}", s.checkpoint.display());
 }
 
-fn load_checkpoint(dir: &Path, device: Device) -> Result<(tessera_model::Llama, tokenizers::Tokenizer)> {
+fn load_checkpoint(
+    dir: &Path,
+    device: Device,
+) -> Result<(tessera_model::Llama, tokenizers::Tokenizer)> {
     let dir = resolve_checkpoint(dir);
-    let (mut model, tok_json) =
-        checkpoint::load(&dir, device).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let (mut model, tok_json) = checkpoint::load(&dir, device)
+        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     if device.is_cuda() {
         model.set_compute_kind(tch::Kind::BFloat16);
     }
-    let tokenizer = tessera_train::data::load_tokenizer_json(&tok_json, &dir.join(checkpoint::TOKENIZER_FILE))?;
+    let tokenizer =
+        tessera_train::data::load_tokenizer_json(&tok_json, &dir.join(checkpoint::TOKENIZER_FILE))?;
     Ok((model, tokenizer))
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
     let (device, _) = args.runtime.setup()?;
     let (model, tokenizer) = load_checkpoint(&args.checkpoint, device)?;
-    let bytes = std::fs::read(&args.text).with_context(|| format!("reading {}", args.text.display()))?;
+    let bytes =
+        std::fs::read(&args.text).with_context(|| format!("reading {}", args.text.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!("{}: not valid UTF-8 at byte {}", args.text.display(), e.utf8_error().valid_up_to())
+        anyhow::anyhow!(
+            "{}: not valid UTF-8 at byte {}",
+            args.text.display(),
+            e.utf8_error().valid_up_to()
+        )
     })?;
     let r = evaluate_text(&model, &tokenizer, &text, args.batch.max(1))?;
     if args.json {

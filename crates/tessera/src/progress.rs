@@ -18,7 +18,11 @@ pub struct TrainProgress {
 
 impl TrainProgress {
     pub fn new() -> TrainProgress {
-        TrainProgress { bar: None, last_line: Instant::now(), last_eval: String::new() }
+        TrainProgress {
+            bar: None,
+            last_line: Instant::now(),
+            last_eval: String::new(),
+        }
     }
 
     fn bar(&mut self, total: u64) -> Option<&ProgressBar> {
@@ -41,7 +45,11 @@ impl TrainProgress {
 
     pub fn on_event(&mut self, event: &Event) {
         match event {
-            Event::Started { resumed_from, total_steps, params } => {
+            Event::Started {
+                resumed_from,
+                total_steps,
+                params,
+            } => {
                 match resumed_from {
                     Some(step) => eprintln!("resuming from step {step}"),
                     None => eprintln!("starting: {params} parameters"),
@@ -50,20 +58,36 @@ impl TrainProgress {
                     eprintln!("timing the first steps to turn the minute budget into a step count");
                 }
             }
-            Event::Step { step, total_steps, loss, lr, tokens_per_second } => {
-                let msg = format!("loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s{}", self.last_eval);
+            Event::Step {
+                step,
+                total_steps,
+                loss,
+                lr,
+                tokens_per_second,
+            } => {
+                let msg = format!(
+                    "loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s{}",
+                    self.last_eval
+                );
                 if let Some(bar) = self.bar(*total_steps) {
                     bar.set_position(*step);
                     bar.set_message(msg);
                 } else if self.last_line.elapsed() >= LINE_INTERVAL || step == total_steps {
                     self.last_line = Instant::now();
-                    let total = if *total_steps == 0 { "?".to_string() } else { total_steps.to_string() };
+                    let total = if *total_steps == 0 {
+                        "?".to_string()
+                    } else {
+                        total_steps.to_string()
+                    };
                     eprintln!("step {step}/{total} {msg}");
                 }
             }
             Event::Eval { step, result } => {
                 self.last_eval = format!(" val bpb {:.3}", result.bpb);
-                let line = format!("step {step}: validation loss {:.4}, {:.4} bits per byte", result.loss, result.bpb);
+                let line = format!(
+                    "step {step}: validation loss {:.4}, {:.4} bits per byte",
+                    result.loss, result.bpb
+                );
                 match &self.bar {
                     Some(bar) => bar.println(line),
                     None => eprintln!("{line}"),

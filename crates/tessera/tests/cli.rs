@@ -7,12 +7,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn tessera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("RUST_BACKTRACE", "0").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
 }
 
 fn ok(args: &[&str]) -> String {
     let out = tessera(args);
-    assert!(out.status.success(), "tessera {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tessera {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -20,8 +28,15 @@ fn ok(args: &[&str]) -> String {
 fn fails(args: &[&str]) -> String {
     let out = tessera(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "tessera {args:?} should fail with 1:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "tessera {args:?} panicked:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "tessera {args:?} should fail with 1:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "tessera {args:?} panicked:\n{stderr}"
+    );
     assert!(stderr.lines().any(|l| l.starts_with("error: ")), "{stderr}");
     stderr
 }
@@ -36,26 +51,61 @@ fn small_run(dir: &Path) -> (PathBuf, PathBuf) {
     let text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n";
     std::fs::write(&corpus, text.repeat(80)).unwrap();
     let data = dir.join("data");
-    ok(&["data", "prepare", "--input", s(&corpus), "--out", s(&data), "--vocab", "300"]);
+    ok(&[
+        "data",
+        "prepare",
+        "--input",
+        s(&corpus),
+        "--out",
+        s(&data),
+        "--vocab",
+        "300",
+    ]);
     let run = dir.join("run");
     ok(&[
-        "train", "--preset", "nano", "--data", s(&data), "--out", s(&run), "--steps", "6", "--batch", "4",
-        "--seq", "32", "--warmup", "2", "--eval-every", "3", "--device", "cpu", "--threads", "1",
+        "train",
+        "--preset",
+        "nano",
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--steps",
+        "6",
+        "--batch",
+        "4",
+        "--seq",
+        "32",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "3",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
     ]);
     (data, run)
 }
 
 #[test]
 fn model_list_reports_every_preset_within_three_percent() {
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&ok(&["model", "list", "--json"])).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&["model", "list", "--json"])).unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["nano", "micro", "small", "500m", "1b", "8b", "70b", "405b", "1.4t"]);
+    assert_eq!(
+        names,
+        ["nano", "micro", "small", "500m", "1b", "8b", "70b", "405b", "1.4t"]
+    );
     for r in &rows {
         if let Some(dev) = r["deviation_from_name"].as_f64() {
             assert!(dev.abs() <= 0.03, "{r}");
         }
         let params = r["params"].as_u64().unwrap();
-        assert_eq!(r["training_memory_bytes"]["total"].as_u64().unwrap(), 12 * params);
+        assert_eq!(
+            r["training_memory_bytes"]["total"].as_u64().unwrap(),
+            12 * params
+        );
         assert!(r["flops_per_token"].as_u64().unwrap() > 6 * params / 2);
     }
 }
@@ -66,17 +116,53 @@ fn train_eval_generate_round_trip() {
     let (_, run) = small_run(dir.path());
     let text = dir.path().join("eval.txt");
     std::fs::write(&text, "Now is the winter of our discontent, 東京 🚀\n").unwrap();
-    let report: serde_json::Value =
-        serde_json::from_str(&ok(&["eval", "--checkpoint", s(&run), "--text", s(&text), "--json"])).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--checkpoint",
+        s(&run),
+        "--text",
+        s(&text),
+        "--json",
+    ]))
+    .unwrap();
     let bpb = report["bpb"].as_f64().unwrap();
     assert!(bpb.is_finite() && bpb > 0.0, "{report}");
     // Every byte but those of the first token is predicted.
     let bytes = report["bytes"].as_u64().unwrap();
-    assert!(bytes > 0 && bytes < std::fs::metadata(&text).unwrap().len(), "{report}");
-    let sample = ok(&["generate", "--checkpoint", s(&run), "--prompt", "Now is", "--tokens", "12", "--seed", "3"]);
-    assert!(sample.starts_with("Now is") && sample.trim().len() > "Now is".len(), "{sample}");
+    assert!(
+        bytes > 0 && bytes < std::fs::metadata(&text).unwrap().len(),
+        "{report}"
+    );
+    let sample = ok(&[
+        "generate",
+        "--checkpoint",
+        s(&run),
+        "--prompt",
+        "Now is",
+        "--tokens",
+        "12",
+        "--seed",
+        "3",
+    ]);
+    assert!(
+        sample.starts_with("Now is") && sample.trim().len() > "Now is".len(),
+        "{sample}"
+    );
     // The same seed gives the same text.
-    assert_eq!(sample, ok(&["generate", "--checkpoint", s(&run), "--prompt", "Now is", "--tokens", "12", "--seed", "3"]));
+    assert_eq!(
+        sample,
+        ok(&[
+            "generate",
+            "--checkpoint",
+            s(&run),
+            "--prompt",
+            "Now is",
+            "--tokens",
+            "12",
+            "--seed",
+            "3"
+        ])
+    );
 }
 
 #[test]
@@ -84,8 +170,18 @@ fn invalid_utf8_input_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("latin1.txt");
     std::fs::write(&bad, b"caf\xe9 au lait").unwrap();
-    let err = fails(&["data", "prepare", "--input", s(&bad), "--out", s(&dir.path().join("d"))]);
-    assert!(err.contains("latin1.txt") && err.contains("not valid UTF-8 at byte 3"), "{err}");
+    let err = fails(&[
+        "data",
+        "prepare",
+        "--input",
+        s(&bad),
+        "--out",
+        s(&dir.path().join("d")),
+    ]);
+    assert!(
+        err.contains("latin1.txt") && err.contains("not valid UTF-8 at byte 3"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -96,13 +192,29 @@ fn corrupt_or_truncated_shards_stop_training_with_a_clear_error() {
     let good = std::fs::read(&shard).unwrap();
     let train = |out: &str| {
         fails(&[
-            "train", "--preset", "nano", "--data", s(&data), "--out", s(&dir.path().join(out)), "--steps", "2",
-            "--batch", "2", "--seq", "32", "--device", "cpu",
+            "train",
+            "--preset",
+            "nano",
+            "--data",
+            s(&data),
+            "--out",
+            s(&dir.path().join(out)),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--device",
+            "cpu",
         ])
     };
     std::fs::write(&shard, &good[..good.len() - 7]).unwrap();
     let err = train("a");
-    assert!(err.contains("train-00000.bin") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("train-00000.bin") && err.contains("truncated"),
+        "{err}"
+    );
     let mut flipped = good.clone();
     flipped[100] ^= 0x40;
     std::fs::write(&shard, &flipped).unwrap();
@@ -129,7 +241,10 @@ fn wrong_checkpoints_and_bad_flags_are_refused() {
     config["intermediate_size"] = serde_json::json!(96);
     std::fs::write(&config_path, config.to_string()).unwrap();
     let err = fails(&["eval", "--checkpoint", s(&ckpt), "--text", s(&text)]);
-    assert!(err.contains("mlp.gate_proj.weight") && err.contains("shape"), "{err}");
+    assert!(
+        err.contains("mlp.gate_proj.weight") && err.contains("shape"),
+        "{err}"
+    );
     std::fs::write(&config_path, &original).unwrap();
 
     std::fs::rename(ckpt.join("tokenizer.json"), dir.path().join("tok.json")).unwrap();
@@ -137,12 +252,33 @@ fn wrong_checkpoints_and_bad_flags_are_refused() {
     assert!(err.contains("no tokenizer.json"), "{err}");
 
     let err = fails(&[
-        "train", "--preset", "nano", "--data", s(&data), "--out", s(&dir.path().join("x")), "--steps", "2", "--seq",
+        "train",
+        "--preset",
+        "nano",
+        "--data",
+        s(&data),
+        "--out",
+        s(&dir.path().join("x")),
+        "--steps",
+        "2",
+        "--seq",
         "999",
     ]);
     assert!(err.contains("--seq 999 exceeds"), "{err}");
-    let err = fails(&["train", "--preset", "9t", "--data", s(&data), "--out", s(&dir.path().join("y")), "--steps", "2"]);
+    let err = fails(&[
+        "train",
+        "--preset",
+        "9t",
+        "--data",
+        s(&data),
+        "--out",
+        s(&dir.path().join("y")),
+        "--steps",
+        "2",
+    ]);
     assert!(err.contains("unknown preset `9t`"), "{err}");
-    let err = fails(&["bench", "train", "--preset", "nano", "--seq", "32", "--device", "tpu"]);
+    let err = fails(&[
+        "bench", "train", "--preset", "nano", "--seq", "32", "--device", "tpu",
+    ]);
     assert!(err.contains("unknown --device `tpu`"), "{err}");
 }

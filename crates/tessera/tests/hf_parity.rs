@@ -42,11 +42,16 @@ fn check(tie: bool, kv_heads: usize) {
     let input = Tensor::from_slice(&batch).view([2, 20]);
     let logits = tch::no_grad(|| model.forward(&input));
     let max_logit = f64::try_from(logits.abs().max()).unwrap();
-    assert!(max_logit > 1.0, "logits too small to make the comparison meaningful: {max_logit}");
+    assert!(
+        max_logit > 1.0,
+        "logits too small to make the comparison meaningful: {max_logit}"
+    );
     let flat: Vec<f32> = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
     let v = config.vocab_size;
-    let nested: Vec<Vec<Vec<f32>>> =
-        flat.chunks(20 * v).map(|b| b.chunks(v).map(|r| r.to_vec()).collect()).collect();
+    let nested: Vec<Vec<Vec<f32>>> = flat
+        .chunks(20 * v)
+        .map(|b| b.chunks(v).map(|r| r.to_vec()).collect())
+        .collect();
     let expected = serde_json::json!({
         "input_ids": [row, row.iter().rev().copied().collect::<Vec<_>>()],
         "logits": nested,
@@ -73,9 +78,15 @@ fn check(tie: bool, kv_heads: usize) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let diff = report["max_abs_diff"].as_f64().unwrap();
-    assert!(diff <= 1e-4, "logits differ from transformers by {diff} (tie={tie}, kv={kv_heads})");
+    assert!(
+        diff <= 1e-4,
+        "logits differ from transformers by {diff} (tie={tie}, kv={kv_heads})"
+    );
     assert_eq!(report["shape"], serde_json::json!([2, 20, v]));
-    assert_eq!(report["tokenizer_agrees"], true, "tokenization differs: {report}");
+    assert_eq!(
+        report["tokenizer_agrees"], true,
+        "tokenization differs: {report}"
+    );
 }
 
 #[test]

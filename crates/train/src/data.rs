@@ -37,7 +37,10 @@ const MANIFEST_VERSION: u32 = 1;
 #[non_exhaustive]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// An input file is not valid UTF-8.
     #[error("{path}: not valid UTF-8 at byte {offset}; convert the file to UTF-8 first")]
     NotUtf8 { path: PathBuf, offset: usize },
@@ -58,20 +61,38 @@ pub enum DataError {
     Manifest { path: PathBuf, message: String },
     /// A shard is shorter or longer than its header says.
     #[error("{path}: shard is truncated or padded: {actual} bytes, header implies {expected}")]
-    ShardLength { path: PathBuf, expected: u64, actual: u64 },
+    ShardLength {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
     /// A shard's header is not a Tessera shard header.
     #[error("{path}: not a Tessera token shard ({message})")]
     ShardHeader { path: PathBuf, message: String },
     /// A shard's content hash differs from the manifest.
-    #[error("{path}: blake3 {actual} does not match the manifest's {expected}; the shard is corrupt")]
-    ShardHash { path: PathBuf, expected: String, actual: String },
+    #[error(
+        "{path}: blake3 {actual} does not match the manifest's {expected}; the shard is corrupt"
+    )]
+    ShardHash {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     /// A shard holds a token id outside the tokenizer's vocabulary.
     #[error("{path}: token {token} at index {index} is outside the vocabulary of {vocab}")]
-    TokenRange { path: PathBuf, index: usize, token: u32, vocab: usize },
+    TokenRange {
+        path: PathBuf,
+        index: usize,
+        token: u32,
+        vocab: usize,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io { path: path.to_path_buf(), source }
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One shard as listed in the manifest.
@@ -181,8 +202,12 @@ pub fn load_tokenizer_json(json: &str, path: &Path) -> Result<Tokenizer, DataErr
 /// character per byte; special tokens stand for no text.
 pub fn token_byte_lengths(tokenizer: &Tokenizer) -> Vec<u32> {
     let vocab = tokenizer.get_vocab_size(true);
-    let specials: std::collections::HashSet<u32> =
-        tokenizer.get_added_vocabulary().get_vocab().values().copied().collect();
+    let specials: std::collections::HashSet<u32> = tokenizer
+        .get_added_vocabulary()
+        .get_vocab()
+        .values()
+        .copied()
+        .collect();
     (0..vocab as u32)
         .map(|id| match tokenizer.id_to_token(id) {
             Some(_) if specials.contains(&id) => 0,
@@ -207,10 +232,12 @@ pub fn encode_text(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, DataEr
                 end = nl + 1;
             }
         }
-        let enc = tokenizer.encode_fast(&rest[..end], false).map_err(|e| DataError::Tokenizer {
-            path: PathBuf::from("<encode>"),
-            message: e.to_string(),
-        })?;
+        let enc = tokenizer
+            .encode_fast(&rest[..end], false)
+            .map_err(|e| DataError::Tokenizer {
+                path: PathBuf::from("<encode>"),
+                message: e.to_string(),
+            })?;
         out.extend_from_slice(enc.get_ids());
         rest = &rest[end..];
     }
@@ -241,7 +268,11 @@ fn write_shards(
         }
         let path = dir.join(&file);
         tessera_model::checkpoint::write_atomic(&path, &bytes).map_err(io_err(&path))?;
-        entries.push(ShardEntry { file, tokens: chunk.len() as u64, blake3: hash_hex(&bytes) });
+        entries.push(ShardEntry {
+            file,
+            tokens: chunk.len() as u64,
+            blake3: hash_hex(&bytes),
+        });
     }
     Ok(entries)
 }
@@ -282,8 +313,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
     if texts.iter().all(|t| t.is_empty()) {
         return Err(DataError::Empty);
     }
-    let splits: Vec<(&str, &str)> =
-        texts.iter().map(|t| split_validation(t, opts.val_fraction)).collect();
+    let splits: Vec<(&str, &str)> = texts
+        .iter()
+        .map(|t| split_validation(t, opts.val_fraction))
+        .collect();
     let tokenizer = match &opts.tokenizer {
         Some(path) => {
             let json = std::fs::read_to_string(path).map_err(io_err(path))?;
@@ -295,11 +328,18 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
         }
     };
     let vocab_size = tokenizer.get_vocab_size(true);
-    let end_of_text_id = tokenizer.token_to_id(END_OF_TEXT).ok_or_else(|| DataError::Tokenizer {
-        path: opts.tokenizer.clone().unwrap_or_default(),
-        message: format!("has no `{END_OF_TEXT}` token"),
-    })?;
-    let token_bytes = if vocab_size <= u16::MAX as usize + 1 { 2 } else { 4 };
+    let end_of_text_id =
+        tokenizer
+            .token_to_id(END_OF_TEXT)
+            .ok_or_else(|| DataError::Tokenizer {
+                path: opts.tokenizer.clone().unwrap_or_default(),
+                message: format!("has no `{END_OF_TEXT}` token"),
+            })?;
+    let token_bytes = if vocab_size <= u16::MAX as usize + 1 {
+        2
+    } else {
+        4
+    };
 
     let mut train_tokens = Vec::new();
     let mut val_tokens = Vec::new();
@@ -312,12 +352,15 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
         }
     }
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    let tok_json = tokenizer.to_string(true).map_err(|e| DataError::Tokenizer {
-        path: opts.out.join(TOKENIZER_FILE),
-        message: e.to_string(),
-    })?;
+    let tok_json = tokenizer
+        .to_string(true)
+        .map_err(|e| DataError::Tokenizer {
+            path: opts.out.join(TOKENIZER_FILE),
+            message: e.to_string(),
+        })?;
     let tok_path = opts.out.join(TOKENIZER_FILE);
-    tessera_model::checkpoint::write_atomic(&tok_path, tok_json.as_bytes()).map_err(io_err(&tok_path))?;
+    tessera_model::checkpoint::write_atomic(&tok_path, tok_json.as_bytes())
+        .map_err(io_err(&tok_path))?;
     let manifest = Manifest {
         format_version: MANIFEST_VERSION,
         tokenizer_blake3: hash_hex(tok_json.as_bytes()),
@@ -327,8 +370,20 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
         train_text_bytes: splits.iter().map(|s| s.0.len() as u64).sum(),
         val_text_bytes: splits.iter().map(|s| s.1.len() as u64).sum(),
         sources,
-        train: write_shards(&opts.out, "train", &train_tokens, token_bytes, opts.shard_tokens_max)?,
-        val: write_shards(&opts.out, "val", &val_tokens, token_bytes, opts.shard_tokens_max)?,
+        train: write_shards(
+            &opts.out,
+            "train",
+            &train_tokens,
+            token_bytes,
+            opts.shard_tokens_max,
+        )?,
+        val: write_shards(
+            &opts.out,
+            "val",
+            &val_tokens,
+            token_bytes,
+            opts.shard_tokens_max,
+        )?,
     };
     let path = opts.out.join(MANIFEST_FILE);
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
@@ -365,11 +420,15 @@ impl Shard {
         let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().expect("4 bytes"));
         let version = u32_at(8);
         if version != SHARD_VERSION {
-            return Err(header_err(&format!("format version {version}, expected {SHARD_VERSION}")));
+            return Err(header_err(&format!(
+                "format version {version}, expected {SHARD_VERSION}"
+            )));
         }
         let token_bytes = u32_at(12) as usize;
         if token_bytes != 2 && token_bytes != 4 {
-            return Err(header_err(&format!("{token_bytes} bytes per token, expected 2 or 4")));
+            return Err(header_err(&format!(
+                "{token_bytes} bytes per token, expected 2 or 4"
+            )));
         }
         let len = u64::from_le_bytes(map[16..24].try_into().expect("8 bytes"));
         let expected = len
@@ -384,7 +443,10 @@ impl Shard {
             });
         }
         if len != entry.tokens {
-            return Err(header_err(&format!("{len} tokens, manifest says {}", entry.tokens)));
+            return Err(header_err(&format!(
+                "{len} tokens, manifest says {}",
+                entry.tokens
+            )));
         }
         let actual = hash_hex(&map);
         if actual != entry.blake3 {
@@ -394,11 +456,21 @@ impl Shard {
                 actual,
             });
         }
-        let shard = Shard { map, token_bytes, len: len as usize };
-        if let Some((index, token)) =
-            (0..shard.len).map(|i| (i, shard.get(i))).find(|&(_, t)| t as usize >= vocab)
+        let shard = Shard {
+            map,
+            token_bytes,
+            len: len as usize,
+        };
+        if let Some((index, token)) = (0..shard.len)
+            .map(|i| (i, shard.get(i)))
+            .find(|&(_, t)| t as usize >= vocab)
         {
-            return Err(DataError::TokenRange { path: path.to_path_buf(), index, token, vocab });
+            return Err(DataError::TokenRange {
+                path: path.to_path_buf(),
+                index,
+                token,
+                vocab,
+            });
         }
         Ok(shard)
     }
@@ -413,7 +485,11 @@ impl Shard {
 
     /// The token at `index`.
     pub fn get(&self, index: usize) -> u32 {
-        assert!(index < self.len, "token index {index} out of range {}", self.len);
+        assert!(
+            index < self.len,
+            "token index {index} out of range {}",
+            self.len
+        );
         let o = SHARD_HEADER_BYTES + index * self.token_bytes;
         match self.token_bytes {
             2 => u16::from_le_bytes([self.map[o], self.map[o + 1]]) as u32,
@@ -443,12 +519,17 @@ impl Dataset {
     pub fn open(dir: &Path) -> Result<Dataset, DataError> {
         let mpath = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&mpath).map_err(io_err(&mpath))?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| DataError::Manifest { path: mpath.clone(), message: e.to_string() })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| DataError::Manifest {
+            path: mpath.clone(),
+            message: e.to_string(),
+        })?;
         if manifest.format_version != MANIFEST_VERSION {
             return Err(DataError::Manifest {
                 path: mpath,
-                message: format!("format_version {}, expected {MANIFEST_VERSION}", manifest.format_version),
+                message: format!(
+                    "format_version {}, expected {MANIFEST_VERSION}",
+                    manifest.format_version
+                ),
             });
         }
         let tpath = dir.join(TOKENIZER_FILE);
@@ -458,15 +539,29 @@ impl Dataset {
         let tokenizer_json = std::fs::read_to_string(&tpath).map_err(io_err(&tpath))?;
         let actual = hash_hex(tokenizer_json.as_bytes());
         if actual != manifest.tokenizer_blake3 {
-            return Err(DataError::ShardHash { path: tpath, expected: manifest.tokenizer_blake3, actual });
+            return Err(DataError::ShardHash {
+                path: tpath,
+                expected: manifest.tokenizer_blake3,
+                actual,
+            });
         }
         let tokenizer = load_tokenizer_json(&tokenizer_json, &tpath)?;
         let open_all = |entries: &[ShardEntry]| -> Result<Vec<Shard>, DataError> {
-            entries.iter().map(|e| Shard::open(&dir.join(&e.file), e, manifest.vocab_size)).collect()
+            entries
+                .iter()
+                .map(|e| Shard::open(&dir.join(&e.file), e, manifest.vocab_size))
+                .collect()
         };
         let train = open_all(&manifest.train)?;
         let val = open_all(&manifest.val)?;
-        Ok(Dataset { dir: dir.to_path_buf(), tokenizer_json, tokenizer, train, val, manifest })
+        Ok(Dataset {
+            dir: dir.to_path_buf(),
+            tokenizer_json,
+            tokenizer,
+            train,
+            val,
+            manifest,
+        })
     }
 }
 
@@ -531,7 +626,10 @@ mod tests {
     fn prepare_round_trips_unicode_and_crlf() {
         let dir = tempfile::tempdir().unwrap();
         let m = prepared(dir.path());
-        assert!(m.train.len() > 1, "small shard limit should give several shards");
+        assert!(
+            m.train.len() > 1,
+            "small shard limit should give several shards"
+        );
         let ds = Dataset::open(&dir.path().join("data")).unwrap();
         let mut ids = Vec::new();
         for s in &ds.train {

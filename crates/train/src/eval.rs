@@ -25,7 +25,12 @@ pub struct EvalResult {
 
 /// Sums loss over `windows` (each `seq_len + 1` tokens or shorter), `batch` at a time.
 /// `byte_lens[id]` is the number of text bytes token `id` stands for.
-pub fn evaluate_windows(model: &Llama, windows: &[Vec<i64>], batch: usize, byte_lens: &[u32]) -> EvalResult {
+pub fn evaluate_windows(
+    model: &Llama,
+    windows: &[Vec<i64>],
+    batch: usize,
+    byte_lens: &[u32],
+) -> EvalResult {
     let mut nll_sum = 0f64;
     let mut tokens = 0u64;
     let mut bytes = 0u64;
@@ -38,18 +43,34 @@ pub fn evaluate_windows(model: &Llama, windows: &[Vec<i64>], batch: usize, byte_
             j += 1;
         }
         let flat: Vec<i64> = windows[i..j].iter().flatten().copied().collect();
-        let t = Tensor::from_slice(&flat).view([(j - i) as i64, len as i64]).to_device(model.device());
-        let nll = model.token_nll(&t).to_device(Device::Cpu).to_kind(Kind::Double);
+        let t = Tensor::from_slice(&flat)
+            .view([(j - i) as i64, len as i64])
+            .to_device(model.device());
+        let nll = model
+            .token_nll(&t)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double);
         nll_sum += f64::try_from(nll.sum(Kind::Double)).expect("scalar");
         for w in &windows[i..j] {
             tokens += (w.len() - 1) as u64;
-            bytes += w[1..].iter().map(|&id| byte_lens.get(id as usize).copied().unwrap_or(0) as u64).sum::<u64>();
+            bytes += w[1..]
+                .iter()
+                .map(|&id| byte_lens.get(id as usize).copied().unwrap_or(0) as u64)
+                .sum::<u64>();
         }
         i = j;
     }
     EvalResult {
-        loss: if tokens > 0 { nll_sum / tokens as f64 } else { f64::NAN },
-        bpb: if bytes > 0 { nll_sum / std::f64::consts::LN_2 / bytes as f64 } else { f64::NAN },
+        loss: if tokens > 0 {
+            nll_sum / tokens as f64
+        } else {
+            f64::NAN
+        },
+        bpb: if bytes > 0 {
+            nll_sum / std::f64::consts::LN_2 / bytes as f64
+        } else {
+            f64::NAN
+        },
         tokens,
         bytes,
     }
@@ -75,7 +96,10 @@ pub fn evaluate_text(
     batch: usize,
 ) -> Result<EvalResult, DataError> {
     let tokens = crate::data::encode_text(tokenizer, text)?;
-    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= model.config().vocab_size) {
+    if let Some(&bad) = tokens
+        .iter()
+        .find(|&&t| t as usize >= model.config().vocab_size)
+    {
         return Err(DataError::Option(format!(
             "the tokenizer produced id {bad}, outside the model's vocabulary of {}; \
              the checkpoint's tokenizer.json does not belong to its model",
@@ -103,7 +127,12 @@ pub struct SampleOptions {
 /// Picks a token from `logits` under the options, with the generator `rng`.
 fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut SplitMix64) -> u32 {
     let argmax = || {
-        logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0)
+        logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap_or(0)
     };
     if opts.temperature <= 0.0 {
         return argmax();
@@ -114,7 +143,10 @@ fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut SplitMix64) -> u32 {
         order.truncate(opts.top_k);
     }
     let max = logits[order[0]] as f64;
-    let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / opts.temperature).exp()).collect();
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / opts.temperature).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
     let mut keep = weights.len();
     if opts.top_p < 1.0 {
@@ -154,10 +186,19 @@ pub fn generate(
     let tok_vocab = tokenizer.get_vocab_size(true);
     let mut rng = SplitMix64::new(opts.seed);
     for _ in 0..opts.tokens {
-        let window: Vec<i64> = ids[ids.len().saturating_sub(ctx)..].iter().map(|&t| t as i64).collect();
-        let input = Tensor::from_slice(&window).view([1, window.len() as i64]).to_device(model.device());
+        let window: Vec<i64> = ids[ids.len().saturating_sub(ctx)..]
+            .iter()
+            .map(|&t| t as i64)
+            .collect();
+        let input = Tensor::from_slice(&window)
+            .view([1, window.len() as i64])
+            .to_device(model.device());
         let logits = tch::no_grad(|| model.forward(&input));
-        let last = logits.select(1, -1).squeeze_dim(0).to_kind(Kind::Float).to_device(Device::Cpu);
+        let last = logits
+            .select(1, -1)
+            .squeeze_dim(0)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
         let numel = last.numel();
         let mut row = vec![0f32; numel];
         last.copy_data(&mut row, numel);
@@ -165,10 +206,12 @@ pub fn generate(
         row.truncate(tok_vocab);
         ids.push(pick(&row, opts, &mut rng));
     }
-    tokenizer.decode(&ids, true).map_err(|e| DataError::Tokenizer {
-        path: "<decode>".into(),
-        message: e.to_string(),
-    })
+    tokenizer
+        .decode(&ids, true)
+        .map_err(|e| DataError::Tokenizer {
+            path: "<decode>".into(),
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -188,10 +231,24 @@ mod tests {
     fn sampling_respects_top_k_top_p_and_greedy() {
         let logits = [0.0f32, 5.0, 4.9, -3.0];
         let mut rng = SplitMix64::new(1);
-        let greedy = SampleOptions { tokens: 1, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+        let greedy = SampleOptions {
+            tokens: 1,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        };
         assert_eq!(pick(&logits, &greedy, &mut rng), 1);
-        let top2 = SampleOptions { temperature: 1.0, top_k: 2, ..greedy };
-        let top_p = SampleOptions { temperature: 1.0, top_p: 0.3, ..greedy };
+        let top2 = SampleOptions {
+            temperature: 1.0,
+            top_k: 2,
+            ..greedy
+        };
+        let top_p = SampleOptions {
+            temperature: 1.0,
+            top_p: 0.3,
+            ..greedy
+        };
         for _ in 0..200 {
             assert!(matches!(pick(&logits, &top2, &mut rng), 1 | 2));
             assert_eq!(pick(&logits, &top_p, &mut rng), 1);

@@ -18,7 +18,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
     }
 }
 
@@ -33,8 +38,19 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(model: &Llama, config: AdamWConfig) -> AdamW {
-        let zeros = || model.params().iter().map(|p| p.tensor.zeros_like()).collect();
-        AdamW { config, m: zeros(), v: zeros(), step: 0 }
+        let zeros = || {
+            model
+                .params()
+                .iter()
+                .map(|p| p.tensor.zeros_like())
+                .collect()
+        };
+        AdamW {
+            config,
+            m: zeros(),
+            v: zeros(),
+            step: 0,
+        }
     }
 
     /// One update at learning rate `lr`. Weight decay applies to matrices only; norms'
@@ -56,7 +72,9 @@ impl AdamW {
                     let _ = w.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
                 let _ = m.lerp_(&g, 1.0 - c.beta1);
-                let _ = v.g_mul_scalar_(c.beta2).addcmul_(&(&g * (1.0 - c.beta2)), &g);
+                let _ = v
+                    .g_mul_scalar_(c.beta2)
+                    .addcmul_(&(&g * (1.0 - c.beta2)), &g);
                 let denom = (v.sqrt() / bias2_sqrt).g_add_scalar_(c.eps);
                 let _ = w.addcdiv_(&(&*m * (-lr / bias1)), &denom);
             }
@@ -79,8 +97,12 @@ pub fn lr_at(step: u64, lr_max: f64, warmup_steps: u64, total_steps: u64, min_ra
 /// before clipping as a tensor (no device synchronisation).
 pub fn clip_grad_norm(model: &Llama, max_norm: f64) -> Tensor {
     tch::no_grad(|| {
-        let grads: Vec<Tensor> =
-            model.params().iter().map(|p| p.tensor.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = model
+            .params()
+            .iter()
+            .map(|p| p.tensor.grad())
+            .filter(|g| g.defined())
+            .collect();
         let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
         let total = Tensor::stack(&norms, 0).norm();
         let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);

@@ -44,7 +44,10 @@ pub enum TrainError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A setting is out of range or inconsistent with the data.
     #[error("{0}")]
     Option(String),
@@ -57,7 +60,10 @@ pub enum TrainError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// How long to train.
@@ -107,10 +113,26 @@ pub struct TrainState {
 /// What the loop reports to its caller (progress display, tests).
 #[derive(Debug, Clone)]
 pub enum Event {
-    Started { resumed_from: Option<u64>, total_steps: u64, params: u64 },
-    Step { step: u64, total_steps: u64, loss: f64, lr: f64, tokens_per_second: f64 },
-    Eval { step: u64, result: EvalResult },
-    Checkpoint { step: u64, dir: PathBuf },
+    Started {
+        resumed_from: Option<u64>,
+        total_steps: u64,
+        params: u64,
+    },
+    Step {
+        step: u64,
+        total_steps: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_second: f64,
+    },
+    Eval {
+        step: u64,
+        result: EvalResult,
+    },
+    Checkpoint {
+        step: u64,
+        dir: PathBuf,
+    },
 }
 
 /// The result of a finished (or stopped) run.
@@ -128,7 +150,13 @@ pub struct Summary {
 
 /// One inner step: forward, backward, gradient clipping, AdamW. Returns the loss
 /// tensor (reading it synchronises with the device).
-pub fn train_step(model: &Llama, optim: &mut AdamW, batch: &Tensor, lr: f64, grad_clip: f64) -> Tensor {
+pub fn train_step(
+    model: &Llama,
+    optim: &mut AdamW,
+    batch: &Tensor,
+    lr: f64,
+    grad_clip: f64,
+) -> Tensor {
     model.zero_grad();
     let loss = model.loss(batch);
     loss.backward();
@@ -226,8 +254,22 @@ pub fn train(
         },
     };
     let mpath = opts.out.join(METRICS_FILE);
-    let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&mpath).map_err(io_err(&mpath))?;
-    let mut run = Run { opts, data, model, optim, state, windows, val_windows, byte_lens, metrics };
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&mpath)
+        .map_err(io_err(&mpath))?;
+    let mut run = Run {
+        opts,
+        data,
+        model,
+        optim,
+        state,
+        windows,
+        val_windows,
+        byte_lens,
+        metrics,
+    };
     let _ = on_event(&Event::Started {
         resumed_from,
         total_steps: run.state.total_steps,
@@ -237,7 +279,9 @@ pub fn train(
 }
 
 fn validate(opts: &TrainOptions) -> Result<(), TrainError> {
-    opts.model.validate().map_err(|e| TrainError::Option(e.to_string()))?;
+    opts.model
+        .validate()
+        .map_err(|e| TrainError::Option(e.to_string()))?;
     let bad = |m: String| Err(TrainError::Option(m));
     if opts.batch_size == 0 || opts.seq_len == 0 {
         return bad("--batch and --seq must be positive".into());
@@ -253,20 +297,33 @@ fn validate(opts: &TrainOptions) -> Result<(), TrainError> {
     }
     match opts.budget {
         Budget::Steps(0) => bad("--steps must be positive".into()),
-        Budget::Minutes(m) if !(m > 0.0 && m.is_finite()) => bad(format!("--minutes must be positive, got {m}")),
+        Budget::Minutes(m) if !(m > 0.0 && m.is_finite()) => {
+            bad(format!("--minutes must be positive, got {m}"))
+        }
         _ => Ok(()),
     }
 }
 
 /// Loads a checkpoint's parameters, moments and state, after checking that it belongs
 /// to a run with the same settings.
-fn restore(dir: &Path, opts: &TrainOptions, model: &Llama, optim: &mut AdamW) -> Result<TrainState, TrainError> {
+fn restore(
+    dir: &Path,
+    opts: &TrainOptions,
+    model: &Llama,
+    optim: &mut AdamW,
+) -> Result<TrainState, TrainError> {
     let spath = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&spath).map_err(io_err(&spath))?;
-    let state: TrainState = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Option(format!("{}: corrupt train state: {e}", spath.display())))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| {
+        TrainError::Option(format!("{}: corrupt train state: {e}", spath.display()))
+    })?;
     let saved = &state.options;
-    let mismatch = |what: &str| Err(TrainError::Mismatch { path: opts.out.clone(), what: what.to_string() });
+    let mismatch = |what: &str| {
+        Err(TrainError::Mismatch {
+            path: opts.out.clone(),
+            what: what.to_string(),
+        })
+    };
     if saved.model != opts.model {
         return mismatch("model shape");
     }
@@ -308,16 +365,31 @@ impl Run<'_> {
             let sample = step * b + j;
             let epoch = sample / n;
             if perm.0 != epoch || perm.1.is_empty() {
-                *perm = (epoch, permutation(n as usize, self.opts.seed ^ epoch.wrapping_mul(0x9E37_79B9)));
+                *perm = (
+                    epoch,
+                    permutation(n as usize, self.opts.seed ^ epoch.wrapping_mul(0x9E37_79B9)),
+                );
             }
-            self.windows.read(&self.data.train, perm.1[(sample % n) as usize] as usize, &mut flat);
+            self.windows.read(
+                &self.data.train,
+                perm.1[(sample % n) as usize] as usize,
+                &mut flat,
+            );
         }
-        Tensor::from_slice(&flat).view([b as i64, self.opts.seq_len as i64 + 1]).to_device(self.model.device())
+        Tensor::from_slice(&flat)
+            .view([b as i64, self.opts.seq_len as i64 + 1])
+            .to_device(self.model.device())
     }
 
     fn evaluate(&self) -> Option<EvalResult> {
-        (!self.val_windows.is_empty())
-            .then(|| evaluate_windows(&self.model, &self.val_windows, self.opts.batch_size, &self.byte_lens))
+        (!self.val_windows.is_empty()).then(|| {
+            evaluate_windows(
+                &self.model,
+                &self.val_windows,
+                self.opts.batch_size,
+                &self.byte_lens,
+            )
+        })
     }
 
     fn log(&mut self, line: serde_json::Value) -> Result<(), TrainError> {
@@ -325,7 +397,10 @@ impl Run<'_> {
         writeln!(self.metrics, "{line}").map_err(io_err(&path))
     }
 
-    fn train_loop(&mut self, on_event: &mut dyn FnMut(&Event) -> ControlFlow<()>) -> Result<Summary, TrainError> {
+    fn train_loop(
+        &mut self,
+        on_event: &mut dyn FnMut(&Event) -> ControlFlow<()>,
+    ) -> Result<Summary, TrainError> {
         let opts = self.opts;
         let tokens_per_step = (opts.batch_size * opts.seq_len) as u64;
         let mut perm = (0u64, Vec::new());
@@ -340,7 +415,9 @@ impl Run<'_> {
         loop {
             let step = self.state.step;
             if self.state.total_steps == 0 && step == calibrate_at {
-                let Budget::Minutes(minutes) = opts.budget else { unreachable!("steps budget is set up front") };
+                let Budget::Minutes(minutes) = opts.budget else {
+                    unreachable!("steps budget is set up front")
+                };
                 let per_step = timer.0.elapsed().as_secs_f64() / (step - timer.1).max(1) as f64;
                 // Leave a share of the time for validation passes and checkpoints.
                 let usable = minutes * 60.0 * 0.93 - (Instant::now() - started).as_secs_f64();
@@ -349,8 +426,18 @@ impl Run<'_> {
             if self.state.total_steps != 0 && step >= self.state.total_steps {
                 break;
             }
-            let total_for_lr = if self.state.total_steps == 0 { u64::MAX } else { self.state.total_steps };
-            let lr = lr_at(step, opts.lr, opts.warmup_steps, total_for_lr, opts.min_lr_ratio);
+            let total_for_lr = if self.state.total_steps == 0 {
+                u64::MAX
+            } else {
+                self.state.total_steps
+            };
+            let lr = lr_at(
+                step,
+                opts.lr,
+                opts.warmup_steps,
+                total_for_lr,
+                opts.min_lr_ratio,
+            );
             let batch = self.batch(step, &mut perm);
             let loss = train_step(&self.model, &mut self.optim, &batch, lr, opts.grad_clip);
             let loss = f64::try_from(&loss).expect("scalar loss");
@@ -363,17 +450,24 @@ impl Run<'_> {
             self.state.losses.push(loss);
             let step = self.state.step;
             let elapsed = timer.0.elapsed().as_secs_f64();
-            let tokens_per_second = (step - timer.1) as f64 * tokens_per_step as f64 / elapsed.max(1e-9);
-            if step % opts.log_every.max(1) == 0 || step == self.state.total_steps {
+            let tokens_per_second =
+                (step - timer.1) as f64 * tokens_per_step as f64 / elapsed.max(1e-9);
+            if step.is_multiple_of(opts.log_every.max(1)) || step == self.state.total_steps {
                 self.log(serde_json::json!({"step": step, "loss": loss, "lr": lr, "tokens": self.state.tokens_seen, "tokens_per_second": tokens_per_second}))?;
             }
-            let flow = on_event(&Event::Step { step, total_steps: self.state.total_steps, loss, lr, tokens_per_second });
+            let flow = on_event(&Event::Step {
+                step,
+                total_steps: self.state.total_steps,
+                loss,
+                lr,
+                tokens_per_second,
+            });
             if step == 2 {
                 // The first steps pay one-off allocation costs; time from here on.
                 timer = (Instant::now(), step);
             }
             let last = self.state.total_steps != 0 && step >= self.state.total_steps;
-            if (opts.eval_every > 0 && step % opts.eval_every == 0) || last {
+            if (opts.eval_every > 0 && step.is_multiple_of(opts.eval_every)) || last {
                 if let Some(result) = self.evaluate() {
                     self.state.evals.push((step, result));
                     last_eval = Some(result);
@@ -385,7 +479,7 @@ impl Run<'_> {
                 stopped_early = true;
                 break;
             }
-            if (opts.checkpoint_every > 0 && step % opts.checkpoint_every == 0) || last {
+            if (opts.checkpoint_every > 0 && step.is_multiple_of(opts.checkpoint_every)) || last {
                 self.state.train_seconds = seconds_before + started.elapsed().as_secs_f64();
                 let dir = self.save_checkpoint()?;
                 let _ = on_event(&Event::Checkpoint { step, dir });
@@ -399,7 +493,8 @@ impl Run<'_> {
             final_loss: last_loss,
             final_eval: last_eval,
             checkpoint: resolve_checkpoint(&opts.out),
-            tokens_per_second: trained as f64 * tokens_per_step as f64 / timer.0.elapsed().as_secs_f64().max(1e-9),
+            tokens_per_second: trained as f64 * tokens_per_step as f64
+                / timer.0.elapsed().as_secs_f64().max(1e-9),
             stopped_early,
         })
     }
@@ -429,7 +524,9 @@ impl Run<'_> {
 /// Deletes all but the newest `keep` complete checkpoints. Failures are ignored: an
 /// old checkpoint left behind costs disk, not correctness.
 fn prune_checkpoints(out: &Path, keep: usize) {
-    let Ok(entries) = std::fs::read_dir(out) else { return };
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
     let mut steps: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())

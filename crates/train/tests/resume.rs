@@ -80,7 +80,10 @@ fn interrupted_run_resumes_on_the_same_loss_trajectory() {
     corpus(dir.path());
     let (straight, _) = losses(&dir.path().join("straight"), None);
     assert_eq!(straight.len(), 20);
-    assert!(straight[19] < straight[0], "training should lower the loss: {straight:?}");
+    assert!(
+        straight[19] < straight[0],
+        "training should lower the loss: {straight:?}"
+    );
 
     // Stop after step 10; the newest checkpoint is step 8, so steps 9-10 are lost
     // and redone, exactly as after a crash.
