@@ -68,7 +68,10 @@ impl LlamaConfig {
                 heads: self.num_attention_heads,
             });
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ConfigError::KvGroups {
                 heads: self.num_attention_heads,
                 kv_heads: self.num_key_value_heads,
