@@ -10,8 +10,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Longest run, model or contributor identifier.
 pub const ID_BYTES_MAX: usize = 64;
 
-/// A ledger account. Ordering is by canonical name, which fixes the Merkle leaf order.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A ledger account. The derived order (variant, then identifiers) fixes the Merkle
+/// leaf order; it compares without allocating, which matters on hot paths.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Account {
     /// Where tokens come from; the only account whose balance is negative (−issued).
     Issuance,
@@ -97,18 +98,6 @@ impl FromStr for Account {
             check_id(id).map_err(|e| bad(&e.reason))?;
         }
         Ok(account)
-    }
-}
-
-impl PartialOrd for Account {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Account {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.to_string().cmp(&other.to_string())
     }
 }
 

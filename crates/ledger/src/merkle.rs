@@ -2,7 +2,7 @@
 //! published root without the rest of the ledger (and settled on a chain later).
 //!
 //! Leaves are `blake3("tessera-leaf" ‖ len(name) ‖ name ‖ balance as 16 LE bytes)` in
-//! account-name order; a node is `blake3("tessera-node" ‖ left ‖ right)`; an odd node at
+//! account order ([`crate::Account`]'s `Ord`); a node is `blake3("tessera-node" ‖ left ‖ right)`; an odd node at
 //! the end of a level is carried up unchanged. The empty tree's root is
 //! `blake3("tessera-empty")`. Domain-separating leaves from nodes stops a node being
 //! passed off as a leaf.

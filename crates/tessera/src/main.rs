@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 an error (printed with its cause chain), 2 bad usage.
 
 mod bench;
+mod bench_ledger;
 mod demo;
 mod ledger_cli;
 mod progress;
@@ -213,6 +214,8 @@ struct GenerateArgs {
 enum BenchCommand {
     /// Training tokens/s and MFU, against a PyTorch eager reference of the same model.
     Train(bench::BenchArgs),
+    /// Durable ledger throughput: single transfers and 1,000-contributor payouts.
+    Ledger(bench_ledger::LedgerBenchArgs),
 }
 
 fn main() {
@@ -266,6 +269,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
         Command::Bench(BenchCommand::Train(args)) => bench::run(args),
+        Command::Bench(BenchCommand::Ledger(args)) => bench_ledger::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
     }

@@ -78,6 +78,7 @@ fn check(tie: bool, kv_heads: usize) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let diff = report["max_abs_diff"].as_f64().unwrap();
+    eprintln!("tie={tie} kv_heads={kv_heads}: max abs logit difference {diff:e}, largest logit {max_logit:.2}");
     assert!(
         diff <= 1e-4,
         "logits differ from transformers by {diff} (tie={tie}, kv={kv_heads})"
