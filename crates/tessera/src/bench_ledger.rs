@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
-use tessera_ledger::{Amount, Ledger, LedgerConfig, MemoryStore, Operation, Request, Signer, SqliteStore, Store, Work};
+use tessera_ledger::{
+    Amount, Ledger, LedgerConfig, MemoryStore, Operation, Request, Signer, SqliteStore, Store, Work,
+};
 
 #[derive(Args, Debug)]
 pub struct LedgerBenchArgs {
@@ -38,24 +40,49 @@ struct Report {
 }
 
 fn organiser(id: String, op: Operation) -> Request {
-    Request { id, signer: Signer::Organiser, op }
+    Request {
+        id,
+        signer: Signer::Organiser,
+        op,
+    }
 }
 
 /// Sale, run funding and one stake per contributor, so every later request succeeds.
 fn seed<S: Store>(ledger: &mut Ledger<S>) -> Result<()> {
     let big = Amount(1_000_000_000 * tessera_ledger::BASE_UNITS_PER_TOKEN);
-    let sale = Operation::Sale { buyer: "staker".into(), tokens: big, treasury_tokens: big, proceeds: "bench".into() };
+    let sale = Operation::Sale {
+        buyer: "staker".into(),
+        tokens: big,
+        treasury_tokens: big,
+        proceeds: "bench".into(),
+    };
     ledger.submit(&organiser("sale".into(), sale), 0)?;
-    let fund = Operation::Fund { run: "bench".into(), model: "m".into(), amount: big, reward_per_round: Amount(1_000_000_007) };
+    let fund = Operation::Fund {
+        run: "bench".into(),
+        model: "m".into(),
+        amount: big,
+        reward_per_round: Amount(1_000_000_007),
+    };
     ledger.submit(&organiser("fund".into(), fund), 0)?;
     Ok(())
 }
 
 fn payout(round: u64, contributors: usize) -> Request {
     let work = (0..contributors)
-        .map(|i| Work { contributor: format!("node-{i:05}"), tokens: 4096 + (i as u64 * 7919 + round) % 4096, score_ppm: 1_000_000 - (i as u32 % 7) * 1000 })
+        .map(|i| Work {
+            contributor: format!("node-{i:05}"),
+            tokens: 4096 + (i as u64 * 7919 + round) % 4096,
+            score_ppm: 1_000_000 - (i as u32 % 7) * 1000,
+        })
         .collect();
-    organiser(format!("payout:bench:{round}"), Operation::Payout { run: "bench".into(), round, work })
+    organiser(
+        format!("payout:bench:{round}"),
+        Operation::Payout {
+            run: "bench".into(),
+            round,
+            work,
+        },
+    )
 }
 
 pub fn run(args: LedgerBenchArgs) -> Result<()> {
@@ -67,12 +94,25 @@ pub fn run(args: LedgerBenchArgs) -> Result<()> {
 
     let start = Instant::now();
     for i in 0..args.transfers {
-        let op = Operation::Stake { run: "bench".into(), contributor: "staker".into(), amount: Amount(1) };
-        ledger.submit(&Request { id: format!("stake-{i}"), signer: Signer::Organiser, op }, i)?;
+        let op = Operation::Stake {
+            run: "bench".into(),
+            contributor: "staker".into(),
+            amount: Amount(1),
+        };
+        ledger.submit(
+            &Request {
+                id: format!("stake-{i}"),
+                signer: Signer::Organiser,
+                op,
+            },
+            i,
+        )?;
     }
     let durable_transfers_per_second = args.transfers as f64 / start.elapsed().as_secs_f64();
 
-    let requests: Vec<Request> = (0..args.rounds).map(|r| payout(r, args.contributors)).collect();
+    let requests: Vec<Request> = (0..args.rounds)
+        .map(|r| payout(r, args.contributors))
+        .collect();
     let start = Instant::now();
     for r in &requests {
         ledger.submit(r, 0)?;
@@ -99,12 +139,18 @@ pub fn run(args: LedgerBenchArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("single transfers, durable commits: {:>10.0} requests/s", report.durable_transfers_per_second);
+        println!(
+            "single transfers, durable commits: {:>10.0} requests/s",
+            report.durable_transfers_per_second
+        );
         println!(
             "payout to {} contributors, durable: {:>8.2} ms/round ({:.0} transfers/s)",
             args.contributors, report.durable_payout_ms, report.durable_payout_transfers_per_second
         );
-        println!("payout to {} contributors, in memory: {:>6.2} ms/round", args.contributors, report.memory_payout_ms);
+        println!(
+            "payout to {} contributors, in memory: {:>6.2} ms/round",
+            args.contributors, report.memory_payout_ms
+        );
     }
     Ok(())
 }

@@ -134,6 +134,15 @@ enum LedgerCommand {
     },
     /// A Merkle proof of one account's balance.
     Prove { account: String },
+    /// Serve the ledger's HTTP API (signed requests; see `tessera_net::ledger_api`).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        /// The run organiser's public key (hex), or a key file written by `tessera keygen`.
+        #[arg(long)]
+        organiser: String,
+    },
     /// Check a proof (JSON from `prove --json`) against a root.
     Verify {
         /// With a proof file: check the proof. Without: re-check the whole ledger.
@@ -369,6 +378,7 @@ pub fn run(args: LedgerArgs) -> Result<()> {
                 ),
             );
         }
+        LedgerCommand::Serve { listen, organiser } => return serve(&args, listen, organiser),
         LedgerCommand::Verify {
             proof: Some(path),
             root,
@@ -447,4 +457,30 @@ pub fn run(args: LedgerArgs) -> Result<()> {
         line.push_str(&format!("\n  root {root}"));
     }
     print(args.json, serde_json::to_value(&receipt)?, line)
+}
+
+/// Serves the ledger over HTTP until interrupted.
+fn serve(args: &LedgerArgs, listen: &str, organiser: &str) -> Result<()> {
+    let organiser = match tessera_protocol::identity::parse_public(organiser) {
+        Ok(key) => key,
+        Err(_) => tessera_protocol::Identity::load(std::path::Path::new(organiser))
+            .with_context(|| {
+                format!("--organiser `{organiser}` is neither a public key nor a key file")
+            })?
+            .public_hex(),
+    };
+    let ledger = open(args)?;
+    let svc = std::sync::Arc::new(tessera_net::LedgerService::new(ledger, organiser.clone()));
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        eprintln!(
+            "ledger API on http://{} (organiser {organiser})",
+            listener.local_addr()?
+        );
+        axum::serve(listener, tessera_net::ledger_router(svc)).await?;
+        Ok(())
+    })
 }

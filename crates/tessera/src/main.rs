@@ -50,6 +50,12 @@ enum Command {
     Bench(BenchCommand),
     /// Prepare the bundled corpus, train `micro` for a few minutes, and sample from it.
     Demo(demo::DemoArgs),
+    /// Create a node identity (ed25519 key file) and print its public key.
+    Keygen {
+        /// Where to write the key; refuses to overwrite.
+        #[arg(long, default_value = "tessera.key")]
+        out: PathBuf,
+    },
     /// The token ledger: sales, run funding, payouts, stake, revenue, Merkle proofs.
     Ledger(ledger_cli::LedgerArgs),
 }
@@ -272,6 +278,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Ledger(args)) => bench_ledger::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
+        Command::Keygen { out } => {
+            let id = tessera_protocol::Identity::generate();
+            id.save_new(&out)?;
+            println!("{}", id.public_hex());
+            eprintln!(
+                "wrote {} (keep it secret; the line above is the public key)",
+                out.display()
+            );
+            Ok(())
+        }
     }
 }
 

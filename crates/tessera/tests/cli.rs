@@ -282,3 +282,191 @@ fn wrong_checkpoints_and_bad_flags_are_refused() {
     ]);
     assert!(err.contains("unknown --device `tpu`"), "{err}");
 }
+
+#[test]
+fn ledger_commands_work_and_refuse_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("l.db");
+    let l = |args: &[&str]| {
+        let mut full = vec!["ledger", "--db", s(&db)];
+        full.extend_from_slice(args);
+        full.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let run_ok = |args: &[&str]| ok(&l(args).iter().map(String::as_str).collect::<Vec<_>>());
+    let run_fail = |args: &[&str]| fails(&l(args).iter().map(String::as_str).collect::<Vec<_>>());
+    run_ok(&["init", "--unbond-delay-hours", "0"]);
+    run_ok(&[
+        "--id",
+        "s1",
+        "sale",
+        "--buyer",
+        "alice",
+        "--tokens",
+        "100.5",
+        "--treasury-tokens",
+        "1000",
+        "--proceeds",
+        "100 USD",
+    ]);
+    run_ok(&[
+        "--id",
+        "f1",
+        "fund",
+        "--run",
+        "r1",
+        "--model",
+        "m1",
+        "--tokens",
+        "500",
+        "--reward-per-round",
+        "10",
+    ]);
+    let work = dir.path().join("work.json");
+    std::fs::write(&work, r#"[{"contributor":"alice","tokens":30,"score_ppm":1000000},{"contributor":"bob","tokens":10,"score_ppm":1000000}]"#).unwrap();
+    run_ok(&[
+        "--id",
+        "p0",
+        "payout",
+        "--run",
+        "r1",
+        "--round",
+        "0",
+        "--work",
+        s(&work),
+    ]);
+    let bal: serde_json::Value =
+        serde_json::from_str(&run_ok(&["--json", "balance", "contributor:bob"])).unwrap();
+    assert_eq!(bal["tokens"], "2.5");
+    run_ok(&[
+        "--as",
+        "contributor:alice",
+        "--id",
+        "st",
+        "stake",
+        "--run",
+        "r1",
+        "--contributor",
+        "alice",
+        "--tokens",
+        "50",
+    ]);
+    run_ok(&[
+        "--id",
+        "ub",
+        "unbond",
+        "--run",
+        "r1",
+        "--contributor",
+        "alice",
+        "--tokens",
+        "20",
+    ]);
+    run_ok(&[
+        "--id",
+        "rel",
+        "release",
+        "--run",
+        "r1",
+        "--contributor",
+        "alice",
+    ]);
+    run_ok(&[
+        "--id",
+        "sl",
+        "slash",
+        "--run",
+        "r1",
+        "--contributor",
+        "alice",
+        "--fraction",
+        "0.5",
+        "--reason",
+        "audit",
+    ]);
+    run_ok(&[
+        "--id",
+        "rev",
+        "revenue",
+        "--model",
+        "m1",
+        "--payer",
+        "alice",
+        "--tokens",
+        "10",
+        "--reinvest",
+        "0.2",
+    ]);
+    let alice: serde_json::Value =
+        serde_json::from_str(&run_ok(&["--json", "balance", "contributor:alice"])).unwrap();
+    // 100.5 + 7.5 payout - 50 staked + 20 released - 10 revenue paid + 6 revenue share (3/4 of 8).
+    assert_eq!(alice["tokens"], "74");
+    let proof = dir.path().join("proof.json");
+    std::fs::write(&proof, run_ok(&["--json", "prove", "contributor:alice"])).unwrap();
+    assert!(run_ok(&["verify", "--proof", s(&proof)]).contains("valid"));
+    assert!(run_ok(&["verify"]).starts_with("clean"));
+
+    let err = run_fail(&[
+        "--id",
+        "x1",
+        "stake",
+        "--run",
+        "r1",
+        "--contributor",
+        "bob",
+        "--tokens",
+        "1000",
+    ]);
+    assert!(err.contains("overdraft"), "{err}");
+    let err = run_fail(&[
+        "--id",
+        "x2",
+        "sale",
+        "--buyer",
+        "bob",
+        "--tokens",
+        "1.0000000001",
+        "--proceeds",
+        "x",
+    ]);
+    assert!(err.contains("malformed amount"), "{err}");
+    let err = run_fail(&[
+        "--as",
+        "contributor:bob",
+        "--id",
+        "x3",
+        "fund",
+        "--run",
+        "r1",
+        "--model",
+        "m1",
+        "--tokens",
+        "1",
+        "--reward-per-round",
+        "1",
+    ]);
+    assert!(err.contains("may not fund a run"), "{err}");
+    let err = run_fail(&[
+        "--id",
+        "s1",
+        "sale",
+        "--buyer",
+        "alice",
+        "--tokens",
+        "1",
+        "--proceeds",
+        "x",
+    ]);
+    assert!(
+        err.contains("already used for a different request"),
+        "{err}"
+    );
+    let err = run_fail(&["balance", "contributor:nobody"]);
+    assert!(err.contains("unknown account"), "{err}");
+    let err = run_fail(&["--as", "contributor:bob", "history", "contributor:alice"]);
+    assert!(err.contains("only read its own history"), "{err}");
+    // Refusals changed nothing.
+    let after: serde_json::Value =
+        serde_json::from_str(&run_ok(&["--json", "balance", "contributor:alice"])).unwrap();
+    assert_eq!(after, alice);
+    assert!(run_ok(&["verify"]).starts_with("clean"));
+}

@@ -1,0 +1,13 @@
+//! Tessera's protocol primitives: node identities (ed25519 key pairs whose public key,
+//! in hex, is the node's id everywhere), signatures over canonical byte strings, and
+//! the limits every decoder checks before it allocates.
+//!
+//! The key design choice is that everything here is pure: callers pass the time, and
+//! the only randomness is key generation from the operating system. This crate does
+//! not open sockets or know HTTP; it defines what bytes get signed.
+
+pub mod auth;
+pub mod identity;
+pub mod limits;
+
+pub use identity::{Identity, IdentityError, PublicKeyHex};

@@ -1,0 +1,19 @@
+//! Every limit of the protocol in one place, with why it is what it is.
+
+/// Largest HTTP request body the hub accepts: a payout of 1,000 contributors is
+/// about 90 KiB of JSON, so 1 MiB leaves room without letting a client make the hub
+/// buffer large bodies.
+pub const HTTP_BODY_BYTES_MAX: usize = 1 << 20;
+
+/// How far a signed request's timestamp may be from the server's clock. Requests
+/// older than this are refused, which bounds how long a captured request can be
+/// replayed (writes are idempotent by request id in any case).
+pub const SIGNED_REQUEST_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// Most transfers one history query returns.
+pub const HISTORY_LIMIT_MAX: usize = 1000;
+
+const _: () = assert!(
+    HTTP_BODY_BYTES_MAX >= 64 * 1024,
+    "a 1,000-contributor payout must fit"
+);
