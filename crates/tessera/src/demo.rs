@@ -27,17 +27,14 @@ pub struct DemoArgs {
     runtime: RuntimeArgs,
 }
 
-pub fn run(args: DemoArgs) -> Result<()> {
-    let data = args.dir.join("data");
+/// Prepares the bundled corpus under `dir/data` (once) and returns that directory.
+pub fn bundled_data(dir: &std::path::Path) -> Result<PathBuf> {
+    let data = dir.join("data");
     if !data.join(MANIFEST_FILE).exists() {
-        std::fs::create_dir_all(&args.dir)
-            .with_context(|| format!("creating {}", args.dir.display()))?;
-        let corpus = args.dir.join("tinyshakespeare.txt");
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let corpus = dir.join("tinyshakespeare.txt");
         std::fs::write(&corpus, CORPUS).with_context(|| format!("writing {}", corpus.display()))?;
-        eprintln!(
-            "preparing the bundled corpus (tinyshakespeare, {} bytes)",
-            CORPUS.len()
-        );
+        eprintln!("preparing the bundled corpus (tinyshakespeare, {} bytes)", CORPUS.len());
         let m = prepare(&PrepareOptions {
             inputs: vec![corpus],
             out: data.clone(),
@@ -46,11 +43,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
             tokenizer: None,
             shard_tokens_max: 1 << 24,
         })?;
-        eprintln!(
-            "tokenizer: vocab {}; {} validation bytes held out",
-            m.vocab_size, m.val_text_bytes
-        );
+        eprintln!("tokenizer: vocab {}; {} validation bytes held out", m.vocab_size, m.val_text_bytes);
     }
+    Ok(data)
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    let data = bundled_data(&args.dir)?;
     // A fresh run every time: the demo shows training from scratch.
     let out = args.dir.join("run");
     if out.exists() {

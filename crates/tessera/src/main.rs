@@ -6,6 +6,7 @@
 mod bench;
 mod bench_ledger;
 mod demo;
+mod experiment;
 mod ledger_cli;
 mod progress;
 
@@ -50,6 +51,9 @@ enum Command {
     Bench(BenchCommand),
     /// Prepare the bundled corpus, train `micro` for a few minutes, and sample from it.
     Demo(demo::DemoArgs),
+    /// Experiments that produce the figures in docs/results.md.
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
     /// Create a node identity (ed25519 key file) and print its public key.
     Keygen {
         /// Where to write the key; refuses to overwrite.
@@ -217,6 +221,12 @@ struct GenerateArgs {
 }
 
 #[derive(Subcommand)]
+enum ExperimentCommand {
+    /// DiLoCo (M workers, each codec) against the DDP-equivalent baseline.
+    Diloco(experiment::DilocoArgs),
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Training tokens/s and MFU, against a PyTorch eager reference of the same model.
     Train(bench::BenchArgs),
@@ -278,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Ledger(args)) => bench_ledger::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
+        Command::Experiment(ExperimentCommand::Diloco(args)) => experiment::diloco(args),
         Command::Keygen { out } => {
             let id = tessera_protocol::Identity::generate();
             id.save_new(&out)?;

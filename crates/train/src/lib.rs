@@ -10,8 +10,10 @@
 //! node's work. This crate does not talk to the network or pick what data a node gets.
 
 pub mod data;
+pub mod diloco;
 pub mod eval;
 pub mod optim;
+pub mod outer;
 pub mod python;
 pub mod rng;
 pub mod trainer;

@@ -148,6 +148,41 @@ pub struct Summary {
     pub stopped_early: bool,
 }
 
+/// The data order: sample `i` of a run is window `perm_e[i mod n]` of epoch
+/// `e = i div n`, with a fresh seeded permutation per epoch. Anyone with the seed can
+/// recompute which window any sample is.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    seed: u64,
+    epoch: Option<(u64, Vec<u32>)>,
+}
+
+impl Sampler {
+    pub fn new(seed: u64) -> Sampler {
+        Sampler { seed, epoch: None }
+    }
+
+    /// The window index of sample `sample` among `n` windows.
+    pub fn window(&mut self, sample: u64, n: usize) -> usize {
+        let epoch = sample / n as u64;
+        if self.epoch.as_ref().is_none_or(|e| e.0 != epoch || e.1.len() != n) {
+            self.epoch = Some((epoch, permutation(n, self.seed ^ epoch.wrapping_mul(0x9E37_79B9))));
+        }
+        self.epoch.as_ref().expect("just set").1[(sample % n as u64) as usize] as usize
+    }
+
+    /// Samples `first..first + count` as a `[count, seq_len + 1]` tensor on `device`.
+    pub fn batch(&mut self, data: &Dataset, windows: &Windows, first: u64, count: usize, device: Device) -> Tensor {
+        let mut flat = Vec::new();
+        for j in 0..count as u64 {
+            let w = self.window(first + j, windows.len());
+            windows.read(&data.train, w, &mut flat);
+        }
+        let width = (flat.len() / count.max(1)) as i64;
+        Tensor::from_slice(&flat).view([count as i64, width]).to_device(device)
+    }
+}
+
 /// One inner step: forward, backward, gradient clipping, AdamW. Returns the loss
 /// tensor (reading it synchronises with the device).
 pub fn train_step(
@@ -356,29 +391,9 @@ fn restore(
 }
 
 impl Run<'_> {
-    /// The batch of step `step`: sample `i` of the run is window `perm_e[i mod n]` of
-    /// epoch `e = i div n`, with a fresh permutation per epoch.
-    fn batch(&self, step: u64, perm: &mut (u64, Vec<u32>)) -> Tensor {
-        let (b, n) = (self.opts.batch_size as u64, self.windows.len() as u64);
-        let mut flat = Vec::with_capacity(self.opts.batch_size * (self.opts.seq_len + 1));
-        for j in 0..b {
-            let sample = step * b + j;
-            let epoch = sample / n;
-            if perm.0 != epoch || perm.1.is_empty() {
-                *perm = (
-                    epoch,
-                    permutation(n as usize, self.opts.seed ^ epoch.wrapping_mul(0x9E37_79B9)),
-                );
-            }
-            self.windows.read(
-                &self.data.train,
-                perm.1[(sample % n) as usize] as usize,
-                &mut flat,
-            );
-        }
-        Tensor::from_slice(&flat)
-            .view([b as i64, self.opts.seq_len as i64 + 1])
-            .to_device(self.model.device())
+    fn batch(&self, step: u64, sampler: &mut Sampler) -> Tensor {
+        let b = self.opts.batch_size as u64;
+        sampler.batch(&self.data, &self.windows, step * b, b as usize, self.model.device())
     }
 
     fn evaluate(&self) -> Option<EvalResult> {
@@ -403,7 +418,7 @@ impl Run<'_> {
     ) -> Result<Summary, TrainError> {
         let opts = self.opts;
         let tokens_per_step = (opts.batch_size * opts.seq_len) as u64;
-        let mut perm = (0u64, Vec::new());
+        let mut sampler = Sampler::new(opts.seed);
         let mut stopped_early = false;
         let started = Instant::now();
         let seconds_before = self.state.train_seconds;
@@ -438,7 +453,7 @@ impl Run<'_> {
                 total_for_lr,
                 opts.min_lr_ratio,
             );
-            let batch = self.batch(step, &mut perm);
+            let batch = self.batch(step, &mut sampler);
             let loss = train_step(&self.model, &mut self.optim, &batch, lr, opts.grad_clip);
             let loss = f64::try_from(&loss).expect("scalar loss");
             if !loss.is_finite() {
