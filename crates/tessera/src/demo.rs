@@ -34,7 +34,10 @@ pub fn bundled_data(dir: &std::path::Path) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let corpus = dir.join("tinyshakespeare.txt");
         std::fs::write(&corpus, CORPUS).with_context(|| format!("writing {}", corpus.display()))?;
-        eprintln!("preparing the bundled corpus (tinyshakespeare, {} bytes)", CORPUS.len());
+        eprintln!(
+            "preparing the bundled corpus (tinyshakespeare, {} bytes)",
+            CORPUS.len()
+        );
         let m = prepare(&PrepareOptions {
             inputs: vec![corpus],
             out: data.clone(),
@@ -43,7 +46,10 @@ pub fn bundled_data(dir: &std::path::Path) -> Result<PathBuf> {
             tokenizer: None,
             shard_tokens_max: 1 << 24,
         })?;
-        eprintln!("tokenizer: vocab {}; {} validation bytes held out", m.vocab_size, m.val_text_bytes);
+        eprintln!(
+            "tokenizer: vocab {}; {} validation bytes held out",
+            m.vocab_size, m.val_text_bytes
+        );
     }
     Ok(data)
 }

@@ -68,7 +68,10 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
         .map(|c| match c.as_str() {
             "none" => Ok(Codec::None),
             "int8" => Ok(Codec::Int8 { chunk: 4096 }),
-            "topk" => Ok(Codec::TopK { chunk: 4096, k: args.topk }),
+            "topk" => Ok(Codec::TopK {
+                chunk: 4096,
+                k: args.topk,
+            }),
             other => bail!("unknown codec `{other}`; expected none, int8 or topk"),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -93,21 +96,35 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
     let mut last_print = std::time::Instant::now();
     let rows = run(&opts, device, &mut |p| match p {
         Progress::Started { name } => eprintln!("running {name}"),
-        Progress::Step { name, step, total, loss } => {
+        Progress::Step {
+            name,
+            step,
+            total,
+            loss,
+        } => {
             if last_print.elapsed().as_secs() >= 15 || step == total {
                 last_print = std::time::Instant::now();
                 eprintln!("  {name}: step {step}/{total} loss {loss:.4}");
             }
         }
         Progress::Finished { row } => {
-            eprintln!("  {}: val bpb {:.4}, {:.1}x fewer bytes than DDP, {:.0} s", row.name, row.val_bpb, row.reduction_vs_ddp, row.seconds)
+            eprintln!(
+                "  {}: val bpb {:.4}, {:.1}x fewer bytes than DDP, {:.0} s",
+                row.name, row.val_bpb, row.reduction_vs_ddp, row.seconds
+            )
         }
     })?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"options": opts, "rows": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"options": opts, "rows": rows}))?
+        );
         return Ok(());
     }
-    println!("{:<42} {:>8} {:>8} {:>14} {:>10}", "configuration", "val bpb", "vs base", "bytes/node", "vs DDP");
+    println!(
+        "{:<42} {:>8} {:>8} {:>14} {:>10}",
+        "configuration", "val bpb", "vs base", "bytes/node", "vs DDP"
+    );
     for r in &rows {
         println!(
             "{:<42} {:>8.4} {:>+7.2}% {:>14} {:>9.1}x",

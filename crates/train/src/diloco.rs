@@ -67,15 +67,29 @@ pub struct ExperimentRow {
 
 /// Progress reports for a display.
 pub enum Progress<'a> {
-    Started { name: &'a str },
-    Step { name: &'a str, step: u64, total: u64, loss: f64 },
-    Finished { row: &'a ExperimentRow },
+    Started {
+        name: &'a str,
+    },
+    Step {
+        name: &'a str,
+        step: u64,
+        total: u64,
+        loss: f64,
+    },
+    Finished {
+        row: &'a ExperimentRow,
+    },
 }
 
 fn flatten(model: &Llama) -> Vec<f32> {
     let mut out = Vec::with_capacity(model.numel());
     for p in model.params() {
-        let t = p.tensor.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1);
+        let t = p
+            .tensor
+            .detach()
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .flatten(0, -1);
         out.extend(Vec::<f32>::try_from(&t).expect("f32 tensor"));
     }
     out
@@ -85,7 +99,9 @@ fn load_flat(model: &Llama, theta: &[f32]) {
     let mut o = 0;
     for (i, p) in model.params().iter().enumerate() {
         let n = p.tensor.numel();
-        let t = Tensor::from_slice(&theta[o..o + n]).view(p.tensor.size().as_slice()).to_device(model.device());
+        let t = Tensor::from_slice(&theta[o..o + n])
+            .view(p.tensor.size().as_slice())
+            .to_device(model.device());
         model.set_param(i, &t);
         o += n;
     }
@@ -109,7 +125,9 @@ pub fn run(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Vec<ExperimentRow>, TrainError> {
     if opts.workers == 0 || opts.inner_steps == 0 || opts.total_steps < opts.inner_steps {
-        return Err(TrainError::Option("need workers ≥ 1, inner steps ≥ 1 and total steps ≥ inner steps".into()));
+        return Err(TrainError::Option(
+            "need workers ≥ 1, inner steps ≥ 1 and total steps ≥ inner steps".into(),
+        ));
     }
     let data = Dataset::open(&opts.data)?;
     let windows = Windows::new(&data.train, opts.seq_len);
@@ -123,12 +141,18 @@ pub fn run(
         })
         .collect();
     let byte_lens = token_byte_lengths(&data.tokenizer);
-    let setup = Setup { data, windows, val, byte_lens };
+    let setup = Setup {
+        data,
+        windows,
+        val,
+        byte_lens,
+    };
     let m = opts.workers;
     let n_params = opts.model.params_total();
     // Ring all-reduce per node per step: 2(M−1)/M of the gradient out and the same in.
-    let ddp_bytes_per_node =
-        (opts.total_steps as f64 * 2.0 * 2.0 * (m as f64 - 1.0) / m as f64 * 4.0 * n_params as f64) as u64;
+    let ddp_bytes_per_node = (opts.total_steps as f64 * 2.0 * 2.0 * (m as f64 - 1.0) / m as f64
+        * 4.0
+        * n_params as f64) as u64;
 
     let mut rows = Vec::new();
     let baseline = baseline(opts, device, &setup, ddp_bytes_per_node, progress);
@@ -149,7 +173,10 @@ fn baseline(
     ddp_bytes_per_node: u64,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> ExperimentRow {
-    let name = format!("ddp-equivalent (global batch {})", opts.workers * opts.batch_size);
+    let name = format!(
+        "ddp-equivalent (global batch {})",
+        opts.workers * opts.batch_size
+    );
     progress(Progress::Started { name: &name });
     let start = std::time::Instant::now();
     let model = Llama::new(&opts.model, device, opts.seed);
@@ -159,8 +186,14 @@ fn baseline(
     for step in 0..opts.total_steps {
         let batch = sampler.batch(&s.data, &s.windows, step * global, global as usize, device);
         let lr = lr_at(step, opts.lr, opts.warmup_steps, opts.total_steps, 0.1);
-        let loss = f64::try_from(train_step(&model, &mut optim, &batch, lr, opts.grad_clip)).unwrap_or(f64::NAN);
-        progress(Progress::Step { name: &name, step: step + 1, total: opts.total_steps, loss });
+        let loss = f64::try_from(train_step(&model, &mut optim, &batch, lr, opts.grad_clip))
+            .unwrap_or(f64::NAN);
+        progress(Progress::Step {
+            name: &name,
+            step: step + 1,
+            total: opts.total_steps,
+            loss,
+        });
     }
     let e = evaluate(&model, s, opts.batch_size);
     let row = ExperimentRow {
@@ -192,8 +225,13 @@ fn diloco(
     progress(Progress::Started { name: &name });
     let start = std::time::Instant::now();
     // Every replica starts from the same θ₀ as the baseline (same seed).
-    let workers: Vec<Llama> = (0..m).map(|_| Llama::new(&opts.model, device, opts.seed)).collect();
-    let mut optims: Vec<AdamW> = workers.iter().map(|w| AdamW::new(w, AdamWConfig::default())).collect();
+    let workers: Vec<Llama> = (0..m)
+        .map(|_| Llama::new(&opts.model, device, opts.seed))
+        .collect();
+    let mut optims: Vec<AdamW> = workers
+        .iter()
+        .map(|w| AdamW::new(w, AdamWConfig::default()))
+        .collect();
     let mut theta = flatten(&workers[0]);
     let n = theta.len();
     let mut residuals = vec![vec![0f32; n]; m];
@@ -225,8 +263,10 @@ fn diloco(
         let own = blobs[0].len() as u64;
         let others: u64 = blobs[1..].iter().map(|b| b.len() as u64).sum();
         bytes_per_node += own * (m as u64 - 1) + others;
-        let decoded: Vec<Vec<f32>> =
-            blobs.iter().map(|b| decode(b, n as u64).expect("our own encoding decodes")).collect();
+        let decoded: Vec<Vec<f32>> = blobs
+            .iter()
+            .map(|b| decode(b, n as u64).expect("our own encoding decodes"))
+            .collect();
         let pseudo_gradient = aggregate(opts.aggregator, &decoded);
         outer.step(&mut theta, &pseudo_gradient);
         progress(Progress::Step {
@@ -255,7 +295,13 @@ fn diloco(
 }
 
 impl Setup {
-    fn data_batch(&self, sampler: &mut Sampler, first: u64, count: usize, device: Device) -> Tensor {
+    fn data_batch(
+        &self,
+        sampler: &mut Sampler,
+        first: u64,
+        count: usize,
+        device: Device,
+    ) -> Tensor {
         sampler.batch(&self.data, &self.windows, first, count, device)
     }
 }

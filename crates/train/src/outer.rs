@@ -76,7 +76,9 @@ pub enum CodecError {
     UnknownCodec(u8),
     #[error("update blob claims {n} elements, expected {expected}")]
     Elements { n: u64, expected: u64 },
-    #[error("update blob has chunk {chunk} / k {k}; chunk must be 1..={CHUNK_MAX} and k 1..=chunk")]
+    #[error(
+        "update blob has chunk {chunk} / k {k}; chunk must be 1..={CHUNK_MAX} and k 1..=chunk"
+    )]
     Params { chunk: u32, k: u32 },
     #[error("update blob is {len} bytes, its header implies {expected}")]
     Length { len: usize, expected: usize },
@@ -89,7 +91,11 @@ pub enum CodecError {
 /// Encodes `delta + residual` and leaves in `residual` what the encoding dropped (error
 /// feedback), so compression error is sent in later rounds instead of lost.
 pub fn encode(codec: Codec, delta: &[f32], residual: &mut [f32]) -> Vec<u8> {
-    assert_eq!(delta.len(), residual.len(), "residual must match the update");
+    assert_eq!(
+        delta.len(),
+        residual.len(),
+        "residual must match the update"
+    );
     for (r, d) in residual.iter_mut().zip(delta) {
         *r += d;
     }
@@ -118,7 +124,11 @@ pub fn encode(codec: Codec, delta: &[f32], residual: &mut [f32]) -> Vec<u8> {
                 let scale = if max > 0.0 { max / 127.0 } else { 0.0 };
                 out.extend_from_slice(&scale.to_le_bytes());
                 for v in c.iter_mut() {
-                    let q = if scale > 0.0 { (*v / scale).round().clamp(-127.0, 127.0) } else { 0.0 };
+                    let q = if scale > 0.0 {
+                        (*v / scale).round().clamp(-127.0, 127.0)
+                    } else {
+                        0.0
+                    };
                     out.push(q as i8 as u8);
                     *v -= q * scale;
                 }
@@ -129,13 +139,24 @@ pub fn encode(codec: Codec, delta: &[f32], residual: &mut [f32]) -> Vec<u8> {
                 let kept = (k as usize).min(c.len());
                 let mut order: Vec<u32> = (0..c.len() as u32).collect();
                 // Largest magnitude first; ties to the lower index, for determinism.
-                order.sort_by(|&a, &b| c[b as usize].abs().total_cmp(&c[a as usize].abs()).then(a.cmp(&b)));
+                order.sort_by(|&a, &b| {
+                    c[b as usize]
+                        .abs()
+                        .total_cmp(&c[a as usize].abs())
+                        .then(a.cmp(&b))
+                });
                 let mut idx: Vec<u32> = order[..kept].to_vec();
                 idx.sort_unstable();
                 let mut mags: Vec<f32> = idx.iter().map(|&i| c[i as usize].abs()).collect();
                 mags.sort_by(f32::total_cmp);
                 let half = kept / 2;
-                let mean = |s: &[f32]| if s.is_empty() { 0.0 } else { s.iter().sum::<f32>() / s.len() as f32 };
+                let mean = |s: &[f32]| {
+                    if s.is_empty() {
+                        0.0
+                    } else {
+                        s.iter().sum::<f32>() / s.len() as f32
+                    }
+                };
                 let (lo, hi) = (mean(&mags[..half]), mean(&mags[half..]));
                 let cut = if half > 0 { mags[half] } else { 0.0 };
                 out.extend_from_slice(&lo.to_le_bytes());
@@ -178,14 +199,19 @@ pub fn decode(bytes: &[u8], expected: u64) -> Result<Vec<f32>, CodecError> {
     let codec = match bytes[4] {
         0 => Codec::None,
         1 if (1..=CHUNK_MAX).contains(&chunk) => Codec::Int8 { chunk },
-        2 if (1..=CHUNK_MAX).contains(&chunk) && (1..=chunk).contains(&k) => Codec::TopK { chunk, k },
+        2 if (1..=CHUNK_MAX).contains(&chunk) && (1..=chunk).contains(&k) => {
+            Codec::TopK { chunk, k }
+        }
         1 | 2 => return Err(CodecError::Params { chunk, k }),
         other => return Err(CodecError::UnknownCodec(other)),
     };
     let n = n as usize;
     let expected_len = codec.encoded_bytes(n);
     if bytes.len() != expected_len {
-        return Err(CodecError::Length { len: bytes.len(), expected: expected_len });
+        return Err(CodecError::Length {
+            len: bytes.len(),
+            expected: expected_len,
+        });
     }
     let f32_at = |o: usize| f32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
     let mut out = vec![0f32; n];
@@ -217,13 +243,17 @@ pub fn decode(bytes: &[u8], expected: u64) -> Result<Vec<f32>, CodecError> {
                     return Err(CodecError::Scale { chunk: ci });
                 }
                 o += 8;
-                let idx_at = |j: usize| u16::from_le_bytes([bytes[o + 2 * j], bytes[o + 2 * j + 1]]) as u32;
+                let idx_at =
+                    |j: usize| u16::from_le_bytes([bytes[o + 2 * j], bytes[o + 2 * j + 1]]) as u32;
                 let codes = o + 2 * kept;
                 let mut prev: Option<u32> = None;
                 for j in 0..kept {
                     let i = idx_at(j);
                     if i as usize >= c.len() || prev.is_some_and(|p| i <= p) {
-                        return Err(CodecError::Index { chunk: ci, index: i });
+                        return Err(CodecError::Index {
+                            chunk: ci,
+                            index: i,
+                        });
                     }
                     prev = Some(i);
                     let code = (bytes[codes + j / 4] >> (2 * (j % 4))) & 3;
@@ -243,18 +273,25 @@ pub fn decode(bytes: &[u8], expected: u64) -> Result<Vec<f32>, CodecError> {
 pub enum Aggregator {
     Mean,
     /// Per coordinate, drop the `trim` largest and `trim` smallest values, then average.
-    TrimmedMean { trim: usize },
+    TrimmedMean {
+        trim: usize,
+    },
     /// Coordinate-wise median (the mean of the middle two for an even count).
     Median,
     /// Scale each update to at most `factor` × the median update norm, then average.
-    NormClip { factor: f32 },
+    NormClip {
+        factor: f32,
+    },
 }
 
 /// Aggregates `updates` (in a fixed, agreed order) into one.
 pub fn aggregate(agg: Aggregator, updates: &[Vec<f32>]) -> Vec<f32> {
     assert!(!updates.is_empty(), "aggregate of no updates");
     let n = updates[0].len();
-    assert!(updates.iter().all(|u| u.len() == n), "updates differ in length");
+    assert!(
+        updates.iter().all(|u| u.len() == n),
+        "updates differ in length"
+    );
     let m = updates.len();
     let mean_of = |us: &[Vec<f32>]| {
         let mut out = vec![0f32; n];
@@ -301,7 +338,10 @@ pub fn aggregate(agg: Aggregator, updates: &[Vec<f32>]) -> Vec<f32> {
                 .collect()
         }
         Aggregator::NormClip { factor } => {
-            let norms: Vec<f32> = updates.iter().map(|u| u.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
+            let norms: Vec<f32> = updates
+                .iter()
+                .map(|u| u.iter().map(|v| v * v).sum::<f32>().sqrt())
+                .collect();
             let mut sorted = norms.clone();
             sorted.sort_by(f32::total_cmp);
             let limit = factor * sorted[m / 2];
@@ -309,7 +349,11 @@ pub fn aggregate(agg: Aggregator, updates: &[Vec<f32>]) -> Vec<f32> {
                 .iter()
                 .zip(&norms)
                 .map(|(u, &norm)| {
-                    let s = if norm > limit && norm > 0.0 { limit / norm } else { 1.0 };
+                    let s = if norm > limit && norm > 0.0 {
+                        limit / norm
+                    } else {
+                        1.0
+                    };
                     u.iter().map(|v| v * s).collect()
                 })
                 .collect();
@@ -329,12 +373,20 @@ pub struct Nesterov {
 
 impl Nesterov {
     pub fn new(n: usize, lr: f32, momentum: f32) -> Nesterov {
-        Nesterov { lr, momentum, velocity: vec![0.0; n] }
+        Nesterov {
+            lr,
+            momentum,
+            velocity: vec![0.0; n],
+        }
     }
 
     pub fn step(&mut self, theta: &mut [f32], pseudo_gradient: &[f32]) {
         assert_eq!(theta.len(), pseudo_gradient.len());
-        for ((t, v), g) in theta.iter_mut().zip(self.velocity.iter_mut()).zip(pseudo_gradient) {
+        for ((t, v), g) in theta
+            .iter_mut()
+            .zip(self.velocity.iter_mut())
+            .zip(pseudo_gradient)
+        {
             *v = self.momentum * *v + g;
             *t -= self.lr * (g + self.momentum * *v);
         }
@@ -361,8 +413,12 @@ mod tests {
         (0..n).map(|_| (r.next_f64() as f32 - 0.5) * 0.02).collect()
     }
 
-    const CODECS: [Codec; 4] =
-        [Codec::None, Codec::Int8 { chunk: 64 }, Codec::TopK { chunk: 64, k: 8 }, Codec::TopK { chunk: 5, k: 5 }];
+    const CODECS: [Codec; 4] = [
+        Codec::None,
+        Codec::Int8 { chunk: 64 },
+        Codec::TopK { chunk: 64, k: 8 },
+        Codec::TopK { chunk: 5, k: 5 },
+    ];
 
     #[test]
     fn codecs_round_trip_with_error_feedback_conserving_the_signal() {
@@ -375,7 +431,10 @@ mod tests {
                 let decoded = decode(&blob, n as u64).unwrap();
                 // What was sent plus what was kept back equals the input.
                 for i in 0..n {
-                    assert!((decoded[i] + residual[i] - d[i]).abs() < 1e-6, "{codec:?} n={n} i={i}");
+                    assert!(
+                        (decoded[i] + residual[i] - d[i]).abs() < 1e-6,
+                        "{codec:?} n={n} i={i}"
+                    );
                 }
                 if codec == Codec::None {
                     assert_eq!(decoded, d);
@@ -398,8 +457,15 @@ mod tests {
                 *s += v;
             }
         }
-        let err: f32 = sent.iter().zip(&d).map(|(s, v)| (s - v * rounds as f32).abs()).fold(0.0, f32::max);
-        let scale: f32 = d.iter().map(|v| v.abs() * rounds as f32).fold(0.0, f32::max);
+        let err: f32 = sent
+            .iter()
+            .zip(&d)
+            .map(|(s, v)| (s - v * rounds as f32).abs())
+            .fold(0.0, f32::max);
+        let scale: f32 = d
+            .iter()
+            .map(|v| v.abs() * rounds as f32)
+            .fold(0.0, f32::max);
         assert!(err < 0.05 * scale, "error {err} vs signal {scale}");
     }
 
@@ -407,9 +473,18 @@ mod tests {
     fn malformed_blobs_are_refused() {
         let d = noise(100, 1);
         let good = encode(Codec::TopK { chunk: 50, k: 4 }, &d, &mut vec![0.0; 100]);
-        assert!(matches!(decode(&good[..10], 100), Err(CodecError::Short { .. })));
-        assert!(matches!(decode(&good, 99), Err(CodecError::Elements { .. })));
-        assert!(matches!(decode(&good[..good.len() - 1], 100), Err(CodecError::Length { .. })));
+        assert!(matches!(
+            decode(&good[..10], 100),
+            Err(CodecError::Short { .. })
+        ));
+        assert!(matches!(
+            decode(&good, 99),
+            Err(CodecError::Elements { .. })
+        ));
+        assert!(matches!(
+            decode(&good[..good.len() - 1], 100),
+            Err(CodecError::Length { .. })
+        ));
         let mut bad = good.clone();
         bad[0] = b'X';
         assert_eq!(decode(&bad, 100), Err(CodecError::Magic));
@@ -425,7 +500,10 @@ mod tests {
         // A huge claimed element count is refused before allocating.
         let mut bad = good.clone();
         bad[5..13].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(decode(&bad, u64::MAX), Err(CodecError::Elements { .. })));
+        assert!(matches!(
+            decode(&bad, u64::MAX),
+            Err(CodecError::Elements { .. })
+        ));
         let mut bad = encode(Codec::Int8 { chunk: 50 }, &d, &mut vec![0.0; 100]);
         bad[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(matches!(decode(&bad, 100), Err(CodecError::Scale { .. })));
@@ -438,12 +516,28 @@ mod tests {
         all.push(vec![1000.0; 8]);
         let mean = aggregate(Aggregator::Mean, &all);
         assert!(mean[0] > 100.0);
-        for agg in [Aggregator::Median, Aggregator::TrimmedMean { trim: 1 }, Aggregator::NormClip { factor: 2.0 }] {
+        for agg in [
+            Aggregator::Median,
+            Aggregator::TrimmedMean { trim: 1 },
+            Aggregator::NormClip { factor: 2.0 },
+        ] {
             let a = aggregate(agg, &all);
-            assert!(a.iter().all(|v| (0.9..=2.0 * 1.1).contains(v)), "{agg:?}: {a:?}");
+            assert!(
+                a.iter().all(|v| (0.9..=2.0 * 1.1).contains(v)),
+                "{agg:?}: {a:?}"
+            );
         }
-        assert_eq!(aggregate(Aggregator::Median, &[vec![1.0], vec![3.0]]), vec![2.0]);
-        assert_eq!(aggregate(Aggregator::TrimmedMean { trim: 1 }, &[vec![1.0], vec![2.0], vec![9.0]]), vec![2.0]);
+        assert_eq!(
+            aggregate(Aggregator::Median, &[vec![1.0], vec![3.0]]),
+            vec![2.0]
+        );
+        assert_eq!(
+            aggregate(
+                Aggregator::TrimmedMean { trim: 1 },
+                &[vec![1.0], vec![2.0], vec![9.0]]
+            ),
+            vec![2.0]
+        );
     }
 
     #[test]
@@ -457,6 +551,9 @@ mod tests {
         // v = 0.9·0.1 + 0.1 = 0.19; θ -= 0.7 (0.1 + 0.9·0.19)
         assert!((theta[0] - (1.0 - 0.133 - 0.7 * (0.1 + 0.171))).abs() < 1e-6);
         assert_eq!(theta_hash(&theta), theta_hash(&theta.clone()));
-        assert_ne!(theta_hash(&theta), theta_hash(&[theta[0], theta[1] + 1e-7]));
+        assert_ne!(
+            theta_hash(&theta),
+            theta_hash(&[theta[0], f32::from_bits(theta[1].to_bits() + 1)])
+        );
     }
 }

@@ -165,21 +165,37 @@ impl Sampler {
     /// The window index of sample `sample` among `n` windows.
     pub fn window(&mut self, sample: u64, n: usize) -> usize {
         let epoch = sample / n as u64;
-        if self.epoch.as_ref().is_none_or(|e| e.0 != epoch || e.1.len() != n) {
-            self.epoch = Some((epoch, permutation(n, self.seed ^ epoch.wrapping_mul(0x9E37_79B9))));
+        if self
+            .epoch
+            .as_ref()
+            .is_none_or(|e| e.0 != epoch || e.1.len() != n)
+        {
+            self.epoch = Some((
+                epoch,
+                permutation(n, self.seed ^ epoch.wrapping_mul(0x9E37_79B9)),
+            ));
         }
         self.epoch.as_ref().expect("just set").1[(sample % n as u64) as usize] as usize
     }
 
     /// Samples `first..first + count` as a `[count, seq_len + 1]` tensor on `device`.
-    pub fn batch(&mut self, data: &Dataset, windows: &Windows, first: u64, count: usize, device: Device) -> Tensor {
+    pub fn batch(
+        &mut self,
+        data: &Dataset,
+        windows: &Windows,
+        first: u64,
+        count: usize,
+        device: Device,
+    ) -> Tensor {
         let mut flat = Vec::new();
         for j in 0..count as u64 {
             let w = self.window(first + j, windows.len());
             windows.read(&data.train, w, &mut flat);
         }
         let width = (flat.len() / count.max(1)) as i64;
-        Tensor::from_slice(&flat).view([count as i64, width]).to_device(device)
+        Tensor::from_slice(&flat)
+            .view([count as i64, width])
+            .to_device(device)
     }
 }
 
@@ -393,7 +409,13 @@ fn restore(
 impl Run<'_> {
     fn batch(&self, step: u64, sampler: &mut Sampler) -> Tensor {
         let b = self.opts.batch_size as u64;
-        sampler.batch(&self.data, &self.windows, step * b, b as usize, self.model.device())
+        sampler.batch(
+            &self.data,
+            &self.windows,
+            step * b,
+            b as usize,
+            self.model.device(),
+        )
     }
 
     fn evaluate(&self) -> Option<EvalResult> {
