@@ -1,0 +1,273 @@
+//! Seeded random runs of the coordinator: joins, leaves, crashes (silence), late and
+//! early commits, bogus inputs. After every input the invariants hold: refused inputs
+//! change nothing; every batch handed out is, at all times, exactly one of accepted,
+//! assigned now, or waiting in the returned pool (so over an epoch each batch is
+//! trained and accepted once); accepted work matches assignments; and replaying the
+//! same inputs reproduces the same state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tessera_coordinator::{Commit, CoordError, Coordinator, Event, Input, Phase, RunConfig};
+
+struct Lcg(u64);
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+fn config(seed: u64) -> RunConfig {
+    RunConfig {
+        run_id: "run".into(),
+        min_nodes: 2,
+        max_nodes: 6,
+        round_deadline_ms: 1_000,
+        heartbeat_timeout_ms: 3_000,
+        missed_rounds_max: 3,
+        batches_per_node: 3,
+        batches_per_epoch: 1_000_000,
+        rounds_total: 400,
+        seed,
+    }
+}
+
+fn commit(tokens: u64) -> Commit {
+    Commit {
+        blob_hash: format!("h{tokens}"),
+        tokens,
+        loss_micro: 1,
+        theta_hash: "t".into(),
+    }
+}
+
+fn random_input(rng: &mut Lcg, c: &Coordinator) -> Input {
+    let node = format!("n{}", rng.below(8));
+    match rng.below(10) {
+        0 => Input::Join { node },
+        1 if rng.below(4) == 0 => Input::Leave { node },
+        2 | 3 => Input::Heartbeat { node },
+        4..=7 => {
+            let round = c.round().unwrap_or(0) + u64::from(rng.below(10) == 0);
+            Input::Commit {
+                node,
+                round,
+                commit: commit(rng.below(3 * 128 + 20)),
+            }
+        }
+        _ => Input::Tick,
+    }
+}
+
+fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
+    let mut rng = Lcg(seed);
+    let mut c = Coordinator::new(config(seed), 128);
+    let mut accepted: BTreeSet<u64> = BTreeSet::new();
+    let mut inputs = Vec::new();
+    let mut rounds_closed = 0;
+    let mut now = 0u64;
+    for _ in 0..4_000 {
+        now += rng.below(200);
+        let input = random_input(&mut rng, &c);
+        let before = c.clone();
+        inputs.push((input.clone(), now));
+        let assigned_before = c.assignment.clone();
+        match c.apply(input, now) {
+            Err(CoordError::Finished) => break,
+            Err(_) => assert_eq!(c, before, "a refused input changed the state"),
+            Ok(events) => {
+                for e in events {
+                    if let Event::RoundClosed {
+                        work,
+                        accepted: acc,
+                        ..
+                    } = e
+                    {
+                        rounds_closed += 1;
+                        for w in &work {
+                            assert_eq!(
+                                Some(&w.batches),
+                                assigned_before.get(&w.node),
+                                "work differs from assignment"
+                            );
+                            assert!(acc.contains_key(&w.node));
+                            for b in &w.batches {
+                                assert!(accepted.insert(*b), "batch {b} accepted twice");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Conservation: accepted ∪ assigned ∪ returned = 0..cursor, disjointly.
+        let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+        for b in accepted
+            .iter()
+            .chain(c.assignment.values().flatten())
+            .chain(c.returned.iter())
+        {
+            *seen.entry(*b).or_default() += 1;
+        }
+        assert!(seen.values().all(|&n| n == 1), "a batch is in two places");
+        assert_eq!(seen.len() as u64, c.cursor, "a batch was lost");
+        assert!(c.members.len() <= 6);
+    }
+    (c, inputs, rounds_closed)
+}
+
+#[test]
+fn random_runs_keep_every_invariant() {
+    let mut total_rounds = 0;
+    for seed in 0..40 {
+        let (c, inputs, rounds) = run_seed(seed);
+        total_rounds += rounds;
+        // Replaying the same inputs gives the same state.
+        let mut again = Coordinator::new(config(seed), 128);
+        for (input, now) in inputs {
+            let _ = again.apply(input, now);
+        }
+        assert_eq!(again, c, "seed {seed} does not replay");
+    }
+    assert!(
+        total_rounds > 1000,
+        "the runs should close many rounds, closed {total_rounds}"
+    );
+}
+
+#[test]
+fn a_crashed_member_is_dropped_and_its_batches_are_reassigned() {
+    let mut cfg = config(1);
+    cfg.min_nodes = 3;
+    let mut c = Coordinator::new(cfg, 128);
+    for n in ["a", "b", "c"] {
+        c.apply(Input::Join { node: n.into() }, 0).unwrap();
+    }
+    assert_eq!(c.round(), Some(0));
+    let b_batches = c.assignment["b"].clone();
+    c.apply(
+        Input::Commit {
+            node: "a".into(),
+            round: 0,
+            commit: commit(384),
+        },
+        100,
+    )
+    .unwrap();
+    c.apply(
+        Input::Commit {
+            node: "c".into(),
+            round: 0,
+            commit: commit(384),
+        },
+        100,
+    )
+    .unwrap();
+    // b crashed: the round closes at its deadline, b is late and its batches return.
+    let events = c.apply(Input::Tick, 1_000).unwrap();
+    let closed = events.iter().find_map(|e| match e {
+        Event::RoundClosed { late, accepted, .. } => Some((late.clone(), accepted.len())),
+        _ => None,
+    });
+    assert_eq!(closed, Some((vec!["b".to_string()], 2)));
+    assert_eq!(c.round(), Some(1), "training continues");
+    let reassigned: Vec<u64> = c
+        .assignment
+        .values()
+        .flatten()
+        .copied()
+        .filter(|x| b_batches.contains(x))
+        .collect();
+    assert_eq!(
+        reassigned.len(),
+        b_batches.len(),
+        "b's batches are assigned again first"
+    );
+    // Silence past the heartbeat timeout drops b.
+    c.apply(Input::Heartbeat { node: "a".into() }, 2_500)
+        .unwrap();
+    c.apply(Input::Heartbeat { node: "c".into() }, 2_500)
+        .unwrap();
+    let events = c.apply(Input::Tick, 3_100).unwrap();
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::MemberDropped { node, .. } if node == "b")));
+    // A newcomer joins mid-round and takes part from the next round.
+    c.apply(Input::Join { node: "d".into() }, 3_200).unwrap();
+    assert!(c.members["d"].waiting && !c.assignment.contains_key("d"));
+    assert!(matches!(c.phase, Phase::Training { .. }));
+}
+
+#[test]
+fn bad_commits_are_refused() {
+    let mut c = Coordinator::new(config(2), 128);
+    c.apply(Input::Join { node: "a".into() }, 0).unwrap();
+    c.apply(Input::Join { node: "b".into() }, 0).unwrap();
+    let err = c
+        .apply(
+            Input::Commit {
+                node: "a".into(),
+                round: 5,
+                commit: commit(1),
+            },
+            1,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CoordError::WrongRound {
+            got: 5,
+            current: Some(0)
+        }
+    );
+    let err = c
+        .apply(
+            Input::Commit {
+                node: "a".into(),
+                round: 0,
+                commit: commit(10_000),
+            },
+            1,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CoordError::TooManyTokens {
+            claimed: 10_000,
+            max: 384
+        }
+    );
+    let err = c
+        .apply(
+            Input::Commit {
+                node: "z".into(),
+                round: 0,
+                commit: commit(1),
+            },
+            1,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CoordError::NotAssigned { .. }));
+    c.apply(
+        Input::Commit {
+            node: "a".into(),
+            round: 0,
+            commit: commit(1),
+        },
+        1,
+    )
+    .unwrap();
+    let err = c
+        .apply(
+            Input::Commit {
+                node: "a".into(),
+                round: 0,
+                commit: commit(1),
+            },
+            2,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CoordError::AlreadyCommitted { .. }));
+}
