@@ -284,6 +284,9 @@ impl Coordinator {
     /// Drops silent members, closes a round that is complete or past its deadline, and
     /// starts the next one when enough members are present.
     fn advance(&mut self, now_ms: u64, events: &mut Vec<Event>) {
+        if self.phase == Phase::Finished {
+            return;
+        }
         let timeout = self.config.heartbeat_timeout_ms;
         let silent: Vec<NodeId> = self
             .members

@@ -15,9 +15,24 @@ const CORPUS: &str = include_str!("../../../data/tinyshakespeare.txt");
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Minutes of training.
+    /// Train on one node instead of a hub with four nodes.
+    #[arg(long)]
+    single: bool,
+    /// Minutes of training (single-node demo).
     #[arg(long, default_value_t = 3.0)]
     minutes: f64,
+    /// Nodes (decentralized demo).
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// Rounds (decentralized demo).
+    #[arg(long, default_value_t = 16)]
+    rounds: u64,
+    /// Inner steps per round (decentralized demo).
+    #[arg(long, default_value_t = 20)]
+    inner_steps: u64,
+    /// Update codec: none, int8 or topk (decentralized demo).
+    #[arg(long, default_value = "topk")]
+    codec: String,
     /// Working directory for the corpus, data set and run.
     #[arg(long, default_value = "runs/demo")]
     dir: PathBuf,
@@ -55,6 +70,16 @@ pub fn bundled_data(dir: &std::path::Path) -> Result<PathBuf> {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
+    if !args.single {
+        let demo = crate::netdemo::NetDemo {
+            nodes: args.nodes,
+            rounds: args.rounds,
+            inner_steps: args.inner_steps,
+            codec: args.codec.clone(),
+            seed: args.seed,
+        };
+        return crate::netdemo::run(&args.dir, &demo);
+    }
     let data = bundled_data(&args.dir)?;
     // A fresh run every time: the demo shows training from scratch.
     let out = args.dir.join("run");

@@ -8,6 +8,7 @@ mod bench_ledger;
 mod demo;
 mod experiment;
 mod ledger_cli;
+mod netdemo;
 mod progress;
 
 use std::ops::ControlFlow;
@@ -49,11 +50,19 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Prepare the bundled corpus, train `micro` for a few minutes, and sample from it.
+    /// A hub and four nodes on loopback train `micro` on the bundled corpus (or, with
+    /// --single, one process trains it), then a summary and a checkpoint.
     Demo(demo::DemoArgs),
     /// Experiments that produce the figures in docs/results.md.
     #[command(subcommand)]
     Experiment(ExperimentCommand),
+    /// Run a hub: coordinate a decentralized run described by a TOML file.
+    Hub {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a contributor node against a hub.
+    Node(NodeArgs),
     /// Create a node identity (ed25519 key file) and print its public key.
     Keygen {
         /// Where to write the key; refuses to overwrite.
@@ -220,6 +229,24 @@ struct GenerateArgs {
     runtime: RuntimeArgs,
 }
 
+#[derive(Args)]
+struct NodeArgs {
+    /// The hub's base URL, e.g. http://127.0.0.1:7000
+    #[arg(long)]
+    hub: String,
+    /// Identity key file (created if missing).
+    #[arg(long, default_value = "tessera.key")]
+    key: PathBuf,
+    /// Where downloaded data sets are cached.
+    #[arg(long, default_value = "runs/node-cache")]
+    cache: PathBuf,
+    /// Limit upload and download to this many megabits per second.
+    #[arg(long)]
+    bandwidth_mbps: Option<f64>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
 #[derive(Subcommand)]
 enum ExperimentCommand {
     /// DiLoCo (M workers, each codec) against the DDP-equivalent baseline.
@@ -289,6 +316,32 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
         Command::Experiment(ExperimentCommand::Diloco(args)) => experiment::diloco(args),
+        Command::Hub { config } => {
+            let config = tessera_hub::HubConfig::load(&config)?;
+            tokio::runtime::Runtime::new()?.block_on(tessera_hub::serve(config))
+        }
+        Command::Node(args) => {
+            let (device, _) = args.runtime.setup()?;
+            let identity = if args.key.exists() {
+                tessera_protocol::Identity::load(&args.key)?
+            } else {
+                let id = tessera_protocol::Identity::generate();
+                id.save_new(&args.key)?;
+                id
+            };
+            if let Some(b) = args.bandwidth_mbps {
+                if !(b > 0.0 && b.is_finite()) {
+                    bail!("--bandwidth-mbps must be positive, got {b}");
+                }
+            }
+            tessera_node::run(tessera_node::NodeOptions {
+                hub: args.hub,
+                identity,
+                cache_dir: args.cache,
+                device,
+                bandwidth_mbps: args.bandwidth_mbps,
+            })
+        }
         Command::Keygen { out } => {
             let id = tessera_protocol::Identity::generate();
             id.save_new(&out)?;

@@ -81,7 +81,8 @@ pub enum Progress<'a> {
     },
 }
 
-fn flatten(model: &Llama) -> Vec<f32> {
+/// θ as one f32 vector, parameters in their fixed order.
+pub fn flatten(model: &Llama) -> Vec<f32> {
     let mut out = Vec::with_capacity(model.numel());
     for p in model.params() {
         let t = p
@@ -95,7 +96,8 @@ fn flatten(model: &Llama) -> Vec<f32> {
     out
 }
 
-fn load_flat(model: &Llama, theta: &[f32]) {
+/// Loads a flat θ (as from [`flatten`]) into the model.
+pub fn load_flat(model: &Llama, theta: &[f32]) {
     let mut o = 0;
     for (i, p) in model.params().iter().enumerate() {
         let n = p.tensor.numel();

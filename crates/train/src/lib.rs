@@ -17,6 +17,7 @@ pub mod outer;
 pub mod python;
 pub mod rng;
 pub mod trainer;
+pub mod worker;
 
 pub use data::{DataError, Dataset, PrepareOptions};
 pub use eval::{EvalResult, SampleOptions};

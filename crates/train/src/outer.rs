@@ -364,7 +364,7 @@ pub fn aggregate(agg: Aggregator, updates: &[Vec<f32>]) -> Vec<f32> {
 
 /// SGD with Nesterov momentum on θ, as `torch.optim.SGD(nesterov=True)`:
 /// `v ← μv + g; θ ← θ − lr (g + μv)`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Nesterov {
     pub lr: f32,
     pub momentum: f32,

@@ -1,0 +1,750 @@
+//! The hub: the driver around the pure coordinator. It serves the run's HTTP API,
+//! stores update blobs and checkpoints (content-addressed files), runs the same outer
+//! step as the nodes to keep the checkpoint joiners start from, compares the θ hashes
+//! nodes report, and keeps everything durable so `kill -9` and a restart resume the
+//! run where it was.
+//!
+//! Durability: after every coordinator input that changes state, the coordinator's
+//! snapshot, any closed round's record and the checkpoint pointer are written in one
+//! SQLite transaction (WAL, `synchronous=FULL`); the checkpoint and blob files they
+//! point to are written and synced before it. A restart therefore sees each round
+//! either closed with its checkpoint, or still open with the commits it had.
+
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use tessera_coordinator::{Commit, CoordError, Coordinator, Event, Input, Phase, RunConfig};
+use tessera_model::{checkpoint, Preset};
+use tessera_protocol::auth::verify_request;
+use tessera_train::data::{Dataset, Windows, MANIFEST_FILE, TOKENIZER_FILE};
+use tessera_train::eval::{evaluate_windows, EvalResult};
+use tessera_train::outer::decode;
+use tessera_train::worker::{OuterState, RunSpec};
+
+pub use config::HubConfig;
+
+/// Largest checkpoint blob the hub serves or stores (θ and velocity of a 2B model).
+const BLOB_BYTES_MAX: usize = 16 << 30;
+
+/// A closed round as the hub records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    /// (node, blob hash) in node-id order: the order every node aggregates in.
+    pub accepted: Vec<(String, String)>,
+    pub late: Vec<String>,
+    pub tokens: u64,
+    /// θ hash after this round's outer step.
+    pub theta_after: String,
+    pub checkpoint: String,
+}
+
+/// What a node reports with its heartbeats.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub train_seconds: f64,
+    pub wall_seconds: f64,
+    pub last_loss: f64,
+    pub rounds_committed: u64,
+}
+
+/// The run summary (also what `tessera demo` prints).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub run_id: String,
+    pub finished: bool,
+    pub rounds_closed: u64,
+    pub params: u64,
+    pub theta_hash: String,
+    pub divergent_reports: u64,
+    pub nodes: BTreeMap<String, NodeStats>,
+    /// Bytes per node a DDP ring all-reduce of f32 gradients would move (sent +
+    /// received) for the same number of inner steps.
+    pub ddp_bytes_per_node: u64,
+    pub final_eval: Option<EvalResult>,
+    pub final_checkpoint: Option<PathBuf>,
+}
+
+struct Hub {
+    config: HubConfig,
+    spec: RunSpec,
+    coord: Coordinator,
+    outer: OuterState,
+    checkpoint: String,
+    rounds: BTreeMap<u64, RoundRecord>,
+    stats: BTreeMap<String, NodeStats>,
+    divergent: u64,
+    final_eval: Option<EvalResult>,
+    db: Connection,
+    blob_dir: PathBuf,
+    started_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
+    let hash = blake3::hash(bytes).to_hex().to_string();
+    let path = dir.join(&hash);
+    if !path.exists() {
+        checkpoint::write_atomic(&path, bytes)
+            .with_context(|| format!("writing blob {}", path.display()))?;
+    }
+    Ok(hash)
+}
+
+fn is_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+impl Hub {
+    fn open(config: HubConfig) -> Result<Hub> {
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        let blob_dir = config.state_dir.join("blobs");
+        std::fs::create_dir_all(&blob_dir)?;
+        let data = Dataset::open(&config.data)
+            .with_context(|| format!("opening data set {}", config.data.display()))?;
+        let manifest_bytes = std::fs::read(config.data.join(MANIFEST_FILE))?;
+        let mut model = Preset::by_name(&config.preset)?.config();
+        model.vocab_size = data.manifest.vocab_size.div_ceil(64) * 64;
+        if config.seq_len > model.max_position_embeddings {
+            bail!(
+                "seq_len {} exceeds the model's context {}",
+                config.seq_len,
+                model.max_position_embeddings
+            );
+        }
+        let spec = RunSpec {
+            run_id: config.run_id.clone(),
+            model,
+            data_manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
+            batch_size: config.batch_size,
+            seq_len: config.seq_len,
+            inner_steps: config.inner_steps,
+            rounds_total: config.rounds,
+            lr: config.lr,
+            warmup_steps: config.warmup_steps,
+            grad_clip: 1.0,
+            outer_lr: config.outer_lr,
+            outer_momentum: config.outer_momentum,
+            codec: config.codec()?,
+            aggregator: config.aggregator()?,
+            seed: config.seed,
+        };
+        let windows = Windows::new(&data.train, config.seq_len);
+        let db = Connection::open(config.state_dir.join("hub.db"))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL);",
+        )?;
+        let saved_spec: Option<String> = db
+            .query_row("SELECT value FROM meta WHERE key='spec'", [], |r| r.get(0))
+            .optional()?;
+        let spec_json = serde_json::to_string(&spec)?;
+        let (coord, outer, checkpoint, rounds) = match saved_spec {
+            Some(saved) => {
+                if saved != spec_json {
+                    bail!(
+                        "{} holds a run with different settings; use a new state_dir",
+                        config.state_dir.display()
+                    );
+                }
+                let coord: Coordinator = serde_json::from_str(&db.query_row(
+                    "SELECT value FROM meta WHERE key='coordinator'",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )?)?;
+                let checkpoint: String =
+                    db.query_row("SELECT value FROM meta WHERE key='checkpoint'", [], |r| {
+                        r.get(0)
+                    })?;
+                let bytes = std::fs::read(blob_dir.join(&checkpoint))
+                    .context("reading the checkpoint blob")?;
+                let outer = OuterState::from_bytes(&spec, &bytes).map_err(anyhow::Error::msg)?;
+                let mut rounds = BTreeMap::new();
+                let mut stmt = db.prepare("SELECT record FROM rounds ORDER BY round")?;
+                for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                    let rec: RoundRecord = serde_json::from_str(&row?)?;
+                    rounds.insert(rec.round, rec);
+                }
+                drop(stmt);
+                eprintln!(
+                    "hub: resumed run {} at round {} ({} closed)",
+                    spec.run_id,
+                    coord.closed_rounds,
+                    rounds.len()
+                );
+                (coord, outer, checkpoint, rounds)
+            }
+            None => {
+                let coord = Coordinator::new(
+                    RunConfig {
+                        run_id: config.run_id.clone(),
+                        min_nodes: config.min_nodes,
+                        max_nodes: config.max_nodes,
+                        round_deadline_ms: config.round_deadline_ms,
+                        heartbeat_timeout_ms: config.heartbeat_timeout_ms,
+                        missed_rounds_max: config.missed_rounds_max,
+                        batches_per_node: config.inner_steps,
+                        batches_per_epoch: (windows.len() / config.batch_size.max(1)) as u64,
+                        rounds_total: config.rounds,
+                        seed: config.seed,
+                    },
+                    spec.tokens_per_batch(),
+                );
+                let outer = OuterState::initial(&spec);
+                let checkpoint = write_blob(&blob_dir, &outer.to_bytes())?;
+                let tx = db.unchecked_transaction()?;
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES ('spec', ?1)",
+                    params![spec_json],
+                )?;
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES ('checkpoint', ?1)",
+                    params![checkpoint],
+                )?;
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES ('coordinator', ?1)",
+                    params![serde_json::to_string(&coord)?],
+                )?;
+                tx.commit()?;
+                (coord, outer, checkpoint, BTreeMap::new())
+            }
+        };
+        Ok(Hub {
+            config,
+            spec,
+            coord,
+            outer,
+            checkpoint,
+            rounds,
+            stats: BTreeMap::new(),
+            divergent: 0,
+            final_eval: None,
+            db,
+            blob_dir,
+            started_ms: now_ms(),
+        })
+    }
+
+    /// Applies an input, handles its events, and persists the result atomically.
+    fn input(&mut self, input: Input) -> Result<Vec<Event>, HubError> {
+        let before = self.coord.clone();
+        let events = self.coord.apply(input, now_ms()).map_err(HubError::Coord)?;
+        let mut closed = Vec::new();
+        for e in &events {
+            match e {
+                Event::RoundClosed {
+                    round,
+                    accepted,
+                    late,
+                    work,
+                } => {
+                    let mut blobs = Vec::with_capacity(accepted.len());
+                    for c in accepted.values() {
+                        blobs.push(
+                            std::fs::read(self.blob_dir.join(&c.blob_hash))
+                                .map_err(|e| HubError::Internal(e.to_string()))?,
+                        );
+                    }
+                    self.outer
+                        .apply(&self.spec, &blobs)
+                        .map_err(|e| HubError::Internal(e.to_string()))?;
+                    let checkpoint = write_blob(&self.blob_dir, &self.outer.to_bytes())
+                        .map_err(|e| HubError::Internal(e.to_string()))?;
+                    self.checkpoint = checkpoint.clone();
+                    let rec = RoundRecord {
+                        round: *round,
+                        accepted: accepted
+                            .iter()
+                            .map(|(n, c)| (n.clone(), c.blob_hash.clone()))
+                            .collect(),
+                        late: late.clone(),
+                        tokens: work.iter().map(|w| w.tokens).sum(),
+                        theta_after: self.outer.hash(),
+                        checkpoint,
+                    };
+                    eprintln!(
+                        "hub: round {round} closed: {} accepted, {} late, θ {}",
+                        rec.accepted.len(),
+                        rec.late.len(),
+                        &rec.theta_after[..12]
+                    );
+                    closed.push(rec);
+                }
+                Event::MemberDropped { node, reason } => {
+                    eprintln!("hub: dropped {}: {reason}", &node[..12.min(node.len())])
+                }
+                Event::RoundStarted {
+                    round, assignment, ..
+                } => eprintln!(
+                    "hub: round {round} started with {} node(s)",
+                    assignment.len()
+                ),
+                Event::Finished { rounds } => eprintln!("hub: run finished after {rounds} rounds"),
+            }
+        }
+        if self.coord != before || !closed.is_empty() {
+            let persist = || -> rusqlite::Result<()> {
+                let tx = self.db.unchecked_transaction()?;
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'coordinator'",
+                    params![serde_json::to_string(&self.coord).expect("serialises")],
+                )?;
+                for rec in &closed {
+                    tx.execute(
+                        "INSERT INTO rounds(round, record) VALUES (?1, ?2)",
+                        params![
+                            rec.round as i64,
+                            serde_json::to_string(rec).expect("serialises")
+                        ],
+                    )?;
+                    tx.execute(
+                        "UPDATE meta SET value = ?1 WHERE key = 'checkpoint'",
+                        params![rec.checkpoint],
+                    )?;
+                }
+                tx.commit()
+            };
+            persist().map_err(|e| HubError::Internal(format!("persisting hub state: {e}")))?;
+            for rec in closed {
+                self.rounds.insert(rec.round, rec);
+            }
+        }
+        if events.iter().any(|e| matches!(e, Event::Finished { .. })) {
+            self.finish();
+        }
+        Ok(events)
+    }
+
+    /// Writes the final model as a Hugging Face checkpoint and evaluates it.
+    fn finish(&mut self) {
+        let result = (|| -> Result<(PathBuf, EvalResult)> {
+            let data = Dataset::open(&self.config.data)?;
+            let model =
+                tessera_model::Llama::new(&self.spec.model, tch::Device::Cpu, self.spec.seed);
+            tessera_train::diloco::load_flat(&model, &self.outer.theta);
+            let dir = self.config.state_dir.join("final");
+            checkpoint::save(&model, data.tokenizer_json.as_bytes(), &dir)?;
+            let vw = Windows::new(&data.val, self.spec.seq_len);
+            let n = vw.len().min((1 << 16) / self.spec.seq_len);
+            let windows: Vec<Vec<i64>> = (0..n)
+                .map(|i| {
+                    let mut w = Vec::new();
+                    vw.read(&data.val, i, &mut w);
+                    w
+                })
+                .collect();
+            let byte_lens = tessera_train::data::token_byte_lengths(&data.tokenizer);
+            Ok((dir, evaluate_windows(&model, &windows, 8, &byte_lens)))
+        })();
+        match result {
+            Ok((dir, eval)) => {
+                eprintln!(
+                    "hub: final checkpoint {} (validation {:.4} bits per byte)",
+                    dir.display(),
+                    eval.bpb
+                );
+                self.final_eval = Some(eval);
+            }
+            Err(e) => eprintln!("hub: writing the final checkpoint failed: {e:#}"),
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        let n = self.spec.model.params_total();
+        let steps = self.coord.closed_rounds * self.spec.inner_steps;
+        let m = self
+            .rounds
+            .values()
+            .map(|r| r.accepted.len())
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64;
+        Summary {
+            run_id: self.spec.run_id.clone(),
+            finished: self.coord.phase == Phase::Finished,
+            rounds_closed: self.coord.closed_rounds,
+            params: n,
+            theta_hash: self.outer.hash(),
+            divergent_reports: self.divergent,
+            nodes: self.stats.clone(),
+            ddp_bytes_per_node: (steps as f64 * 2.0 * 2.0 * (m - 1.0) / m * 4.0 * n as f64) as u64,
+            final_eval: self.final_eval,
+            final_checkpoint: self.final_eval.map(|_| self.config.state_dir.join("final")),
+        }
+    }
+}
+
+/// Why a request failed, as an HTTP status.
+#[derive(Debug)]
+pub enum HubError {
+    Auth(String),
+    Bad(String),
+    NotFound(String),
+    Coord(CoordError),
+    Internal(String),
+}
+
+impl IntoResponse for HubError {
+    fn into_response(self) -> Response {
+        let (status, msg) = match self {
+            HubError::Auth(m) => (StatusCode::UNAUTHORIZED, m),
+            HubError::Bad(m) => (StatusCode::BAD_REQUEST, m),
+            HubError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            HubError::Coord(e) => (StatusCode::CONFLICT, e.to_string()),
+            HubError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
+        };
+        (status, Json(serde_json::json!({"error": msg}))).into_response()
+    }
+}
+
+type Shared = Arc<Mutex<Hub>>;
+
+fn auth(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<String, HubError> {
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let lookup = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    verify_request(lookup, method.as_str(), path, body, now_ms())
+        .map_err(|e| HubError::Auth(e.to_string()))
+}
+
+/// What `GET /run` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub spec: RunSpec,
+    pub data_files: Vec<String>,
+}
+
+async fn run_info(State(hub): State<Shared>) -> Json<RunInfo> {
+    let hub = hub.lock().expect("hub lock");
+    let manifest = Dataset::open(&hub.config.data).map(|d| d.manifest).ok();
+    let mut files = vec![MANIFEST_FILE.to_string(), TOKENIZER_FILE.to_string()];
+    if let Some(m) = manifest {
+        files.extend(m.train.iter().chain(&m.val).map(|s| s.file.clone()));
+    }
+    Json(RunInfo {
+        spec: hub.spec.clone(),
+        data_files: files,
+    })
+}
+
+async fn data_file(
+    State(hub): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Vec<u8>, HubError> {
+    let dir = hub.lock().expect("hub lock").config.data.clone();
+    let ok = name == MANIFEST_FILE
+        || name == TOKENIZER_FILE
+        || (name.ends_with(".bin")
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    if !ok {
+        return Err(HubError::NotFound(format!("no data file `{name}`")));
+    }
+    std::fs::read(dir.join(&name)).map_err(|_| HubError::NotFound(format!("no data file `{name}`")))
+}
+
+/// Signed, bodiless membership messages.
+async fn membership(
+    State(hub): State<Shared>,
+    UrlPath(action): UrlPath<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, HubError> {
+    let node = auth(&method, &uri, &headers, &body)?;
+    let mut hub = hub.lock().expect("hub lock");
+    let input = match action.as_str() {
+        "join" => Input::Join { node: node.clone() },
+        "leave" => Input::Leave { node: node.clone() },
+        "heartbeat" => {
+            if !body.is_empty() {
+                let stats: NodeStats = serde_json::from_slice(&body)
+                    .map_err(|e| HubError::Bad(format!("bad heartbeat body: {e}")))?;
+                hub.stats.insert(node.clone(), stats);
+            }
+            Input::Heartbeat { node: node.clone() }
+        }
+        other => return Err(HubError::NotFound(format!("no action `{other}`"))),
+    };
+    hub.input(input)?;
+    Ok(Json(
+        serde_json::json!({"round": hub.coord.round(), "closed_rounds": hub.coord.closed_rounds}),
+    ))
+}
+
+/// `POST /commit` body: the commit bound to the run and round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitBody {
+    pub run_id: String,
+    pub round: u64,
+    pub commit: Commit,
+}
+
+async fn commit(
+    State(hub): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, HubError> {
+    let node = auth(&method, &uri, &headers, &body)?;
+    let c: CommitBody = serde_json::from_slice(&body)
+        .map_err(|e| HubError::Bad(format!("malformed commit: {e}")))?;
+    let mut hub = hub.lock().expect("hub lock");
+    if c.run_id != hub.spec.run_id {
+        return Err(HubError::Bad(format!(
+            "commit is for run `{}`, this hub runs `{}`",
+            c.run_id, hub.spec.run_id
+        )));
+    }
+    if !is_hash(&c.commit.blob_hash) || !hub.blob_dir.join(&c.commit.blob_hash).exists() {
+        return Err(HubError::Bad(format!(
+            "blob {} was not uploaded; PUT it first",
+            c.commit.blob_hash
+        )));
+    }
+    hub.input(Input::Commit {
+        node,
+        round: c.round,
+        commit: c.commit,
+    })?;
+    Ok(Json(serde_json::json!({"ok": true})))
+}
+
+async fn put_blob(
+    State(hub): State<Shared>,
+    UrlPath(hash): UrlPath<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, HubError> {
+    let node = auth(&method, &uri, &headers, &body)?;
+    let hub = hub.lock().expect("hub lock");
+    if !hub.coord.members.contains_key(&node) {
+        return Err(HubError::Auth("only members may upload blobs".into()));
+    }
+    let n = hub.spec.model.params_total();
+    let max = hub.spec.codec.encoded_bytes(n as usize);
+    if body.len() > max {
+        return Err(HubError::Bad(format!(
+            "blob of {} bytes exceeds the run's update size {max}",
+            body.len()
+        )));
+    }
+    let actual = blake3::hash(&body).to_hex().to_string();
+    if actual != hash {
+        return Err(HubError::Bad(format!(
+            "blob hash mismatch: content hashes to {actual}, not {hash}"
+        )));
+    }
+    decode(&body, n).map_err(|e| HubError::Bad(format!("blob rejected: {e}")))?;
+    write_blob(&hub.blob_dir, &body).map_err(|e| HubError::Internal(e.to_string()))?;
+    Ok(Json(serde_json::json!({"stored": hash})))
+}
+
+async fn get_blob(
+    State(hub): State<Shared>,
+    UrlPath(hash): UrlPath<String>,
+) -> Result<Vec<u8>, HubError> {
+    if !is_hash(&hash) {
+        return Err(HubError::Bad(format!("`{hash}` is not a blake3 hash")));
+    }
+    let dir = hub.lock().expect("hub lock").blob_dir.clone();
+    let bytes = std::fs::read(dir.join(&hash))
+        .map_err(|_| HubError::NotFound(format!("no blob {hash}")))?;
+    if bytes.len() > BLOB_BYTES_MAX {
+        return Err(HubError::Internal("blob too large".into()));
+    }
+    Ok(bytes)
+}
+
+/// What a node polls.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateView {
+    pub phase: Phase,
+    pub round: Option<u64>,
+    pub assignment: Option<Vec<u64>>,
+    pub committed: bool,
+    pub deadline_ms: u64,
+    pub closed_rounds: u64,
+    pub checkpoint: String,
+    pub last_round: Option<RoundRecord>,
+}
+
+#[derive(Deserialize)]
+struct StateQuery {
+    node: Option<String>,
+}
+
+async fn state(State(hub): State<Shared>, Query(q): Query<StateQuery>) -> Json<StateView> {
+    let hub = hub.lock().expect("hub lock");
+    let node = q.node.unwrap_or_default();
+    Json(StateView {
+        phase: hub.coord.phase.clone(),
+        round: hub.coord.round(),
+        assignment: hub.coord.assignment.get(&node).cloned(),
+        committed: hub.coord.commits.contains_key(&node),
+        deadline_ms: hub.coord.deadline_ms,
+        closed_rounds: hub.coord.closed_rounds,
+        checkpoint: hub.checkpoint.clone(),
+        last_round: hub.rounds.values().next_back().cloned(),
+    })
+}
+
+async fn round(
+    State(hub): State<Shared>,
+    UrlPath(r): UrlPath<u64>,
+) -> Result<Json<RoundRecord>, HubError> {
+    let hub = hub.lock().expect("hub lock");
+    hub.rounds
+        .get(&r)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| HubError::NotFound(format!("round {r} is not closed")))
+}
+
+/// `POST /theta`: a node's θ hash after the outer step of `round`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThetaReport {
+    pub round: u64,
+    pub hash: String,
+}
+
+async fn theta(
+    State(hub): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, HubError> {
+    let node = auth(&method, &uri, &headers, &body)?;
+    let report: ThetaReport = serde_json::from_slice(&body)
+        .map_err(|e| HubError::Bad(format!("malformed report: {e}")))?;
+    let mut hub = hub.lock().expect("hub lock");
+    let expected = hub
+        .rounds
+        .get(&report.round)
+        .map(|r| r.theta_after.clone())
+        .ok_or_else(|| HubError::NotFound(format!("round {} is not closed", report.round)))?;
+    let agrees = expected == report.hash;
+    if !agrees {
+        hub.divergent += 1;
+        eprintln!(
+            "hub: DIVERGENCE: node {} reports θ {} after round {}, expected {}",
+            &node[..12],
+            report.hash,
+            report.round,
+            expected
+        );
+    }
+    Ok(Json(
+        serde_json::json!({"agrees": agrees, "expected": expected}),
+    ))
+}
+
+async fn metrics(State(hub): State<Shared>) -> String {
+    let hub = hub.lock().expect("hub lock");
+    let s = hub.summary();
+    let mut out = String::new();
+    out.push_str("# HELP tessera_rounds_closed Rounds closed so far.\n# TYPE tessera_rounds_closed counter\n");
+    out.push_str(&format!("tessera_rounds_closed {}\n", s.rounds_closed));
+    out.push_str("# HELP tessera_members Current members.\n# TYPE tessera_members gauge\n");
+    out.push_str(&format!("tessera_members {}\n", hub.coord.members.len()));
+    out.push_str("# HELP tessera_theta_divergent_reports Node θ hashes that differed from the hub's.\n# TYPE tessera_theta_divergent_reports counter\n");
+    out.push_str(&format!(
+        "tessera_theta_divergent_reports {}\n",
+        s.divergent_reports
+    ));
+    out.push_str("# HELP tessera_uptime_seconds Seconds since the hub started.\n# TYPE tessera_uptime_seconds gauge\n");
+    out.push_str(&format!(
+        "tessera_uptime_seconds {}\n",
+        now_ms().saturating_sub(hub.started_ms) / 1000
+    ));
+    out.push_str("# HELP tessera_node_bytes_sent Bytes a node reports having sent.\n# TYPE tessera_node_bytes_sent counter\n");
+    for (n, st) in &s.nodes {
+        out.push_str(&format!(
+            "tessera_node_bytes_sent{{node=\"{}\"}} {}\n",
+            &n[..16],
+            st.bytes_sent
+        ));
+    }
+    out
+}
+
+async fn summary(State(hub): State<Shared>) -> Json<Summary> {
+    Json(hub.lock().expect("hub lock").summary())
+}
+
+fn router(hub: Shared) -> Router {
+    Router::new()
+        .route("/run", get(run_info))
+        .route("/data/{file}", get(data_file))
+        .route("/node/{action}", post(membership))
+        .route("/commit", post(commit))
+        .route("/blobs/{hash}", put(put_blob).get(get_blob))
+        .route("/state", get(state))
+        .route("/rounds/{round}", get(round))
+        .route("/theta", post(theta))
+        .route("/metrics", get(metrics))
+        .route("/summary", get(summary))
+        .layer(DefaultBodyLimit::max(256 << 20))
+        .with_state(hub)
+}
+
+/// Runs the hub until the process is stopped: serves the API and ticks the
+/// coordinator four times a second.
+pub async fn serve(config: HubConfig) -> Result<()> {
+    let listen = config.listen.clone();
+    let hub: Shared = Arc::new(Mutex::new(Hub::open(config)?));
+    let router = router(hub.clone());
+    let ticker = hub.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            interval.tick().await;
+            let mut h = ticker.lock().expect("hub lock");
+            if let Err(e) = h.input(Input::Tick) {
+                if !matches!(e, HubError::Coord(CoordError::Finished)) {
+                    eprintln!("hub: tick failed: {e:?}");
+                }
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    eprintln!("hub: serving run on http://{}", listener.local_addr()?);
+    axum::serve(listener, router).await?;
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! The decentralized demo: a hub and four nodes as separate processes on loopback,
+//! training `micro` on the bundled corpus with compressed DiLoCo updates, then a summary.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tessera_hub::Summary;
+
+/// Children are killed when the demo ends, however it ends.
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub struct NetDemo {
+    pub nodes: usize,
+    pub rounds: u64,
+    pub inner_steps: u64,
+    pub codec: String,
+    pub seed: u64,
+}
+
+pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
+    let data = crate::demo::bundled_data(dir)?;
+    let hub_dir = dir.join("hub");
+    if hub_dir.exists() {
+        std::fs::remove_dir_all(&hub_dir)
+            .with_context(|| format!("clearing {}", hub_dir.display()))?;
+    }
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let config = format!(
+        "run_id = \"demo\"\npreset = \"micro\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {hub_dir:?}\n\
+         min_nodes = {n}\nrounds = {r}\ninner_steps = {h}\nbatch_size = 8\nseq_len = 128\nround_deadline_ms = 120000\n\
+         heartbeat_timeout_ms = 15000\ncodec = \"{codec}\"\nseed = {seed}\n",
+        n = demo.nodes,
+        r = demo.rounds,
+        h = demo.inner_steps,
+        codec = demo.codec,
+        seed = demo.seed,
+    );
+    let config_path = dir.join("run.toml");
+    std::fs::write(&config_path, config)?;
+    let exe = std::env::current_exe()?;
+    let log = |name: &str| -> Result<Stdio> {
+        Ok(std::fs::File::create(dir.join(format!("{name}.log")))?.into())
+    };
+    let mut children = Children(Vec::new());
+    let hub = Command::new(&exe)
+        .arg("hub")
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(log("hub")?)
+        .stderr(log("hub")?)
+        .spawn()?;
+    children.0.push(("hub".into(), hub));
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let start = Instant::now();
+    while http.get(format!("{url}/run")).send().is_err() {
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the hub did not start; see {}",
+                dir.join("hub.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "hub on {url}; starting {} nodes (logs in {})",
+        demo.nodes,
+        dir.display()
+    );
+    for i in 0..demo.nodes {
+        let name = format!("node{i}");
+        let key = dir.join(format!("{name}.key"));
+        let child = Command::new(&exe)
+            .args(["node", "--hub", &url, "--threads", "1", "--device", "cpu"])
+            .arg("--key")
+            .arg(&key)
+            .arg("--cache")
+            .arg(dir.join("node-cache"))
+            .stdout(log(&name)?)
+            .stderr(log(&name)?)
+            .spawn()?;
+        children.0.push((name, child));
+    }
+    let mut last = u64::MAX;
+    let summary: Summary = loop {
+        std::thread::sleep(Duration::from_secs(2));
+        for (name, c) in &mut children.0 {
+            if let Some(status) = c.try_wait()? {
+                if !status.success() {
+                    bail!(
+                        "{name} exited with {status}; see {}",
+                        dir.join(format!("{name}.log")).display()
+                    );
+                }
+            }
+        }
+        let Ok(resp) = http.get(format!("{url}/summary")).send() else {
+            continue;
+        };
+        let s: Summary = resp.json()?;
+        if s.rounds_closed != last {
+            last = s.rounds_closed;
+            let loss: Vec<String> = s
+                .nodes
+                .values()
+                .map(|n| format!("{:.3}", n.last_loss))
+                .collect();
+            eprintln!(
+                "round {}/{} closed ({:.0} s); node losses {}",
+                s.rounds_closed,
+                demo.rounds,
+                start.elapsed().as_secs_f64(),
+                loss.join(" ")
+            );
+        }
+        if s.finished && s.final_eval.is_some() {
+            break s;
+        }
+    };
+    print_summary(&summary, start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn print_summary(s: &Summary, seconds: f64) {
+    let eval = s.final_eval.expect("checked by the caller");
+    println!(
+        "---- decentralized run `{}`: {} rounds in {:.0} s ----",
+        s.run_id, s.rounds_closed, seconds
+    );
+    println!(
+        "validation: {:.4} bits per byte (loss {:.4} nats/token)",
+        eval.bpb, eval.loss
+    );
+    println!(
+        "θ hash: {} ({} divergent node reports)",
+        s.theta_hash, s.divergent_reports
+    );
+    println!(
+        "{:<14} {:>12} {:>12} {:>12} {:>12}",
+        "node", "sent", "received", "vs DDP", "utilization"
+    );
+    for (id, n) in &s.nodes {
+        let moved = (n.bytes_sent + n.bytes_received).max(1);
+        println!(
+            "{:<14} {:>12} {:>12} {:>11.0}x {:>11.0}%",
+            &id[..12],
+            crate::human_bytes(n.bytes_sent),
+            crate::human_bytes(n.bytes_received),
+            s.ddp_bytes_per_node as f64 / moved as f64,
+            100.0 * n.train_seconds / n.wall_seconds.max(1e-9)
+        );
+    }
+    println!(
+        "a DDP all-reduce of the same steps: {} per node",
+        crate::human_bytes(s.ddp_bytes_per_node)
+    );
+    if let Some(dir) = &s.final_checkpoint {
+        println!("checkpoint: {}", dir.display());
+        println!(
+            "next: tessera generate --checkpoint {} --prompt 'ROMEO:'",
+            dir.display()
+        );
+    }
+}
