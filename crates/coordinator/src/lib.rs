@@ -199,6 +199,14 @@ impl Coordinator {
         }
     }
 
+    /// Marks every member as seen at `now_ms`. A restarted hub calls this so that its
+    /// own downtime does not count as the nodes' silence.
+    pub fn refresh_members(&mut self, now_ms: u64) {
+        for m in self.members.values_mut() {
+            m.last_seen_ms = now_ms;
+        }
+    }
+
     pub fn round(&self) -> Option<u64> {
         match self.phase {
             Phase::Training { round } => Some(round),

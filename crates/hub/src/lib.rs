@@ -171,7 +171,7 @@ impl Hub {
                         config.state_dir.display()
                     );
                 }
-                let coord: Coordinator = serde_json::from_str(&db.query_row(
+                let mut coord: Coordinator = serde_json::from_str(&db.query_row(
                     "SELECT value FROM meta WHERE key='coordinator'",
                     [],
                     |r| r.get::<_, String>(0),
@@ -190,6 +190,7 @@ impl Hub {
                     rounds.insert(rec.round, rec);
                 }
                 drop(stmt);
+                coord.refresh_members(now_ms());
                 eprintln!(
                     "hub: resumed run {} at round {} ({} closed)",
                     spec.run_id,
@@ -233,6 +234,13 @@ impl Hub {
                 (coord, outer, checkpoint, BTreeMap::new())
             }
         };
+        let divergent: u64 = db
+            .query_row("SELECT value FROM meta WHERE key='divergent'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         Ok(Hub {
             config,
             spec,
@@ -241,7 +249,7 @@ impl Hub {
             checkpoint,
             rounds,
             stats: BTreeMap::new(),
-            divergent: 0,
+            divergent,
             final_eval: None,
             db,
             blob_dir,
@@ -660,6 +668,9 @@ async fn theta(
     let agrees = expected == report.hash;
     if !agrees {
         hub.divergent += 1;
+        let count = hub.divergent.to_string();
+        // Kept durable so a restart does not hide a divergence.
+        let _ = hub.db.execute("INSERT INTO meta(key, value) VALUES ('divergent', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value", params![count]);
         eprintln!(
             "hub: DIVERGENCE: node {} reports θ {} after round {}, expected {}",
             &node[..12],

@@ -202,11 +202,12 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         std::thread::spawn(move || loop {
             let stats = stats(&hb.counters, started);
             let body = serde_json::to_vec(&stats).expect("stats serialise");
-            if hb
-                .send_counted("POST", "/node/heartbeat", body, false)
-                .is_err()
-            {
-                // The hub may be restarting; keep trying.
+            if let Err(e) = hb.send_counted("POST", "/node/heartbeat", body, false) {
+                // A restarted hub may have dropped us as silent: join again. Other
+                // failures (the hub restarting) are retried on the next beat.
+                if format!("{e:#}").contains("not a member") {
+                    let _ = hb.send("POST", "/node/join", Vec::new());
+                }
             }
             std::thread::sleep(Duration::from_millis(1000));
         })
@@ -219,113 +220,126 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     // Our own last blob, so we do not download what we uploaded.
     let mut own_blob: Option<(String, Vec<u8>)> = None;
     loop {
-        let view: StateView = match client.get_json(&format!("/state?node={me}")) {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("node {}: hub unreachable ({e:#}); retrying", &me[..12]);
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
-        };
-        // Catch up to θ of the latest closed round: one outer step from the round
-        // record when we are one behind, else the hub's checkpoint.
-        let target = view.closed_rounds;
-        let have = state.as_ref().map(|s| s.round);
-        if have != Some(target) {
-            let stepped = match (&mut state, have) {
-                (Some(s), Some(r)) if r + 1 == target => {
-                    let rec: RoundRecord = client.get_json(&format!("/rounds/{r}"))?;
-                    let blobs = rec
-                        .accepted
-                        .iter()
-                        .map(|(_, h)| match &own_blob {
-                            Some((own, bytes)) if own == h => Ok(bytes.clone()),
-                            _ => client.blob(h),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    s.apply(&spec, &blobs)?;
-                    let report = ThetaReport {
-                        round: r,
-                        hash: s.hash(),
-                    };
-                    let answer = client.send("POST", "/theta", serde_json::to_vec(&report)?)?;
-                    let agrees =
-                        serde_json::from_slice::<serde_json::Value>(&answer)?["agrees"] == true;
-                    if !agrees {
-                        eprintln!("node {}: θ after round {r} differs from the hub's; reloading its checkpoint", &me[..12]);
+        // One pass: catch up, then train if assigned. Any failure (the hub restarting,
+        // a refused request) is logged and retried; the node never gives up on a run.
+        let mut pass = || -> Result<bool> {
+            let view: StateView = client.get_json(&format!("/state?node={me}"))?;
+            // Catch up to θ of the latest closed round: one outer step from the round
+            // record when we are one behind, else the hub's checkpoint.
+            let target = view.closed_rounds;
+            let have = state.as_ref().map(|s| s.round);
+            if have != Some(target) {
+                let stepped = match (&mut state, have) {
+                    (Some(s), Some(r)) if r + 1 == target => {
+                        let rec: RoundRecord = client.get_json(&format!("/rounds/{r}"))?;
+                        let blobs = rec
+                            .accepted
+                            .iter()
+                            .map(|(_, h)| match &own_blob {
+                                Some((own, bytes)) if own == h => Ok(bytes.clone()),
+                                _ => client.blob(h),
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        s.apply(&spec, &blobs)?;
+                        let report = ThetaReport {
+                            round: r,
+                            hash: s.hash(),
+                        };
+                        let answer = client.send("POST", "/theta", serde_json::to_vec(&report)?)?;
+                        let agrees =
+                            serde_json::from_slice::<serde_json::Value>(&answer)?["agrees"] == true;
+                        if !agrees {
+                            eprintln!("node {}: θ after round {r} differs from the hub's; reloading its checkpoint", &me[..12]);
+                        }
+                        agrees
                     }
-                    agrees
-                }
-                _ => false,
-            };
-            let own_matches = state.as_ref().is_some_and(|s| {
-                s.round == target
-                    && blake3::hash(&s.to_bytes()).to_hex().to_string() == view.checkpoint
-            });
-            if !stepped && !own_matches {
-                let bytes = client.blob(&view.checkpoint)?;
-                let s = OuterState::from_bytes(&spec, &bytes).map_err(anyhow::Error::msg)?;
-                eprintln!("node {}: loaded checkpoint of round {}", &me[..12], s.round);
-                state = Some(s);
-            }
-        }
-        if view.phase == Phase::Finished {
-            let _ = client.send_counted(
-                "POST",
-                "/node/heartbeat",
-                serde_json::to_vec(&stats(&counters, started))?,
-                false,
-            );
-            eprintln!("node {}: run finished", &me[..12]);
-            return Ok(());
-        }
-        let current = state.as_ref().expect("state loaded above");
-        match (view.round, &view.assignment) {
-            (Some(round), Some(batches))
-                if !view.committed && committed_round != Some(round) && current.round == round =>
-            {
-                let work = worker.train_round(current, &data, &windows, batches);
-                let hash = blake3::hash(&work.blob).to_hex().to_string();
-                client.send_counted("PUT", &format!("/blobs/{hash}"), work.blob.clone(), true)?;
-                own_blob = Some((hash.clone(), work.blob.clone()));
-                let body = CommitBody {
-                    run_id: spec.run_id.clone(),
-                    round,
-                    commit: Commit {
-                        blob_hash: hash,
-                        tokens: work.tokens,
-                        loss_micro: (work.mean_loss * 1e6) as u64,
-                        theta_hash: current.hash(),
-                    },
+                    _ => false,
                 };
-                match client.send("POST", "/commit", serde_json::to_vec(&body)?) {
-                    Ok(_) => {
-                        committed_round = Some(round);
-                        counters.rounds.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => eprintln!(
-                        "node {}: commit for round {round} refused: {e:#}",
-                        &me[..12]
-                    ),
+                let own_matches = state.as_ref().is_some_and(|s| {
+                    s.round == target
+                        && blake3::hash(&s.to_bytes()).to_hex().to_string() == view.checkpoint
+                });
+                if !stepped && !own_matches {
+                    let bytes = client.blob(&view.checkpoint)?;
+                    let s = OuterState::from_bytes(&spec, &bytes).map_err(anyhow::Error::msg)?;
+                    eprintln!("node {}: loaded checkpoint of round {}", &me[..12], s.round);
+                    state = Some(s);
                 }
-                counters
-                    .train_ms
-                    .fetch_add((work.train_seconds * 1e3) as u64, Ordering::Relaxed);
-                counters
-                    .loss_micro
-                    .store((work.mean_loss * 1e6) as u64, Ordering::Relaxed);
-                let wall = started.elapsed().as_secs_f64();
-                eprintln!(
-                    "node {}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
-                    &me[..12],
-                    work.mean_loss,
-                    work.tokens as f64 / work.train_seconds.max(1e-9),
-                    counters.sent.load(Ordering::Relaxed),
-                    counters.received.load(Ordering::Relaxed),
-                    100.0 * counters.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
-                );
             }
-            _ => std::thread::sleep(Duration::from_millis(100)),
+            if view.phase == Phase::Finished {
+                let _ = client.send_counted(
+                    "POST",
+                    "/node/heartbeat",
+                    serde_json::to_vec(&stats(&counters, started))?,
+                    false,
+                );
+                eprintln!("node {}: run finished", &me[..12]);
+                return Ok(true);
+            }
+            let current = state.as_ref().expect("state loaded above");
+            match (view.round, &view.assignment) {
+                (Some(round), Some(batches))
+                    if !view.committed
+                        && committed_round != Some(round)
+                        && current.round == round =>
+                {
+                    let work = worker.train_round(current, &data, &windows, batches);
+                    let hash = blake3::hash(&work.blob).to_hex().to_string();
+                    client.send_counted(
+                        "PUT",
+                        &format!("/blobs/{hash}"),
+                        work.blob.clone(),
+                        true,
+                    )?;
+                    own_blob = Some((hash.clone(), work.blob.clone()));
+                    let body = CommitBody {
+                        run_id: spec.run_id.clone(),
+                        round,
+                        commit: Commit {
+                            blob_hash: hash,
+                            tokens: work.tokens,
+                            loss_micro: (work.mean_loss * 1e6) as u64,
+                            theta_hash: current.hash(),
+                        },
+                    };
+                    match client.send("POST", "/commit", serde_json::to_vec(&body)?) {
+                        Ok(_) => {
+                            committed_round = Some(round);
+                            counters.rounds.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => eprintln!(
+                            "node {}: commit for round {round} refused: {e:#}",
+                            &me[..12]
+                        ),
+                    }
+                    counters
+                        .train_ms
+                        .fetch_add((work.train_seconds * 1e3) as u64, Ordering::Relaxed);
+                    counters
+                        .loss_micro
+                        .store((work.mean_loss * 1e6) as u64, Ordering::Relaxed);
+                    let wall = started.elapsed().as_secs_f64();
+                    eprintln!(
+                        "node {}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
+                        &me[..12],
+                        work.mean_loss,
+                        work.tokens as f64 / work.train_seconds.max(1e-9),
+                        counters.sent.load(Ordering::Relaxed),
+                        counters.received.load(Ordering::Relaxed),
+                        100.0 * counters.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
+                    );
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+            Ok(false)
+        };
+        match pass() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("node {}: {e:#}; retrying", &me[..12]);
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
     }
 }
