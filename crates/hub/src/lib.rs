@@ -717,19 +717,33 @@ async fn summary(State(hub): State<Shared>) -> Json<Summary> {
     Json(hub.lock().expect("hub lock").summary())
 }
 
+/// Control messages are small; an update blob is at most the run's encoded size. Both
+/// limits apply while the body streams in, before it is buffered whole.
+const CONTROL_BODY_BYTES_MAX: usize = 64 << 10;
+
 fn router(hub: Shared) -> Router {
+    let blob_max = {
+        let h = hub.lock().expect("hub lock");
+        h.spec
+            .codec
+            .encoded_bytes(h.spec.model.params_total() as usize)
+    };
     Router::new()
         .route("/run", get(run_info))
         .route("/data/{file}", get(data_file))
         .route("/node/{action}", post(membership))
         .route("/commit", post(commit))
-        .route("/blobs/{hash}", put(put_blob).get(get_blob))
         .route("/state", get(state))
         .route("/rounds/{round}", get(round))
         .route("/theta", post(theta))
         .route("/metrics", get(metrics))
         .route("/summary", get(summary))
-        .layer(DefaultBodyLimit::max(256 << 20))
+        .layer(DefaultBodyLimit::max(CONTROL_BODY_BYTES_MAX))
+        .merge(
+            Router::new()
+                .route("/blobs/{hash}", put(put_blob).get(get_blob))
+                .layer(DefaultBodyLimit::max(blob_max)),
+        )
         .with_state(hub)
 }
 

@@ -204,4 +204,27 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     }
     let resp = req.send().unwrap();
     assert!(resp.status().is_client_error());
+    // An oversized control message is refused before it is read whole.
+    let resp = http
+        .post(format!("{url}/commit"))
+        .body(vec![b' '; 1 << 20])
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    // A commit for another run or a past round changes nothing.
+    let mut summary_before = get(&format!("{url}/summary")).unwrap();
+    let commit = serde_json::json!({"run_id": "other", "round": 0, "commit": {"blob_hash": "0".repeat(64), "tokens": 1, "loss_micro": 1, "theta_hash": "x"}});
+    let body = serde_json::to_vec(&commit).unwrap();
+    let mut req = http.post(format!("{url}/commit")).body(body.clone());
+    for (k, v) in tessera_protocol::auth::sign_request(&id, "POST", "/commit", now, &body) {
+        req = req.header(k, v);
+    }
+    let resp = req.send().unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.text().unwrap().contains("run `other`"));
+    let mut summary_after = get(&format!("{url}/summary")).unwrap();
+    // Node statistics keep arriving in heartbeats; compare the run itself.
+    summary_before["nodes"] = serde_json::Value::Null;
+    summary_after["nodes"] = serde_json::Value::Null;
+    assert_eq!(summary_before, summary_after);
 }
