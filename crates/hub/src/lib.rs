@@ -15,6 +15,7 @@ pub mod config;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use tessera_net::http_auth::now_ms;
 
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
@@ -27,7 +28,6 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use tessera_coordinator::{Commit, CoordError, Coordinator, Event, Input, Phase, RunConfig};
 use tessera_model::{checkpoint, Preset};
-use tessera_protocol::auth::verify_request;
 use tessera_train::data::{Dataset, Windows, MANIFEST_FILE, TOKENIZER_FILE};
 use tessera_train::eval::{evaluate_windows, EvalResult};
 use tessera_train::outer::decode;
@@ -92,12 +92,6 @@ struct Hub {
     db: Connection,
     blob_dir: PathBuf,
     started_ms: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
@@ -432,14 +426,7 @@ impl IntoResponse for HubError {
 type Shared = Arc<Mutex<Hub>>;
 
 fn auth(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<String, HubError> {
-    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    let lookup = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    };
-    verify_request(lookup, method.as_str(), path, body, now_ms())
+    tessera_net::http_auth::verify_http(method, uri, headers, body, now_ms())
         .map_err(|e| HubError::Auth(e.to_string()))
 }
 

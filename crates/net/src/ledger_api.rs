@@ -28,7 +28,7 @@ use tessera_ledger::{
     Account, Ledger, LedgerError, Receipt, Request, Signer, SqliteStore, Store, SubmitError,
     Transfer,
 };
-use tessera_protocol::auth::{sign_request, verify_request};
+use tessera_protocol::auth::sign_request;
 use tessera_protocol::limits::{HISTORY_LIMIT_MAX, HTTP_BODY_BYTES_MAX};
 use tessera_protocol::Identity;
 
@@ -46,11 +46,7 @@ impl LedgerService {
         LedgerService {
             ledger: Mutex::new(ledger),
             organiser: organiser.to_ascii_lowercase(),
-            clock: Box::new(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64)
-            }),
+            clock: Box::new(crate::http_auth::now_ms),
         }
     }
 }
@@ -116,14 +112,7 @@ fn authenticate(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Signer, ApiError> {
-    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    let lookup = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    };
-    let key = verify_request(lookup, method.as_str(), path, body, (svc.clock)())
+    let key = crate::http_auth::verify_http(method, uri, headers, body, (svc.clock)())
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e))?;
     Ok(if key == svc.organiser {
         Signer::Organiser
@@ -375,19 +364,19 @@ impl LedgerClient {
         }
     }
 
-    fn now_ms() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    }
-
     async fn send<T: serde::de::DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Vec<u8>,
     ) -> Result<T, ClientError> {
-        let headers = sign_request(&self.identity, method, path, Self::now_ms(), &body);
+        let headers = sign_request(
+            &self.identity,
+            method,
+            path,
+            crate::http_auth::now_ms(),
+            &body,
+        );
         let url = format!("{}{path}", self.base);
         let mut req = match method {
             "POST" => self

@@ -7,6 +7,7 @@
 //! The key design choice is that these are thin: parsing, authentication and status
 //! codes here, every rule in the pure ledger. Nothing here keeps state of its own.
 
+pub mod http_auth;
 pub mod ledger_api;
 
 pub use ledger_api::{router as ledger_router, ClientError, LedgerClient, LedgerService};

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tessera_net::http_auth::now_ms;
 
 use anyhow::{bail, Context, Result};
 use tessera_coordinator::{Commit, Phase};
@@ -46,12 +47,6 @@ struct Client {
     http: reqwest::blocking::Client,
     counters: Arc<Counters>,
     bandwidth_mbps: Option<f64>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Client {

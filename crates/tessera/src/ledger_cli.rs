@@ -4,6 +4,7 @@
 //! decimals; JSON shows base units as strings.
 
 use std::path::PathBuf;
+use tessera_net::http_auth::now_ms;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -151,12 +152,6 @@ enum LedgerCommand {
         #[arg(long)]
         root: Option<String>,
     },
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn tokens(text: &str) -> Result<Amount> {
