@@ -47,6 +47,9 @@ pub struct DilocoArgs {
     topk: u32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Skip the DDP-equivalent baseline (to compare DiLoCo settings among themselves).
+    #[arg(long)]
+    no_baseline: bool,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -92,6 +95,7 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
         codecs,
         seed: args.seed,
         eval_tokens_max: 1 << 16,
+        baseline: !args.no_baseline,
     };
     let mut last_print = std::time::Instant::now();
     let rows = run(&opts, device, &mut |p| match p {

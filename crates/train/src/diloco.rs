@@ -45,6 +45,8 @@ pub struct ExperimentOptions {
     pub codecs: Vec<Codec>,
     pub seed: u64,
     pub eval_tokens_max: usize,
+    /// Run the DDP-equivalent baseline first (the gaps are relative to it).
+    pub baseline: bool,
 }
 
 /// One line of the comparison.
@@ -157,9 +159,12 @@ pub fn run(
         * n_params as f64) as u64;
 
     let mut rows = Vec::new();
-    let baseline = baseline(opts, device, &setup, ddp_bytes_per_node, progress);
-    let base_bpb = baseline.val_bpb;
-    rows.push(baseline);
+    let mut base_bpb = f64::NAN;
+    if opts.baseline {
+        let baseline = baseline(opts, device, &setup, ddp_bytes_per_node, progress);
+        base_bpb = baseline.val_bpb;
+        rows.push(baseline);
+    }
     for &codec in &opts.codecs {
         let mut row = diloco(opts, codec, device, &setup, ddp_bytes_per_node, progress)?;
         row.bpb_gap = (row.val_bpb - base_bpb) / base_bpb;

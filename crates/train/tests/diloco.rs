@@ -51,6 +51,7 @@ fn options(data: std::path::PathBuf, workers: usize, codecs: Vec<Codec>) -> Expe
         codecs,
         seed: 3,
         eval_tokens_max: 2048,
+        baseline: true,
     }
 }
 
