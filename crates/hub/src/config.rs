@@ -54,6 +54,10 @@ pub struct HubConfig {
     pub aggregator: String,
     #[serde(default)]
     pub seed: u64,
+    /// A ledger (from `tessera ledger init`) whose run pool `run_id` pays every closed
+    /// round; fund the run with `tessera ledger fund --run RUN_ID` first.
+    #[serde(default)]
+    pub ledger: Option<PathBuf>,
 }
 
 fn d_preset() -> String {

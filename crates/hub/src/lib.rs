@@ -46,6 +46,8 @@ pub struct RoundRecord {
     pub accepted: Vec<(String, String)>,
     pub late: Vec<String>,
     pub tokens: u64,
+    /// Tokens each accepted node processed: the work record the ledger pays from.
+    pub work: Vec<(String, u64)>,
     /// θ hash after this round's outer step.
     pub theta_after: String,
     pub checkpoint: String,
@@ -92,6 +94,8 @@ struct Hub {
     db: Connection,
     blob_dir: PathBuf,
     started_ms: u64,
+    /// The token ledger that pays closed rounds, when the run has one.
+    ledger: Option<tessera_ledger::Ledger<tessera_ledger::SqliteStore>>,
 }
 
 fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
@@ -235,7 +239,14 @@ impl Hub {
             .optional()?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        Ok(Hub {
+        let ledger = match &config.ledger {
+            Some(path) => Some(
+                tessera_ledger::Ledger::open(tessera_ledger::SqliteStore::open(path)?)
+                    .with_context(|| format!("opening ledger {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let mut hub = Hub {
             config,
             spec,
             coord,
@@ -248,7 +259,10 @@ impl Hub {
             db,
             blob_dir,
             started_ms: now_ms(),
-        })
+            ledger,
+        };
+        hub.pay_rounds();
+        Ok(hub)
     }
 
     /// Applies an input, handles its events, and persists the result atomically.
@@ -285,6 +299,7 @@ impl Hub {
                             .collect(),
                         late: late.clone(),
                         tokens: work.iter().map(|w| w.tokens).sum(),
+                        work: work.iter().map(|w| (w.node.clone(), w.tokens)).collect(),
                         theta_after: self.outer.hash(),
                         checkpoint,
                     };
@@ -334,11 +349,64 @@ impl Hub {
             for rec in closed {
                 self.rounds.insert(rec.round, rec);
             }
+            self.pay_rounds();
         }
         if events.iter().any(|e| matches!(e, Event::Finished { .. })) {
             self.finish();
         }
         Ok(events)
+    }
+
+    /// Pays every closed round the ledger has not paid yet, from its work record.
+    ///
+    /// The hub's round records and the ledger are separate databases, so a crash can
+    /// fall between closing a round and paying it. Payout request ids are
+    /// `payout:RUN:ROUND`, so re-submitting after a restart is a no-op for rounds already
+    /// paid and pays the rest: each round is paid exactly once. Until audits exist every
+    /// accepted update has full score weight.
+    fn pay_rounds(&mut self) {
+        let Some(ledger) = self.ledger.as_mut() else {
+            return;
+        };
+        let run = self.config.run_id.clone();
+        for rec in self.rounds.values() {
+            let paid = ledger
+                .state()
+                .run(&run)
+                .is_some_and(|r| r.paid.contains_key(&rec.round));
+            if paid || rec.work.is_empty() {
+                continue;
+            }
+            let work = rec
+                .work
+                .iter()
+                .map(|(node, tokens)| tessera_ledger::Work {
+                    contributor: node.clone(),
+                    tokens: *tokens,
+                    score_ppm: 1_000_000,
+                })
+                .collect();
+            let request = tessera_ledger::Request {
+                id: format!("payout:{run}:{}", rec.round),
+                signer: tessera_ledger::Signer::Organiser,
+                op: tessera_ledger::Operation::Payout {
+                    run: run.clone(),
+                    round: rec.round,
+                    work,
+                },
+            };
+            match ledger.submit(&request, now_ms()) {
+                Ok(receipt) => eprintln!(
+                    "hub: paid round {} ({} transfers)",
+                    rec.round,
+                    receipt.transfers.len()
+                ),
+                Err(e) => {
+                    eprintln!("hub: round {} not paid: {e}", rec.round);
+                    break;
+                }
+            }
+        }
     }
 
     /// Writes the final model as a Hugging Face checkpoint and evaluates it.

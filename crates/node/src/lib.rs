@@ -136,7 +136,11 @@ fn fetch_data(client: &Client, info: &RunInfo, dir: &Path) -> Result<Dataset> {
         let path = dir.join(file);
         if !path.exists() {
             let bytes = client.send_counted("GET", &format!("/data/{file}"), Vec::new(), false)?;
-            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            // Written aside and renamed, so an interrupted download is never mistaken
+            // for a complete file on the next start.
+            let tmp = path.with_extension("part");
+            std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)?;
         }
     }
     let manifest = std::fs::read(dir.join(tessera_train::data::MANIFEST_FILE))?;

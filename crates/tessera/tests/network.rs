@@ -81,6 +81,16 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    // A ledger whose pool for run `it` pays 10 tokens a round for 14 rounds.
+    let ledger = d.join("ledger.db");
+    for args in [
+        vec!["init"],
+        vec!["sale", "--buyer", "organiser", "--tokens", "1", "--treasury-tokens", "1000", "--proceeds", "test"],
+        vec!["fund", "--run", "it", "--model", "nano", "--tokens", "140", "--reward-per-round", "10"],
+    ] {
+        let out = Command::new(exe()).args(["ledger", "--db", s(&ledger)]).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -93,8 +103,9 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
         format!(
             "run_id = \"it\"\npreset = \"nano\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\
              min_nodes = 3\nrounds = 14\ninner_steps = 2\nbatch_size = 2\nseq_len = 32\nround_deadline_ms = 3000\n\
-             heartbeat_timeout_ms = 8000\ncodec = \"topk\"\ntopk = 256\n",
-            d.join("hub")
+             heartbeat_timeout_ms = 8000\ncodec = \"topk\"\ntopk = 256\nledger = {:?}\n",
+            d.join("hub"),
+            ledger
         ),
     )
     .unwrap();
@@ -180,6 +191,13 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
         "the joiner never trained a round:\n{joiner_log}"
     );
     assert!(!joiner_log.contains("differs from the hub"), "{joiner_log}");
+    // Every closed round was paid exactly once, across the hub's crash: the pool is
+    // empty (a missed round would leave 10 tokens, a double payment would be refused).
+    let pool = Command::new(exe()).args(["ledger", "--db", s(&ledger), "--json", "balance", "pool:it"]).output().unwrap();
+    let pool: serde_json::Value = serde_json::from_slice(&pool.stdout).unwrap();
+    assert_eq!(pool["tokens"], "0", "{pool}");
+    let verify = Command::new(exe()).args(["ledger", "--db", s(&ledger), "verify"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&verify.stdout).starts_with("clean"));
     let hub_log = std::fs::read_to_string(d.join("hub2.log")).unwrap();
     assert!(hub_log.contains("resumed run it"), "{hub_log}");
 
