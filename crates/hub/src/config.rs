@@ -58,6 +58,10 @@ pub struct HubConfig {
     /// round; fund the run with `tessera ledger fund --run RUN_ID` first.
     #[serde(default)]
     pub ledger: Option<PathBuf>,
+    /// The run organiser's public key (hex): the key allowed to sell, fund and record
+    /// revenue through the hub's `/ledger/` API.
+    #[serde(default)]
+    pub organiser: Option<String>,
 }
 
 fn d_preset() -> String {

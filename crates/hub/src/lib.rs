@@ -95,7 +95,8 @@ struct Hub {
     blob_dir: PathBuf,
     started_ms: u64,
     /// The token ledger that pays closed rounds, when the run has one.
-    ledger: Option<tessera_ledger::Ledger<tessera_ledger::SqliteStore>>,
+    /// Shared with the ledger routes the hub serves under `/ledger/`.
+    ledger: Option<Arc<tessera_net::LedgerService>>,
 }
 
 fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
@@ -240,10 +241,15 @@ impl Hub {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let ledger = match &config.ledger {
-            Some(path) => Some(
-                tessera_ledger::Ledger::open(tessera_ledger::SqliteStore::open(path)?)
-                    .with_context(|| format!("opening ledger {}", path.display()))?,
-            ),
+            Some(path) => {
+                let ledger = tessera_ledger::Ledger::open(tessera_ledger::SqliteStore::open(path)?)
+                    .with_context(|| format!("opening ledger {}", path.display()))?;
+                let organiser = match &config.organiser {
+                    Some(key) => tessera_protocol::identity::parse_public(key)?,
+                    None => String::new(),
+                };
+                Some(Arc::new(tessera_net::LedgerService::new(ledger, organiser)))
+            }
             None => None,
         };
         let mut hub = Hub {
@@ -365,9 +371,10 @@ impl Hub {
     /// paid and pays the rest: each round is paid exactly once. Until audits exist every
     /// accepted update has full score weight.
     fn pay_rounds(&mut self) {
-        let Some(ledger) = self.ledger.as_mut() else {
+        let Some(svc) = self.ledger.clone() else {
             return;
         };
+        let mut ledger = svc.ledger.lock().expect("ledger lock");
         let run = self.config.run_id.clone();
         for rec in self.rounds.values() {
             let paid = ledger
@@ -808,6 +815,16 @@ pub async fn serve(config: HubConfig) -> Result<()> {
     let listen = config.listen.clone();
     let hub: Shared = Arc::new(Mutex::new(Hub::open(config)?));
     let router = router(hub.clone());
+    let ledger_routes = hub
+        .lock()
+        .expect("hub lock")
+        .ledger
+        .clone()
+        .map(tessera_net::ledger_router);
+    let router = match ledger_routes {
+        Some(l) => router.merge(l),
+        None => router,
+    };
     let ticker = hub.clone();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(std::time::Duration::from_millis(250));

@@ -85,11 +85,39 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     let ledger = d.join("ledger.db");
     for args in [
         vec!["init"],
-        vec!["sale", "--buyer", "organiser", "--tokens", "1", "--treasury-tokens", "1000", "--proceeds", "test"],
-        vec!["fund", "--run", "it", "--model", "nano", "--tokens", "140", "--reward-per-round", "10"],
+        vec![
+            "sale",
+            "--buyer",
+            "organiser",
+            "--tokens",
+            "1",
+            "--treasury-tokens",
+            "1000",
+            "--proceeds",
+            "test",
+        ],
+        vec![
+            "fund",
+            "--run",
+            "it",
+            "--model",
+            "nano",
+            "--tokens",
+            "140",
+            "--reward-per-round",
+            "10",
+        ],
     ] {
-        let out = Command::new(exe()).args(["ledger", "--db", s(&ledger)]).args(&args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(exe())
+            .args(["ledger", "--db", s(&ledger)])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -193,11 +221,24 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     assert!(!joiner_log.contains("differs from the hub"), "{joiner_log}");
     // Every closed round was paid exactly once, across the hub's crash: the pool is
     // empty (a missed round would leave 10 tokens, a double payment would be refused).
-    let pool = Command::new(exe()).args(["ledger", "--db", s(&ledger), "--json", "balance", "pool:it"]).output().unwrap();
+    let pool = Command::new(exe())
+        .args(["ledger", "--db", s(&ledger), "--json", "balance", "pool:it"])
+        .output()
+        .unwrap();
     let pool: serde_json::Value = serde_json::from_slice(&pool.stdout).unwrap();
     assert_eq!(pool["tokens"], "0", "{pool}");
-    let verify = Command::new(exe()).args(["ledger", "--db", s(&ledger), "verify"]).output().unwrap();
+    let verify = Command::new(exe())
+        .args(["ledger", "--db", s(&ledger), "verify"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&verify.stdout).starts_with("clean"));
+    // The hub serves the ledger too: a node reads its own earnings with its key.
+    let n1 = tessera_protocol::Identity::load(&d.join("n1.key")).unwrap();
+    let me = tessera_ledger::Account::Contributor(n1.public_hex());
+    let client = tessera_net::LedgerClient::new(&url, n1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let earned = rt.block_on(client.balance(&me)).unwrap();
+    assert!(earned.base_units.parse::<u128>().unwrap() > 0, "node 1 earned nothing");
     let hub_log = std::fs::read_to_string(d.join("hub2.log")).unwrap();
     assert!(hub_log.contains("resumed run it"), "{hub_log}");
 
