@@ -25,10 +25,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4)]
     nodes: usize,
     /// Rounds (decentralized demo).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 30)]
     rounds: u64,
     /// Inner steps per round (decentralized demo).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     inner_steps: u64,
     /// Update codec: none, int8 or topk (decentralized demo).
     #[arg(long, default_value = "topk")]

@@ -46,7 +46,8 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
     let config = format!(
         "run_id = \"demo\"\npreset = \"micro\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {hub_dir:?}\n\
          min_nodes = {n}\nrounds = {r}\ninner_steps = {h}\nbatch_size = 8\nseq_len = 128\nround_deadline_ms = 120000\n\
-         heartbeat_timeout_ms = 15000\ncodec = \"{codec}\"\nseed = {seed}\n",
+         heartbeat_timeout_ms = 15000\ncodec = \"{codec}\"\nseed = {seed}\n\
+         outer_lr = 1.0\nouter_momentum = 0.0\n",
         n = demo.nodes,
         r = demo.rounds,
         h = demo.inner_steps,

@@ -238,7 +238,10 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     let client = tessera_net::LedgerClient::new(&url, n1);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let earned = rt.block_on(client.balance(&me)).unwrap();
-    assert!(earned.base_units.parse::<u128>().unwrap() > 0, "node 1 earned nothing");
+    assert!(
+        earned.base_units.parse::<u128>().unwrap() > 0,
+        "node 1 earned nothing"
+    );
     let hub_log = std::fs::read_to_string(d.join("hub2.log")).unwrap();
     assert!(hub_log.contains("resumed run it"), "{hub_log}");
 
