@@ -43,6 +43,9 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
     }
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
+    // Outer step: plain averaging (lr 1, no momentum). Over a run of a few dozen rounds
+    // it measured better than DiLoCo's Nesterov 0.7/0.9, which pays off over hundreds
+    // of rounds (docs/results.md, DiLoCo tuning).
     let config = format!(
         "run_id = \"demo\"\npreset = \"micro\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {hub_dir:?}\n\
          min_nodes = {n}\nrounds = {r}\ninner_steps = {h}\nbatch_size = 8\nseq_len = 128\nround_deadline_ms = 120000\n\
