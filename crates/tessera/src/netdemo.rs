@@ -129,7 +129,7 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
                 .map(|n| format!("{:.3}", n.last_loss))
                 .collect();
             eprintln!(
-                "round {}/{} closed ({:.0} s); node losses {}",
+                "{}/{} rounds closed ({:.0} s); node losses {}",
                 s.rounds_closed,
                 demo.rounds,
                 start.elapsed().as_secs_f64(),
