@@ -275,83 +275,107 @@ impl Hub {
     fn input(&mut self, input: Input) -> Result<Vec<Event>, HubError> {
         let before = self.coord.clone();
         let events = self.coord.apply(input, now_ms()).map_err(HubError::Coord)?;
-        let mut closed = Vec::new();
-        for e in &events {
-            match e {
-                Event::RoundClosed {
-                    round,
-                    accepted,
-                    late,
-                    work,
-                } => {
-                    let mut blobs = Vec::with_capacity(accepted.len());
-                    for c in accepted.values() {
-                        blobs.push(
-                            std::fs::read(self.blob_dir.join(&c.blob_hash))
-                                .map_err(|e| HubError::Internal(e.to_string()))?,
+        // Everything below either completes, or is undone: memory must never run
+        // ahead of what is durable.
+        let outer_before = events
+            .iter()
+            .any(|e| matches!(e, Event::RoundClosed { .. }))
+            .then(|| (self.outer.clone(), self.checkpoint.clone()));
+        let mut step = || -> Result<Vec<RoundRecord>, HubError> {
+            let mut closed = Vec::new();
+            for e in &events {
+                match e {
+                    Event::RoundClosed {
+                        round,
+                        accepted,
+                        late,
+                        work,
+                    } => {
+                        let mut blobs = Vec::with_capacity(accepted.len());
+                        for c in accepted.values() {
+                            blobs.push(
+                                std::fs::read(self.blob_dir.join(&c.blob_hash))
+                                    .map_err(|e| HubError::Internal(e.to_string()))?,
+                            );
+                        }
+                        self.outer
+                            .apply(&self.spec, &blobs)
+                            .map_err(|e| HubError::Internal(e.to_string()))?;
+                        let checkpoint = write_blob(&self.blob_dir, &self.outer.to_bytes())
+                            .map_err(|e| HubError::Internal(e.to_string()))?;
+                        self.checkpoint = checkpoint.clone();
+                        let rec = RoundRecord {
+                            round: *round,
+                            accepted: accepted
+                                .iter()
+                                .map(|(n, c)| (n.clone(), c.blob_hash.clone()))
+                                .collect(),
+                            late: late.clone(),
+                            tokens: work.iter().map(|w| w.tokens).sum(),
+                            work: work.iter().map(|w| (w.node.clone(), w.tokens)).collect(),
+                            theta_after: self.outer.hash(),
+                            checkpoint,
+                        };
+                        eprintln!(
+                            "hub: round {round} closed: {} accepted, {} late, θ {}",
+                            rec.accepted.len(),
+                            rec.late.len(),
+                            &rec.theta_after[..12]
                         );
+                        closed.push(rec);
                     }
-                    self.outer
-                        .apply(&self.spec, &blobs)
-                        .map_err(|e| HubError::Internal(e.to_string()))?;
-                    let checkpoint = write_blob(&self.blob_dir, &self.outer.to_bytes())
-                        .map_err(|e| HubError::Internal(e.to_string()))?;
-                    self.checkpoint = checkpoint.clone();
-                    let rec = RoundRecord {
-                        round: *round,
-                        accepted: accepted
-                            .iter()
-                            .map(|(n, c)| (n.clone(), c.blob_hash.clone()))
-                            .collect(),
-                        late: late.clone(),
-                        tokens: work.iter().map(|w| w.tokens).sum(),
-                        work: work.iter().map(|w| (w.node.clone(), w.tokens)).collect(),
-                        theta_after: self.outer.hash(),
-                        checkpoint,
-                    };
-                    eprintln!(
-                        "hub: round {round} closed: {} accepted, {} late, θ {}",
-                        rec.accepted.len(),
-                        rec.late.len(),
-                        &rec.theta_after[..12]
-                    );
-                    closed.push(rec);
+                    Event::MemberDropped { node, reason } => {
+                        eprintln!("hub: dropped {}: {reason}", &node[..12.min(node.len())])
+                    }
+                    Event::RoundStarted {
+                        round, assignment, ..
+                    } => eprintln!(
+                        "hub: round {round} started with {} node(s)",
+                        assignment.len()
+                    ),
+                    Event::Finished { rounds } => {
+                        eprintln!("hub: run finished after {rounds} rounds")
+                    }
                 }
-                Event::MemberDropped { node, reason } => {
-                    eprintln!("hub: dropped {}: {reason}", &node[..12.min(node.len())])
-                }
-                Event::RoundStarted {
-                    round, assignment, ..
-                } => eprintln!(
-                    "hub: round {round} started with {} node(s)",
-                    assignment.len()
-                ),
-                Event::Finished { rounds } => eprintln!("hub: run finished after {rounds} rounds"),
             }
-        }
-        if self.coord != before || !closed.is_empty() {
-            let persist = || -> rusqlite::Result<()> {
-                let tx = self.db.unchecked_transaction()?;
-                tx.execute(
-                    "UPDATE meta SET value = ?1 WHERE key = 'coordinator'",
-                    params![serde_json::to_string(&self.coord).expect("serialises")],
-                )?;
-                for rec in &closed {
+            if self.coord != before || !closed.is_empty() {
+                let persist = || -> rusqlite::Result<()> {
+                    let tx = self.db.unchecked_transaction()?;
                     tx.execute(
-                        "INSERT INTO rounds(round, record) VALUES (?1, ?2)",
-                        params![
-                            rec.round as i64,
-                            serde_json::to_string(rec).expect("serialises")
-                        ],
+                        "UPDATE meta SET value = ?1 WHERE key = 'coordinator'",
+                        params![serde_json::to_string(&self.coord).expect("serialises")],
                     )?;
-                    tx.execute(
-                        "UPDATE meta SET value = ?1 WHERE key = 'checkpoint'",
-                        params![rec.checkpoint],
-                    )?;
+                    for rec in &closed {
+                        tx.execute(
+                            "INSERT INTO rounds(round, record) VALUES (?1, ?2)",
+                            params![
+                                rec.round as i64,
+                                serde_json::to_string(rec).expect("serialises")
+                            ],
+                        )?;
+                        tx.execute(
+                            "UPDATE meta SET value = ?1 WHERE key = 'checkpoint'",
+                            params![rec.checkpoint],
+                        )?;
+                    }
+                    tx.commit()
+                };
+                persist().map_err(|e| HubError::Internal(format!("persisting hub state: {e}")))?;
+            }
+            Ok(closed)
+        };
+        let closed = match step() {
+            Ok(closed) => closed,
+            Err(e) => {
+                self.coord = before;
+                if let Some((outer, checkpoint)) = outer_before {
+                    self.outer = outer;
+                    self.checkpoint = checkpoint;
                 }
-                tx.commit()
-            };
-            persist().map_err(|e| HubError::Internal(format!("persisting hub state: {e}")))?;
+                return Err(e);
+            }
+        };
+        if !closed.is_empty() {
             for rec in closed {
                 self.rounds.insert(rec.round, rec);
             }
