@@ -28,7 +28,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use tessera_coordinator::{Commit, CoordError, Coordinator, Event, Input, Phase, RunConfig};
 use tessera_model::{checkpoint, Preset};
-use tessera_train::data::{Dataset, Windows, MANIFEST_FILE, TOKENIZER_FILE};
+use tessera_train::data::{Dataset, Windows, MANIFEST_FILE};
 use tessera_train::eval::{evaluate_windows, EvalResult};
 use tessera_train::outer::decode;
 use tessera_train::worker::{OuterState, RunSpec};
@@ -94,6 +94,8 @@ struct Hub {
     db: Connection,
     blob_dir: PathBuf,
     started_ms: u64,
+    /// The data set's files, served to nodes (listed once: opening the set hashes it).
+    data_files: Vec<String>,
     /// The token ledger that pays closed rounds, when the run has one.
     /// Shared with the ledger routes the hub serves under `/ledger/`.
     ledger: Option<Arc<tessera_net::LedgerService>>,
@@ -151,6 +153,7 @@ impl Hub {
             seed: config.seed,
         };
         let windows = Windows::new(&data.train, config.seq_len);
+        let data_files = data.files();
         let db = Connection::open(config.state_dir.join("hub.db"))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
@@ -265,6 +268,7 @@ impl Hub {
             db,
             blob_dir,
             started_ms: now_ms(),
+            data_files,
             ledger,
         };
         hub.pay_rounds();
@@ -449,15 +453,7 @@ impl Hub {
             tessera_train::diloco::load_flat(&model, &self.outer.theta);
             let dir = self.config.state_dir.join("final");
             checkpoint::save(&model, data.tokenizer_json.as_bytes(), &dir)?;
-            let vw = Windows::new(&data.val, self.spec.seq_len);
-            let n = vw.len().min((1 << 16) / self.spec.seq_len);
-            let windows: Vec<Vec<i64>> = (0..n)
-                .map(|i| {
-                    let mut w = Vec::new();
-                    vw.read(&data.val, i, &mut w);
-                    w
-                })
-                .collect();
+            let windows = data.validation_windows(self.spec.seq_len, 1 << 16);
             let byte_lens = tessera_train::data::token_byte_lengths(&data.tokenizer);
             Ok((dir, evaluate_windows(&model, &windows, 8, &byte_lens)))
         })();
@@ -538,14 +534,9 @@ pub struct RunInfo {
 
 async fn run_info(State(hub): State<Shared>) -> Json<RunInfo> {
     let hub = hub.lock().expect("hub lock");
-    let manifest = Dataset::open(&hub.config.data).map(|d| d.manifest).ok();
-    let mut files = vec![MANIFEST_FILE.to_string(), TOKENIZER_FILE.to_string()];
-    if let Some(m) = manifest {
-        files.extend(m.train.iter().chain(&m.val).map(|s| s.file.clone()));
-    }
     Json(RunInfo {
         spec: hub.spec.clone(),
-        data_files: files,
+        data_files: hub.data_files.clone(),
     })
 }
 
@@ -553,14 +544,12 @@ async fn data_file(
     State(hub): State<Shared>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Vec<u8>, HubError> {
-    let dir = hub.lock().expect("hub lock").config.data.clone();
-    let ok = name == MANIFEST_FILE
-        || name == TOKENIZER_FILE
-        || (name.ends_with(".bin")
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
-    if !ok {
+    let (dir, listed) = {
+        let hub = hub.lock().expect("hub lock");
+        (hub.config.data.clone(), hub.data_files.contains(&name))
+    };
+    // Only the data set's own files are served, never another path in its directory.
+    if !listed {
         return Err(HubError::NotFound(format!("no data file `{name}`")));
     }
     std::fs::read(dir.join(&name)).map_err(|_| HubError::NotFound(format!("no data file `{name}`")))

@@ -601,6 +601,36 @@ impl Windows {
     }
 }
 
+impl Dataset {
+    /// The first validation windows (`seq_len + 1` tokens each), at most
+    /// `tokens_max` predicted tokens in all: the fixed set every validation pass scores.
+    pub fn validation_windows(&self, seq_len: usize, tokens_max: usize) -> Vec<Vec<i64>> {
+        let windows = Windows::new(&self.val, seq_len);
+        let n = windows.len().min(tokens_max / seq_len.max(1));
+        (0..n)
+            .map(|i| {
+                let mut w = Vec::with_capacity(seq_len + 1);
+                windows.read(&self.val, i, &mut w);
+                w
+            })
+            .collect()
+    }
+
+    /// The file names of the data set (manifest, tokenizer, shards).
+    pub fn files(&self) -> Vec<String> {
+        let shards = self
+            .manifest
+            .train
+            .iter()
+            .chain(&self.manifest.val)
+            .map(|s| s.file.clone());
+        [MANIFEST_FILE.to_string(), TOKENIZER_FILE.to_string()]
+            .into_iter()
+            .chain(shards)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

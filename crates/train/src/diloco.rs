@@ -135,15 +135,7 @@ pub fn run(
     }
     let data = Dataset::open(&opts.data)?;
     let windows = Windows::new(&data.train, opts.seq_len);
-    let vw = Windows::new(&data.val, opts.seq_len);
-    let n_val = vw.len().min(opts.eval_tokens_max / opts.seq_len.max(1));
-    let val = (0..n_val)
-        .map(|i| {
-            let mut w = Vec::new();
-            vw.read(&data.val, i, &mut w);
-            w
-        })
-        .collect();
+    let val = data.validation_windows(opts.seq_len, opts.eval_tokens_max);
     let byte_lens = token_byte_lengths(&data.tokenizer);
     let setup = Setup {
         data,
@@ -255,7 +247,7 @@ fn diloco(
             for h in 0..opts.inner_steps {
                 let step = round * opts.inner_steps + h;
                 let first = step * global + (i * opts.batch_size) as u64;
-                let batch = s.data_batch(&mut sampler, first, opts.batch_size, device);
+                let batch = sampler.batch(&s.data, &s.windows, first, opts.batch_size, device);
                 let lr = lr_at(step, opts.lr, opts.warmup_steps, opts.total_steps, 0.1);
                 let loss = train_step(model, optim, &batch, lr, opts.grad_clip);
                 if h + 1 == opts.inner_steps {
@@ -299,16 +291,4 @@ fn diloco(
     };
     progress(Progress::Finished { row: &row });
     Ok(row)
-}
-
-impl Setup {
-    fn data_batch(
-        &self,
-        sampler: &mut Sampler,
-        first: u64,
-        count: usize,
-        device: Device,
-    ) -> Tensor {
-        sampler.batch(&self.data, &self.windows, first, count, device)
-    }
 }

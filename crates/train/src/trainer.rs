@@ -264,17 +264,7 @@ pub fn train(
             opts.batch_size
         )));
     }
-    let val_windows = {
-        let vw = Windows::new(&data.val, opts.seq_len);
-        let n = vw.len().min(opts.eval_tokens_max / opts.seq_len.max(1));
-        (0..n)
-            .map(|i| {
-                let mut w = Vec::with_capacity(opts.seq_len + 1);
-                vw.read(&data.val, i, &mut w);
-                w
-            })
-            .collect::<Vec<_>>()
-    };
+    let val_windows = data.validation_windows(opts.seq_len, opts.eval_tokens_max);
     let byte_lens = token_byte_lengths(&data.tokenizer);
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
 
