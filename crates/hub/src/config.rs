@@ -16,6 +16,10 @@ pub struct HubConfig {
     pub data: PathBuf,
     #[serde(default = "d_listen")]
     pub listen: String,
+    /// UDP address of the hub's blob endpoint (iroh). Loopback by default; a public
+    /// run binds a reachable address, e.g. `0.0.0.0:7001`.
+    #[serde(default = "d_blob_bind")]
+    pub blob_bind: std::net::SocketAddr,
     /// Where the hub keeps its database, blobs and checkpoints.
     pub state_dir: PathBuf,
     #[serde(default = "d_min_nodes")]
@@ -43,12 +47,18 @@ pub struct HubConfig {
     pub outer_lr: f32,
     #[serde(default = "d_momentum")]
     pub outer_momentum: f32,
+    /// Error-feedback decay: how much unsent residual carries to the next round.
+    #[serde(default = "d_ef_decay")]
+    pub ef_decay: f32,
     /// `none`, `int8` or `topk`.
     #[serde(default = "d_codec")]
     pub codec: String,
     /// Elements kept per 4096 by `topk`.
     #[serde(default = "d_topk")]
     pub topk: u32,
+    /// Bits per value kept by `topk` (a sign and 2^(bits−1) magnitudes).
+    #[serde(default = "d_topk_bits")]
+    pub topk_bits: u8,
     /// `mean`, `median`, `trimmed_mean` or `norm_clip`.
     #[serde(default = "d_aggregator")]
     pub aggregator: String,
@@ -69,6 +79,9 @@ fn d_preset() -> String {
 }
 fn d_listen() -> String {
     "127.0.0.1:7000".into()
+}
+fn d_blob_bind() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 0))
 }
 fn d_min_nodes() -> usize {
     2
@@ -109,6 +122,12 @@ fn d_momentum() -> f32 {
 fn d_codec() -> String {
     "topk".into()
 }
+fn d_ef_decay() -> f32 {
+    1.0
+}
+fn d_topk_bits() -> u8 {
+    4
+}
 fn d_topk() -> u32 {
     64
 }
@@ -130,6 +149,13 @@ impl HubConfig {
                 path.display()
             );
         }
+        if !(0.0..=1.0).contains(&config.ef_decay) {
+            bail!(
+                "{}: ef_decay must be within 0..=1, got {}",
+                path.display(),
+                config.ef_decay
+            );
+        }
         if config.min_nodes > config.max_nodes {
             bail!(
                 "{}: min_nodes {} exceeds max_nodes {}",
@@ -142,16 +168,7 @@ impl HubConfig {
     }
 
     pub fn codec(&self) -> Result<Codec> {
-        Ok(match self.codec.as_str() {
-            "none" => Codec::None,
-            "int8" => Codec::Int8 { chunk: 4096 },
-            "topk" if (1..=4096).contains(&self.topk) => Codec::TopK {
-                chunk: 4096,
-                k: self.topk,
-            },
-            "topk" => bail!("topk must be 1..=4096, got {}", self.topk),
-            other => bail!("unknown codec `{other}`; expected none, int8 or topk"),
-        })
+        Codec::parse(&self.codec, self.topk, self.topk_bits).map_err(anyhow::Error::msg)
     }
 
     pub fn aggregator(&self) -> Result<Aggregator> {

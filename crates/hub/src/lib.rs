@@ -1,8 +1,10 @@
-//! The hub: the driver around the pure coordinator. It serves the run's HTTP API,
-//! stores update blobs and checkpoints (content-addressed files), runs the same outer
-//! step as the nodes to keep the checkpoint joiners start from, compares the θ hashes
-//! nodes report, and keeps everything durable so `kill -9` and a restart resume the
-//! run where it was.
+//! The hub: the driver around the pure coordinator. It serves the run's control
+//! plane over HTTP, fetches every committed update blob from its node over the data
+//! plane (iroh-blobs, hash-verified, size-bounded) and checks it decodes before the
+//! commit counts, runs the same outer step as the nodes to keep the checkpoint joiners
+//! start from, serves that checkpoint and the accepted blobs as a second source next to
+//! their origin nodes, compares the θ hashes nodes report, and keeps everything durable
+//! so `kill -9` and a restart resume the run where it was.
 //!
 //! Durability: after every coordinator input that changes state, the coordinator's
 //! snapshot, any closed round's record and the checkpoint pointer are written in one
@@ -22,10 +24,11 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions, PeerAddr};
 use tessera_coordinator::{Commit, CoordError, Coordinator, Event, Input, Phase, RunConfig};
 use tessera_model::{checkpoint, Preset};
 use tessera_train::data::{Dataset, Windows, MANIFEST_FILE};
@@ -35,15 +38,16 @@ use tessera_train::worker::{OuterState, RunSpec};
 
 pub use config::HubConfig;
 
-/// Largest checkpoint blob the hub serves or stores (θ and velocity of a 2B model).
-const BLOB_BYTES_MAX: usize = 16 << 30;
-
 /// A closed round as the hub records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u64,
     /// (node, blob hash) in node-id order: the order every node aggregates in.
     pub accepted: Vec<(String, String)>,
+    /// Where each accepted blob was first published (its node's blob endpoint), in
+    /// the order of `accepted`; the hub serves them too.
+    #[serde(default)]
+    pub sources: Vec<PeerAddr>,
     pub late: Vec<String>,
     pub tokens: u64,
     /// Tokens each accepted node processed: the work record the ledger pays from.
@@ -93,6 +97,10 @@ struct Hub {
     final_eval: Option<EvalResult>,
     db: Connection,
     blob_dir: PathBuf,
+    /// The data plane: serves checkpoints and accepted blobs, fetches commits' blobs.
+    blobs: Arc<dyn BlobTransport>,
+    /// Where each blob committed in the open round came from.
+    sources: BTreeMap<String, PeerAddr>,
     started_ms: u64,
     /// The data set's files, served to nodes (listed once: opening the set hashes it).
     data_files: Vec<String>,
@@ -148,6 +156,7 @@ impl Hub {
             grad_clip: 1.0,
             outer_lr: config.outer_lr,
             outer_momentum: config.outer_momentum,
+            ef_decay: config.ef_decay,
             codec: config.codec()?,
             aggregator: config.aggregator()?,
             seed: config.seed,
@@ -255,6 +264,25 @@ impl Hub {
             }
             None => None,
         };
+        let blobs: Arc<dyn BlobTransport> = Arc::new(
+            IrohBlobs::bind(IrohOptions {
+                bind: config.blob_bind,
+                ..IrohOptions::loopback()
+            })
+            .context("starting the hub's blob endpoint")?,
+        );
+        // Serve again what nodes may still ask for: the checkpoint, the last closed
+        // round's blobs (for nodes one round behind) and the open round's commits.
+        let mut serve_again = vec![checkpoint.clone()];
+        if let Some(last) = rounds.values().next_back() {
+            serve_again.extend(last.accepted.iter().map(|(_, h)| h.clone()));
+        }
+        serve_again.extend(coord.commits.values().map(|c| c.blob_hash.clone()));
+        for hash in serve_again {
+            let bytes = std::fs::read(blob_dir.join(&hash))
+                .with_context(|| format!("reading blob {hash}"))?;
+            blobs.publish(&bytes)?;
+        }
         let mut hub = Hub {
             config,
             spec,
@@ -267,6 +295,8 @@ impl Hub {
             final_eval: None,
             db,
             blob_dir,
+            blobs,
+            sources: BTreeMap::new(),
             started_ms: now_ms(),
             data_files,
             ledger,
@@ -305,14 +335,28 @@ impl Hub {
                         self.outer
                             .apply(&self.spec, &blobs)
                             .map_err(|e| HubError::Internal(e.to_string()))?;
-                        let checkpoint = write_blob(&self.blob_dir, &self.outer.to_bytes())
+                        let bytes = self.outer.to_bytes();
+                        let checkpoint = write_blob(&self.blob_dir, &bytes)
+                            .map_err(|e| HubError::Internal(e.to_string()))?;
+                        self.blobs
+                            .publish(&bytes)
                             .map_err(|e| HubError::Internal(e.to_string()))?;
                         self.checkpoint = checkpoint.clone();
+                        let hub_addr = self.blobs.addr();
                         let rec = RoundRecord {
                             round: *round,
                             accepted: accepted
                                 .iter()
                                 .map(|(n, c)| (n.clone(), c.blob_hash.clone()))
+                                .collect(),
+                            sources: accepted
+                                .values()
+                                .map(|c| {
+                                    self.sources
+                                        .get(&c.blob_hash)
+                                        .cloned()
+                                        .unwrap_or_else(|| hub_addr.clone())
+                                })
                                 .collect(),
                             late: late.clone(),
                             tokens: work.iter().map(|w| w.tokens).sum(),
@@ -383,12 +427,44 @@ impl Hub {
             for rec in closed {
                 self.rounds.insert(rec.round, rec);
             }
+            self.sources.clear();
+            self.prune();
             self.pay_rounds();
         }
         if events.iter().any(|e| matches!(e, Event::Finished { .. })) {
             self.finish();
         }
         Ok(events)
+    }
+
+    /// Stops serving, and deletes, the blobs and checkpoints of rounds two or more
+    /// behind the last closed one: nobody needs them any more (a node further behind
+    /// loads the current checkpoint). What the current state points to is kept.
+    fn prune(&mut self) {
+        let Some(&last) = self.rounds.keys().next_back() else {
+            return;
+        };
+        let Some(old) = last.checked_sub(2).and_then(|r| self.rounds.get(&r)) else {
+            return;
+        };
+        let keep: std::collections::BTreeSet<&String> = self
+            .rounds
+            .range(last - 1..)
+            .flat_map(|(_, r)| r.accepted.iter().map(|(_, h)| h).chain([&r.checkpoint]))
+            .chain([&self.checkpoint])
+            .collect();
+        let stale: Vec<String> = old
+            .accepted
+            .iter()
+            .map(|(_, h)| h)
+            .chain([&old.checkpoint])
+            .filter(|h| !keep.contains(h))
+            .cloned()
+            .collect();
+        for hash in stale {
+            self.blobs.forget(&hash);
+            let _ = std::fs::remove_file(self.blob_dir.join(&hash));
+        }
     }
 
     /// Pays every closed round the ledger has not paid yet, from its work record.
@@ -520,8 +596,14 @@ impl IntoResponse for HubError {
 
 type Shared = Arc<Mutex<Hub>>;
 
+/// Signatures of control messages already accepted by this process's hub.
+static REPLAYS: std::sync::LazyLock<tessera_protocol::auth::ReplayGuard> =
+    std::sync::LazyLock::new(tessera_protocol::auth::ReplayGuard::new);
+
+/// Checks a control message's signature (method, path, body, fresh timestamp) and that
+/// it is not a replay; returns the signer.
 fn auth(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<String, HubError> {
-    tessera_net::http_auth::verify_http(method, uri, headers, body, now_ms())
+    tessera_net::http_auth::verify_http_once(method, uri, headers, body, now_ms(), &REPLAYS)
         .map_err(|e| HubError::Auth(e.to_string()))
 }
 
@@ -530,6 +612,8 @@ fn auth(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<
 pub struct RunInfo {
     pub spec: RunSpec,
     pub data_files: Vec<String>,
+    /// The hub's blob endpoint: checkpoints, and every accepted update.
+    pub hub_blobs: PeerAddr,
 }
 
 async fn run_info(State(hub): State<Shared>) -> Json<RunInfo> {
@@ -537,6 +621,7 @@ async fn run_info(State(hub): State<Shared>) -> Json<RunInfo> {
     Json(RunInfo {
         spec: hub.spec.clone(),
         data_files: hub.data_files.clone(),
+        hub_blobs: hub.blobs.addr(),
     })
 }
 
@@ -585,14 +670,21 @@ async fn membership(
     ))
 }
 
-/// `POST /commit` body: the commit bound to the run and round.
+/// `POST /commit` body: the commit bound to the run and round, and where the blob it
+/// names can be fetched.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommitBody {
     pub run_id: String,
     pub round: u64,
     pub commit: Commit,
+    /// The committing node's blob endpoint.
+    pub provider: PeerAddr,
 }
 
+/// A commit counts only once the hub holds its blob: fetched from the node's endpoint
+/// (verified against the hash while it streams, refused past the run's update size),
+/// decoded, and stored durably. The fetch runs without the hub lock, so a slow node
+/// holds up only its own commit.
 async fn commit(
     State(hub): State<Shared>,
     method: Method,
@@ -603,73 +695,54 @@ async fn commit(
     let node = auth(&method, &uri, &headers, &body)?;
     let c: CommitBody = serde_json::from_slice(&body)
         .map_err(|e| HubError::Bad(format!("malformed commit: {e}")))?;
+    let (blobs, blob_dir, n, max) = {
+        let hub = hub.lock().expect("hub lock");
+        if c.run_id != hub.spec.run_id {
+            return Err(HubError::Bad(format!(
+                "commit is for run `{}`, this hub runs `{}`",
+                c.run_id, hub.spec.run_id
+            )));
+        }
+        if !hub.coord.members.contains_key(&node) {
+            return Err(HubError::Auth(format!("{} is not a member", &node[..12])));
+        }
+        if hub.coord.round() != Some(c.round) {
+            return Err(HubError::Bad(format!(
+                "commit is for round {}, the open round is {:?}",
+                c.round,
+                hub.coord.round()
+            )));
+        }
+        if !is_hash(&c.commit.blob_hash) {
+            return Err(HubError::Bad(format!(
+                "`{}` is not a blake3 hash",
+                c.commit.blob_hash
+            )));
+        }
+        let n = hub.spec.model.params_total();
+        let max = hub.spec.codec.max_encoded_bytes(n as usize) as u64;
+        (hub.blobs.clone(), hub.blob_dir.clone(), n, max)
+    };
+    let hash = c.commit.blob_hash.clone();
+    let provider = c.provider.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), HubError> {
+        let bytes = blobs
+            .fetch(&hash, &[provider], max)
+            .map_err(|e| HubError::Bad(format!("commit's blob refused: {e}")))?;
+        decode(&bytes, n).map_err(|e| HubError::Bad(format!("commit's blob refused: {e}")))?;
+        write_blob(&blob_dir, &bytes).map_err(|e| HubError::Internal(e.to_string()))?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| HubError::Internal(e.to_string()))??;
     let mut hub = hub.lock().expect("hub lock");
-    if c.run_id != hub.spec.run_id {
-        return Err(HubError::Bad(format!(
-            "commit is for run `{}`, this hub runs `{}`",
-            c.run_id, hub.spec.run_id
-        )));
-    }
-    if !is_hash(&c.commit.blob_hash) || !hub.blob_dir.join(&c.commit.blob_hash).exists() {
-        return Err(HubError::Bad(format!(
-            "blob {} was not uploaded; PUT it first",
-            c.commit.blob_hash
-        )));
-    }
+    hub.sources.insert(c.commit.blob_hash.clone(), c.provider);
     hub.input(Input::Commit {
         node,
         round: c.round,
         commit: c.commit,
     })?;
     Ok(Json(serde_json::json!({"ok": true})))
-}
-
-async fn put_blob(
-    State(hub): State<Shared>,
-    UrlPath(hash): UrlPath<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, HubError> {
-    let node = auth(&method, &uri, &headers, &body)?;
-    let hub = hub.lock().expect("hub lock");
-    if !hub.coord.members.contains_key(&node) {
-        return Err(HubError::Auth("only members may upload blobs".into()));
-    }
-    let n = hub.spec.model.params_total();
-    let max = hub.spec.codec.encoded_bytes(n as usize);
-    if body.len() > max {
-        return Err(HubError::Bad(format!(
-            "blob of {} bytes exceeds the run's update size {max}",
-            body.len()
-        )));
-    }
-    let actual = blake3::hash(&body).to_hex().to_string();
-    if actual != hash {
-        return Err(HubError::Bad(format!(
-            "blob hash mismatch: content hashes to {actual}, not {hash}"
-        )));
-    }
-    decode(&body, n).map_err(|e| HubError::Bad(format!("blob rejected: {e}")))?;
-    write_blob(&hub.blob_dir, &body).map_err(|e| HubError::Internal(e.to_string()))?;
-    Ok(Json(serde_json::json!({"stored": hash})))
-}
-
-async fn get_blob(
-    State(hub): State<Shared>,
-    UrlPath(hash): UrlPath<String>,
-) -> Result<Vec<u8>, HubError> {
-    if !is_hash(&hash) {
-        return Err(HubError::Bad(format!("`{hash}` is not a blake3 hash")));
-    }
-    let dir = hub.lock().expect("hub lock").blob_dir.clone();
-    let bytes = std::fs::read(dir.join(&hash))
-        .map_err(|_| HubError::NotFound(format!("no blob {hash}")))?;
-    if bytes.len() > BLOB_BYTES_MAX {
-        return Err(HubError::Internal("blob too large".into()));
-    }
-    Ok(bytes)
 }
 
 /// What a node polls.
@@ -720,6 +793,7 @@ async fn round(
 /// `POST /theta`: a node's θ hash after the outer step of `round`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ThetaReport {
+    pub run_id: String,
     pub round: u64,
     pub hash: String,
 }
@@ -735,6 +809,12 @@ async fn theta(
     let report: ThetaReport = serde_json::from_slice(&body)
         .map_err(|e| HubError::Bad(format!("malformed report: {e}")))?;
     let mut hub = hub.lock().expect("hub lock");
+    if report.run_id != hub.spec.run_id {
+        return Err(HubError::Bad(format!(
+            "report is for run `{}`, this hub runs `{}`",
+            report.run_id, hub.spec.run_id
+        )));
+    }
     let expected = hub
         .rounds
         .get(&report.round)
@@ -792,17 +872,9 @@ async fn summary(State(hub): State<Shared>) -> Json<Summary> {
     Json(hub.lock().expect("hub lock").summary())
 }
 
-/// Control messages are small; an update blob is at most the run's encoded size. Both
-/// limits apply while the body streams in, before it is buffered whole.
-const CONTROL_BODY_BYTES_MAX: usize = 64 << 10;
+use tessera_protocol::limits::CONTROL_BODY_BYTES_MAX;
 
 fn router(hub: Shared) -> Router {
-    let blob_max = {
-        let h = hub.lock().expect("hub lock");
-        h.spec
-            .codec
-            .encoded_bytes(h.spec.model.params_total() as usize)
-    };
     Router::new()
         .route("/run", get(run_info))
         .route("/data/{file}", get(data_file))
@@ -814,11 +886,6 @@ fn router(hub: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/summary", get(summary))
         .layer(DefaultBodyLimit::max(CONTROL_BODY_BYTES_MAX))
-        .merge(
-            Router::new()
-                .route("/blobs/{hash}", put(put_blob).get(get_blob))
-                .layer(DefaultBodyLimit::max(blob_max)),
-        )
         .with_state(hub)
 }
 

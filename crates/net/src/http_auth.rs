@@ -29,3 +29,23 @@ pub fn verify_http(
     };
     verify_request(lookup, method.as_str(), path, body, now_ms)
 }
+
+/// [`verify_http`] that also refuses a request whose exact signature `guard` has seen:
+/// for control planes where a replayed message must not count twice.
+pub fn verify_http_once(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    now_ms: u64,
+    guard: &tessera_protocol::auth::ReplayGuard,
+) -> Result<String, AuthError> {
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let lookup = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    tessera_protocol::auth::verify_request_once(lookup, method.as_str(), path, body, now_ms, guard)
+}

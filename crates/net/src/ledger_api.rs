@@ -360,7 +360,10 @@ impl LedgerClient {
         LedgerClient {
             base: base.trim_end_matches('/').to_string(),
             identity,
-            http: reqwest::Client::new(),
+            http: {
+                crate::install_tls_provider();
+                reqwest::Client::new()
+            },
         }
     }
 

@@ -11,3 +11,16 @@ pub mod http_auth;
 pub mod ledger_api;
 
 pub use ledger_api::{router as ledger_router, ClientError, LedgerClient, LedgerService};
+
+/// Installs ring as the process's TLS crypto provider (once; later calls do nothing).
+///
+/// The data plane's iroh brings rustls with ring and switches reqwest to rustls without
+/// a built-in provider, so an HTTP client can only be built after a provider is
+/// installed. Everything in Tessera that builds one calls this first.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider was installed first, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

@@ -205,6 +205,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(code, 413);
 
     // A forged signature and a stale timestamp.
+    tessera_net::install_tls_provider();
     let http = reqwest::Client::new();
     let body = br#"{"id":"f","op":"close_epoch","epoch":1}"#.to_vec();
     let now = std::time::SystemTime::now()

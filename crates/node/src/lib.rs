@@ -1,10 +1,13 @@
 //! A contributor node: joins a run, downloads and verifies the data set, trains the
-//! batches the coordinator assigns it, uploads its compressed pseudo-gradient (hash
-//! verified by the hub), commits its hash, and after each round fetches the accepted
-//! updates, takes the outer step itself and reports the hash of θ. A node that joins
-//! late or falls behind downloads the hub's checkpoint (θ and outer velocity, hash
-//! checked) and continues from there, so a crash costs at most the round in flight.
+//! batches the coordinator assigns it, publishes its compressed pseudo-gradient on its
+//! blob endpoint (iroh-blobs) and commits its hash, and after each round fetches the
+//! accepted updates — from the nodes that made them, or from the hub — takes the outer
+//! step itself and reports the hash of θ. A node that joins late or falls behind
+//! fetches the hub's checkpoint (θ and outer velocity) and continues from there, so a
+//! crash costs at most the round in flight. Every blob is verified against its hash
+//! while it streams. On SIGINT or SIGTERM the node leaves the run before exiting.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 use tessera_net::http_auth::now_ms;
 
 use anyhow::{bail, Context, Result};
+use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions, PeerAddr};
 use tessera_coordinator::{Commit, Phase};
 use tessera_hub::{CommitBody, NodeStats, RoundRecord, RunInfo, StateView, ThetaReport};
 use tessera_protocol::auth::sign_request;
@@ -27,58 +31,35 @@ pub struct NodeOptions {
     /// Where the data set is cached.
     pub cache_dir: PathBuf,
     pub device: tch::Device,
-    /// Upload and download rate limit, in megabits per second.
+    /// Upload and download rate limit of the blob endpoint, in megabits per second.
     pub bandwidth_mbps: Option<f64>,
+    /// UDP address the node's blob endpoint binds.
+    pub blob_bind: SocketAddr,
 }
 
-/// Bytes moved and time spent, shared with the heartbeat thread.
+/// Context under which the blob endpoint's key is derived from the node key.
+pub const BLOB_KEY_CONTEXT: &str = "tessera 2026 blob endpoint key v1";
+
+/// Training time and progress, shared with the heartbeat thread.
 #[derive(Default)]
 struct Counters {
-    sent: AtomicU64,
-    received: AtomicU64,
     train_ms: AtomicU64,
     loss_micro: AtomicU64,
     rounds: AtomicU64,
 }
 
+/// The control plane: signed HTTP requests to the hub.
 struct Client {
     base: String,
     identity: Identity,
     http: reqwest::blocking::Client,
-    counters: Arc<Counters>,
-    bandwidth_mbps: Option<f64>,
 }
 
 impl Client {
-    /// Sleeps long enough that `bytes` took at least as long as the rate limit allows.
-    fn throttle(&self, bytes: usize, took: Duration) {
-        if let Some(mbps) = self.bandwidth_mbps {
-            let needed = Duration::from_secs_f64(bytes as f64 * 8.0 / (mbps * 1e6));
-            if needed > took {
-                std::thread::sleep(needed - took);
-            }
-        }
-    }
-
-    /// A control-plane request (small JSON; not counted as training communication).
     fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>> {
-        self.send_counted(method, path, body, false)
-    }
-
-    /// Sends a request; `count` says whether its bytes are data-plane traffic (update
-    /// blobs and checkpoints), which the node reports and compares with DDP.
-    fn send_counted(
-        &self,
-        method: &str,
-        path: &str,
-        body: Vec<u8>,
-        count: bool,
-    ) -> Result<Vec<u8>> {
-        let start = Instant::now();
         let url = format!("{}{path}", self.base);
         let mut req = match method {
             "POST" => self.http.post(&url),
-            "PUT" => self.http.put(&url),
             _ => self.http.get(&url),
         };
         if method != "GET" {
@@ -86,20 +67,12 @@ impl Client {
                 req = req.header(k, v);
             }
         }
-        let sent = body.len();
         let resp = req
             .body(body)
             .send()
             .with_context(|| format!("{method} {url}"))?;
         let status = resp.status();
         let bytes = resp.bytes()?.to_vec();
-        if count {
-            self.counters.sent.fetch_add(sent as u64, Ordering::Relaxed);
-            self.counters
-                .received
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        }
-        self.throttle(sent + bytes.len(), start.elapsed());
         if !status.is_success() {
             bail!(
                 "{method} {path}: {status}: {}",
@@ -116,16 +89,6 @@ impl Client {
             Vec::new(),
         )?)?)
     }
-
-    /// Downloads a content-addressed blob and checks its hash.
-    fn blob(&self, hash: &str) -> Result<Vec<u8>> {
-        let bytes = self.send_counted("GET", &format!("/blobs/{hash}"), Vec::new(), true)?;
-        let actual = blake3::hash(&bytes).to_hex().to_string();
-        if actual != hash {
-            bail!("blob {hash} arrived with hash {actual}; refusing it");
-        }
-        Ok(bytes)
-    }
 }
 
 /// Downloads the run's data set into `dir` (skipping files already there) and opens it,
@@ -135,7 +98,7 @@ fn fetch_data(client: &Client, info: &RunInfo, dir: &Path) -> Result<Dataset> {
     for file in &info.data_files {
         let path = dir.join(file);
         if !path.exists() {
-            let bytes = client.send_counted("GET", &format!("/data/{file}"), Vec::new(), false)?;
+            let bytes = client.send("GET", &format!("/data/{file}"), Vec::new())?;
             // Written aside and renamed, so an interrupted download is never mistaken
             // for a complete file on the next start.
             let tmp = path.with_extension("part");
@@ -153,10 +116,11 @@ fn fetch_data(client: &Client, info: &RunInfo, dir: &Path) -> Result<Dataset> {
     Ok(Dataset::open(dir)?)
 }
 
-fn stats(c: &Counters, started: Instant) -> NodeStats {
+fn stats(c: &Counters, blobs: &dyn BlobTransport, started: Instant) -> NodeStats {
+    let traffic = blobs.traffic();
     NodeStats {
-        bytes_sent: c.sent.load(Ordering::Relaxed),
-        bytes_received: c.received.load(Ordering::Relaxed),
+        bytes_sent: traffic.sent,
+        bytes_received: traffic.received,
         train_seconds: c.train_ms.load(Ordering::Relaxed) as f64 / 1e3,
         wall_seconds: started.elapsed().as_secs_f64(),
         last_loss: c.loss_micro.load(Ordering::Relaxed) as f64 / 1e6,
@@ -167,15 +131,24 @@ fn stats(c: &Counters, started: Instant) -> NodeStats {
 /// Runs a node until the run finishes.
 pub fn run(opts: NodeOptions) -> Result<()> {
     let counters = Arc::new(Counters::default());
-    let client = Client {
+    tessera_net::install_tls_provider();
+    let client = Arc::new(Client {
         base: opts.hub.trim_end_matches('/').to_string(),
         identity: opts.identity.clone(),
         http: reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(600))
             .build()?,
-        counters: counters.clone(),
-        bandwidth_mbps: opts.bandwidth_mbps,
-    };
+    });
+    let blobs = Arc::new(
+        IrohBlobs::bind(IrohOptions {
+            bind: opts.blob_bind,
+            secret_key: Some(opts.identity.derive_secret(BLOB_KEY_CONTEXT)),
+            bandwidth_mbps: opts.bandwidth_mbps,
+            fetch_timeout: Duration::from_secs(300),
+            ..IrohOptions::loopback()
+        })
+        .context("starting the blob endpoint")?,
+    );
     let info: RunInfo = client
         .get_json("/run")
         .context("reading the run from the hub")?;
@@ -188,6 +161,23 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         .send("POST", "/node/join", Vec::new())
         .context("joining the run")?;
     eprintln!("node {}: joined run {}", &me[..12], spec.run_id);
+    {
+        // Leave cleanly when stopped, so the run does not wait for us at the deadline.
+        let client = client.clone();
+        let me = me.clone();
+        ctrlc::set_handler(move || {
+            match client.send("POST", "/node/leave", Vec::new()) {
+                Ok(_) => eprintln!("node {}: left the run", &me[..12]),
+                Err(e) => eprintln!("node {}: could not leave cleanly: {e:#}", &me[..12]),
+            }
+            std::process::exit(0);
+        })
+        .context("installing the stop handler")?;
+    }
+    let hub_blobs = vec![info.hub_blobs.clone()];
+    let update_max = spec
+        .codec
+        .max_encoded_bytes(spec.model.params_total() as usize) as u64;
 
     let started = Instant::now();
     let heartbeat = {
@@ -195,13 +185,13 @@ pub fn run(opts: NodeOptions) -> Result<()> {
             base: client.base.clone(),
             identity: client.identity.clone(),
             http: reqwest::blocking::Client::new(),
-            counters: counters.clone(),
-            bandwidth_mbps: None,
         };
+        let hb_counters = counters.clone();
+        let hb_blobs = blobs.clone();
         std::thread::spawn(move || loop {
-            let stats = stats(&hb.counters, started);
+            let stats = stats(&hb_counters, hb_blobs.as_ref(), started);
             let body = serde_json::to_vec(&stats).expect("stats serialise");
-            if let Err(e) = hb.send_counted("POST", "/node/heartbeat", body, false) {
+            if let Err(e) = hb.send("POST", "/node/heartbeat", body) {
                 // A restarted hub may have dropped us as silent: join again. Other
                 // failures (the hub restarting) are retried on the next beat.
                 if format!("{e:#}").contains("not a member") {
@@ -215,9 +205,10 @@ pub fn run(opts: NodeOptions) -> Result<()> {
 
     // θ₀ is a pure function of the run's seed: compute it rather than download it.
     let mut state: Option<OuterState> = Some(OuterState::initial(&spec));
+    let checkpoint_max = state.as_ref().map_or(0, |s| s.to_bytes().len() as u64);
     let mut committed_round: Option<u64> = None;
-    // Our own last blob, so we do not download what we uploaded.
-    let mut own_blob: Option<(String, Vec<u8>)> = None;
+    // Blobs of the last round applied: still served to peers catching up, then let go.
+    let mut held: Vec<String> = Vec::new();
     loop {
         // One pass: catch up, then train if assigned. Any failure (the hub restarting,
         // a refused request) is logged and retried; the node never gives up on a run.
@@ -231,16 +222,25 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                 let stepped = match (&mut state, have) {
                     (Some(s), Some(r)) if r + 1 == target => {
                         let rec: RoundRecord = client.get_json(&format!("/rounds/{r}"))?;
-                        let blobs = rec
+                        // From the node that made it first, the hub second.
+                        let updates = rec
                             .accepted
                             .iter()
-                            .map(|(_, h)| match &own_blob {
-                                Some((own, bytes)) if own == h => Ok(bytes.clone()),
-                                _ => client.blob(h),
+                            .enumerate()
+                            .map(|(i, (_, h))| {
+                                let mut from: Vec<PeerAddr> =
+                                    rec.sources.get(i).cloned().into_iter().collect();
+                                from.extend(hub_blobs.iter().cloned());
+                                Ok(blobs.fetch(h, &from, update_max)?)
                             })
                             .collect::<Result<Vec<_>>>()?;
-                        s.apply(&spec, &blobs)?;
+                        s.apply(&spec, &updates)?;
+                        for old in std::mem::take(&mut held) {
+                            blobs.forget(&old);
+                        }
+                        held = rec.accepted.iter().map(|(_, h)| h.clone()).collect();
                         let report = ThetaReport {
+                            run_id: spec.run_id.clone(),
                             round: r,
                             hash: s.hash(),
                         };
@@ -259,18 +259,18 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                         && blake3::hash(&s.to_bytes()).to_hex().to_string() == view.checkpoint
                 });
                 if !stepped && !own_matches {
-                    let bytes = client.blob(&view.checkpoint)?;
+                    let bytes = blobs.fetch(&view.checkpoint, &hub_blobs, checkpoint_max)?;
+                    blobs.forget(&view.checkpoint);
                     let s = OuterState::from_bytes(&spec, &bytes).map_err(anyhow::Error::msg)?;
                     eprintln!("node {}: loaded checkpoint of round {}", &me[..12], s.round);
                     state = Some(s);
                 }
             }
             if view.phase == Phase::Finished {
-                let _ = client.send_counted(
+                let _ = client.send(
                     "POST",
                     "/node/heartbeat",
-                    serde_json::to_vec(&stats(&counters, started))?,
-                    false,
+                    serde_json::to_vec(&stats(&counters, blobs.as_ref(), started))?,
                 );
                 eprintln!("node {}: run finished", &me[..12]);
                 return Ok(true);
@@ -283,14 +283,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                         && current.round == round =>
                 {
                     let work = worker.train_round(current, &data, &windows, batches);
-                    let hash = blake3::hash(&work.blob).to_hex().to_string();
-                    client.send_counted(
-                        "PUT",
-                        &format!("/blobs/{hash}"),
-                        work.blob.clone(),
-                        true,
-                    )?;
-                    own_blob = Some((hash.clone(), work.blob.clone()));
+                    let hash = blobs.publish(&work.blob)?;
                     let body = CommitBody {
                         run_id: spec.run_id.clone(),
                         round,
@@ -300,6 +293,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                             loss_micro: (work.mean_loss * 1e6) as u64,
                             theta_hash: current.hash(),
                         },
+                        provider: blobs.addr(),
                     };
                     match client.send("POST", "/commit", serde_json::to_vec(&body)?) {
                         Ok(_) => {
@@ -318,13 +312,14 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                         .loss_micro
                         .store((work.mean_loss * 1e6) as u64, Ordering::Relaxed);
                     let wall = started.elapsed().as_secs_f64();
+                    let traffic = blobs.traffic();
                     eprintln!(
                         "node {}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
                         &me[..12],
                         work.mean_loss,
                         work.tokens as f64 / work.train_seconds.max(1e-9),
-                        counters.sent.load(Ordering::Relaxed),
-                        counters.received.load(Ordering::Relaxed),
+                        traffic.sent,
+                        traffic.received,
                         100.0 * counters.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
                     );
                 }

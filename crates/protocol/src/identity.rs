@@ -67,6 +67,13 @@ impl Identity {
         }
     }
 
+    /// A 32-byte secret for another protocol's key (the blob transport's endpoint),
+    /// derived from this key under `context` so that no signature made with one key
+    /// can be replayed as the other's.
+    pub fn derive_secret(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, self.key.as_bytes())
+    }
+
     pub fn public_hex(&self) -> PublicKeyHex {
         to_hex(self.key.verifying_key().as_bytes())
     }

@@ -10,6 +10,16 @@ pub const HTTP_BODY_BYTES_MAX: usize = 1 << 20;
 /// replayed (writes are idempotent by request id in any case).
 pub const SIGNED_REQUEST_SKEW_MS: u64 = 5 * 60 * 1000;
 
+/// Largest control-plane message a hub accepts (joins, heartbeats, commits, θ
+/// reports: all well under 4 KiB). Checked while the body streams in, before it is
+/// buffered whole. Update blobs travel on the data plane, bounded by the run's codec.
+pub const CONTROL_BODY_BYTES_MAX: usize = 64 << 10;
+
+/// Most signatures a hub remembers to refuse replays within the skew window. At
+/// one request per node per second, a thousand nodes fill it in about 17 minutes,
+/// longer than the 10-minute window; past it the oldest are forgotten first.
+pub const REPLAY_CACHE_MAX: usize = 1 << 20;
+
 /// Most transfers one history query returns.
 pub const HISTORY_LIMIT_MAX: usize = 1000;
 

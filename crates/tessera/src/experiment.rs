@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use tessera_model::Preset;
 use tessera_train::diloco::{run, ExperimentOptions, Progress};
@@ -39,12 +39,21 @@ pub struct DilocoArgs {
     outer_lr: f32,
     #[arg(long, default_value_t = 0.9)]
     outer_momentum: f32,
-    /// Codecs to compare: none, int8, topk (comma separated).
+    /// How much unsent error-feedback residual carries to the next round (1 = all).
+    #[arg(long, default_value_t = 1.0)]
+    ef_decay: f32,
+    /// Codecs to compare: none, int8, topk, lowrank (comma separated).
     #[arg(long, default_value = "none,int8,topk", value_delimiter = ',')]
     codecs: Vec<String>,
     /// Elements kept per 4096-element chunk by `topk`.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 44)]
     topk: u32,
+    /// Rank of each 1024 × 256 block's update under `lowrank`.
+    #[arg(long, default_value_t = 4)]
+    rank: u32,
+    /// Bits per value kept by `topk` (a sign and 2^(bits−1) magnitudes).
+    #[arg(long, default_value_t = 4)]
+    topk_bits: u8,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Skip the DDP-equivalent baseline (to compare DiLoCo settings among themselves).
@@ -68,14 +77,9 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
     let codecs = args
         .codecs
         .iter()
-        .map(|c| match c.as_str() {
-            "none" => Ok(Codec::None),
-            "int8" => Ok(Codec::Int8 { chunk: 4096 }),
-            "topk" => Ok(Codec::TopK {
-                chunk: 4096,
-                k: args.topk,
-            }),
-            other => bail!("unknown codec `{other}`; expected none, int8 or topk"),
+        .map(|c| {
+            let k = if c == "lowrank" { args.rank } else { args.topk };
+            Codec::parse(c, k, args.topk_bits).map_err(anyhow::Error::msg)
         })
         .collect::<Result<Vec<_>>>()?;
     let opts = ExperimentOptions {
@@ -91,6 +95,7 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
         grad_clip: 1.0,
         outer_lr: args.outer_lr,
         outer_momentum: args.outer_momentum,
+        ef_decay: args.ef_decay,
         aggregator: Aggregator::Mean,
         codecs,
         seed: args.seed,

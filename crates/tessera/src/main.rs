@@ -240,9 +240,13 @@ struct NodeArgs {
     /// Where downloaded data sets are cached.
     #[arg(long, default_value = "runs/node-cache")]
     cache: PathBuf,
-    /// Limit upload and download to this many megabits per second.
+    /// Limit blob upload and download to this many megabits per second each way.
     #[arg(long)]
     bandwidth_mbps: Option<f64>,
+    /// UDP address of the node's blob endpoint (iroh). Loopback by default; a node
+    /// others must reach over the internet binds e.g. `0.0.0.0:7002`.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    blob_bind: std::net::SocketAddr,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -262,6 +266,7 @@ enum BenchCommand {
 }
 
 fn main() {
+    tessera_net::install_tls_provider();
     let cli = Cli::parse();
     if let Err(err) = run(cli) {
         eprintln!("error: {err}");
@@ -340,6 +345,7 @@ fn run(cli: Cli) -> Result<()> {
                 cache_dir: args.cache,
                 device,
                 bandwidth_mbps: args.bandwidth_mbps,
+                blob_bind: args.blob_bind,
             })
         }
         Command::Keygen { out } => {

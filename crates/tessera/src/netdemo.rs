@@ -72,6 +72,7 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         .stderr(log("hub")?)
         .spawn()?;
     children.0.push(("hub".into(), hub));
+    tessera_net::install_tls_provider();
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

@@ -34,6 +34,7 @@ fn spawn(args: &[&str], log: &Path) -> Child {
 }
 
 fn get(url: &str) -> Option<serde_json::Value> {
+    tessera_net::install_tls_provider();
     reqwest::blocking::Client::new()
         .get(url)
         .timeout(Duration::from_secs(5))
@@ -55,10 +56,15 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
-fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Prepares a tiny data set in `d/data` and returns its path.
+fn tiny_data(d: &Path) -> std::path::PathBuf {
     let corpus = d.join("c.txt");
     std::fs::write(
         &corpus,
@@ -81,6 +87,22 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    data
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = tiny_data(d);
     // A ledger whose pool for run `it` pays 10 tokens a round for 14 rounds.
     let ledger = d.join("ledger.db");
     for args in [
@@ -119,11 +141,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let config = d.join("run.toml");
     std::fs::write(
@@ -245,7 +263,9 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     let hub_log = std::fs::read_to_string(d.join("hub2.log")).unwrap();
     assert!(hub_log.contains("resumed run it"), "{hub_log}");
 
-    // Bad messages are refused: unsigned, wrong body, a blob whose hash does not match.
+    // Bad messages are refused: unsigned, oversized, for another run. (Commits naming
+    // bad blobs are the next test's subject.)
+    tessera_net::install_tls_provider();
     let http = reqwest::blocking::Client::new();
     let resp = http
         .post(format!("{url}/commit"))
@@ -254,18 +274,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     let id = tessera_protocol::Identity::generate();
-    let body = b"not an update".to_vec();
-    let path = format!("/blobs/{}", "0".repeat(64));
-    let mut req = http.put(format!("{url}{path}")).body(body.clone());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    for (k, v) in tessera_protocol::auth::sign_request(&id, "PUT", &path, now, &body) {
-        req = req.header(k, v);
-    }
-    let resp = req.send().unwrap();
-    assert!(resp.status().is_client_error());
+    let now = now_ms();
     // An oversized control message is refused before it is read whole.
     let resp = http
         .post(format!("{url}/commit"))
@@ -275,7 +284,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     assert_eq!(resp.status().as_u16(), 413);
     // A commit for another run or a past round changes nothing.
     let mut summary_before = get(&format!("{url}/summary")).unwrap();
-    let commit = serde_json::json!({"run_id": "other", "round": 0, "commit": {"blob_hash": "0".repeat(64), "tokens": 1, "loss_micro": 1, "theta_hash": "x"}});
+    let commit = serde_json::json!({"run_id": "other", "round": 0, "commit": {"blob_hash": "0".repeat(64), "tokens": 1, "loss_micro": 1, "theta_hash": "x"}, "provider": "x"});
     let body = serde_json::to_vec(&commit).unwrap();
     let mut req = http.post(format!("{url}/commit")).body(body.clone());
     for (k, v) in tessera_protocol::auth::sign_request(&id, "POST", "/commit", now, &body) {
@@ -289,4 +298,168 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     summary_before["nodes"] = serde_json::Value::Null;
     summary_after["nodes"] = serde_json::Value::Null;
     assert_eq!(summary_before, summary_after);
+}
+
+/// Sends a signed request as `id`; returns the status and the body text.
+fn signed(id: &tessera_protocol::Identity, url: &str, path: &str, body: Vec<u8>) -> (u16, String) {
+    let headers = tessera_protocol::auth::sign_request(id, "POST", path, now_ms(), &body);
+    send_with(url, path, body, &headers)
+}
+
+fn send_with(url: &str, path: &str, body: Vec<u8>, headers: &[(&str, String)]) -> (u16, String) {
+    tessera_net::install_tls_provider();
+    let mut req = reqwest::blocking::Client::new()
+        .post(format!("{url}{path}"))
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = req.send().unwrap();
+    (resp.status().as_u16(), resp.text().unwrap())
+}
+
+/// A commit counts only once the hub has fetched its blob from the committing node's
+/// endpoint over iroh-blobs and decoded it. Commits naming a blob the node does not
+/// serve, one that does not decode, one over the run's size limit, or the wrong run
+/// or round are refused with a clear error and change nothing; a replayed message is
+/// refused; a node stopped with SIGTERM leaves the run.
+#[test]
+fn commits_are_checked_before_they_count() {
+    use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = tiny_data(d);
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = d.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_id = \"chk\"\npreset = \"nano\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\
+             min_nodes = 1\nrounds = 3\ninner_steps = 1\nbatch_size = 2\nseq_len = 32\nround_deadline_ms = 600000\n\
+             heartbeat_timeout_ms = 600000\ncodec = \"topk\"\ntopk = 64\n",
+            d.join("hub")
+        ),
+    )
+    .unwrap();
+    let mut procs = Procs(Vec::new());
+    procs
+        .0
+        .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
+    wait_for("the hub", Duration::from_secs(30), || {
+        get(&format!("{url}/run")).is_some()
+    });
+    let info = get(&format!("{url}/run")).unwrap();
+    let spec: tessera_train::worker::RunSpec =
+        serde_json::from_value(info["spec"].clone()).unwrap();
+    let hub_blobs = tessera_blobs::PeerAddr(info["hub_blobs"].as_str().unwrap().to_string());
+
+    // The test plays a node: it joins, and serves blobs from its own endpoint.
+    let id = tessera_protocol::Identity::generate();
+    let me = id.public_hex();
+    let blobs = IrohBlobs::bind(IrohOptions::loopback()).unwrap();
+    assert_eq!(signed(&id, &url, "/node/join", Vec::new()).0, 200);
+    let view = get(&format!("{url}/state?node={me}")).unwrap();
+    assert_eq!(view["round"], 0, "{view}");
+    let commit = |hash: &str, round: u64, run: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "run_id": run, "round": round,
+            "commit": {"blob_hash": hash, "tokens": 64, "loss_micro": 1, "theta_hash": "t"},
+            "provider": blobs.addr(),
+        }))
+        .unwrap()
+    };
+    let refused = |body: Vec<u8>, why: &str| {
+        let (status, text) = signed(&id, &url, "/commit", body);
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(why), "expected `{why}` in: {text}");
+        let view = get(&format!("{url}/state?node={me}")).unwrap();
+        assert_eq!(view["committed"], false, "a refused commit counted: {view}");
+    };
+    // Not an update: served and hash-correct, but it does not decode.
+    let junk = blobs.publish(b"not an update blob").unwrap();
+    refused(commit(&junk, 0, "chk"), "refused");
+    // A blob the node does not serve.
+    let absent = tessera_blobs::hash_of(b"never published");
+    refused(commit(&absent, 0, "chk"), "could not be fetched");
+    // Larger than any update of this run may be.
+    let n = spec.model.params_total() as usize;
+    let max = spec.codec.max_encoded_bytes(n);
+    let huge = blobs.publish(&vec![0u8; max + 1]).unwrap();
+    refused(commit(&huge, 0, "chk"), "larger than");
+    // Wrong run, wrong round.
+    let zeros = vec![0f32; n];
+    let update = tessera_train::outer::encode(spec.codec, &zeros, &mut vec![0f32; n], 1.0);
+    let good = blobs.publish(&update).unwrap();
+    refused(commit(&good, 0, "other"), "run `other`");
+    refused(commit(&good, 7, "chk"), "open round is Some(0)");
+
+    // A valid commit counts; replaying its exact signed request does not.
+    let body = commit(&good, 0, "chk");
+    let headers = tessera_protocol::auth::sign_request(&id, "POST", "/commit", now_ms(), &body);
+    let (status, text) = send_with(&url, "/commit", body.clone(), &headers);
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = send_with(&url, "/commit", body, &headers);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("already received"), "{text}");
+    // The round closes with our blob; the hub now serves it and its new checkpoint.
+    wait_for("round 0 to close", Duration::from_secs(30), || {
+        get(&format!("{url}/rounds/0")).is_some()
+    });
+    let rec = get(&format!("{url}/rounds/0")).unwrap();
+    assert_eq!(rec["accepted"][0][1], good.as_str());
+    assert_eq!(rec["sources"][0], blobs.addr().0.as_str());
+    let fetcher = IrohBlobs::bind(IrohOptions::loopback()).unwrap();
+    let served = fetcher
+        .fetch(&good, std::slice::from_ref(&hub_blobs), max as u64)
+        .unwrap();
+    assert_eq!(served, update);
+    let checkpoint = rec["checkpoint"].as_str().unwrap();
+    assert!(fetcher.fetch(checkpoint, &[hub_blobs], 1 << 30).is_ok());
+
+    // A real node joins, then is stopped with SIGTERM: it leaves the run.
+    let members = || {
+        reqwest::blocking::get(format!("{url}/metrics"))
+            .ok()
+            .and_then(|r| r.text().ok())
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("tessera_members "))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let key = d.join("n.key");
+    procs.0.push(spawn(
+        &[
+            "node",
+            "--hub",
+            &url,
+            "--key",
+            s(&key),
+            "--cache",
+            s(&d.join("cache")),
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        &d.join("n.log"),
+    ));
+    wait_for("the node to join", Duration::from_secs(60), || {
+        members() == 2
+    });
+    let pid = procs.0[1].id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("the node to leave", Duration::from_secs(30), || {
+        members() == 1
+    });
+    let status = procs.0[1].wait().unwrap();
+    assert!(status.success(), "node exited with {status}");
+    let log = std::fs::read_to_string(d.join("n.log")).unwrap();
+    assert!(log.contains("left the run"), "{log}");
 }

@@ -41,6 +41,8 @@ pub struct ExperimentOptions {
     pub grad_clip: f64,
     pub outer_lr: f32,
     pub outer_momentum: f32,
+    /// Error-feedback decay (see [`crate::outer::encode`]).
+    pub ef_decay: f32,
     pub aggregator: Aggregator,
     pub codecs: Vec<Codec>,
     pub seed: u64,
@@ -256,7 +258,7 @@ fn diloco(
             }
             let local = flatten(model);
             let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();
-            blobs.push(encode(codec, &delta, &mut residuals[i]));
+            blobs.push(encode(codec, &delta, &mut residuals[i], opts.ef_decay));
         }
         // All-to-all: each node uploads its blob to the others and downloads theirs.
         let own = blobs[0].len() as u64;

@@ -32,8 +32,15 @@ pub struct RunSpec {
     pub outer_lr: f32,
     pub outer_momentum: f32,
     pub codec: Codec,
+    /// How much of the unsent error-feedback residual carries into the next round.
+    #[serde(default = "full_carry")]
+    pub ef_decay: f32,
     pub aggregator: Aggregator,
     pub seed: u64,
+}
+
+fn full_carry() -> f32 {
+    1.0
 }
 
 impl RunSpec {
@@ -186,7 +193,12 @@ impl Worker {
         }
         let local = flatten(&self.model);
         let delta: Vec<f32> = state.theta.iter().zip(&local).map(|(t, l)| t - l).collect();
-        let blob = encode(self.spec.codec, &delta, &mut self.residual);
+        let blob = encode(
+            self.spec.codec,
+            &delta,
+            &mut self.residual,
+            self.spec.ef_decay,
+        );
         RoundWork {
             blob,
             tokens: batches.len() as u64 * self.spec.tokens_per_batch(),

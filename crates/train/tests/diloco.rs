@@ -47,6 +47,7 @@ fn options(data: std::path::PathBuf, workers: usize, codecs: Vec<Codec>) -> Expe
         grad_clip: 1.0,
         outer_lr: 0.7,
         outer_momentum: 0.9,
+        ef_decay: 1.0,
         aggregator: Aggregator::Mean,
         codecs,
         seed: 3,
@@ -79,7 +80,11 @@ fn bytes_follow_codec_sizes_and_runs_are_deterministic() {
     let codecs = vec![
         Codec::None,
         Codec::Int8 { chunk: 64 },
-        Codec::TopK { chunk: 64, k: 4 },
+        Codec::TopK {
+            chunk: 64,
+            k: 4,
+            bits: 4,
+        },
     ];
     let opts = options(data(dir.path()), 3, codecs.clone());
     let rows = run(&opts, Device::Cpu, &mut |_| {}).unwrap();
@@ -87,12 +92,12 @@ fn bytes_follow_codec_sizes_and_runs_are_deterministic() {
     let n = opts.model.params_total() as usize;
     for (row, codec) in rows[1..].iter().zip(&codecs) {
         // 3 rounds; each node uploads its blob to 2 peers and downloads 2 blobs.
-        assert_eq!(
-            row.bytes_per_node,
-            3 * 2 * 2 * codec.encoded_bytes(n) as u64,
-            "{}",
-            row.name
-        );
+        let most = 3 * 2 * 2 * codec.max_encoded_bytes(n) as u64;
+        if matches!(codec, Codec::TopK { .. }) {
+            assert!(row.bytes_per_node <= most, "{}", row.name);
+        } else {
+            assert_eq!(row.bytes_per_node, most, "{}", row.name);
+        }
         assert!(row.val_bpb.is_finite());
     }
     assert!(

@@ -1,0 +1,169 @@
+//! Tessera's data plane: content-addressed blobs (update blobs, checkpoints) moved
+//! peer to peer.
+//!
+//! Everything above this crate sees one trait, [`BlobTransport`]: publish bytes and get
+//! back their blake3 hash, fetch a hash from a list of peers (verified against the hash,
+//! bounded in size), forget what is no longer needed, and count the bytes moved. Two
+//! implementations:
+//!
+//! - [`IrohBlobs`]: iroh endpoints and the iroh-blobs protocol. Every transfer is
+//!   verified while it streams (BLAKE3 verified streaming), so a peer cannot feed a
+//!   node anything but the bytes of the hash it asked for. For local and test runs the
+//!   endpoint uses the `Minimal` preset: no relays, no address lookup, no port mapper,
+//!   bound to the address given (loopback in tests) — nothing leaves the machine.
+//! - [`MemoryBlobs`]: an in-process twin over a shared map, for tests of the layers
+//!   above and for the contract tests that both implementations must pass.
+//!
+//! A peer's address ([`PeerAddr`]) is an opaque string the transport produces and
+//! parses; the hub passes it around without looking inside.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+mod iroh_blobs_transport;
+mod memory;
+
+pub use iroh_blobs_transport::{IrohBlobs, IrohOptions};
+pub use memory::{MemoryBlobs, MemoryNetwork};
+
+/// Longest peer address accepted (an iroh endpoint id and a few socket addresses
+/// fit in a few hundred bytes).
+pub const PEER_ADDR_BYTES_MAX: usize = 4096;
+
+/// Where a blob can be fetched from: produced by [`BlobTransport::addr`], parsed only by
+/// the transport of the same kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PeerAddr(pub String);
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.0;
+        if s.len() > 40 {
+            write!(f, "{}…", &s[..s.floor_char_boundary(40)])
+        } else {
+            f.write_str(s)
+        }
+    }
+}
+
+/// Bytes this transport has moved for blobs, both directions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Blob bytes served to peers.
+    pub sent: u64,
+    /// Bytes read while fetching blobs from peers (payload and verification hashes).
+    pub received: u64,
+}
+
+/// Why a blob could not be published or fetched.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlobError {
+    #[error("`{0}` is not a blake3 hash (64 lowercase hex digits)")]
+    BadHash(String),
+    #[error("peer address is malformed: {0}")]
+    BadAddr(String),
+    #[error("no peer to fetch blob {hash} from")]
+    NoPeers { hash: String },
+    #[error("blob {hash} is larger than the {max} bytes allowed")]
+    TooLarge { hash: String, max: u64 },
+    #[error("blob {hash} could not be fetched from any of {tried} peers; last error: {last}")]
+    Unavailable {
+        hash: String,
+        tried: usize,
+        last: String,
+    },
+    #[error("blob transport failed: {0}")]
+    Transport(String),
+}
+
+/// Publishing and fetching content-addressed blobs. Blocking: callers in async code
+/// run these on a blocking thread.
+pub trait BlobTransport: Send + Sync {
+    /// This transport's address, for peers to fetch what it publishes.
+    fn addr(&self) -> PeerAddr;
+
+    /// Makes `bytes` fetchable by peers; returns their blake3 hash (hex).
+    fn publish(&self, bytes: &[u8]) -> Result<String, BlobError>;
+
+    /// Fetches the blob `hash` from the first of `peers` that serves it, refusing to
+    /// read more than `max_bytes`. What comes back always hashes to `hash`. The blob is
+    /// then also served to others, until forgotten.
+    fn fetch(&self, hash: &str, peers: &[PeerAddr], max_bytes: u64) -> Result<Vec<u8>, BlobError>;
+
+    /// Stops serving `hash` and lets its storage go.
+    fn forget(&self, hash: &str);
+
+    /// Blob bytes moved so far.
+    fn traffic(&self) -> Traffic;
+}
+
+/// Checks that `hash` is a lowercase hex blake3 hash.
+pub fn check_hash(hash: &str) -> Result<(), BlobError> {
+    if hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(BlobError::BadHash(hash.chars().take(80).collect()))
+    }
+}
+
+/// The blake3 hash of `bytes`, as the transports name blobs.
+pub fn hash_of(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// Paces transfers to a bit rate: each transfer reserves the next free slot on the
+/// link, so concurrent transfers share the rate instead of each getting all of it.
+#[derive(Debug)]
+pub struct Pacer {
+    bits_per_second: f64,
+    next_free: Mutex<Instant>,
+}
+
+impl Pacer {
+    pub fn new(megabits_per_second: f64) -> Pacer {
+        Pacer {
+            bits_per_second: megabits_per_second * 1e6,
+            next_free: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// How long to wait before `bytes` (already moved or about to be) fit the rate.
+    pub fn delay(&self, bytes: u64) -> Duration {
+        self.delay_at(bytes, Instant::now())
+    }
+
+    fn delay_at(&self, bytes: u64, now: Instant) -> Duration {
+        let mut next = self.next_free.lock().expect("pacer lock");
+        let start = (*next).max(now);
+        *next = start + Duration::from_secs_f64(bytes as f64 * 8.0 / self.bits_per_second);
+        *next - now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_checked() {
+        assert!(check_hash(&hash_of(b"x")).is_ok());
+        assert!(check_hash("abc").is_err());
+        assert!(check_hash(&hash_of(b"x").to_uppercase()).is_err());
+    }
+
+    #[test]
+    fn pacer_shares_the_rate() {
+        let p = Pacer::new(8.0); // 1 MB/s
+        let t0 = *p.next_free.lock().unwrap();
+        assert_eq!(p.delay_at(500_000, t0), Duration::from_millis(500));
+        // A second transfer at the same moment waits behind the first.
+        assert_eq!(p.delay_at(500_000, t0), Duration::from_millis(1000));
+        // After an idle second, the link is free again.
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(p.delay_at(250_000, later), Duration::from_millis(250));
+    }
+}
