@@ -13,6 +13,7 @@
 //! either closed with its checkpoint, or still open with the commits it had.
 
 pub mod config;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,9 +28,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions, PeerAddr};
-use tessera_coordinator::{Commit, CoordError, Coordinator, Event, Input, Phase, RunConfig};
+use tessera_coordinator::{CoordError, Coordinator, Event, Input, Phase, RunConfig};
 use tessera_model::{checkpoint, Preset};
 use tessera_train::data::{Dataset, Windows, MANIFEST_FILE};
 use tessera_train::eval::{evaluate_windows, EvalResult};
@@ -37,53 +38,7 @@ use tessera_train::outer::decode;
 use tessera_train::worker::{OuterState, RunSpec};
 
 pub use config::HubConfig;
-
-/// A closed round as the hub records it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoundRecord {
-    pub round: u64,
-    /// (node, blob hash) in node-id order: the order every node aggregates in.
-    pub accepted: Vec<(String, String)>,
-    /// Where each accepted blob was first published (its node's blob endpoint), in
-    /// the order of `accepted`; the hub serves them too.
-    #[serde(default)]
-    pub sources: Vec<PeerAddr>,
-    pub late: Vec<String>,
-    pub tokens: u64,
-    /// Tokens each accepted node processed: the work record the ledger pays from.
-    pub work: Vec<(String, u64)>,
-    /// θ hash after this round's outer step.
-    pub theta_after: String,
-    pub checkpoint: String,
-}
-
-/// What a node reports with its heartbeats.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct NodeStats {
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub train_seconds: f64,
-    pub wall_seconds: f64,
-    pub last_loss: f64,
-    pub rounds_committed: u64,
-}
-
-/// The run summary (also what `tessera demo` prints).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Summary {
-    pub run_id: String,
-    pub finished: bool,
-    pub rounds_closed: u64,
-    pub params: u64,
-    pub theta_hash: String,
-    pub divergent_reports: u64,
-    pub nodes: BTreeMap<String, NodeStats>,
-    /// Bytes per node a DDP ring all-reduce of f32 gradients would move (sent +
-    /// received) for the same number of inner steps.
-    pub ddp_bytes_per_node: u64,
-    pub final_eval: Option<EvalResult>,
-    pub final_checkpoint: Option<PathBuf>,
-}
+pub use wire::{CommitBody, NodeStats, RoundRecord, RunInfo, StateView, Summary, ThetaReport};
 
 struct Hub {
     config: HubConfig,
@@ -607,15 +562,6 @@ fn auth(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<
         .map_err(|e| HubError::Auth(e.to_string()))
 }
 
-/// What `GET /run` returns.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunInfo {
-    pub spec: RunSpec,
-    pub data_files: Vec<String>,
-    /// The hub's blob endpoint: checkpoints, and every accepted update.
-    pub hub_blobs: PeerAddr,
-}
-
 async fn run_info(State(hub): State<Shared>) -> Json<RunInfo> {
     let hub = hub.lock().expect("hub lock");
     Json(RunInfo {
@@ -668,17 +614,6 @@ async fn membership(
     Ok(Json(
         serde_json::json!({"round": hub.coord.round(), "closed_rounds": hub.coord.closed_rounds}),
     ))
-}
-
-/// `POST /commit` body: the commit bound to the run and round, and where the blob it
-/// names can be fetched.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CommitBody {
-    pub run_id: String,
-    pub round: u64,
-    pub commit: Commit,
-    /// The committing node's blob endpoint.
-    pub provider: PeerAddr,
 }
 
 /// A commit counts only once the hub holds its blob: fetched from the node's endpoint
@@ -745,19 +680,6 @@ async fn commit(
     Ok(Json(serde_json::json!({"ok": true})))
 }
 
-/// What a node polls.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StateView {
-    pub phase: Phase,
-    pub round: Option<u64>,
-    pub assignment: Option<Vec<u64>>,
-    pub committed: bool,
-    pub deadline_ms: u64,
-    pub closed_rounds: u64,
-    pub checkpoint: String,
-    pub last_round: Option<RoundRecord>,
-}
-
 #[derive(Deserialize)]
 struct StateQuery {
     node: Option<String>,
@@ -788,14 +710,6 @@ async fn round(
         .cloned()
         .map(Json)
         .ok_or_else(|| HubError::NotFound(format!("round {r} is not closed")))
-}
-
-/// `POST /theta`: a node's θ hash after the outer step of `round`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ThetaReport {
-    pub run_id: String,
-    pub round: u64,
-    pub hash: String,
 }
 
 async fn theta(

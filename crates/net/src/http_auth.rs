@@ -21,13 +21,16 @@ pub fn verify_http(
     now_ms: u64,
 ) -> Result<String, AuthError> {
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    let lookup = |name: &str| {
+    verify_request(lookup(headers), method.as_str(), path, body, now_ms)
+}
+
+fn lookup(headers: &HeaderMap) -> impl Fn(&str) -> Option<String> + '_ {
+    |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(String::from)
-    };
-    verify_request(lookup, method.as_str(), path, body, now_ms)
+    }
 }
 
 /// [`verify_http`] that also refuses a request whose exact signature `guard` has seen:
@@ -41,11 +44,12 @@ pub fn verify_http_once(
     guard: &tessera_protocol::auth::ReplayGuard,
 ) -> Result<String, AuthError> {
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    let lookup = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    };
-    tessera_protocol::auth::verify_request_once(lookup, method.as_str(), path, body, now_ms, guard)
+    tessera_protocol::auth::verify_request_once(
+        lookup(headers),
+        method.as_str(),
+        path,
+        body,
+        now_ms,
+        guard,
+    )
 }

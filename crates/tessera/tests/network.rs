@@ -90,12 +90,25 @@ fn tiny_data(d: &Path) -> std::path::PathBuf {
     data
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// Writes a `nano` run file on a free loopback port with state under `d/hub`, plus
+/// `extra` settings; returns the hub's URL and the file.
+fn run_file(d: &Path, data: &Path, extra: &str) -> (String, std::path::PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port()
+        .port();
+    let config = d.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "preset = \"nano\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\
+             batch_size = 2\nseq_len = 32\ncodec = \"topk\"\n{extra}",
+            d.join("hub")
+        ),
+    )
+    .unwrap();
+    (format!("http://127.0.0.1:{port}"), config)
 }
 
 #[test]
@@ -141,20 +154,14 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let config = d.join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "run_id = \"it\"\npreset = \"nano\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\
-             min_nodes = 3\nrounds = 14\ninner_steps = 2\nbatch_size = 2\nseq_len = 32\nround_deadline_ms = 3000\n\
-             heartbeat_timeout_ms = 8000\ncodec = \"topk\"\ntopk = 256\nledger = {:?}\n",
-            d.join("hub"),
-            ledger
+    let (url, config) = run_file(
+        d,
+        &data,
+        &format!(
+            "run_id = \"it\"\nmin_nodes = 3\nrounds = 14\ninner_steps = 2\nround_deadline_ms = 3000\n\
+             heartbeat_timeout_ms = 8000\ntopk = 256\nledger = {ledger:?}\n"
         ),
-    )
-    .unwrap();
+    );
     let mut procs = Procs(Vec::new());
     procs
         .0
@@ -329,19 +336,12 @@ fn commits_are_checked_before_they_count() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = tiny_data(d);
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let config = d.join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "run_id = \"chk\"\npreset = \"nano\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\
-             min_nodes = 1\nrounds = 3\ninner_steps = 1\nbatch_size = 2\nseq_len = 32\nround_deadline_ms = 600000\n\
-             heartbeat_timeout_ms = 600000\ncodec = \"topk\"\ntopk = 64\n",
-            d.join("hub")
-        ),
-    )
-    .unwrap();
+    let (url, config) = run_file(
+        d,
+        &data,
+        "run_id = \"chk\"\nmin_nodes = 1\nrounds = 3\ninner_steps = 1\nround_deadline_ms = 600000\n\
+         heartbeat_timeout_ms = 600000\ntopk = 64\n",
+    );
     let mut procs = Procs(Vec::new());
     procs
         .0
