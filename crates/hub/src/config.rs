@@ -50,7 +50,7 @@ pub struct HubConfig {
     /// Error-feedback decay: how much unsent residual carries to the next round.
     #[serde(default = "d_ef_decay")]
     pub ef_decay: f32,
-    /// `none`, `int8` or `topk`.
+    /// `none`, `int8`, `topk` or `lowrank`.
     #[serde(default = "d_codec")]
     pub codec: String,
     /// Elements kept per 4096 by `topk`.
@@ -59,6 +59,9 @@ pub struct HubConfig {
     /// Bits per value kept by `topk` (a sign and 2^(bits−1) magnitudes).
     #[serde(default = "d_topk_bits")]
     pub topk_bits: u8,
+    /// Rank of each 1024 × 256 block's update under `lowrank`.
+    #[serde(default = "d_rank")]
+    pub rank: u32,
     /// `mean`, `median`, `trimmed_mean` or `norm_clip`.
     #[serde(default = "d_aggregator")]
     pub aggregator: String,
@@ -125,6 +128,9 @@ fn d_codec() -> String {
 fn d_ef_decay() -> f32 {
     1.0
 }
+fn d_rank() -> u32 {
+    4
+}
 fn d_topk_bits() -> u8 {
     4
 }
@@ -168,7 +174,12 @@ impl HubConfig {
     }
 
     pub fn codec(&self) -> Result<Codec> {
-        Codec::parse(&self.codec, self.topk, self.topk_bits).map_err(anyhow::Error::msg)
+        let k = if self.codec == "lowrank" {
+            self.rank
+        } else {
+            self.topk
+        };
+        Codec::parse(&self.codec, k, self.topk_bits).map_err(anyhow::Error::msg)
     }
 
     pub fn aggregator(&self) -> Result<Aggregator> {

@@ -30,7 +30,7 @@ pub struct DemoArgs {
     /// Inner steps per round (decentralized demo).
     #[arg(long, default_value_t = 10)]
     inner_steps: u64,
-    /// Update codec: none, int8 or topk (decentralized demo).
+    /// Update codec: none, int8, topk or lowrank (decentralized demo).
     #[arg(long, default_value = "topk")]
     codec: String,
     /// Working directory for the corpus, data set and run.

@@ -26,18 +26,23 @@ pub struct DilocoArgs {
     #[arg(long = "seq", default_value_t = 128)]
     seq_len: usize,
     /// Inner steps per round (H).
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 5)]
     inner_steps: u64,
     /// Total inner steps (the baseline's global steps).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 200)]
     steps: u64,
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
     #[arg(long = "warmup", default_value_t = 25)]
     warmup_steps: u64,
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 1.0)]
     outer_lr: f32,
-    #[arg(long, default_value_t = 0.9)]
+    /// Outer learning rate for `topk` rows. A sparse update moves θ only where it has
+    /// values, and the rest waits in the error-feedback residual; a larger outer step
+    /// makes up for that lag.
+    #[arg(long, default_value_t = 2.0)]
+    sparse_outer_lr: f32,
+    #[arg(long, default_value_t = 0.0)]
     outer_momentum: f32,
     /// How much unsent error-feedback residual carries to the next round (1 = all).
     #[arg(long, default_value_t = 1.0)]
@@ -94,6 +99,7 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
         warmup_steps: args.warmup_steps,
         grad_clip: 1.0,
         outer_lr: args.outer_lr,
+        sparse_outer_lr: args.sparse_outer_lr,
         outer_momentum: args.outer_momentum,
         ef_decay: args.ef_decay,
         aggregator: Aggregator::Mean,

@@ -40,6 +40,8 @@ pub struct ExperimentOptions {
     pub warmup_steps: u64,
     pub grad_clip: f64,
     pub outer_lr: f32,
+    /// Outer learning rate for sparse (`topk`) codecs.
+    pub sparse_outer_lr: f32,
     pub outer_momentum: f32,
     /// Error-feedback decay (see [`crate::outer::encode`]).
     pub ef_decay: f32,
@@ -222,7 +224,15 @@ fn diloco(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<ExperimentRow, TrainError> {
     let m = opts.workers;
-    let name = format!("diloco M={m} H={} {}", opts.inner_steps, codec.name());
+    let outer_lr = match codec {
+        Codec::TopK { .. } => opts.sparse_outer_lr,
+        _ => opts.outer_lr,
+    };
+    let name = format!(
+        "diloco M={m} H={} {} outer lr {outer_lr}",
+        opts.inner_steps,
+        codec.name()
+    );
     progress(Progress::Started { name: &name });
     let start = std::time::Instant::now();
     // Every replica starts from the same θ₀ as the baseline (same seed).
@@ -236,7 +246,7 @@ fn diloco(
     let mut theta = flatten(&workers[0]);
     let n = theta.len();
     let mut residuals = vec![vec![0f32; n]; m];
-    let mut outer = Nesterov::new(n, opts.outer_lr, opts.outer_momentum);
+    let mut outer = Nesterov::new(n, outer_lr, opts.outer_momentum);
     let mut sampler = Sampler::new(opts.seed);
     let global = (m * opts.batch_size) as u64;
     let rounds = opts.total_steps / opts.inner_steps;

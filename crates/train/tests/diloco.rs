@@ -46,6 +46,7 @@ fn options(data: std::path::PathBuf, workers: usize, codecs: Vec<Codec>) -> Expe
         warmup_steps: 2,
         grad_clip: 1.0,
         outer_lr: 0.7,
+        sparse_outer_lr: 0.7,
         outer_momentum: 0.9,
         ef_decay: 1.0,
         aggregator: Aggregator::Mean,
