@@ -40,12 +40,12 @@ pub struct DilocoArgs {
     /// Outer learning rate for `topk` rows. A sparse update moves θ only where it has
     /// values, and the rest waits in the error-feedback residual; a larger outer step
     /// makes up for that lag.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.5)]
     sparse_outer_lr: f32,
     #[arg(long, default_value_t = 0.0)]
     outer_momentum: f32,
     /// How much unsent error-feedback residual carries to the next round (1 = all).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.95)]
     ef_decay: f32,
     /// Codecs to compare: none, int8, topk, lowrank (comma separated).
     #[arg(long, default_value = "none,int8,topk", value_delimiter = ',')]
