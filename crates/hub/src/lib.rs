@@ -74,12 +74,6 @@ fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
     Ok(hash)
 }
 
-fn is_hash(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
 impl Hub {
     fn open(config: HubConfig) -> Result<Hub> {
         std::fs::create_dir_all(&config.state_dir)
@@ -648,12 +642,7 @@ async fn commit(
                 hub.coord.round()
             )));
         }
-        if !is_hash(&c.commit.blob_hash) {
-            return Err(HubError::Bad(format!(
-                "`{}` is not a blake3 hash",
-                c.commit.blob_hash
-            )));
-        }
+        tessera_blobs::check_hash(&c.commit.blob_hash).map_err(|e| HubError::Bad(e.to_string()))?;
         let n = hub.spec.model.params_total();
         let max = hub.spec.codec.max_encoded_bytes(n as usize) as u64;
         (hub.blobs.clone(), hub.blob_dir.clone(), n, max)

@@ -90,6 +90,28 @@ fn tiny_data(d: &Path) -> std::path::PathBuf {
     data
 }
 
+/// Starts `tessera node` against `url` with key `d/NAME.key`, logging to `d/NAME.log`.
+fn spawn_node(d: &Path, url: &str, name: &str) -> Child {
+    let key = d.join(format!("{name}.key"));
+    let cache = d.join("cache");
+    spawn(
+        &[
+            "node",
+            "--hub",
+            url,
+            "--key",
+            s(&key),
+            "--cache",
+            s(&cache),
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        &d.join(format!("{name}.log")),
+    )
+}
+
 /// Writes a `nano` run file on a free loopback port with state under `d/hub`, plus
 /// `extra` settings; returns the hub's URL and the file.
 fn run_file(d: &Path, data: &Path, extra: &str) -> (String, std::path::PathBuf) {
@@ -169,26 +191,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     wait_for("the hub", Duration::from_secs(30), || {
         get(&format!("{url}/run")).is_some()
     });
-    let node = |i: usize| {
-        let key = d.join(format!("n{i}.key"));
-        let cache = d.join("cache");
-        spawn(
-            &[
-                "node",
-                "--hub",
-                &url,
-                "--key",
-                s(&key),
-                "--cache",
-                s(&cache),
-                "--threads",
-                "1",
-                "--device",
-                "cpu",
-            ],
-            &d.join(format!("n{i}.log")),
-        )
-    };
+    let node = |i: usize| spawn_node(d, &url, &format!("n{i}"));
     for i in 0..3 {
         procs.0.push(node(i));
     }
@@ -429,23 +432,7 @@ fn commits_are_checked_before_they_count() {
             })
             .unwrap_or(0)
     };
-    let key = d.join("n.key");
-    procs.0.push(spawn(
-        &[
-            "node",
-            "--hub",
-            &url,
-            "--key",
-            s(&key),
-            "--cache",
-            s(&d.join("cache")),
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-        ],
-        &d.join("n.log"),
-    ));
+    procs.0.push(spawn_node(d, &url, "n"));
     wait_for("the node to join", Duration::from_secs(60), || {
         members() == 2
     });
