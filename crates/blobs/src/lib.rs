@@ -32,22 +32,8 @@ pub use memory::{MemoryBlobs, MemoryNetwork};
 /// fit in a few hundred bytes).
 pub const PEER_ADDR_BYTES_MAX: usize = 4096;
 
-/// Where a blob can be fetched from: produced by [`BlobTransport::addr`], parsed only by
-/// the transport of the same kind.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PeerAddr(pub String);
-
-impl std::fmt::Display for PeerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = &self.0;
-        if s.len() > 40 {
-            write!(f, "{}…", &s[..s.floor_char_boundary(40)])
-        } else {
-            f.write_str(s)
-        }
-    }
-}
+/// Where a blob can be fetched from (the wire type lives in `tessera_protocol`).
+pub use tessera_protocol::PeerAddr;
 
 /// Bytes this transport has moved for blobs, both directions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

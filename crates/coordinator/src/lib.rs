@@ -13,16 +13,17 @@
 //! shuffling the members with a seed derived from the previous round's accepted commit
 //! hashes, so no node can predict its assignment before the previous round closes, and
 //! every member can recompute everyone's assignment from public data.
+//!
+//! Cost: one input costs O(log N) in the number of members N. Silence is found through
+//! an index ordered by last-seen time, and whether every assigned member has committed
+//! through the set of those still pending; only starting and closing a round touch
+//! every member. The indexes are derived state, rebuilt when a snapshot is loaded.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
-
-/// A node's id: its public key in hex.
-pub type NodeId = String;
-
-/// Most members a run admits; the hub's tables and the all-to-all exchange are sized for it.
-pub const MEMBERS_MAX: usize = 4096;
+pub use tessera_protocol::wire::{Commit, Phase};
+pub use tessera_protocol::{Hash32, NodeId, RunSpec};
 
 /// The settings of a run that the coordinator needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +31,7 @@ pub struct RunConfig {
     pub run_id: String,
     /// Training starts when this many nodes have joined.
     pub min_nodes: usize,
+    /// Most members at once (the run setting `max_nodes`).
     pub max_nodes: usize,
     /// A round closes when every member committed or at this deadline.
     pub round_deadline_ms: u64,
@@ -45,14 +47,22 @@ pub struct RunConfig {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    /// Waiting for `min_nodes`.
-    Forming,
-    Training {
-        round: u64,
-    },
-    Finished,
+impl RunConfig {
+    /// The coordinator's part of a run's settings.
+    pub fn from_spec(spec: &RunSpec, batches_per_epoch: u64) -> RunConfig {
+        RunConfig {
+            run_id: spec.run_id.clone(),
+            min_nodes: spec.min_nodes,
+            max_nodes: spec.max_nodes.min(tessera_protocol::limits::MEMBERS_MAX),
+            round_deadline_ms: spec.round_deadline_ms,
+            heartbeat_timeout_ms: spec.heartbeat_timeout_ms,
+            missed_rounds_max: spec.missed_rounds_max,
+            batches_per_node: spec.inner_steps,
+            batches_per_epoch,
+            rounds_total: spec.rounds,
+            seed: spec.seed,
+        }
+    }
 }
 
 /// A member's state.
@@ -62,18 +72,6 @@ pub struct Member {
     pub missed_rounds: u32,
     /// Joined during a round: takes part from the next one.
     pub waiting: bool,
-}
-
-/// What a member commits at the end of its inner steps.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Commit {
-    /// blake3 of the encoded update blob.
-    pub blob_hash: String,
-    pub tokens: u64,
-    /// Mean inner loss, micro-nats (integers keep the state machine exact).
-    pub loss_micro: u64,
-    /// Hash of θ the member started the round from.
-    pub theta_hash: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,13 +102,48 @@ pub struct WorkRecord {
     pub batches: Vec<u64>,
 }
 
+/// One durable change of the coordinator between snapshots, as the hub persists it.
+/// Replaying the facts after a snapshot (see [`Coordinator::replay`]) rebuilds the state
+/// up to heartbeat times, which a restarted hub refreshes anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "fact", rename_all = "snake_case")]
+pub enum Fact {
+    /// A member joined (or rejoined) with this state.
+    Member { node: NodeId, member: Member },
+    /// A member left or was dropped.
+    Removed { node: NodeId },
+    /// A member's commit for the open round was accepted.
+    Committed { node: NodeId, commit: Commit },
+}
+
+/// A deliberate bug, for showing that the simulator's checker catches a broken
+/// coordinator. A test tool: nothing in a hub or node sets one. Not persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "fault", rename_all = "snake_case")]
+pub enum Fault {
+    /// From round `from_round` on, the second member in assignment order is handed the
+    /// first member's first batch instead of its own.
+    AssignTwice { from_round: u64 },
+}
+
+/// Why a member left the run without asking to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// No heartbeat for `heartbeat_timeout_ms`.
+    Silent,
+    /// Missed `missed_rounds_max` rounds in a row.
+    MissedRounds,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     RoundStarted {
         round: u64,
         deadline_ms: u64,
-        assignment: BTreeMap<NodeId, Vec<u64>>,
+        /// Members assigned work this round.
+        members: usize,
     },
     RoundClosed {
         round: u64,
@@ -120,7 +153,7 @@ pub enum Event {
     },
     MemberDropped {
         node: NodeId,
-        reason: String,
+        reason: DropReason,
     },
     Finished {
         rounds: u64,
@@ -147,8 +180,25 @@ pub enum CoordError {
     Finished,
 }
 
+/// The coordinator's persistent state: what a snapshot holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Snapshot {
+    config: RunConfig,
+    phase: Phase,
+    members: BTreeMap<NodeId, Member>,
+    assignment: BTreeMap<NodeId, Vec<u64>>,
+    commits: BTreeMap<NodeId, Commit>,
+    deadline_ms: u64,
+    returned: VecDeque<u64>,
+    cursor: u64,
+    shuffle_seed: Hash32,
+    tokens_per_batch: u64,
+    closed_rounds: u64,
+}
+
 /// The coordinator's whole state (serialisable, so the hub can persist it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Snapshot", into = "Snapshot")]
 pub struct Coordinator {
     pub config: RunConfig,
     pub phase: Phase,
@@ -162,18 +212,68 @@ pub struct Coordinator {
     /// Next fresh batch index (counts across epochs: batch `b` is index `b mod batches_per_epoch`).
     pub cursor: u64,
     /// Seed for the next round's member shuffle: hash of the last accepted set.
-    pub shuffle_seed: String,
+    pub shuffle_seed: Hash32,
     /// Tokens each sample batch holds, for bounding claimed work.
     pub tokens_per_batch: u64,
     /// Rounds closed so far; the next round's number.
     pub closed_rounds: u64,
+    /// Derived: members ordered by last-seen time, to find the silent in O(log N).
+    seen: BTreeSet<(u64, NodeId)>,
+    /// Derived: assigned members of the open round that are members and have not
+    /// committed; the round is complete when it is empty.
+    pending: BTreeSet<NodeId>,
+    /// A deliberate bug (see [`Fault`]); `None` in every real run.
+    fault: Option<Fault>,
 }
 
-fn shuffle(mut items: Vec<NodeId>, seed: &str) -> Vec<NodeId> {
-    // Fisher–Yates driven by blake3(seed ‖ i): anyone can reproduce it.
+impl From<Snapshot> for Coordinator {
+    fn from(s: Snapshot) -> Coordinator {
+        let mut c = Coordinator {
+            config: s.config,
+            phase: s.phase,
+            members: s.members,
+            assignment: s.assignment,
+            commits: s.commits,
+            deadline_ms: s.deadline_ms,
+            returned: s.returned,
+            cursor: s.cursor,
+            shuffle_seed: s.shuffle_seed,
+            tokens_per_batch: s.tokens_per_batch,
+            closed_rounds: s.closed_rounds,
+            seen: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            fault: None,
+        };
+        c.reindex();
+        c
+    }
+}
+
+impl From<Coordinator> for Snapshot {
+    fn from(c: Coordinator) -> Snapshot {
+        Snapshot {
+            config: c.config,
+            phase: c.phase,
+            members: c.members,
+            assignment: c.assignment,
+            commits: c.commits,
+            deadline_ms: c.deadline_ms,
+            returned: c.returned,
+            cursor: c.cursor,
+            shuffle_seed: c.shuffle_seed,
+            tokens_per_batch: c.tokens_per_batch,
+            closed_rounds: c.closed_rounds,
+        }
+    }
+}
+
+/// Fisher–Yates driven by blake3(seed ‖ i): anyone can reproduce it.
+fn shuffle(mut items: Vec<NodeId>, seed: &Hash32) -> Vec<NodeId> {
     for i in (1..items.len()).rev() {
-        let h = blake3::hash(format!("{seed}:{i}").as_bytes());
-        let r = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+        let mut h = blake3::Hasher::new();
+        h.update(seed.as_bytes());
+        h.update(&(i as u64).to_le_bytes());
+        let r = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
         items.swap(i, (r % (i as u64 + 1)) as usize);
     }
     items
@@ -181,9 +281,11 @@ fn shuffle(mut items: Vec<NodeId>, seed: &str) -> Vec<NodeId> {
 
 impl Coordinator {
     pub fn new(config: RunConfig, tokens_per_batch: u64) -> Coordinator {
-        let shuffle_seed = blake3::hash(format!("{}:{}", config.run_id, config.seed).as_bytes())
-            .to_hex()
-            .to_string();
+        let mut h = blake3::Hasher::new();
+        h.update(b"tessera shuffle seed v1");
+        h.update(config.run_id.as_bytes());
+        h.update(&config.seed.to_le_bytes());
+        let shuffle_seed = h.finalize().into();
         Coordinator {
             config,
             phase: Phase::Forming,
@@ -196,6 +298,51 @@ impl Coordinator {
             shuffle_seed,
             tokens_per_batch,
             closed_rounds: 0,
+            seen: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            fault: None,
+        }
+    }
+
+    /// Breaks this coordinator on purpose (a test tool; see [`Fault`]).
+    pub fn inject_fault(&mut self, fault: Fault) {
+        self.fault = Some(fault);
+    }
+
+    /// Rebuilds the derived indexes from the persistent fields.
+    fn reindex(&mut self) {
+        self.seen = self
+            .members
+            .iter()
+            .map(|(n, m)| (m.last_seen_ms, *n))
+            .collect();
+        self.pending = self
+            .assignment
+            .keys()
+            .filter(|n| self.members.contains_key(n) && !self.commits.contains_key(n))
+            .copied()
+            .collect();
+    }
+
+    /// Re-applies a stored fact on top of a snapshot (no round transitions happen
+    /// between snapshots, so none are re-run here).
+    pub fn replay(&mut self, fact: &Fact) {
+        match fact {
+            Fact::Member { node, member } => {
+                self.remove_member(node);
+                self.members.insert(*node, member.clone());
+                self.seen.insert((member.last_seen_ms, *node));
+                if self.assignment.contains_key(node) && !self.commits.contains_key(node) {
+                    self.pending.insert(*node);
+                }
+            }
+            Fact::Removed { node } => {
+                self.remove_member(node);
+            }
+            Fact::Committed { node, commit } => {
+                self.pending.remove(node);
+                self.commits.insert(*node, commit.clone());
+            }
         }
     }
 
@@ -205,12 +352,37 @@ impl Coordinator {
         for m in self.members.values_mut() {
             m.last_seen_ms = now_ms;
         }
+        self.reindex();
     }
 
     pub fn round(&self) -> Option<u64> {
         match self.phase {
             Phase::Training { round } => Some(round),
             _ => None,
+        }
+    }
+
+    /// Assigned members of the open round that still owe a commit.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn touch(&mut self, node: &NodeId, now_ms: u64) {
+        if let Some(m) = self.members.get_mut(node) {
+            self.seen.remove(&(m.last_seen_ms, *node));
+            m.last_seen_ms = now_ms;
+            self.seen.insert((now_ms, *node));
+        }
+    }
+
+    fn remove_member(&mut self, node: &NodeId) -> bool {
+        match self.members.remove(node) {
+            Some(m) => {
+                self.seen.remove(&(m.last_seen_ms, *node));
+                self.pending.remove(node);
+                true
+            }
+            None => false,
         }
     }
 
@@ -222,71 +394,91 @@ impl Coordinator {
         let mut events = Vec::new();
         match input {
             Input::Join { node } => {
-                if !self.members.contains_key(&node)
-                    && self.members.len() >= self.config.max_nodes.min(MEMBERS_MAX)
-                {
-                    return Err(CoordError::Full {
-                        max: self.config.max_nodes.min(MEMBERS_MAX),
-                    });
+                let max = self.config.max_nodes;
+                if !self.members.contains_key(&node) {
+                    if self.members.len() >= max {
+                        return Err(CoordError::Full { max });
+                    }
+                    let waiting = self.round().is_some();
+                    self.members.insert(
+                        node,
+                        Member {
+                            last_seen_ms: now_ms,
+                            missed_rounds: 0,
+                            waiting,
+                        },
+                    );
+                    self.seen.insert((now_ms, node));
+                    // A member that left and came back within a round still owes its
+                    // assignment.
+                    if self.assignment.contains_key(&node) && !self.commits.contains_key(&node) {
+                        self.pending.insert(node);
+                    }
                 }
-                let waiting = self.round().is_some();
-                let m = self.members.entry(node).or_insert(Member {
-                    last_seen_ms: now_ms,
-                    missed_rounds: 0,
-                    waiting,
-                });
-                m.last_seen_ms = now_ms;
+                self.touch(&node, now_ms);
             }
             Input::Leave { node } => {
-                if self.members.remove(&node).is_none() {
+                if !self.remove_member(&node) {
                     return Err(CoordError::NotMember { node });
                 }
                 // Its batches return to the pool when the round closes without its commit.
             }
             Input::Heartbeat { node } => {
-                self.members
-                    .get_mut(&node)
-                    .ok_or(CoordError::NotMember { node })?
-                    .last_seen_ms = now_ms;
+                if !self.members.contains_key(&node) {
+                    return Err(CoordError::NotMember { node });
+                }
+                self.touch(&node, now_ms);
             }
             Input::Commit {
                 node,
                 round,
                 commit,
             } => {
-                if self.round() != Some(round) {
-                    return Err(CoordError::WrongRound {
-                        got: round,
-                        current: self.round(),
-                    });
-                }
-                let batches =
-                    self.assignment
-                        .get(&node)
-                        .ok_or_else(|| CoordError::NotAssigned {
-                            node: node.clone(),
-                            round,
-                        })?;
-                if !self.members.contains_key(&node) {
-                    return Err(CoordError::NotMember { node });
-                }
-                if self.commits.contains_key(&node) {
-                    return Err(CoordError::AlreadyCommitted { node, round });
-                }
-                let max = batches.len() as u64 * self.tokens_per_batch;
-                if commit.tokens > max {
-                    return Err(CoordError::TooManyTokens {
-                        claimed: commit.tokens,
-                        max,
-                    });
-                }
-                self.members.get_mut(&node).expect("checked").last_seen_ms = now_ms;
+                self.check_commit(&node, round, &commit)?;
+                self.touch(&node, now_ms);
+                self.pending.remove(&node);
                 self.commits.insert(node, commit);
             }
             Input::Tick => {}
         }
         self.advance(now_ms, &mut events);
         Ok(events)
+    }
+
+    /// Whether a commit would be accepted now, without applying it.
+    pub fn check_commit(
+        &self,
+        node: &NodeId,
+        round: u64,
+        commit: &Commit,
+    ) -> Result<(), CoordError> {
+        if self.phase == Phase::Finished {
+            return Err(CoordError::Finished);
+        }
+        if self.round() != Some(round) {
+            return Err(CoordError::WrongRound {
+                got: round,
+                current: self.round(),
+            });
+        }
+        let batches = self
+            .assignment
+            .get(node)
+            .ok_or(CoordError::NotAssigned { node: *node, round })?;
+        if !self.members.contains_key(node) {
+            return Err(CoordError::NotMember { node: *node });
+        }
+        if self.commits.contains_key(node) {
+            return Err(CoordError::AlreadyCommitted { node: *node, round });
+        }
+        let max = batches.len() as u64 * self.tokens_per_batch;
+        if commit.tokens > max {
+            return Err(CoordError::TooManyTokens {
+                claimed: commit.tokens,
+                max,
+            });
+        }
+        Ok(())
     }
 
     /// Drops silent members, closes a round that is complete or past its deadline, and
@@ -296,25 +488,18 @@ impl Coordinator {
             return;
         }
         let timeout = self.config.heartbeat_timeout_ms;
-        let silent: Vec<NodeId> = self
-            .members
-            .iter()
-            .filter(|(_, m)| now_ms.saturating_sub(m.last_seen_ms) > timeout)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for node in silent {
-            self.members.remove(&node);
+        while let Some(&(seen, node)) = self.seen.first() {
+            if now_ms.saturating_sub(seen) <= timeout {
+                break;
+            }
+            self.remove_member(&node);
             events.push(Event::MemberDropped {
                 node,
-                reason: format!("no heartbeat for {timeout} ms"),
+                reason: DropReason::Silent,
             });
         }
         if let Some(round) = self.round() {
-            let all_in = self
-                .assignment
-                .keys()
-                .all(|n| self.commits.contains_key(n) || !self.members.contains_key(n));
-            if all_in || now_ms >= self.deadline_ms {
+            if self.pending.is_empty() || now_ms >= self.deadline_ms {
                 self.close(round, events);
                 if round + 1 >= self.config.rounds_total {
                     self.phase = Phase::Finished;
@@ -324,26 +509,24 @@ impl Coordinator {
                 self.phase = Phase::Forming;
             }
         }
-        if self.phase == Phase::Forming {
-            let active = self.members.len();
-            if active >= self.config.min_nodes.max(1) {
-                self.start(self.closed_rounds, now_ms, events);
-            }
+        if self.phase == Phase::Forming && self.members.len() >= self.config.min_nodes.max(1) {
+            self.start(self.closed_rounds, now_ms, events);
         }
     }
 
     fn close(&mut self, round: u64, events: &mut Vec<Event>) {
         let assignment = std::mem::take(&mut self.assignment);
         let commits = std::mem::take(&mut self.commits);
+        self.pending.clear();
         let mut accepted = BTreeMap::new();
         let mut late = Vec::new();
         let mut work = Vec::new();
         for (node, batches) in assignment {
             match commits.get(&node) {
                 Some(c) if self.members.contains_key(&node) => {
-                    accepted.insert(node.clone(), c.clone());
+                    accepted.insert(node, c.clone());
                     work.push(WorkRecord {
-                        node: node.clone(),
+                        node,
                         tokens: c.tokens,
                         batches,
                     });
@@ -355,12 +538,12 @@ impl Coordinator {
                     self.returned.extend(batches);
                     if let Some(m) = self.members.get_mut(&node) {
                         m.missed_rounds += 1;
-                        late.push(node.clone());
+                        late.push(node);
                         if m.missed_rounds >= self.config.missed_rounds_max {
-                            self.members.remove(&node);
+                            self.remove_member(&node);
                             events.push(Event::MemberDropped {
                                 node,
-                                reason: format!("missed {} rounds", self.config.missed_rounds_max),
+                                reason: DropReason::MissedRounds,
                             });
                         }
                     }
@@ -373,7 +556,7 @@ impl Coordinator {
             h.update(node.as_bytes());
             h.update(c.blob_hash.as_bytes());
         }
-        self.shuffle_seed = h.finalize().to_hex().to_string();
+        self.shuffle_seed = h.finalize().into();
         self.closed_rounds = round + 1;
         events.push(Event::RoundClosed {
             round,
@@ -387,7 +570,7 @@ impl Coordinator {
         for m in self.members.values_mut() {
             m.waiting = false;
         }
-        let order = shuffle(self.members.keys().cloned().collect(), &self.shuffle_seed);
+        let order = shuffle(self.members.keys().copied().collect(), &self.shuffle_seed);
         let mut assignment = BTreeMap::new();
         for node in order {
             let batches: Vec<u64> = (0..self.config.batches_per_node)
@@ -400,13 +583,66 @@ impl Coordinator {
                 .collect();
             assignment.insert(node, batches);
         }
-        self.assignment = assignment.clone();
+        if let Some(Fault::AssignTwice { from_round }) = self.fault {
+            let mut firsts = assignment.values_mut().filter(|b| !b.is_empty());
+            if let (true, Some(a), Some(b)) = (round >= from_round, firsts.next(), firsts.next()) {
+                b[0] = a[0];
+            }
+        }
+        self.pending = assignment.keys().copied().collect();
+        self.assignment = assignment;
         self.deadline_ms = now_ms + self.config.round_deadline_ms;
         self.phase = Phase::Training { round };
         events.push(Event::RoundStarted {
             round,
             deadline_ms: self.deadline_ms,
-            assignment,
+            members: self.pending.len(),
         });
+    }
+
+    /// Checks the invariants that tie the state together; O(N), for tests and the
+    /// simulator's round-close checks. Returns what is broken.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.members.len() > self.config.max_nodes {
+            return Err(format!(
+                "{} members exceed max_nodes {}",
+                self.members.len(),
+                self.config.max_nodes
+            ));
+        }
+        let seen: BTreeSet<(u64, NodeId)> = self
+            .members
+            .iter()
+            .map(|(n, m)| (m.last_seen_ms, *n))
+            .collect();
+        if seen != self.seen {
+            return Err("the last-seen index differs from the members".into());
+        }
+        let pending: BTreeSet<NodeId> = self
+            .assignment
+            .keys()
+            .filter(|n| self.members.contains_key(n) && !self.commits.contains_key(n))
+            .copied()
+            .collect();
+        if pending != self.pending {
+            return Err("the pending set differs from the assignment".into());
+        }
+        if let Some(n) = self
+            .commits
+            .keys()
+            .find(|n| !self.assignment.contains_key(n))
+        {
+            return Err(format!("{n} committed without an assignment"));
+        }
+        if self.round().is_none() && !self.assignment.is_empty() {
+            return Err("an assignment outside a round".into());
+        }
+        let mut handed = BTreeSet::new();
+        for b in self.assignment.values().flatten().chain(&self.returned) {
+            if *b >= self.cursor || !handed.insert(*b) {
+                return Err(format!("batch {b} is assigned twice or beyond the cursor"));
+            }
+        }
+        Ok(())
     }
 }

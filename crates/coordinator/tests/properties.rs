@@ -7,7 +7,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tessera_coordinator::{Commit, CoordError, Coordinator, Event, Input, Phase, RunConfig};
+use tessera_coordinator::{
+    Commit, CoordError, Coordinator, Event, Hash32, Input, NodeId, Phase, RunConfig,
+};
+
+fn id(name: &str) -> NodeId {
+    NodeId(*blake3::hash(name.as_bytes()).as_bytes())
+}
 
 struct Lcg(u64);
 impl Lcg {
@@ -37,15 +43,15 @@ fn config(seed: u64) -> RunConfig {
 
 fn commit(tokens: u64) -> Commit {
     Commit {
-        blob_hash: format!("h{tokens}"),
+        blob_hash: Hash32::of(format!("h{tokens}").as_bytes()),
         tokens,
         loss_micro: 1,
-        theta_hash: "t".into(),
+        theta_hash: Hash32::of(b"t"),
     }
 }
 
 fn random_input(rng: &mut Lcg, c: &Coordinator) -> Input {
-    let node = format!("n{}", rng.below(8));
+    let node = id(&format!("n{}", rng.below(8)));
     match rng.below(10) {
         0 => Input::Join { node },
         1 if rng.below(4) == 0 => Input::Leave { node },
@@ -75,7 +81,10 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
         let before = c.clone();
         inputs.push((input.clone(), now));
         let assigned_before = c.assignment.clone();
-        match c.apply(input, now) {
+        let result = c.apply(input, now);
+        c.check_invariants()
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        match result {
             Err(CoordError::Finished) => break,
             Err(_) => assert_eq!(c, before, "a refused input changed the state"),
             Ok(events) => {
@@ -143,13 +152,13 @@ fn a_crashed_member_is_dropped_and_its_batches_are_reassigned() {
     cfg.min_nodes = 3;
     let mut c = Coordinator::new(cfg, 128);
     for n in ["a", "b", "c"] {
-        c.apply(Input::Join { node: n.into() }, 0).unwrap();
+        c.apply(Input::Join { node: id(n) }, 0).unwrap();
     }
     assert_eq!(c.round(), Some(0));
-    let b_batches = c.assignment["b"].clone();
+    let b_batches = c.assignment[&id("b")].clone();
     c.apply(
         Input::Commit {
-            node: "a".into(),
+            node: id("a"),
             round: 0,
             commit: commit(384),
         },
@@ -158,7 +167,7 @@ fn a_crashed_member_is_dropped_and_its_batches_are_reassigned() {
     .unwrap();
     c.apply(
         Input::Commit {
-            node: "c".into(),
+            node: id("c"),
             round: 0,
             commit: commit(384),
         },
@@ -171,7 +180,7 @@ fn a_crashed_member_is_dropped_and_its_batches_are_reassigned() {
         Event::RoundClosed { late, accepted, .. } => Some((late.clone(), accepted.len())),
         _ => None,
     });
-    assert_eq!(closed, Some((vec!["b".to_string()], 2)));
+    assert_eq!(closed, Some((vec![id("b")], 2)));
     assert_eq!(c.round(), Some(1), "training continues");
     let reassigned: Vec<u64> = c
         .assignment
@@ -186,29 +195,27 @@ fn a_crashed_member_is_dropped_and_its_batches_are_reassigned() {
         "b's batches are assigned again first"
     );
     // Silence past the heartbeat timeout drops b.
-    c.apply(Input::Heartbeat { node: "a".into() }, 2_500)
-        .unwrap();
-    c.apply(Input::Heartbeat { node: "c".into() }, 2_500)
-        .unwrap();
+    c.apply(Input::Heartbeat { node: id("a") }, 2_500).unwrap();
+    c.apply(Input::Heartbeat { node: id("c") }, 2_500).unwrap();
     let events = c.apply(Input::Tick, 3_100).unwrap();
     assert!(events
         .iter()
-        .any(|e| matches!(e, Event::MemberDropped { node, .. } if node == "b")));
+        .any(|e| matches!(e, Event::MemberDropped { node, .. } if *node == id("b"))));
     // A newcomer joins mid-round and takes part from the next round.
-    c.apply(Input::Join { node: "d".into() }, 3_200).unwrap();
-    assert!(c.members["d"].waiting && !c.assignment.contains_key("d"));
+    c.apply(Input::Join { node: id("d") }, 3_200).unwrap();
+    assert!(c.members[&id("d")].waiting && !c.assignment.contains_key(&id("d")));
     assert!(matches!(c.phase, Phase::Training { .. }));
 }
 
 #[test]
 fn bad_commits_are_refused() {
     let mut c = Coordinator::new(config(2), 128);
-    c.apply(Input::Join { node: "a".into() }, 0).unwrap();
-    c.apply(Input::Join { node: "b".into() }, 0).unwrap();
+    c.apply(Input::Join { node: id("a") }, 0).unwrap();
+    c.apply(Input::Join { node: id("b") }, 0).unwrap();
     let err = c
         .apply(
             Input::Commit {
-                node: "a".into(),
+                node: id("a"),
                 round: 5,
                 commit: commit(1),
             },
@@ -225,7 +232,7 @@ fn bad_commits_are_refused() {
     let err = c
         .apply(
             Input::Commit {
-                node: "a".into(),
+                node: id("a"),
                 round: 0,
                 commit: commit(10_000),
             },
@@ -242,7 +249,7 @@ fn bad_commits_are_refused() {
     let err = c
         .apply(
             Input::Commit {
-                node: "z".into(),
+                node: id("z"),
                 round: 0,
                 commit: commit(1),
             },
@@ -252,7 +259,7 @@ fn bad_commits_are_refused() {
     assert!(matches!(err, CoordError::NotAssigned { .. }));
     c.apply(
         Input::Commit {
-            node: "a".into(),
+            node: id("a"),
             round: 0,
             commit: commit(1),
         },
@@ -262,7 +269,7 @@ fn bad_commits_are_refused() {
     let err = c
         .apply(
             Input::Commit {
-                node: "a".into(),
+                node: id("a"),
                 round: 0,
                 commit: commit(1),
             },

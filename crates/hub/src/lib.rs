@@ -1,72 +1,56 @@
-//! The hub: the driver around the pure coordinator. It serves the run's control
-//! plane over HTTP, fetches every committed update blob from its node over the data
-//! plane (iroh-blobs, hash-verified, size-bounded) and checks it decodes before the
-//! commit counts, runs the same outer step as the nodes to keep the checkpoint joiners
-//! start from, serves that checkpoint and the accepted blobs as a second source next to
-//! their origin nodes, compares the θ hashes nodes report, and keeps everything durable
-//! so `kill -9` and a restart resume the run where it was.
+//! The hub: the pure hub engine ([`engine::HubState`]) behind a thin I/O layer. The
+//! engine decides; this file moves bytes. It serves the control plane over HTTP (axum),
+//! fetches every committed update blob from its node over the data plane (iroh-blobs,
+//! hash-verified, size-bounded) and checks it decodes before the commit reaches the
+//! engine, keeps the engine's state in SQLite ([`store::SqliteHubStore`]), takes the
+//! outer step on blob files ([`FileOuter`]) to keep the checkpoint joiners start from,
+//! pays closed rounds through the ledger, and writes the final model.
 //!
-//! Durability: after every coordinator input that changes state, the coordinator's
-//! snapshot, any closed round's record and the checkpoint pointer are written in one
-//! SQLite transaction (WAL, `synchronous=FULL`); the checkpoint and blob files they
-//! point to are written and synced before it. A restart therefore sees each round
-//! either closed with its checkpoint, or still open with the commits it had.
+//! Concurrency: one engine thread owns the engine, its store and the outer step, and
+//! takes calls from the HTTP handlers over a bounded channel; it answers an input only
+//! after the input's change is durable. No lock is held across a fetch, an fsync or an
+//! evaluation in async code: handlers wait on a reply channel, blob fetches run on
+//! tokio's blocking pool without touching the engine.
 
 pub mod config;
-pub mod wire;
+pub mod engine;
+pub mod host;
+pub mod store;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use tessera_net::http_auth::now_ms;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
-use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions, PeerAddr};
-use tessera_coordinator::{CoordError, Coordinator, Event, Input, Phase, RunConfig};
+use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions};
 use tessera_model::{checkpoint, Preset};
+use tessera_net::http_auth::now_ms;
+use tessera_outer::{decode, OuterState};
+use tessera_protocol::limits::CONTROL_BODY_BYTES_MAX;
+use tessera_protocol::wire::{
+    Ack, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats, RoundRecord, RunInfo, StateView,
+    Summary, ThetaReply, ThetaReport,
+};
+use tessera_protocol::{Hash32, NodeId, RunSpec};
 use tessera_train::data::{Dataset, Windows, MANIFEST_FILE};
-use tessera_train::eval::{evaluate_windows, EvalResult};
-use tessera_train::outer::decode;
-use tessera_train::worker::{OuterState, RunSpec};
+use tokio::sync::{mpsc, oneshot};
 
 pub use config::HubConfig;
-pub use wire::{CommitBody, NodeStats, RoundRecord, RunInfo, StateView, Summary, ThetaReport};
+use engine::{Applied, Effect, HubError, HubInput, HubState, OuterStep, StepOutcome};
+use host::Host;
+use store::SqliteHubStore;
 
-struct Hub {
-    config: HubConfig,
-    spec: RunSpec,
-    coord: Coordinator,
-    outer: OuterState,
-    checkpoint: String,
-    rounds: BTreeMap<u64, RoundRecord>,
-    stats: BTreeMap<String, NodeStats>,
-    divergent: u64,
-    final_eval: Option<EvalResult>,
-    db: Connection,
-    blob_dir: PathBuf,
-    /// The data plane: serves checkpoints and accepted blobs, fetches commits' blobs.
-    blobs: Arc<dyn BlobTransport>,
-    /// Where each blob committed in the open round came from.
-    sources: BTreeMap<String, PeerAddr>,
-    started_ms: u64,
-    /// The data set's files, served to nodes (listed once: opening the set hashes it).
-    data_files: Vec<String>,
-    /// The token ledger that pays closed rounds, when the run has one.
-    /// Shared with the ledger routes the hub serves under `/ledger/`.
-    ledger: Option<Arc<tessera_net::LedgerService>>,
-}
-
-fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
-    let hash = blake3::hash(bytes).to_hex().to_string();
-    let path = dir.join(&hash);
+/// Writes `bytes` as the content-addressed, fsynced file `dir/HASH`.
+fn write_blob(dir: &Path, bytes: &[u8]) -> Result<Hash32> {
+    let hash = Hash32::of(bytes);
+    let path = dir.join(hash.to_hex());
     if !path.exists() {
         checkpoint::write_atomic(&path, bytes)
             .with_context(|| format!("writing blob {}", path.display()))?;
@@ -74,138 +58,171 @@ fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
     Ok(hash)
 }
 
-impl Hub {
-    fn open(config: HubConfig) -> Result<Hub> {
-        std::fs::create_dir_all(&config.state_dir)
-            .with_context(|| format!("creating {}", config.state_dir.display()))?;
-        let blob_dir = config.state_dir.join("blobs");
+/// The hub's outer step on blob files: the accepted updates are files in `dir` (the
+/// commit handler stored them), each checkpoint is written there and published on the
+/// hub's blob endpoint. Keeps the latest state in memory.
+pub struct FileOuter {
+    dir: PathBuf,
+    blobs: Arc<dyn BlobTransport>,
+    spec: RunSpec,
+    params: usize,
+    current: Option<(Hash32, OuterState)>,
+}
+
+impl FileOuter {
+    fn state(&mut self, checkpoint: Hash32) -> Result<&OuterState, String> {
+        if self.current.as_ref().map(|(h, _)| *h) != Some(checkpoint) {
+            let bytes = std::fs::read(self.dir.join(checkpoint.to_hex()))
+                .map_err(|e| format!("reading checkpoint {checkpoint}: {e}"))?;
+            let lr = self.spec.effective_outer_lr();
+            let s = OuterState::from_bytes(&bytes, self.params, lr, self.spec.outer_momentum)?;
+            self.current = Some((checkpoint, s));
+        }
+        Ok(&self.current.as_ref().expect("loaded above").1)
+    }
+}
+
+impl OuterStep for FileOuter {
+    fn step(
+        &mut self,
+        _round: u64,
+        from: Hash32,
+        accepted: &[(NodeId, Hash32)],
+    ) -> Result<StepOutcome, String> {
+        let mut state = self.state(from)?.clone();
+        let blobs = accepted
+            .iter()
+            .map(|(_, h)| {
+                std::fs::read(self.dir.join(h.to_hex()))
+                    .map_err(|e| format!("reading blob {h}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        state
+            .apply(self.spec.aggregator, &blobs)
+            .map_err(|e| e.to_string())?;
+        let bytes = state.to_bytes();
+        let checkpoint = write_blob(&self.dir, &bytes).map_err(|e| format!("{e:#}"))?;
+        self.blobs.publish(&bytes).map_err(|e| e.to_string())?;
+        let theta_after = Hash32::from_hex(&state.hash()).expect("θ hashes are hex");
+        self.current = Some((checkpoint, state));
+        Ok(StepOutcome {
+            theta_after,
+            checkpoint,
+        })
+    }
+}
+
+/// The engine and everything it drives, owned by the engine thread.
+struct Core {
+    config: HubConfig,
+    host: Host<SqliteHubStore>,
+    outer: FileOuter,
+    blobs: Arc<dyn BlobTransport>,
+    blob_dir: PathBuf,
+    ledger: Option<Arc<tessera_net::LedgerService>>,
+    info: Arc<RunInfo>,
+    started_ms: u64,
+    calls: mpsc::Sender<Call>,
+}
+
+/// A call from an HTTP handler to the engine thread.
+enum Call {
+    Input(HubInput, oneshot::Sender<Result<Option<bool>, HubError>>),
+    CheckCommit(NodeId, CommitBody, oneshot::Sender<Result<(), HubError>>),
+    View(NodeId, oneshot::Sender<StateView>),
+    Round(u64, oneshot::Sender<Option<Arc<RoundRecord>>>),
+    Summary(oneshot::Sender<Summary>),
+    Metrics(oneshot::Sender<String>),
+}
+
+fn log(line: &str) {
+    eprintln!("hub: {}", line.escape_debug());
+}
+
+impl Core {
+    fn open(config: HubConfig, calls: mpsc::Sender<Call>) -> Result<Core> {
+        let dep = &config.deployment;
+        let spec = config.spec.clone();
+        std::fs::create_dir_all(&dep.state_dir)
+            .with_context(|| format!("creating {}", dep.state_dir.display()))?;
+        let blob_dir = dep.state_dir.join("blobs");
         std::fs::create_dir_all(&blob_dir)?;
-        let data = Dataset::open(&config.data)
-            .with_context(|| format!("opening data set {}", config.data.display()))?;
-        let manifest_bytes = std::fs::read(config.data.join(MANIFEST_FILE))?;
-        let mut model = Preset::by_name(&config.preset)?.config();
+        let data = Dataset::open(&dep.data)
+            .with_context(|| format!("opening data set {}", dep.data.display()))?;
+        let manifest_bytes = std::fs::read(dep.data.join(MANIFEST_FILE))?;
+        let mut model = Preset::by_name(&spec.preset)?.config();
         model.vocab_size = data.manifest.vocab_size.div_ceil(64) * 64;
-        if config.seq_len > model.max_position_embeddings {
+        if spec.seq_len > model.max_position_embeddings {
             bail!(
-                "seq_len {} exceeds the model's context {}",
-                config.seq_len,
+                "run setting `seq_len`: {} exceeds the model's context {}",
+                spec.seq_len,
                 model.max_position_embeddings
             );
         }
-        let spec = RunSpec {
-            run_id: config.run_id.clone(),
-            model,
-            data_manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
-            batch_size: config.batch_size,
-            seq_len: config.seq_len,
-            inner_steps: config.inner_steps,
-            rounds_total: config.rounds,
-            lr: config.lr,
-            warmup_steps: config.warmup_steps,
-            grad_clip: 1.0,
-            outer_lr: config.outer_lr,
-            outer_momentum: config.outer_momentum,
-            ef_decay: config.ef_decay,
-            codec: config.codec()?,
-            aggregator: config.aggregator()?,
-            seed: config.seed,
-        };
-        let windows = Windows::new(&data.train, config.seq_len);
-        let data_files = data.files();
-        let db = Connection::open(config.state_dir.join("hub.db"))?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL);",
-        )?;
-        let saved_spec: Option<String> = db
-            .query_row("SELECT value FROM meta WHERE key='spec'", [], |r| r.get(0))
-            .optional()?;
-        let spec_json = serde_json::to_string(&spec)?;
-        let (coord, outer, checkpoint, rounds) = match saved_spec {
-            Some(saved) => {
-                if saved != spec_json {
-                    bail!(
-                        "{} holds a run with different settings; use a new state_dir",
-                        config.state_dir.display()
-                    );
-                }
-                let mut coord: Coordinator = serde_json::from_str(&db.query_row(
-                    "SELECT value FROM meta WHERE key='coordinator'",
-                    [],
-                    |r| r.get::<_, String>(0),
-                )?)?;
-                let checkpoint: String =
-                    db.query_row("SELECT value FROM meta WHERE key='checkpoint'", [], |r| {
-                        r.get(0)
-                    })?;
-                let bytes = std::fs::read(blob_dir.join(&checkpoint))
-                    .context("reading the checkpoint blob")?;
-                let outer = OuterState::from_bytes(&spec, &bytes).map_err(anyhow::Error::msg)?;
-                let mut rounds = BTreeMap::new();
-                let mut stmt = db.prepare("SELECT record FROM rounds ORDER BY round")?;
-                for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
-                    let rec: RoundRecord = serde_json::from_str(&row?)?;
-                    rounds.insert(rec.round, rec);
-                }
-                drop(stmt);
-                coord.refresh_members(now_ms());
-                eprintln!(
-                    "hub: resumed run {} at round {} ({} closed)",
-                    spec.run_id,
-                    coord.closed_rounds,
-                    rounds.len()
-                );
-                (coord, outer, checkpoint, rounds)
-            }
-            None => {
-                let coord = Coordinator::new(
-                    RunConfig {
-                        run_id: config.run_id.clone(),
-                        min_nodes: config.min_nodes,
-                        max_nodes: config.max_nodes,
-                        round_deadline_ms: config.round_deadline_ms,
-                        heartbeat_timeout_ms: config.heartbeat_timeout_ms,
-                        missed_rounds_max: config.missed_rounds_max,
-                        batches_per_node: config.inner_steps,
-                        batches_per_epoch: (windows.len() / config.batch_size.max(1)) as u64,
-                        rounds_total: config.rounds,
-                        seed: config.seed,
-                    },
-                    spec.tokens_per_batch(),
-                );
-                let outer = OuterState::initial(&spec);
-                let checkpoint = write_blob(&blob_dir, &outer.to_bytes())?;
-                let tx = db.unchecked_transaction()?;
-                tx.execute(
-                    "INSERT INTO meta(key, value) VALUES ('spec', ?1)",
-                    params![spec_json],
-                )?;
-                tx.execute(
-                    "INSERT INTO meta(key, value) VALUES ('checkpoint', ?1)",
-                    params![checkpoint],
-                )?;
-                tx.execute(
-                    "INSERT INTO meta(key, value) VALUES ('coordinator', ?1)",
-                    params![serde_json::to_string(&coord)?],
-                )?;
-                tx.commit()?;
-                (coord, outer, checkpoint, BTreeMap::new())
-            }
-        };
-        let divergent: u64 = db
-            .query_row("SELECT value FROM meta WHERE key='divergent'", [], |r| {
-                r.get::<_, String>(0)
+        let params = model.params_total();
+        let windows = Windows::new(&data.train, spec.seq_len);
+        let batches_per_epoch = (windows.len() / spec.batch_size.max(1)) as u64;
+        if batches_per_epoch == 0 {
+            bail!(
+                "the data set holds less than one batch of {} sequences",
+                spec.batch_size
+            );
+        }
+        let blobs: Arc<dyn BlobTransport> = Arc::new(
+            IrohBlobs::bind(IrohOptions {
+                bind: dep.blob_bind,
+                ..IrohOptions::loopback()
             })
-            .optional()?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let ledger = match &config.ledger {
+            .context("starting the hub's blob endpoint")?,
+        );
+        let info = Arc::new(RunInfo {
+            spec: spec.clone(),
+            model: model.clone(),
+            data_manifest: Hash32::of(&manifest_bytes),
+            data_files: data.files(),
+            hub_blobs: blobs.addr(),
+        });
+        // θ₀ is a pure function of the run's seed.
+        let theta0 = tessera_train::worker::initial_theta(&model, spec.seed);
+        let state0 = OuterState::from_theta(theta0, spec.effective_outer_lr(), spec.outer_momentum);
+        let checkpoint0 = write_blob(&blob_dir, &state0.to_bytes())?;
+        let theta0 = Hash32::from_hex(&state0.hash()).expect("θ hashes are hex");
+        let fresh = HubState::new(spec.clone(), params, batches_per_epoch, theta0, checkpoint0);
+        let identity = serde_json::to_string(&(&spec, &model, &info.data_manifest))?;
+        let store = SqliteHubStore::open(&dep.state_dir.join("hub.db"))?;
+        let host = Host::open(fresh, identity, store, now_ms()).map_err(|e| match e {
+            host::HostError::OtherRun => anyhow::anyhow!(
+                "{} holds a run with different settings; use a new state_dir",
+                dep.state_dir.display()
+            ),
+            e => e.into(),
+        })?;
+        let state = &host.state;
+        if state.coordinator().closed_rounds > 0 || !state.coordinator().members.is_empty() {
+            log(&format!(
+                "resumed run {} at round {} ({} closed)",
+                spec.run_id,
+                state.coordinator().closed_rounds,
+                state.rounds().len()
+            ));
+        }
+        // Serve again what nodes may still ask for: the checkpoint, the last closed
+        // round's blobs (for nodes one round behind) and the open round's commits.
+        let mut serve_again = vec![state.checkpoint()];
+        if let Some(last) = state.rounds().values().next_back() {
+            serve_again.extend(last.accepted.iter().map(|(_, h)| *h));
+        }
+        serve_again.extend(state.coordinator().commits.values().map(|c| c.blob_hash));
+        for hash in serve_again {
+            let bytes = std::fs::read(blob_dir.join(hash.to_hex()))
+                .with_context(|| format!("reading blob {hash}"))?;
+            blobs.publish(&bytes)?;
+        }
+        let ledger = match &dep.ledger {
             Some(path) => {
                 let ledger = tessera_ledger::Ledger::open(tessera_ledger::SqliteStore::open(path)?)
                     .with_context(|| format!("opening ledger {}", path.display()))?;
-                let organiser = match &config.organiser {
+                let organiser = match &dep.organiser {
                     Some(key) => tessera_protocol::identity::parse_public(key)?,
                     None => String::new(),
                 };
@@ -213,460 +230,388 @@ impl Hub {
             }
             None => None,
         };
-        let blobs: Arc<dyn BlobTransport> = Arc::new(
-            IrohBlobs::bind(IrohOptions {
-                bind: config.blob_bind,
-                ..IrohOptions::loopback()
-            })
-            .context("starting the hub's blob endpoint")?,
-        );
-        // Serve again what nodes may still ask for: the checkpoint, the last closed
-        // round's blobs (for nodes one round behind) and the open round's commits.
-        let mut serve_again = vec![checkpoint.clone()];
-        if let Some(last) = rounds.values().next_back() {
-            serve_again.extend(last.accepted.iter().map(|(_, h)| h.clone()));
-        }
-        serve_again.extend(coord.commits.values().map(|c| c.blob_hash.clone()));
-        for hash in serve_again {
-            let bytes = std::fs::read(blob_dir.join(&hash))
-                .with_context(|| format!("reading blob {hash}"))?;
-            blobs.publish(&bytes)?;
-        }
-        let mut hub = Hub {
-            config,
-            spec,
-            coord,
-            outer,
-            checkpoint,
-            rounds,
-            stats: BTreeMap::new(),
-            divergent,
-            final_eval: None,
-            db,
-            blob_dir,
-            blobs,
-            sources: BTreeMap::new(),
-            started_ms: now_ms(),
-            data_files,
-            ledger,
+        let outer = FileOuter {
+            dir: blob_dir.clone(),
+            blobs: blobs.clone(),
+            spec: spec.clone(),
+            params: params as usize,
+            current: None,
         };
-        hub.pay_rounds();
-        Ok(hub)
+        let core = Core {
+            config,
+            host,
+            outer,
+            blobs,
+            blob_dir,
+            ledger,
+            info,
+            started_ms: now_ms(),
+            calls,
+        };
+        core.pay();
+        Ok(core)
     }
 
-    /// Applies an input, handles its events, and persists the result atomically.
-    fn input(&mut self, input: Input) -> Result<Vec<Event>, HubError> {
-        let before = self.coord.clone();
-        let events = self.coord.apply(input, now_ms()).map_err(HubError::Coord)?;
-        // Everything below either completes, or is undone: memory must never run
-        // ahead of what is durable.
-        let outer_before = events
-            .iter()
-            .any(|e| matches!(e, Event::RoundClosed { .. }))
-            .then(|| (self.outer.clone(), self.checkpoint.clone()));
-        let mut step = || -> Result<Vec<RoundRecord>, HubError> {
-            let mut closed = Vec::new();
-            for e in &events {
-                match e {
-                    Event::RoundClosed {
-                        round,
-                        accepted,
-                        late,
-                        work,
-                    } => {
-                        let mut blobs = Vec::with_capacity(accepted.len());
-                        for c in accepted.values() {
-                            blobs.push(
-                                std::fs::read(self.blob_dir.join(&c.blob_hash))
-                                    .map_err(|e| HubError::Internal(e.to_string()))?,
-                            );
-                        }
-                        self.outer
-                            .apply(&self.spec, &blobs)
-                            .map_err(|e| HubError::Internal(e.to_string()))?;
-                        let bytes = self.outer.to_bytes();
-                        let checkpoint = write_blob(&self.blob_dir, &bytes)
-                            .map_err(|e| HubError::Internal(e.to_string()))?;
-                        self.blobs
-                            .publish(&bytes)
-                            .map_err(|e| HubError::Internal(e.to_string()))?;
-                        self.checkpoint = checkpoint.clone();
-                        let hub_addr = self.blobs.addr();
-                        let rec = RoundRecord {
-                            round: *round,
-                            accepted: accepted
-                                .iter()
-                                .map(|(n, c)| (n.clone(), c.blob_hash.clone()))
-                                .collect(),
-                            sources: accepted
-                                .values()
-                                .map(|c| {
-                                    self.sources
-                                        .get(&c.blob_hash)
-                                        .cloned()
-                                        .unwrap_or_else(|| hub_addr.clone())
-                                })
-                                .collect(),
-                            late: late.clone(),
-                            tokens: work.iter().map(|w| w.tokens).sum(),
-                            work: work.iter().map(|w| (w.node.clone(), w.tokens)).collect(),
-                            theta_after: self.outer.hash(),
-                            checkpoint,
-                        };
-                        eprintln!(
-                            "hub: round {round} closed: {} accepted, {} late, θ {}",
-                            rec.accepted.len(),
-                            rec.late.len(),
-                            &rec.theta_after[..12]
-                        );
-                        closed.push(rec);
-                    }
-                    Event::MemberDropped { node, reason } => {
-                        eprintln!("hub: dropped {}: {reason}", &node[..12.min(node.len())])
-                    }
-                    Event::RoundStarted {
-                        round, assignment, ..
-                    } => eprintln!(
-                        "hub: round {round} started with {} node(s)",
-                        assignment.len()
-                    ),
-                    Event::Finished { rounds } => {
-                        eprintln!("hub: run finished after {rounds} rounds")
-                    }
-                }
-            }
-            if self.coord != before || !closed.is_empty() {
-                let persist = || -> rusqlite::Result<()> {
-                    let tx = self.db.unchecked_transaction()?;
-                    tx.execute(
-                        "UPDATE meta SET value = ?1 WHERE key = 'coordinator'",
-                        params![serde_json::to_string(&self.coord).expect("serialises")],
-                    )?;
-                    for rec in &closed {
-                        tx.execute(
-                            "INSERT INTO rounds(round, record) VALUES (?1, ?2)",
-                            params![
-                                rec.round as i64,
-                                serde_json::to_string(rec).expect("serialises")
-                            ],
-                        )?;
-                        tx.execute(
-                            "UPDATE meta SET value = ?1 WHERE key = 'checkpoint'",
-                            params![rec.checkpoint],
-                        )?;
-                    }
-                    tx.commit()
-                };
-                persist().map_err(|e| HubError::Internal(format!("persisting hub state: {e}")))?;
-            }
-            Ok(closed)
-        };
-        let closed = match step() {
-            Ok(closed) => closed,
-            Err(e) => {
-                self.coord = before;
-                if let Some((outer, checkpoint)) = outer_before {
-                    self.outer = outer;
-                    self.checkpoint = checkpoint;
+    /// Applies an input through the host (which makes its change durable, or rebuilds
+    /// the engine from the store), then carries out its effects.
+    fn input(&mut self, input: HubInput) -> Result<Applied, HubError> {
+        let applied = match self.host.input(input, now_ms(), &mut self.outer) {
+            Ok(a) => a,
+            Err(Ok(e)) => {
+                if e.code == ErrorCode::Internal {
+                    log(&format!("{e}; the engine was rebuilt from its store"));
+                    self.outer.current = None;
                 }
                 return Err(e);
             }
-        };
-        if !closed.is_empty() {
-            for rec in closed {
-                self.rounds.insert(rec.round, rec);
+            Err(Err(e)) => {
+                // Nothing sound is left to serve from: stop, and let a restart decide.
+                log(&format!("cannot rebuild the engine: {e}; exiting"));
+                std::process::exit(1);
             }
-            self.sources.clear();
-            self.prune();
-            self.pay_rounds();
+        };
+        for effect in &applied.effects {
+            match effect {
+                Effect::Log(line) => log(line),
+                Effect::Dropped { node, reason } => {
+                    log(&format!("dropped {}: {reason:?}", node.short(12)))
+                }
+                Effect::Pay(_) => self.pay(),
+                Effect::Release(hashes) => {
+                    for h in hashes {
+                        self.blobs.forget(&h.to_hex());
+                        let _ = std::fs::remove_file(self.blob_dir.join(h.to_hex()));
+                    }
+                }
+                Effect::Finish { checkpoint } => self.finish(*checkpoint),
+            }
         }
-        if events.iter().any(|e| matches!(e, Event::Finished { .. })) {
-            self.finish();
-        }
-        Ok(events)
+        Ok(applied)
     }
 
-    /// Stops serving, and deletes, the blobs and checkpoints of rounds two or more
-    /// behind the last closed one: nobody needs them any more (a node further behind
-    /// loads the current checkpoint). What the current state points to is kept.
-    fn prune(&mut self) {
-        let Some(&last) = self.rounds.keys().next_back() else {
-            return;
-        };
-        let Some(old) = last.checked_sub(2).and_then(|r| self.rounds.get(&r)) else {
-            return;
-        };
-        let keep: std::collections::BTreeSet<&String> = self
-            .rounds
-            .range(last - 1..)
-            .flat_map(|(_, r)| r.accepted.iter().map(|(_, h)| h).chain([&r.checkpoint]))
-            .chain([&self.checkpoint])
-            .collect();
-        let stale: Vec<String> = old
-            .accepted
-            .iter()
-            .map(|(_, h)| h)
-            .chain([&old.checkpoint])
-            .filter(|h| !keep.contains(h))
-            .cloned()
-            .collect();
-        for hash in stale {
-            self.blobs.forget(&hash);
-            let _ = std::fs::remove_file(self.blob_dir.join(&hash));
-        }
-    }
-
-    /// Pays every closed round the ledger has not paid yet, from its work record.
-    ///
-    /// The hub's round records and the ledger are separate databases, so a crash can
-    /// fall between closing a round and paying it. Payout request ids are
-    /// `payout:RUN:ROUND`, so re-submitting after a restart is a no-op for rounds already
-    /// paid and pays the rest: each round is paid exactly once. Until audits exist every
-    /// accepted update has full score weight.
-    fn pay_rounds(&mut self) {
-        let Some(svc) = self.ledger.clone() else {
+    fn pay(&self) {
+        let Some(svc) = &self.ledger else {
             return;
         };
         let mut ledger = svc.ledger.lock().expect("ledger lock");
-        let run = self.config.run_id.clone();
-        for rec in self.rounds.values() {
-            let paid = ledger
-                .state()
-                .run(&run)
-                .is_some_and(|r| r.paid.contains_key(&rec.round));
-            if paid || rec.work.is_empty() {
-                continue;
-            }
-            let work = rec
-                .work
-                .iter()
-                .map(|(node, tokens)| tessera_ledger::Work {
-                    contributor: node.clone(),
-                    tokens: *tokens,
-                    score_ppm: 1_000_000,
+        let lines = engine::pay_rounds(
+            &mut ledger,
+            &self.host.state.spec().run_id,
+            self.host.state.rounds().values(),
+            now_ms(),
+        );
+        for line in lines {
+            log(&line);
+        }
+    }
+
+    /// Writes the final model as a Hugging Face checkpoint and evaluates it, on a thread
+    /// of its own; the result comes back as an input.
+    fn finish(&self, checkpoint: Hash32) {
+        let data_dir = self.config.deployment.data.clone();
+        let dir = self.config.deployment.state_dir.join("final");
+        let path = self.blob_dir.join(checkpoint.to_hex());
+        let info = self.info.clone();
+        let calls = self.calls.clone();
+        std::thread::spawn(move || {
+            let result = (|| -> Result<FinalEval> {
+                let data = Dataset::open(&data_dir)?;
+                let spec = &info.spec;
+                let bytes = std::fs::read(&path)?;
+                let state = OuterState::from_bytes(
+                    &bytes,
+                    info.model.params_total() as usize,
+                    spec.effective_outer_lr(),
+                    spec.outer_momentum,
+                )
+                .map_err(anyhow::Error::msg)?;
+                let model = tessera_model::Llama::new(&info.model, tch::Device::Cpu, spec.seed);
+                tessera_train::diloco::load_flat(&model, &state.theta);
+                checkpoint::save(&model, data.tokenizer_json.as_bytes(), &dir)?;
+                let windows = data.validation_windows(spec.seq_len, 1 << 16);
+                let byte_lens = tessera_train::data::token_byte_lengths(&data.tokenizer);
+                let e = tessera_train::eval::evaluate_windows(&model, &windows, 8, &byte_lens);
+                Ok(FinalEval {
+                    loss: e.loss,
+                    bpb: e.bpb,
                 })
-                .collect();
-            let request = tessera_ledger::Request {
-                id: format!("payout:{run}:{}", rec.round),
-                signer: tessera_ledger::Signer::Organiser,
-                op: tessera_ledger::Operation::Payout {
-                    run: run.clone(),
-                    round: rec.round,
-                    work,
-                },
-            };
-            match ledger.submit(&request, now_ms()) {
-                Ok(receipt) => eprintln!(
-                    "hub: paid round {} ({} transfers)",
-                    rec.round,
-                    receipt.transfers.len()
-                ),
-                Err(e) => {
-                    eprintln!("hub: round {} not paid: {e}", rec.round);
-                    break;
+            })();
+            match result {
+                Ok(eval) => {
+                    log(&format!(
+                        "final checkpoint {} (validation {:.4} bits per byte)",
+                        dir.display(),
+                        eval.bpb
+                    ));
+                    let (tx, _rx) = oneshot::channel();
+                    let input = HubInput::FinalEval {
+                        eval,
+                        dir: dir.display().to_string(),
+                    };
+                    let _ = calls.blocking_send(Call::Input(input, tx));
+                }
+                Err(e) => log(&format!("writing the final checkpoint failed: {e:#}")),
+            }
+        });
+    }
+
+    fn metrics(&self) -> String {
+        let s = &self.host.state;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        };
+        metric(
+            "tessera_rounds_closed",
+            "counter",
+            "Rounds closed so far.",
+            s.coordinator().closed_rounds,
+        );
+        metric(
+            "tessera_members",
+            "gauge",
+            "Current members.",
+            s.coordinator().members.len() as u64,
+        );
+        metric(
+            "tessera_theta_divergent_reports",
+            "counter",
+            "Member θ hashes that differed from the hub's.",
+            s.divergent(),
+        );
+        metric(
+            "tessera_uptime_seconds",
+            "gauge",
+            "Seconds since the hub started.",
+            now_ms().saturating_sub(self.started_ms) / 1000,
+        );
+        out.push_str("# HELP tessera_node_bytes_sent Bytes a member reports having sent.\n# TYPE tessera_node_bytes_sent counter\n");
+        for (n, st) in s.stats() {
+            out.push_str(&format!(
+                "tessera_node_bytes_sent{{node=\"{}\"}} {}\n",
+                n.short(16),
+                st.bytes_sent
+            ));
+        }
+        out
+    }
+
+    fn serve(mut self, mut calls: mpsc::Receiver<Call>) {
+        while let Some(call) = calls.blocking_recv() {
+            match call {
+                Call::Input(input, reply) => {
+                    let _ = reply.send(self.input(input).map(|a| a.agrees));
+                }
+                Call::CheckCommit(node, body, reply) => {
+                    let _ = reply.send(self.host.state.check_commit(&node, &body));
+                }
+                Call::View(node, reply) => {
+                    let _ = reply.send(self.host.state.view(&node));
+                }
+                Call::Round(r, reply) => {
+                    let _ = reply.send(self.host.state.round_record(r));
+                }
+                Call::Summary(reply) => {
+                    let _ = reply.send(self.host.state.summary());
+                }
+                Call::Metrics(reply) => {
+                    let _ = reply.send(self.metrics());
                 }
             }
         }
     }
+}
 
-    /// Writes the final model as a Hugging Face checkpoint and evaluates it.
-    fn finish(&mut self) {
-        let result = (|| -> Result<(PathBuf, EvalResult)> {
-            let data = Dataset::open(&self.config.data)?;
-            let model =
-                tessera_model::Llama::new(&self.spec.model, tch::Device::Cpu, self.spec.seed);
-            tessera_train::diloco::load_flat(&model, &self.outer.theta);
-            let dir = self.config.state_dir.join("final");
-            checkpoint::save(&model, data.tokenizer_json.as_bytes(), &dir)?;
-            let windows = data.validation_windows(self.spec.seq_len, 1 << 16);
-            let byte_lens = tessera_train::data::token_byte_lengths(&data.tokenizer);
-            Ok((dir, evaluate_windows(&model, &windows, 8, &byte_lens)))
-        })();
-        match result {
-            Ok((dir, eval)) => {
-                eprintln!(
-                    "hub: final checkpoint {} (validation {:.4} bits per byte)",
-                    dir.display(),
-                    eval.bpb
-                );
-                self.final_eval = Some(eval);
-            }
-            Err(e) => eprintln!("hub: writing the final checkpoint failed: {e:#}"),
-        }
-    }
+/// A refusal as an HTTP response with an [`ErrorBody`].
+pub struct ApiError(HubError);
 
-    fn summary(&self) -> Summary {
-        let n = self.spec.model.params_total();
-        let steps = self.coord.closed_rounds * self.spec.inner_steps;
-        let m = self
-            .rounds
-            .values()
-            .map(|r| r.accepted.len())
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64;
-        Summary {
-            run_id: self.spec.run_id.clone(),
-            finished: self.coord.phase == Phase::Finished,
-            rounds_closed: self.coord.closed_rounds,
-            params: n,
-            theta_hash: self.outer.hash(),
-            divergent_reports: self.divergent,
-            nodes: self.stats.clone(),
-            ddp_bytes_per_node: (steps as f64 * 2.0 * 2.0 * (m - 1.0) / m * 4.0 * n as f64) as u64,
-            final_eval: self.final_eval,
-            final_checkpoint: self.final_eval.map(|_| self.config.state_dir.join("final")),
-        }
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> ApiError {
+        ApiError(e)
     }
 }
 
-/// Why a request failed, as an HTTP status.
-#[derive(Debug)]
-pub enum HubError {
-    Auth(String),
-    Bad(String),
-    NotFound(String),
-    Coord(CoordError),
-    Internal(String),
+fn api(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError(HubError::new(code, message))
 }
 
-impl IntoResponse for HubError {
+impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, msg) = match self {
-            HubError::Auth(m) => (StatusCode::UNAUTHORIZED, m),
-            HubError::Bad(m) => (StatusCode::BAD_REQUEST, m),
-            HubError::NotFound(m) => (StatusCode::NOT_FOUND, m),
-            HubError::Coord(e) => (StatusCode::CONFLICT, e.to_string()),
-            HubError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
+        let status = match self.0.code {
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::NotMember => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::BadRequest | ErrorCode::WrongRun | ErrorCode::BlobRefused => {
+                StatusCode::BAD_REQUEST
+            }
+            _ => StatusCode::CONFLICT,
         };
-        (status, Json(serde_json::json!({"error": msg}))).into_response()
+        let body = ErrorBody {
+            code: self.0.code,
+            message: self.0.message,
+        };
+        (status, Json(body)).into_response()
     }
 }
 
-type Shared = Arc<Mutex<Hub>>;
+/// What the handlers share: the way to the engine thread, and what never changes.
+#[derive(Clone)]
+struct Shared {
+    calls: mpsc::Sender<Call>,
+    info: Arc<RunInfo>,
+    data_dir: PathBuf,
+    blobs: Arc<dyn BlobTransport>,
+    blob_dir: PathBuf,
+}
+
+impl Shared {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Call) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.calls
+            .send(make(tx))
+            .await
+            .map_err(|_| api(ErrorCode::Internal, "the hub is stopping"))?;
+        rx.await
+            .map_err(|_| api(ErrorCode::Internal, "the hub's engine did not answer"))
+    }
+
+    async fn input(&self, input: HubInput) -> Result<Option<bool>, ApiError> {
+        Ok(self.call(|tx| Call::Input(input, tx)).await??)
+    }
+}
 
 /// Signatures of control messages already accepted by this process's hub.
 static REPLAYS: std::sync::LazyLock<tessera_protocol::auth::ReplayGuard> =
     std::sync::LazyLock::new(tessera_protocol::auth::ReplayGuard::new);
 
-/// Checks a control message's signature (method, path, body, fresh timestamp) and that
-/// it is not a replay; returns the signer.
-fn auth(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<String, HubError> {
-    tessera_net::http_auth::verify_http_once(method, uri, headers, body, now_ms(), &REPLAYS)
-        .map_err(|e| HubError::Auth(e.to_string()))
+/// A signed control message: its signer (a canonical node id) and its body, checked
+/// for signature, freshness and replay.
+struct Signed {
+    node: NodeId,
+    body: Bytes,
+}
+
+impl<S: Send + Sync> FromRequest<S> for Signed {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Signed, ApiError> {
+        let (parts, body) = req.into_parts();
+        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(|e| api(ErrorCode::BadRequest, format!("reading the body: {e}")))?;
+        let signer = tessera_net::http_auth::verify_http_once(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &body,
+            now_ms(),
+            &REPLAYS,
+        )
+        .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
+        let node =
+            NodeId::from_hex(&signer).map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
+        Ok(Signed { node, body })
+    }
+}
+
+impl Signed {
+    fn json<T: serde::de::DeserializeOwned>(&self, what: &str) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| api(ErrorCode::BadRequest, format!("malformed {what}: {e}")))
+    }
 }
 
 async fn run_info(State(hub): State<Shared>) -> Json<RunInfo> {
-    let hub = hub.lock().expect("hub lock");
-    Json(RunInfo {
-        spec: hub.spec.clone(),
-        data_files: hub.data_files.clone(),
-        hub_blobs: hub.blobs.addr(),
-    })
+    Json(hub.info.as_ref().clone())
 }
 
 async fn data_file(
     State(hub): State<Shared>,
     UrlPath(name): UrlPath<String>,
-) -> Result<Vec<u8>, HubError> {
-    let (dir, listed) = {
-        let hub = hub.lock().expect("hub lock");
-        (hub.config.data.clone(), hub.data_files.contains(&name))
-    };
+) -> Result<Vec<u8>, ApiError> {
     // Only the data set's own files are served, never another path in its directory.
-    if !listed {
-        return Err(HubError::NotFound(format!("no data file `{name}`")));
+    let missing = || {
+        api(
+            ErrorCode::NotFound,
+            format!("no data file `{}`", name.escape_debug()),
+        )
+    };
+    if !hub.info.data_files.contains(&name) {
+        return Err(missing());
     }
-    std::fs::read(dir.join(&name)).map_err(|_| HubError::NotFound(format!("no data file `{name}`")))
+    tokio::fs::read(hub.data_dir.join(&name))
+        .await
+        .map_err(|_| missing())
 }
 
-/// Signed, bodiless membership messages.
+/// Signed, bodiless membership messages (a heartbeat may carry [`NodeStats`]).
 async fn membership(
     State(hub): State<Shared>,
     UrlPath(action): UrlPath<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, HubError> {
-    let node = auth(&method, &uri, &headers, &body)?;
-    let mut hub = hub.lock().expect("hub lock");
+    signed: Signed,
+) -> Result<Json<Ack>, ApiError> {
+    let node = signed.node;
     let input = match action.as_str() {
-        "join" => Input::Join { node: node.clone() },
-        "leave" => Input::Leave { node: node.clone() },
+        "join" => HubInput::Join { node },
+        "leave" => HubInput::Leave { node },
         "heartbeat" => {
-            if !body.is_empty() {
-                let stats: NodeStats = serde_json::from_slice(&body)
-                    .map_err(|e| HubError::Bad(format!("bad heartbeat body: {e}")))?;
-                hub.stats.insert(node.clone(), stats);
-            }
-            Input::Heartbeat { node: node.clone() }
+            let stats = if signed.body.is_empty() {
+                None
+            } else {
+                Some(signed.json::<NodeStats>("heartbeat")?)
+            };
+            HubInput::Heartbeat { node, stats }
         }
-        other => return Err(HubError::NotFound(format!("no action `{other}`"))),
+        other => {
+            return Err(api(
+                ErrorCode::NotFound,
+                format!("no action `{}`", other.escape_debug()),
+            ))
+        }
     };
-    hub.input(input)?;
-    Ok(Json(
-        serde_json::json!({"round": hub.coord.round(), "closed_rounds": hub.coord.closed_rounds}),
-    ))
+    hub.input(input).await?;
+    Ok(Json(Ack {}))
 }
 
-/// A commit counts only once the hub holds its blob: fetched from the node's endpoint
-/// (verified against the hash while it streams, refused past the run's update size),
-/// decoded, and stored durably. The fetch runs without the hub lock, so a slow node
-/// holds up only its own commit.
-async fn commit(
-    State(hub): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, HubError> {
-    let node = auth(&method, &uri, &headers, &body)?;
-    let c: CommitBody = serde_json::from_slice(&body)
-        .map_err(|e| HubError::Bad(format!("malformed commit: {e}")))?;
-    let (blobs, blob_dir, n, max) = {
-        let hub = hub.lock().expect("hub lock");
-        if c.run_id != hub.spec.run_id {
-            return Err(HubError::Bad(format!(
-                "commit is for run `{}`, this hub runs `{}`",
-                c.run_id, hub.spec.run_id
-            )));
-        }
-        if !hub.coord.members.contains_key(&node) {
-            return Err(HubError::Auth(format!("{} is not a member", &node[..12])));
-        }
-        if hub.coord.round() != Some(c.round) {
-            return Err(HubError::Bad(format!(
-                "commit is for round {}, the open round is {:?}",
-                c.round,
-                hub.coord.round()
-            )));
-        }
-        tessera_blobs::check_hash(&c.commit.blob_hash).map_err(|e| HubError::Bad(e.to_string()))?;
-        let n = hub.spec.model.params_total();
-        let max = hub.spec.codec.max_encoded_bytes(n as usize) as u64;
-        (hub.blobs.clone(), hub.blob_dir.clone(), n, max)
-    };
-    let hash = c.commit.blob_hash.clone();
-    let provider = c.provider.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), HubError> {
+/// A commit reaches the engine only once the hub holds its blob: checked by the engine
+/// first (so nothing is fetched for a commit that would be refused), fetched from the
+/// node's endpoint (verified against the hash while it streams, refused past the run's
+/// update size), decoded, and stored durably.
+async fn commit(State(hub): State<Shared>, signed: Signed) -> Result<Json<Ack>, ApiError> {
+    let node = signed.node;
+    let body: CommitBody = signed.json("commit")?;
+    let check = body.clone();
+    hub.call(|tx| Call::CheckCommit(node, check, tx)).await??;
+    let params = hub.info.model.params_total();
+    let max = hub
+        .info
+        .spec
+        .codec()
+        .map_err(|e| api(ErrorCode::Internal, e))?
+        .max_encoded_bytes(params as usize) as u64;
+    let (blobs, dir) = (hub.blobs.clone(), hub.blob_dir.clone());
+    let (hash, provider) = (body.commit.blob_hash, body.provider.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        let refused = |e: String| {
+            api(
+                ErrorCode::BlobRefused,
+                format!("commit's blob refused: {e}"),
+            )
+        };
         let bytes = blobs
-            .fetch(&hash, &[provider], max)
-            .map_err(|e| HubError::Bad(format!("commit's blob refused: {e}")))?;
-        decode(&bytes, n).map_err(|e| HubError::Bad(format!("commit's blob refused: {e}")))?;
-        write_blob(&blob_dir, &bytes).map_err(|e| HubError::Internal(e.to_string()))?;
+            .fetch(&hash.to_hex(), &[provider], max)
+            .map_err(|e| refused(e.to_string()))?;
+        decode(&bytes, params).map_err(|e| refused(e.to_string()))?;
+        write_blob(&dir, &bytes).map_err(|e| api(ErrorCode::Internal, format!("{e:#}")))?;
         Ok(())
     })
     .await
-    .map_err(|e| HubError::Internal(e.to_string()))??;
-    let mut hub = hub.lock().expect("hub lock");
-    hub.sources.insert(c.commit.blob_hash.clone(), c.provider);
-    hub.input(Input::Commit {
-        node,
-        round: c.round,
-        commit: c.commit,
-    })?;
-    Ok(Json(serde_json::json!({"ok": true})))
+    .map_err(|e| api(ErrorCode::Internal, e.to_string()))??;
+    hub.input(HubInput::Commit { node, body }).await?;
+    Ok(Json(Ack {}))
 }
 
 #[derive(Deserialize)]
@@ -674,108 +619,45 @@ struct StateQuery {
     node: Option<String>,
 }
 
-async fn state(State(hub): State<Shared>, Query(q): Query<StateQuery>) -> Json<StateView> {
-    let hub = hub.lock().expect("hub lock");
-    let node = q.node.unwrap_or_default();
-    Json(StateView {
-        phase: hub.coord.phase.clone(),
-        round: hub.coord.round(),
-        assignment: hub.coord.assignment.get(&node).cloned(),
-        committed: hub.coord.commits.contains_key(&node),
-        deadline_ms: hub.coord.deadline_ms,
-        closed_rounds: hub.coord.closed_rounds,
-        checkpoint: hub.checkpoint.clone(),
-        last_round: hub.rounds.values().next_back().cloned(),
-    })
+async fn state(
+    State(hub): State<Shared>,
+    Query(q): Query<StateQuery>,
+) -> Result<Json<StateView>, ApiError> {
+    let node = match q.node {
+        Some(text) => {
+            NodeId::from_hex(&text).map_err(|e| api(ErrorCode::BadRequest, e.to_string()))?
+        }
+        None => NodeId::default(),
+    };
+    Ok(Json(hub.call(|tx| Call::View(node, tx)).await?))
 }
 
 async fn round(
     State(hub): State<Shared>,
     UrlPath(r): UrlPath<u64>,
-) -> Result<Json<RoundRecord>, HubError> {
-    let hub = hub.lock().expect("hub lock");
-    hub.rounds
-        .get(&r)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| HubError::NotFound(format!("round {r} is not closed")))
+) -> Result<Json<RoundRecord>, ApiError> {
+    hub.call(|tx| Call::Round(r, tx))
+        .await?
+        .map(|rec| Json(rec.as_ref().clone()))
+        .ok_or_else(|| api(ErrorCode::NotFound, format!("round {r} is not closed")))
 }
 
-async fn theta(
-    State(hub): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, HubError> {
-    let node = auth(&method, &uri, &headers, &body)?;
-    let report: ThetaReport = serde_json::from_slice(&body)
-        .map_err(|e| HubError::Bad(format!("malformed report: {e}")))?;
-    let mut hub = hub.lock().expect("hub lock");
-    if report.run_id != hub.spec.run_id {
-        return Err(HubError::Bad(format!(
-            "report is for run `{}`, this hub runs `{}`",
-            report.run_id, hub.spec.run_id
-        )));
-    }
-    let expected = hub
-        .rounds
-        .get(&report.round)
-        .map(|r| r.theta_after.clone())
-        .ok_or_else(|| HubError::NotFound(format!("round {} is not closed", report.round)))?;
-    let agrees = expected == report.hash;
-    if !agrees {
-        hub.divergent += 1;
-        let count = hub.divergent.to_string();
-        // Kept durable so a restart does not hide a divergence.
-        let _ = hub.db.execute("INSERT INTO meta(key, value) VALUES ('divergent', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value", params![count]);
-        eprintln!(
-            "hub: DIVERGENCE: node {} reports θ {} after round {}, expected {}",
-            &node[..12],
-            report.hash,
-            report.round,
-            expected
-        );
-    }
-    Ok(Json(
-        serde_json::json!({"agrees": agrees, "expected": expected}),
-    ))
+async fn theta(State(hub): State<Shared>, signed: Signed) -> Result<Json<ThetaReply>, ApiError> {
+    let report: ThetaReport = signed.json("θ report")?;
+    let node = signed.node;
+    let agrees = hub.input(HubInput::Theta { node, report }).await?;
+    Ok(Json(ThetaReply {
+        agrees: agrees.unwrap_or(false),
+    }))
 }
 
-async fn metrics(State(hub): State<Shared>) -> String {
-    let hub = hub.lock().expect("hub lock");
-    let s = hub.summary();
-    let mut out = String::new();
-    out.push_str("# HELP tessera_rounds_closed Rounds closed so far.\n# TYPE tessera_rounds_closed counter\n");
-    out.push_str(&format!("tessera_rounds_closed {}\n", s.rounds_closed));
-    out.push_str("# HELP tessera_members Current members.\n# TYPE tessera_members gauge\n");
-    out.push_str(&format!("tessera_members {}\n", hub.coord.members.len()));
-    out.push_str("# HELP tessera_theta_divergent_reports Node θ hashes that differed from the hub's.\n# TYPE tessera_theta_divergent_reports counter\n");
-    out.push_str(&format!(
-        "tessera_theta_divergent_reports {}\n",
-        s.divergent_reports
-    ));
-    out.push_str("# HELP tessera_uptime_seconds Seconds since the hub started.\n# TYPE tessera_uptime_seconds gauge\n");
-    out.push_str(&format!(
-        "tessera_uptime_seconds {}\n",
-        now_ms().saturating_sub(hub.started_ms) / 1000
-    ));
-    out.push_str("# HELP tessera_node_bytes_sent Bytes a node reports having sent.\n# TYPE tessera_node_bytes_sent counter\n");
-    for (n, st) in &s.nodes {
-        out.push_str(&format!(
-            "tessera_node_bytes_sent{{node=\"{}\"}} {}\n",
-            &n[..16],
-            st.bytes_sent
-        ));
-    }
-    out
+async fn metrics(State(hub): State<Shared>) -> Result<String, ApiError> {
+    hub.call(Call::Metrics).await
 }
 
-async fn summary(State(hub): State<Shared>) -> Json<Summary> {
-    Json(hub.lock().expect("hub lock").summary())
+async fn summary(State(hub): State<Shared>) -> Result<Json<Summary>, ApiError> {
+    Ok(Json(hub.call(Call::Summary).await?))
 }
-
-use tessera_protocol::limits::CONTROL_BODY_BYTES_MAX;
 
 fn router(hub: Shared) -> Router {
     Router::new()
@@ -792,31 +674,45 @@ fn router(hub: Shared) -> Router {
         .with_state(hub)
 }
 
-/// Runs the hub until the process is stopped: serves the API and ticks the
-/// coordinator four times a second.
+/// Calls waiting for the engine thread; past this, handlers wait to enqueue.
+const ENGINE_QUEUE_MAX: usize = 1024;
+
+/// Runs the hub until the process is stopped: serves the API and ticks the engine four
+/// times a second.
 pub async fn serve(config: HubConfig) -> Result<()> {
-    let listen = config.listen.clone();
-    let hub: Shared = Arc::new(Mutex::new(Hub::open(config)?));
-    let router = router(hub.clone());
-    let ledger_routes = hub
-        .lock()
-        .expect("hub lock")
-        .ledger
-        .clone()
-        .map(tessera_net::ledger_router);
+    let listen = config.deployment.listen.clone();
+    let (tx, rx) = mpsc::channel(ENGINE_QUEUE_MAX);
+    let core = {
+        let tx = tx.clone();
+        tokio::task::spawn_blocking(move || Core::open(config, tx)).await??
+    };
+    let shared = Shared {
+        calls: tx.clone(),
+        info: core.info.clone(),
+        data_dir: core.config.deployment.data.clone(),
+        blobs: core.blobs.clone(),
+        blob_dir: core.blob_dir.clone(),
+    };
+    let ledger_routes = core.ledger.clone().map(tessera_net::ledger_router);
+    std::thread::Builder::new()
+        .name("hub-engine".into())
+        .spawn(move || core.serve(rx))?;
+    let router = router(shared);
     let router = match ledger_routes {
         Some(l) => router.merge(l),
         None => router,
     };
-    let ticker = hub.clone();
     tokio::spawn(async move {
-        let mut interval = tokio::time::interval(std::time::Duration::from_millis(250));
+        let mut interval = tokio::time::interval(Duration::from_millis(250));
         loop {
             interval.tick().await;
-            let mut h = ticker.lock().expect("hub lock");
-            if let Err(e) = h.input(Input::Tick) {
-                if !matches!(e, HubError::Coord(CoordError::Finished)) {
-                    eprintln!("hub: tick failed: {e:?}");
+            let (reply, done) = oneshot::channel();
+            if tx.send(Call::Input(HubInput::Tick, reply)).await.is_err() {
+                return;
+            }
+            if let Ok(Err(e)) = done.await {
+                if e.code != ErrorCode::Finished {
+                    log(&format!("tick failed: {e}"));
                 }
             }
         }

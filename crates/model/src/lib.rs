@@ -5,14 +5,18 @@
 //! The key design choice is that one ordered, named parameter list is the model:
 //! names are the Hugging Face checkpoint paths, so initialisation, checkpoint I/O,
 //! optimizer state and the hash of θ all walk the same list in the same order.
-//! [`config`] is pure arithmetic (parameter counts, FLOPs, memory) that the planner
+//! [`config`] is pure arithmetic (all the crate is without its `tensors` feature) (parameter counts, FLOPs, memory) that the planner
 //! and simulator use without touching a tensor. This crate does not train, tokenize
 //! or read data: that is `tessera-train`.
 
+#[cfg(feature = "tensors")]
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "tensors")]
 pub mod llama;
 
+#[cfg(feature = "tensors")]
 pub use checkpoint::CheckpointError;
 pub use config::{ConfigError, LlamaConfig, Preset, PRESETS};
+#[cfg(feature = "tensors")]
 pub use llama::Llama;

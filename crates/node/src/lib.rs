@@ -1,27 +1,38 @@
-//! A contributor node: joins a run, downloads and verifies the data set, trains the
-//! batches the coordinator assigns it, publishes its compressed pseudo-gradient on its
-//! blob endpoint (iroh-blobs) and commits its hash, and after each round fetches the
-//! accepted updates — from the nodes that made them, or from the hub — takes the outer
-//! step itself and reports the hash of θ. A node that joins late or falls behind
-//! fetches the hub's checkpoint (θ and outer velocity) and continues from there, so a
-//! crash costs at most the round in flight. Every blob is verified against its hash
-//! while it streams. On SIGINT or SIGTERM the node leaves the run before exiting.
+//! A contributor node: the pure node engine ([`engine::NodeState`]) and the process
+//! loop that carries out its actions. The node joins a run, downloads and verifies the
+//! data set, trains the batches the coordinator assigns it, publishes its compressed
+//! pseudo-gradient on its blob endpoint (iroh-blobs) and commits its hash, and after
+//! each round fetches the accepted updates (from the nodes that made them, or from the
+//! hub), takes the outer step itself and reports the hash of θ. A node that joins late
+//! or falls behind loads the hub's checkpoint, so a crash costs at most the round in
+//! flight. Every blob is verified against its hash while it streams. On SIGINT or
+//! SIGTERM the node leaves the run before exiting.
+//!
+//! The hub's API is the [`HubApi`] trait ([`HttpHub`] over signed HTTP) and the data
+//! plane is `tessera_blobs::BlobTransport`; this crate knows nothing of the hub's code.
+
+pub mod engine;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tessera_net::http_auth::now_ms;
 
 use anyhow::{bail, Context, Result};
 use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions, PeerAddr};
-use tessera_coordinator::{Commit, Phase};
-use tessera_hub::{CommitBody, NodeStats, RoundRecord, RunInfo, StateView, ThetaReport};
+use tessera_net::http_auth::now_ms;
+use tessera_outer::OuterState;
 use tessera_protocol::auth::sign_request;
-use tessera_protocol::Identity;
+use tessera_protocol::wire::{
+    Commit, CommitBody, ErrorBody, ErrorCode, NodeStats, RoundRecord, RunInfo, StateView,
+    ThetaReply, ThetaReport,
+};
+use tessera_protocol::{Hash32, Identity, NodeId};
 use tessera_train::data::{Dataset, Windows};
-use tessera_train::worker::{OuterState, Worker};
+use tessera_train::worker::{initial_state, Worker};
+
+use engine::{Action, NodeState, Outcome};
 
 /// Options of `tessera node`.
 #[derive(Debug, Clone)]
@@ -40,23 +51,49 @@ pub struct NodeOptions {
 /// Context under which the blob endpoint's key is derived from the node key.
 pub const BLOB_KEY_CONTEXT: &str = "tessera 2026 blob endpoint key v1";
 
-/// Training time and progress, shared with the heartbeat thread.
-#[derive(Default)]
-struct Counters {
-    train_ms: AtomicU64,
-    loss_micro: AtomicU64,
-    rounds: AtomicU64,
+/// How a request to the hub failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiFailure {
+    /// The hub answered with a refusal.
+    #[error("{status}: {}", body.message)]
+    Refused { status: u16, body: ErrorBody },
+    /// No usable answer: the hub is down or restarting, or the reply did not parse.
+    #[error("{0:#}")]
+    Transport(anyhow::Error),
 }
 
-/// The control plane: signed HTTP requests to the hub.
-struct Client {
+/// The hub as a node sees it.
+pub trait HubApi {
+    fn run_info(&self) -> Result<RunInfo, ApiFailure>;
+    fn data_file(&self, name: &str) -> Result<Vec<u8>, ApiFailure>;
+    fn join(&self) -> Result<(), ApiFailure>;
+    fn leave(&self) -> Result<(), ApiFailure>;
+    fn heartbeat(&self, stats: &NodeStats) -> Result<(), ApiFailure>;
+    fn state(&self, node: &NodeId) -> Result<StateView, ApiFailure>;
+    fn round(&self, round: u64) -> Result<RoundRecord, ApiFailure>;
+    fn commit(&self, body: &CommitBody) -> Result<(), ApiFailure>;
+    fn theta(&self, report: &ThetaReport) -> Result<ThetaReply, ApiFailure>;
+}
+
+/// The hub's API over signed HTTP.
+pub struct HttpHub {
     base: String,
     identity: Identity,
     http: reqwest::blocking::Client,
 }
 
-impl Client {
-    fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>> {
+impl HttpHub {
+    pub fn new(base: &str, identity: Identity, timeout: Duration) -> Result<HttpHub> {
+        Ok(HttpHub {
+            base: base.trim_end_matches('/').to_string(),
+            identity,
+            http: reqwest::blocking::Client::builder()
+                .timeout(timeout)
+                .build()?,
+        })
+    }
+
+    fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, ApiFailure> {
         let url = format!("{}{path}", self.base);
         let mut req = match method {
             "POST" => self.http.post(&url),
@@ -67,38 +104,124 @@ impl Client {
                 req = req.header(k, v);
             }
         }
+        let transport = |e: anyhow::Error| ApiFailure::Transport(e);
         let resp = req
             .body(body)
             .send()
-            .with_context(|| format!("{method} {url}"))?;
+            .with_context(|| format!("{method} {url}"))
+            .map_err(transport)?;
         let status = resp.status();
-        let bytes = resp.bytes()?.to_vec();
+        let bytes = resp
+            .bytes()
+            .with_context(|| format!("{method} {url}"))
+            .map_err(transport)?;
         if !status.is_success() {
-            bail!(
-                "{method} {path}: {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            );
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => ApiFailure::Refused {
+                    status: status.as_u16(),
+                    body,
+                },
+                Err(_) => transport(anyhow::anyhow!("{method} {path}: {status}")),
+            });
         }
-        Ok(bytes)
+        Ok(bytes.to_vec())
     }
 
-    fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        Ok(serde_json::from_slice(&self.send(
-            "GET",
-            path,
-            Vec::new(),
-        )?)?)
+    fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        bytes: Vec<u8>,
+        what: &str,
+    ) -> Result<T, ApiFailure> {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ApiFailure::Transport(anyhow::anyhow!("malformed {what} from the hub: {e}"))
+        })
     }
+
+    fn post<T: serde::Serialize>(&self, path: &str, body: &T) -> Result<Vec<u8>, ApiFailure> {
+        self.send(
+            "POST",
+            path,
+            serde_json::to_vec(body).expect("bodies serialise"),
+        )
+    }
+}
+
+impl HubApi for HttpHub {
+    fn run_info(&self) -> Result<RunInfo, ApiFailure> {
+        let bytes = self.send("GET", "/run", Vec::new())?;
+        self.json(bytes, "run info")
+    }
+
+    fn data_file(&self, name: &str) -> Result<Vec<u8>, ApiFailure> {
+        self.send("GET", &format!("/data/{name}"), Vec::new())
+    }
+
+    fn join(&self) -> Result<(), ApiFailure> {
+        self.send("POST", "/node/join", Vec::new()).map(drop)
+    }
+
+    fn leave(&self) -> Result<(), ApiFailure> {
+        self.send("POST", "/node/leave", Vec::new()).map(drop)
+    }
+
+    fn heartbeat(&self, stats: &NodeStats) -> Result<(), ApiFailure> {
+        self.post("/node/heartbeat", stats).map(drop)
+    }
+
+    fn state(&self, node: &NodeId) -> Result<StateView, ApiFailure> {
+        let bytes = self.send("GET", &format!("/state?node={node}"), Vec::new())?;
+        self.json(bytes, "state view")
+    }
+
+    fn round(&self, round: u64) -> Result<RoundRecord, ApiFailure> {
+        let bytes = self.send("GET", &format!("/rounds/{round}"), Vec::new())?;
+        self.json(bytes, "round record")
+    }
+
+    fn commit(&self, body: &CommitBody) -> Result<(), ApiFailure> {
+        self.post("/commit", body).map(drop)
+    }
+
+    fn theta(&self, report: &ThetaReport) -> Result<ThetaReply, ApiFailure> {
+        let bytes = self.post("/theta", report)?;
+        self.json(bytes, "θ reply")
+    }
+}
+
+/// What an action's failure tells the engine.
+fn outcome_of(e: &ApiFailure) -> Outcome {
+    match e {
+        ApiFailure::Refused { body, .. } => Outcome::Refused { code: body.code },
+        ApiFailure::Transport(_) => Outcome::Failed,
+    }
+}
+
+/// A data file name the hub may give: a plain file name, never a path.
+fn check_file_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+    if !ok {
+        bail!(
+            "the hub names a data file `{}`; refusing a name that is not a plain file name",
+            name.escape_debug()
+        );
+    }
+    Ok(())
 }
 
 /// Downloads the run's data set into `dir` (skipping files already there) and opens it,
 /// which verifies every shard against the manifest.
-fn fetch_data(client: &Client, info: &RunInfo, dir: &Path) -> Result<Dataset> {
+fn fetch_data(hub: &dyn HubApi, info: &RunInfo, dir: &Path) -> Result<Dataset> {
     std::fs::create_dir_all(dir)?;
     for file in &info.data_files {
+        check_file_name(file)?;
         let path = dir.join(file);
         if !path.exists() {
-            let bytes = client.send("GET", &format!("/data/{file}"), Vec::new())?;
+            let bytes = hub.data_file(file)?;
             // Written aside and renamed, so an interrupted download is never mistaken
             // for a complete file on the next start.
             let tmp = path.with_extension("part");
@@ -107,13 +230,23 @@ fn fetch_data(client: &Client, info: &RunInfo, dir: &Path) -> Result<Dataset> {
         }
     }
     let manifest = std::fs::read(dir.join(tessera_train::data::MANIFEST_FILE))?;
-    if blake3::hash(&manifest).to_hex().to_string() != info.spec.data_manifest_blake3 {
+    if Hash32::of(&manifest) != info.data_manifest {
         bail!(
             "the data manifest does not match the run's; delete {} and retry",
             dir.display()
         );
     }
     Ok(Dataset::open(dir)?)
+}
+
+/// Training time and progress, shared with the heartbeat thread.
+#[derive(Default)]
+struct Counters {
+    train_ms: AtomicU64,
+    loss_micro: AtomicU64,
+    rounds: AtomicU64,
+    /// Set by the heartbeat thread when the hub no longer counts us as a member.
+    evicted: AtomicBool,
 }
 
 fn stats(c: &Counters, blobs: &dyn BlobTransport, started: Instant) -> NodeStats {
@@ -130,15 +263,13 @@ fn stats(c: &Counters, blobs: &dyn BlobTransport, started: Instant) -> NodeStats
 
 /// Runs a node until the run finishes.
 pub fn run(opts: NodeOptions) -> Result<()> {
-    let counters = Arc::new(Counters::default());
     tessera_net::install_tls_provider();
-    let client = Arc::new(Client {
-        base: opts.hub.trim_end_matches('/').to_string(),
-        identity: opts.identity.clone(),
-        http: reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(600))
-            .build()?,
-    });
+    let counters = Arc::new(Counters::default());
+    let hub = Arc::new(HttpHub::new(
+        &opts.hub,
+        opts.identity.clone(),
+        Duration::from_secs(600),
+    )?);
     let blobs = Arc::new(
         IrohBlobs::bind(IrohOptions {
             bind: opts.blob_bind,
@@ -149,191 +280,223 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         })
         .context("starting the blob endpoint")?,
     );
-    let info: RunInfo = client
-        .get_json("/run")
-        .context("reading the run from the hub")?;
+    let info = hub.run_info().context("reading the run from the hub")?;
     let spec = info.spec.clone();
-    let me = opts.identity.public_hex();
-    let data = fetch_data(&client, &info, &opts.cache_dir.join(&spec.run_id))?;
+    let me = NodeId::from_hex(&opts.identity.public_hex()).expect("our own key is canonical");
+    let tag = me.short(12);
+    let data = fetch_data(hub.as_ref(), &info, &opts.cache_dir.join(&spec.run_id))?;
     let windows = Windows::new(&data.train, spec.seq_len);
-    let mut worker = Worker::new(spec.clone(), opts.device);
-    client
-        .send("POST", "/node/join", Vec::new())
-        .context("joining the run")?;
-    eprintln!("node {}: joined run {}", &me[..12], spec.run_id);
+    let mut worker =
+        Worker::new(spec.clone(), &info.model, opts.device).map_err(anyhow::Error::msg)?;
     {
         // Leave cleanly when stopped, so the run does not wait for us at the deadline.
-        let client = client.clone();
-        let me = me.clone();
+        let hub = hub.clone();
+        let tag = tag.clone();
         ctrlc::set_handler(move || {
-            match client.send("POST", "/node/leave", Vec::new()) {
-                Ok(_) => eprintln!("node {}: left the run", &me[..12]),
-                Err(e) => eprintln!("node {}: could not leave cleanly: {e:#}", &me[..12]),
+            match hub.leave() {
+                Ok(()) => eprintln!("node {tag}: left the run"),
+                Err(e) => eprintln!("node {tag}: could not leave cleanly: {e}"),
             }
             std::process::exit(0);
         })
         .context("installing the stop handler")?;
     }
-    let hub_blobs = vec![info.hub_blobs.clone()];
-    let update_max = spec
-        .codec
-        .max_encoded_bytes(spec.model.params_total() as usize) as u64;
-
     let started = Instant::now();
-    let heartbeat = {
-        let hb = Client {
-            base: client.base.clone(),
-            identity: client.identity.clone(),
-            http: reqwest::blocking::Client::new(),
-        };
-        let hb_counters = counters.clone();
-        let hb_blobs = blobs.clone();
+    {
+        let hb = HttpHub::new(&opts.hub, opts.identity.clone(), Duration::from_secs(30))?;
+        let counters = counters.clone();
+        let blobs = blobs.clone();
         std::thread::spawn(move || loop {
-            let stats = stats(&hb_counters, hb_blobs.as_ref(), started);
-            let body = serde_json::to_vec(&stats).expect("stats serialise");
-            if let Err(e) = hb.send("POST", "/node/heartbeat", body) {
-                // A restarted hub may have dropped us as silent: join again. Other
-                // failures (the hub restarting) are retried on the next beat.
-                if format!("{e:#}").contains("not a member") {
-                    let _ = hb.send("POST", "/node/join", Vec::new());
+            let s = stats(&counters, blobs.as_ref(), started);
+            if let Err(ApiFailure::Refused { body, .. }) = hb.heartbeat(&s) {
+                if body.code == ErrorCode::NotMember {
+                    counters.evicted.store(true, Ordering::Relaxed);
                 }
             }
             std::thread::sleep(Duration::from_millis(1000));
-        })
-    };
-    let _ = heartbeat;
+        });
+    }
+    let hub_blobs = vec![info.hub_blobs.clone()];
+    let params = info.model.params_total();
+    let update_max = worker
+        .spec
+        .codec()
+        .map_err(anyhow::Error::msg)?
+        .max_encoded_bytes(params as usize) as u64;
+    let checkpoint_max = 8 + 8 * params;
 
-    // θ₀ is a pure function of the run's seed: compute it rather than download it.
-    let mut state: Option<OuterState> = Some(OuterState::initial(&spec));
-    let checkpoint_max = state.as_ref().map_or(0, |s| s.to_bytes().len() as u64);
-    let mut committed_round: Option<u64> = None;
+    // θ₀ is a pure function of the run's seed: computed, not downloaded.
+    let mut state: OuterState = initial_state(&spec, &info.model);
+    let mut engine = NodeState::new(100, 1000);
+    let mut outcome = Outcome::Started { round: 0 };
     // Blobs of the last round applied: still served to peers catching up, then let go.
-    let mut held: Vec<String> = Vec::new();
+    let mut held: Vec<Hash32> = Vec::new();
     loop {
-        // One pass: catch up, then train if assigned. Any failure (the hub restarting,
-        // a refused request) is logged and retried; the node never gives up on a run.
-        let mut pass = || -> Result<bool> {
-            let view: StateView = client.get_json(&format!("/state?node={me}"))?;
-            // Catch up to θ of the latest closed round: one outer step from the round
-            // record when we are one behind, else the hub's checkpoint.
-            let target = view.closed_rounds;
-            let have = state.as_ref().map(|s| s.round);
-            if have != Some(target) {
-                let stepped = match (&mut state, have) {
-                    (Some(s), Some(r)) if r + 1 == target => {
-                        let rec: RoundRecord = client.get_json(&format!("/rounds/{r}"))?;
-                        // From the node that made it first, the hub second.
-                        let updates = rec
-                            .accepted
-                            .iter()
-                            .enumerate()
-                            .map(|(i, (_, h))| {
-                                let mut from: Vec<PeerAddr> =
-                                    rec.sources.get(i).cloned().into_iter().collect();
-                                from.extend(hub_blobs.iter().cloned());
-                                Ok(blobs.fetch(h, &from, update_max)?)
-                            })
-                            .collect::<Result<Vec<_>>>()?;
-                        s.apply(&spec, &updates)?;
-                        for old in std::mem::take(&mut held) {
-                            blobs.forget(&old);
-                        }
-                        held = rec.accepted.iter().map(|(_, h)| h.clone()).collect();
-                        let report = ThetaReport {
-                            run_id: spec.run_id.clone(),
-                            round: r,
-                            hash: s.hash(),
-                        };
-                        let answer = client.send("POST", "/theta", serde_json::to_vec(&report)?)?;
-                        let agrees =
-                            serde_json::from_slice::<serde_json::Value>(&answer)?["agrees"] == true;
-                        if !agrees {
-                            eprintln!("node {}: θ after round {r} differs from the hub's; reloading its checkpoint", &me[..12]);
-                        }
-                        agrees
-                    }
-                    _ => false,
-                };
-                let own_matches = state.as_ref().is_some_and(|s| {
-                    s.round == target
-                        && blake3::hash(&s.to_bytes()).to_hex().to_string() == view.checkpoint
-                });
-                if !stepped && !own_matches {
-                    let bytes = blobs.fetch(&view.checkpoint, &hub_blobs, checkpoint_max)?;
-                    blobs.forget(&view.checkpoint);
-                    let s = OuterState::from_bytes(&spec, &bytes).map_err(anyhow::Error::msg)?;
-                    eprintln!("node {}: loaded checkpoint of round {}", &me[..12], s.round);
-                    state = Some(s);
-                }
-            }
-            if view.phase == Phase::Finished {
-                let _ = client.send(
-                    "POST",
-                    "/node/heartbeat",
-                    serde_json::to_vec(&stats(&counters, blobs.as_ref(), started))?,
-                );
-                eprintln!("node {}: run finished", &me[..12]);
-                return Ok(true);
-            }
-            let current = state.as_ref().expect("state loaded above");
-            match (view.round, &view.assignment) {
-                (Some(round), Some(batches))
-                    if !view.committed
-                        && committed_round != Some(round)
-                        && current.round == round =>
-                {
-                    let work = worker.train_round(current, &data, &windows, batches);
-                    let hash = blobs.publish(&work.blob)?;
-                    let body = CommitBody {
-                        run_id: spec.run_id.clone(),
-                        round,
-                        commit: Commit {
-                            blob_hash: hash,
-                            tokens: work.tokens,
-                            loss_micro: (work.mean_loss * 1e6) as u64,
-                            theta_hash: current.hash(),
-                        },
-                        provider: blobs.addr(),
-                    };
-                    match client.send("POST", "/commit", serde_json::to_vec(&body)?) {
-                        Ok(_) => {
-                            committed_round = Some(round);
-                            counters.rounds.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => eprintln!(
-                            "node {}: commit for round {round} refused: {e:#}",
-                            &me[..12]
-                        ),
-                    }
-                    counters
-                        .train_ms
-                        .fetch_add((work.train_seconds * 1e3) as u64, Ordering::Relaxed);
-                    counters
-                        .loss_micro
-                        .store((work.mean_loss * 1e6) as u64, Ordering::Relaxed);
-                    let wall = started.elapsed().as_secs_f64();
-                    let traffic = blobs.traffic();
-                    eprintln!(
-                        "node {}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
-                        &me[..12],
-                        work.mean_loss,
-                        work.tokens as f64 / work.train_seconds.max(1e-9),
-                        traffic.sent,
-                        traffic.received,
-                        100.0 * counters.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
-                    );
-                }
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
-            Ok(false)
-        };
-        match pass() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => {
-                eprintln!("node {}: {e:#}; retrying", &me[..12]);
-                std::thread::sleep(Duration::from_secs(1));
-            }
+        if counters.evicted.swap(false, Ordering::Relaxed) {
+            engine.evicted();
         }
+        let action = engine.next(outcome);
+        outcome = match action {
+            Action::Done => {
+                let _ = hub.heartbeat(&stats(&counters, blobs.as_ref(), started));
+                eprintln!("node {tag}: run finished");
+                return Ok(());
+            }
+            Action::Join => match hub.join() {
+                Ok(()) => {
+                    eprintln!("node {tag}: joined run {}", spec.run_id);
+                    Outcome::Joined
+                }
+                Err(e) => {
+                    eprintln!("node {tag}: joining failed: {e}");
+                    outcome_of(&e)
+                }
+            },
+            Action::Poll => match hub.state(&me) {
+                Ok(v) => Outcome::View(v),
+                Err(e) => {
+                    eprintln!("node {tag}: reading the state failed: {e}");
+                    outcome_of(&e)
+                }
+            },
+            Action::Wait { ms } => {
+                std::thread::sleep(Duration::from_millis(ms));
+                Outcome::Waited
+            }
+            Action::Step { round } => {
+                let stepped = (|| -> Result<(Hash32, Vec<Hash32>), anyhow::Error> {
+                    let rec = hub.round(round).map_err(anyhow::Error::new)?;
+                    // From the node that made each update first, the hub second.
+                    let updates = rec
+                        .accepted
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, h))| {
+                            let mut from: Vec<PeerAddr> =
+                                rec.sources.get(i).cloned().into_iter().collect();
+                            from.extend(hub_blobs.iter().cloned());
+                            Ok(blobs.fetch(&h.to_hex(), &from, update_max)?)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let mut next = state.clone();
+                    next.apply(spec.aggregator, &updates)?;
+                    state = next;
+                    Ok((
+                        rec.theta_after,
+                        rec.accepted.iter().map(|(_, h)| *h).collect(),
+                    ))
+                })();
+                match stepped {
+                    Ok((expected, blobs_used)) => {
+                        for old in std::mem::replace(&mut held, blobs_used) {
+                            blobs.forget(&old.to_hex());
+                        }
+                        let theta = Hash32::from_hex(&state.hash()).expect("θ hashes are hex");
+                        if theta != expected {
+                            eprintln!("node {tag}: θ after round {round} differs from the hub's; loading its checkpoint");
+                        }
+                        Outcome::Stepped {
+                            round,
+                            theta,
+                            expected,
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("node {tag}: outer step of round {round} failed: {e:#}");
+                        Outcome::Failed
+                    }
+                }
+            }
+            Action::LoadCheckpoint { hash } => {
+                let loaded = blobs
+                    .fetch(&hash.to_hex(), &hub_blobs, checkpoint_max)
+                    .map_err(anyhow::Error::new)
+                    .and_then(|bytes| {
+                        blobs.forget(&hash.to_hex());
+                        OuterState::from_bytes(
+                            &bytes,
+                            params as usize,
+                            spec.effective_outer_lr(),
+                            spec.outer_momentum,
+                        )
+                        .map_err(anyhow::Error::msg)
+                    });
+                match loaded {
+                    Ok(s) => {
+                        eprintln!("node {tag}: loaded checkpoint of round {}", s.round);
+                        let round = s.round;
+                        state = s;
+                        Outcome::Loaded { round }
+                    }
+                    Err(e) => {
+                        eprintln!("node {tag}: loading checkpoint {hash} failed: {e:#}");
+                        Outcome::Failed
+                    }
+                }
+            }
+            Action::Train { round, batches } => {
+                let work = worker.train_round(&state, &data, &windows, &batches);
+                counters
+                    .train_ms
+                    .fetch_add((work.train_seconds * 1e3) as u64, Ordering::Relaxed);
+                counters
+                    .loss_micro
+                    .store((work.mean_loss * 1e6) as u64, Ordering::Relaxed);
+                let committed = blobs
+                    .publish(&work.blob)
+                    .map_err(anyhow::Error::new)
+                    .and_then(|hash| {
+                        let body = CommitBody {
+                            run_id: spec.run_id.clone(),
+                            round,
+                            commit: Commit {
+                                blob_hash: Hash32::from_hex(&hash)?,
+                                tokens: work.tokens,
+                                loss_micro: (work.mean_loss * 1e6) as u64,
+                                theta_hash: Hash32::from_hex(&state.hash())?,
+                            },
+                            provider: blobs.addr(),
+                        };
+                        hub.commit(&body).map_err(anyhow::Error::new)
+                    });
+                let wall = started.elapsed().as_secs_f64();
+                let traffic = blobs.traffic();
+                eprintln!(
+                    "node {tag}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
+                    work.mean_loss,
+                    work.tokens as f64 / work.train_seconds.max(1e-9),
+                    traffic.sent,
+                    traffic.received,
+                    100.0 * counters.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
+                );
+                match committed {
+                    Ok(()) => {
+                        counters.rounds.fetch_add(1, Ordering::Relaxed);
+                        Outcome::Committed { round }
+                    }
+                    Err(e) => {
+                        eprintln!("node {tag}: commit for round {round} refused: {e:#}");
+                        match e.downcast_ref::<ApiFailure>() {
+                            Some(f) => outcome_of(f),
+                            None => Outcome::Failed,
+                        }
+                    }
+                }
+            }
+            Action::Report { round, theta } => {
+                let report = ThetaReport {
+                    run_id: spec.run_id.clone(),
+                    round,
+                    hash: theta,
+                };
+                match hub.theta(&report) {
+                    Ok(_) => Outcome::Reported,
+                    Err(e) => {
+                        eprintln!("node {tag}: θ report for round {round} failed: {e}");
+                        outcome_of(&e)
+                    }
+                }
+            }
+        };
     }
 }

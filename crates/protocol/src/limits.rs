@@ -20,6 +20,19 @@ pub const CONTROL_BODY_BYTES_MAX: usize = 64 << 10;
 /// longer than the 10-minute window; past it the oldest are forgotten first.
 pub const REPLAY_CACHE_MAX: usize = 1 << 20;
 
+/// Most members a run admits (a run's `max_nodes` is at most this). The hub's
+/// per-input cost is logarithmic in the members and the simulator checks runs of
+/// 10,000 nodes; past that the all-to-all exchange, not the hub, is the limit
+/// (docs/results.md, "Simulated runs").
+pub const MEMBERS_MAX: usize = 16_384;
+
+/// Most batches one member is assigned per round (a run's `inner_steps`), which
+/// bounds a state view's size.
+pub const INNER_STEPS_MAX: u64 = 10_000;
+
+/// Most rounds a run may have.
+pub const ROUNDS_MAX: u64 = 1 << 32;
+
 /// Most transfers one history query returns.
 pub const HISTORY_LIMIT_MAX: usize = 1000;
 

@@ -24,15 +24,16 @@ pub struct DemoArgs {
     /// Nodes (decentralized demo).
     #[arg(long, default_value_t = 4)]
     nodes: usize,
-    /// Rounds (decentralized demo).
-    #[arg(long, default_value_t = 30)]
-    rounds: u64,
-    /// Inner steps per round (decentralized demo).
-    #[arg(long, default_value_t = 10)]
-    inner_steps: u64,
-    /// Update codec: none, int8, topk or lowrank (decentralized demo).
-    #[arg(long, default_value = "topk")]
-    codec: String,
+    /// Rounds (decentralized demo; default: the run default, 40).
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Inner steps per round (decentralized demo; default: the run default, 5).
+    #[arg(long)]
+    inner_steps: Option<u64>,
+    /// Update codec: none, int8, topk or lowrank (decentralized demo; default: the run
+    /// default, topk).
+    #[arg(long)]
+    codec: Option<tessera_outer::CodecKind>,
     /// Working directory for the corpus, data set and run.
     #[arg(long, default_value = "runs/demo")]
     dir: PathBuf,
@@ -71,11 +72,12 @@ pub fn bundled_data(dir: &std::path::Path) -> Result<PathBuf> {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     if !args.single {
+        let defaults = tessera_protocol::RunSpec::default();
         let demo = crate::netdemo::NetDemo {
             nodes: args.nodes,
-            rounds: args.rounds,
-            inner_steps: args.inner_steps,
-            codec: args.codec.clone(),
+            rounds: args.rounds.unwrap_or(defaults.rounds),
+            inner_steps: args.inner_steps.unwrap_or(defaults.inner_steps),
+            codec: args.codec.unwrap_or(defaults.codec),
             seed: args.seed,
         };
         return crate::netdemo::run(&args.dir, &demo);

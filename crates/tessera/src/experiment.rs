@@ -6,61 +6,69 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use tessera_model::Preset;
+use tessera_outer::{Aggregator, CodecKind};
+use tessera_protocol::RunSpec;
 use tessera_train::diloco::{run, ExperimentOptions, Progress};
-use tessera_train::outer::{Aggregator, Codec};
 
 use crate::RuntimeArgs;
 
+/// Every training setting defaults to the run default (`RunSpec::default`), so the
+/// experiment measures what a run ships with; the flags exist to compare others.
 #[derive(Args, Debug)]
 pub struct DilocoArgs {
-    #[arg(long, default_value = "micro")]
-    preset: String,
+    #[arg(long)]
+    preset: Option<String>,
     /// A prepared data set (default: the bundled corpus, prepared under runs/).
     #[arg(long)]
     data: Option<PathBuf>,
     #[arg(long, default_value_t = 4)]
     workers: usize,
     /// Sequences per worker per step.
-    #[arg(long = "batch", default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long = "seq", default_value_t = 128)]
-    seq_len: usize,
+    #[arg(long = "batch")]
+    batch_size: Option<usize>,
+    #[arg(long = "seq")]
+    seq_len: Option<usize>,
     /// Inner steps per round (H).
-    #[arg(long, default_value_t = 5)]
-    inner_steps: u64,
-    /// Total inner steps (the baseline's global steps).
-    #[arg(long, default_value_t = 200)]
-    steps: u64,
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
-    #[arg(long = "warmup", default_value_t = 25)]
-    warmup_steps: u64,
-    #[arg(long, default_value_t = 1.0)]
-    outer_lr: f32,
+    #[arg(long)]
+    inner_steps: Option<u64>,
+    /// Total inner steps (the baseline's global steps; default: rounds × H of the run
+    /// defaults).
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long = "warmup")]
+    warmup_steps: Option<u64>,
+    /// Outer learning rate for dense codecs.
+    #[arg(long)]
+    outer_lr: Option<f32>,
     /// Outer learning rate for `topk` rows. A sparse update moves θ only where it has
     /// values, and the rest waits in the error-feedback residual; a larger outer step
     /// makes up for that lag.
-    #[arg(long, default_value_t = 2.5)]
-    sparse_outer_lr: f32,
-    #[arg(long, default_value_t = 0.0)]
-    outer_momentum: f32,
+    #[arg(long)]
+    sparse_outer_lr: Option<f32>,
+    #[arg(long)]
+    outer_momentum: Option<f32>,
     /// How much unsent error-feedback residual carries to the next round (1 = all).
-    #[arg(long, default_value_t = 0.95)]
-    ef_decay: f32,
+    #[arg(long)]
+    ef_decay: Option<f32>,
     /// Codecs to compare: none, int8, topk, lowrank (comma separated).
     #[arg(long, default_value = "none,int8,topk", value_delimiter = ',')]
-    codecs: Vec<String>,
+    codecs: Vec<CodecKind>,
     /// Elements kept per 4096-element chunk by `topk`.
-    #[arg(long, default_value_t = 44)]
-    topk: u32,
+    #[arg(long)]
+    topk: Option<u32>,
     /// Rank of each 1024 × 256 block's update under `lowrank`.
-    #[arg(long, default_value_t = 4)]
-    rank: u32,
+    #[arg(long)]
+    rank: Option<u32>,
     /// Bits per value kept by `topk` (a sign and 2^(bits−1) magnitudes).
-    #[arg(long, default_value_t = 4)]
-    topk_bits: u8,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[arg(long)]
+    topk_bits: Option<u8>,
+    /// mean, median, trimmed_mean or norm_clip.
+    #[arg(long)]
+    aggregator: Option<Aggregator>,
+    #[arg(long)]
+    seed: Option<u64>,
     /// Skip the DDP-equivalent baseline (to compare DiLoCo settings among themselves).
     #[arg(long)]
     no_baseline: bool,
@@ -72,39 +80,43 @@ pub struct DilocoArgs {
 
 pub fn diloco(args: DilocoArgs) -> Result<()> {
     let (device, _) = args.runtime.setup()?;
+    let d = RunSpec::default();
     let data = match &args.data {
         Some(d) => d.clone(),
         None => crate::demo::bundled_data(&PathBuf::from("runs"))?,
     };
     let manifest = tessera_train::Dataset::open(&data)?.manifest;
-    let mut model = Preset::by_name(&args.preset)?.config();
+    let mut model = Preset::by_name(args.preset.as_deref().unwrap_or(&d.preset))?.config();
     model.vocab_size = manifest.vocab_size.div_ceil(64) * 64;
+    let (topk, bits, rank) = (
+        args.topk.unwrap_or(d.topk),
+        args.topk_bits.unwrap_or(d.topk_bits),
+        args.rank.unwrap_or(d.rank),
+    );
     let codecs = args
         .codecs
         .iter()
-        .map(|c| {
-            let k = if c == "lowrank" { args.rank } else { args.topk };
-            Codec::parse(c, k, args.topk_bits).map_err(anyhow::Error::msg)
-        })
+        .map(|c| c.codec(topk, bits, rank).map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
+    let inner_steps = args.inner_steps.unwrap_or(d.inner_steps);
     let opts = ExperimentOptions {
         model,
         data,
         workers: args.workers,
-        batch_size: args.batch_size,
-        seq_len: args.seq_len,
-        inner_steps: args.inner_steps,
-        total_steps: args.steps,
-        lr: args.lr,
-        warmup_steps: args.warmup_steps,
-        grad_clip: 1.0,
-        outer_lr: args.outer_lr,
-        sparse_outer_lr: args.sparse_outer_lr,
-        outer_momentum: args.outer_momentum,
-        ef_decay: args.ef_decay,
-        aggregator: Aggregator::Mean,
+        batch_size: args.batch_size.unwrap_or(d.batch_size),
+        seq_len: args.seq_len.unwrap_or(d.seq_len),
+        inner_steps,
+        total_steps: args.steps.unwrap_or(d.rounds * d.inner_steps),
+        lr: args.lr.unwrap_or(d.lr),
+        warmup_steps: args.warmup_steps.unwrap_or(d.warmup_steps),
+        grad_clip: d.grad_clip,
+        outer_lr: args.outer_lr.unwrap_or(d.outer_lr),
+        sparse_outer_lr: args.sparse_outer_lr.unwrap_or(d.sparse_outer_lr),
+        outer_momentum: args.outer_momentum.unwrap_or(d.outer_momentum),
+        ef_decay: args.ef_decay.unwrap_or(d.ef_decay),
+        aggregator: args.aggregator.unwrap_or(d.aggregator),
         codecs,
-        seed: args.seed,
+        seed: args.seed.unwrap_or(d.seed),
         eval_tokens_max: 1 << 16,
         baseline: !args.no_baseline,
     };

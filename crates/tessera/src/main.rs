@@ -10,6 +10,7 @@ mod experiment;
 mod ledger_cli;
 mod netdemo;
 mod progress;
+mod sim;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,9 @@ enum Command {
     },
     /// Run a contributor node against a hub.
     Node(NodeArgs),
+    /// Simulate a run of thousands of nodes on virtual time over the real engines, with
+    /// seeded faults; the same seed gives the same trace hash.
+    Sim(sim::SimArgs),
     /// Create a node identity (ed25519 key file) and print its public key.
     Keygen {
         /// Where to write the key; refuses to overwrite.
@@ -321,6 +325,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
         Command::Experiment(ExperimentCommand::Diloco(args)) => experiment::diloco(args),
+        Command::Sim(args) => sim::run_cli(args),
         Command::Hub { config } => {
             let config = tessera_hub::HubConfig::load(&config)?;
             tokio::runtime::Runtime::new()?.block_on(tessera_hub::serve(config))

@@ -6,7 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tessera_hub::Summary;
+use tessera_protocol::wire::Summary;
+use tessera_protocol::RunSpec;
 
 /// Children are killed when the demo ends, however it ends.
 struct Children(Vec<(String, Child)>);
@@ -30,7 +31,7 @@ pub struct NetDemo {
     pub nodes: usize,
     pub rounds: u64,
     pub inner_steps: u64,
-    pub codec: String,
+    pub codec: tessera_outer::CodecKind,
     pub seed: u64,
 }
 
@@ -43,20 +44,25 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
     }
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
-    // Outer step: plain averaging (lr 1, no momentum). Over a run of a few dozen rounds
-    // it measured better than DiLoCo's Nesterov 0.7/0.9, which pays off over hundreds
-    // of rounds (docs/results.md, DiLoCo tuning).
-    let config = format!(
-        "run_id = \"demo\"\npreset = \"micro\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {hub_dir:?}\n\
-         min_nodes = {n}\nrounds = {r}\ninner_steps = {h}\nbatch_size = 8\nseq_len = 128\nround_deadline_ms = 120000\n\
-         heartbeat_timeout_ms = 15000\ncodec = \"{codec}\"\nseed = {seed}\n\
-         outer_lr = 1.0\nouter_momentum = 0.0\n",
+    // Every setting not written here is the run default (`RunSpec::default`): the
+    // settings measured best (docs/results.md), so the demo runs what a hub with a
+    // minimal run.toml runs.
+    let defaults = RunSpec::default();
+    let mut config = format!(
+        "run_id = \"demo\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {hub_dir:?}\n\
+         min_nodes = {n}\nseed = {seed}\n",
         n = demo.nodes,
-        r = demo.rounds,
-        h = demo.inner_steps,
-        codec = demo.codec,
         seed = demo.seed,
     );
+    if demo.rounds != defaults.rounds {
+        config += &format!("rounds = {}\n", demo.rounds);
+    }
+    if demo.inner_steps != defaults.inner_steps {
+        config += &format!("inner_steps = {}\n", demo.inner_steps);
+    }
+    if demo.codec != defaults.codec {
+        config += &format!("codec = \"{}\"\n", demo.codec);
+    }
     let config_path = dir.join("run.toml");
     std::fs::write(&config_path, config)?;
     let exe = std::env::current_exe()?;
@@ -167,7 +173,7 @@ fn print_summary(s: &Summary, seconds: f64) {
         let moved = (n.bytes_sent + n.bytes_received).max(1);
         println!(
             "{:<14} {:>12} {:>12} {:>11.0}x {:>11.0}%",
-            &id[..12],
+            id.short(12),
             crate::human_bytes(n.bytes_sent),
             crate::human_bytes(n.bytes_received),
             s.ddp_bytes_per_node as f64 / moved as f64,
@@ -179,10 +185,7 @@ fn print_summary(s: &Summary, seconds: f64) {
         crate::human_bytes(s.ddp_bytes_per_node)
     );
     if let Some(dir) = &s.final_checkpoint {
-        println!("checkpoint: {}", dir.display());
-        println!(
-            "next: tessera generate --checkpoint {} --prompt 'ROMEO:'",
-            dir.display()
-        );
+        println!("checkpoint: {dir}");
+        println!("next: tessera generate --checkpoint {dir} --prompt 'ROMEO:'");
     }
 }

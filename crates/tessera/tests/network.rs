@@ -294,7 +294,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     assert_eq!(resp.status().as_u16(), 413);
     // A commit for another run or a past round changes nothing.
     let mut summary_before = get(&format!("{url}/summary")).unwrap();
-    let commit = serde_json::json!({"run_id": "other", "round": 0, "commit": {"blob_hash": "0".repeat(64), "tokens": 1, "loss_micro": 1, "theta_hash": "x"}, "provider": "x"});
+    let commit = serde_json::json!({"run_id": "other", "round": 0, "commit": {"blob_hash": "0".repeat(64), "tokens": 1, "loss_micro": 1, "theta_hash": "0".repeat(64)}, "provider": "x"});
     let body = serde_json::to_vec(&commit).unwrap();
     let mut req = http.post(format!("{url}/commit")).body(body.clone());
     for (k, v) in tessera_protocol::auth::sign_request(&id, "POST", "/commit", now, &body) {
@@ -353,8 +353,14 @@ fn commits_are_checked_before_they_count() {
         get(&format!("{url}/run")).is_some()
     });
     let info = get(&format!("{url}/run")).unwrap();
-    let spec: tessera_train::worker::RunSpec =
-        serde_json::from_value(info["spec"].clone()).unwrap();
+    let spec: tessera_protocol::RunSpec = serde_json::from_value(info["spec"].clone()).unwrap();
+    let model: tessera_model::LlamaConfig = serde_json::from_value(info["model"].clone()).unwrap();
+    let codec = spec.codec().unwrap();
+    // Every commit of round 0 starts from θ₀.
+    let theta0 = get(&format!("{url}/summary")).unwrap()["theta_hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let hub_blobs = tessera_blobs::PeerAddr(info["hub_blobs"].as_str().unwrap().to_string());
 
     // The test plays a node: it joins, and serves blobs from its own endpoint.
@@ -363,39 +369,57 @@ fn commits_are_checked_before_they_count() {
     let blobs = IrohBlobs::bind(IrohOptions::loopback()).unwrap();
     assert_eq!(signed(&id, &url, "/node/join", Vec::new()).0, 200);
     let view = get(&format!("{url}/state?node={me}")).unwrap();
-    assert_eq!(view["round"], 0, "{view}");
+    assert_eq!(view["phase"]["round"], 0, "{view}");
     let commit = |hash: &str, round: u64, run: &str| {
         serde_json::to_vec(&serde_json::json!({
             "run_id": run, "round": round,
-            "commit": {"blob_hash": hash, "tokens": 64, "loss_micro": 1, "theta_hash": "t"},
+            "commit": {"blob_hash": hash, "tokens": 64, "loss_micro": 1, "theta_hash": theta0},
             "provider": blobs.addr(),
         }))
         .unwrap()
     };
-    let refused = |body: Vec<u8>, why: &str| {
+    let refused = |body: Vec<u8>, code: &str, why: &str| {
         let (status, text) = signed(&id, &url, "/commit", body);
-        assert_eq!(status, 400, "{text}");
+        assert!(status == 400 || status == 409, "{status} {text}");
+        let err: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(err["code"], code, "{text}");
         assert!(text.contains(why), "expected `{why}` in: {text}");
         let view = get(&format!("{url}/state?node={me}")).unwrap();
         assert_eq!(view["committed"], false, "a refused commit counted: {view}");
     };
     // Not an update: served and hash-correct, but it does not decode.
     let junk = blobs.publish(b"not an update blob").unwrap();
-    refused(commit(&junk, 0, "chk"), "refused");
+    refused(commit(&junk, 0, "chk"), "blob_refused", "refused");
     // A blob the node does not serve.
     let absent = tessera_blobs::hash_of(b"never published");
-    refused(commit(&absent, 0, "chk"), "could not be fetched");
+    refused(
+        commit(&absent, 0, "chk"),
+        "blob_refused",
+        "could not be fetched",
+    );
     // Larger than any update of this run may be.
-    let n = spec.model.params_total() as usize;
-    let max = spec.codec.max_encoded_bytes(n);
+    let n = model.params_total() as usize;
+    let max = codec.max_encoded_bytes(n);
     let huge = blobs.publish(&vec![0u8; max + 1]).unwrap();
-    refused(commit(&huge, 0, "chk"), "larger than");
+    refused(commit(&huge, 0, "chk"), "blob_refused", "larger than");
     // Wrong run, wrong round.
     let zeros = vec![0f32; n];
-    let update = tessera_train::outer::encode(spec.codec, &zeros, &mut vec![0f32; n], 1.0);
+    let update = tessera_outer::encode(codec, &zeros, &mut vec![0f32; n], 1.0);
     let good = blobs.publish(&update).unwrap();
-    refused(commit(&good, 0, "other"), "run `other`");
-    refused(commit(&good, 7, "chk"), "open round is Some(0)");
+    refused(commit(&good, 0, "other"), "wrong_run", "run `other`");
+    refused(
+        commit(&good, 7, "chk"),
+        "wrong_round",
+        "current round is Some(0)",
+    );
+    // A commit that starts from another θ than the round's.
+    let stale = serde_json::to_vec(&serde_json::json!({
+        "run_id": "chk", "round": 0,
+        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": "ab".repeat(32)},
+        "provider": blobs.addr(),
+    }))
+    .unwrap();
+    refused(stale, "stale_theta", "starts from θ");
 
     // A valid commit counts; replaying its exact signed request does not.
     let body = commit(&good, 0, "chk");

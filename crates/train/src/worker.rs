@@ -1,128 +1,32 @@
-//! A node's side of a decentralized run: the run's shared settings ([`RunSpec`]), the
-//! inner steps on assigned batches, the encoded pseudo-gradient, and the outer step
-//! on the accepted set. The hub runs the same outer step to keep the checkpoint that
+//! A node's side of a decentralized run: θ₀, the inner steps on assigned batches and
+//! the encoded pseudo-gradient. The outer step on the accepted set is
+//! [`tessera_outer::OuterState::apply`]. The hub runs the same outer step to keep the checkpoint that
 //! joiners start from; every honest node reaches the same θ bit for bit.
 
-use serde::{Deserialize, Serialize};
 use tch::Device;
 use tessera_model::{Llama, LlamaConfig};
+pub use tessera_outer::OuterState;
+use tessera_outer::{encode, Codec};
+use tessera_protocol::RunSpec;
 
 use crate::data::{Dataset, Windows};
 use crate::diloco::{flatten, load_flat};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::outer::{
-    aggregate, decode, encode, theta_hash, Aggregator, Codec, CodecError, Nesterov,
-};
 use crate::trainer::{train_step, Sampler};
 
-/// Everything a node needs to take part in a run; the hub serves it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunSpec {
-    pub run_id: String,
-    pub model: LlamaConfig,
-    /// blake3 of the data set's manifest, so a node checks it trains on the right data.
-    pub data_manifest_blake3: String,
-    pub batch_size: usize,
-    pub seq_len: usize,
-    pub inner_steps: u64,
-    pub rounds_total: u64,
-    pub lr: f64,
-    pub warmup_steps: u64,
-    pub grad_clip: f64,
-    pub outer_lr: f32,
-    pub outer_momentum: f32,
-    pub codec: Codec,
-    /// How much of the unsent error-feedback residual carries into the next round.
-    #[serde(default = "full_carry")]
-    pub ef_decay: f32,
-    pub aggregator: Aggregator,
-    pub seed: u64,
+/// θ₀ of a run: a pure function of the model's shape and the run's seed, so nodes
+/// compute it rather than download it.
+pub fn initial_theta(model: &LlamaConfig, seed: u64) -> Vec<f32> {
+    flatten(&Llama::new(model, Device::Cpu, seed))
 }
 
-fn full_carry() -> f32 {
-    1.0
-}
-
-impl RunSpec {
-    /// Tokens one batch holds.
-    pub fn tokens_per_batch(&self) -> u64 {
-        (self.batch_size * self.seq_len) as u64
-    }
-}
-
-/// θ with the outer optimizer's velocity: what a joiner needs to continue.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OuterState {
-    pub round: u64,
-    pub theta: Vec<f32>,
-    pub outer: Nesterov,
-}
-
-impl OuterState {
-    pub fn initial(spec: &RunSpec) -> OuterState {
-        let model = Llama::new(&spec.model, Device::Cpu, spec.seed);
-        let theta = flatten(&model);
-        let outer = Nesterov::new(theta.len(), spec.outer_lr, spec.outer_momentum);
-        OuterState {
-            round: 0,
-            theta,
-            outer,
-        }
-    }
-
-    pub fn hash(&self) -> String {
-        theta_hash(&self.theta)
-    }
-
-    /// Decodes the accepted updates (in node-id order), aggregates them, and takes the
-    /// outer step; the state moves to the next round.
-    pub fn apply(&mut self, spec: &RunSpec, blobs: &[Vec<u8>]) -> Result<(), CodecError> {
-        if !blobs.is_empty() {
-            let n = self.theta.len() as u64;
-            let updates = blobs
-                .iter()
-                .map(|b| decode(b, n))
-                .collect::<Result<Vec<_>, _>>()?;
-            let g = aggregate(spec.aggregator, &updates);
-            self.outer.step(&mut self.theta, &g);
-        }
-        self.round += 1;
-        Ok(())
-    }
-
-    /// `round`, θ and velocity as little-endian bytes (a checkpoint blob).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + 8 * self.theta.len());
-        out.extend_from_slice(&self.round.to_le_bytes());
-        for v in self.theta.iter().chain(&self.outer.velocity) {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out
-    }
-
-    pub fn from_bytes(spec: &RunSpec, bytes: &[u8]) -> Result<OuterState, String> {
-        let n = spec.model.params_total() as usize;
-        if bytes.len() != 8 + 8 * n {
-            return Err(format!(
-                "checkpoint is {} bytes; the run's model needs {}",
-                bytes.len(),
-                8 + 8 * n
-            ));
-        }
-        let round = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        let floats: Vec<f32> = bytes[8..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect();
-        let (theta, velocity) = floats.split_at(n);
-        let mut outer = Nesterov::new(n, spec.outer_lr, spec.outer_momentum);
-        outer.velocity = velocity.to_vec();
-        Ok(OuterState {
-            round,
-            theta: theta.to_vec(),
-            outer,
-        })
-    }
+/// The outer state a run starts from: θ₀ with zero velocity.
+pub fn initial_state(spec: &RunSpec, model: &LlamaConfig) -> OuterState {
+    OuterState::from_theta(
+        initial_theta(model, spec.seed),
+        spec.effective_outer_lr(),
+        spec.outer_momentum,
+    )
 }
 
 /// What a node produced in one round.
@@ -137,6 +41,7 @@ pub struct RoundWork {
 /// A node's trainer: its replica, inner optimizer and error-feedback residual.
 pub struct Worker {
     pub spec: RunSpec,
+    codec: Codec,
     model: Llama,
     optim: AdamW,
     residual: Vec<f32>,
@@ -144,18 +49,20 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(spec: RunSpec, device: Device) -> Worker {
-        let model = Llama::new(&spec.model, device, spec.seed);
+    pub fn new(spec: RunSpec, model: &LlamaConfig, device: Device) -> Result<Worker, String> {
+        let codec = spec.codec()?;
+        let model = Llama::new(model, device, spec.seed);
         let optim = AdamW::new(&model, AdamWConfig::default());
         let residual = vec![0.0; model.numel()];
         let sampler = Sampler::new(spec.seed);
-        Worker {
+        Ok(Worker {
             spec,
+            codec,
             model,
             optim,
             residual,
             sampler,
-        }
+        })
     }
 
     /// Trains the assigned batches from θ of `state`; batch `b` is samples
@@ -170,7 +77,7 @@ impl Worker {
         let start = std::time::Instant::now();
         load_flat(&self.model, &state.theta);
         let b = self.spec.batch_size as u64;
-        let total_steps = self.spec.rounds_total * self.spec.inner_steps;
+        let total_steps = self.spec.total_steps();
         let mut loss_sum = 0.0;
         for (h, &batch_index) in batches.iter().enumerate() {
             let batch = self.sampler.batch(
@@ -193,12 +100,7 @@ impl Worker {
         }
         let local = flatten(&self.model);
         let delta: Vec<f32> = state.theta.iter().zip(&local).map(|(t, l)| t - l).collect();
-        let blob = encode(
-            self.spec.codec,
-            &delta,
-            &mut self.residual,
-            self.spec.ef_decay,
-        );
+        let blob = encode(self.codec, &delta, &mut self.residual, self.spec.ef_decay);
         RoundWork {
             blob,
             tokens: batches.len() as u64 * self.spec.tokens_per_batch(),

@@ -1,0 +1,379 @@
+//! The hub engine without processes: protocol cases in milliseconds, and the store's
+//! crash model (SQLite and the in-memory twin pass the same tests).
+
+use tessera_hub::engine::{HubInput, HubState, OuterStep, StepOutcome};
+use tessera_hub::host::Host;
+use tessera_hub::store::{HubStore, MemoryHubStore, SqliteHubStore};
+use tessera_protocol::wire::{Commit, CommitBody, ErrorCode, NodeStats, PeerAddr, ThetaReport};
+use tessera_protocol::{Hash32, NodeId, RunSpec};
+
+/// A deterministic stand-in for the outer step: θ and checkpoint are hashes of where
+/// the step started and what it aggregated.
+struct HashStep;
+
+impl OuterStep for HashStep {
+    fn step(
+        &mut self,
+        round: u64,
+        from: Hash32,
+        accepted: &[(NodeId, Hash32)],
+    ) -> Result<StepOutcome, String> {
+        let mut h = blake3::Hasher::new();
+        h.update(&round.to_le_bytes());
+        h.update(from.as_bytes());
+        for (n, b) in accepted {
+            h.update(n.as_bytes());
+            h.update(b.as_bytes());
+        }
+        let theta = Hash32::from(h.finalize());
+        Ok(StepOutcome {
+            theta_after: theta,
+            checkpoint: Hash32::of(theta.as_bytes()),
+        })
+    }
+}
+
+/// An outer step that fails, to exercise the fail-stop path.
+struct Broken;
+
+impl OuterStep for Broken {
+    fn step(&mut self, _: u64, _: Hash32, _: &[(NodeId, Hash32)]) -> Result<StepOutcome, String> {
+        Err("disk full".into())
+    }
+}
+
+fn id(i: u8) -> NodeId {
+    NodeId([i; 32])
+}
+
+fn spec(min_nodes: usize) -> RunSpec {
+    RunSpec {
+        run_id: "t".into(),
+        min_nodes,
+        rounds: 4,
+        inner_steps: 2,
+        round_deadline_ms: 1_000,
+        heartbeat_timeout_ms: 5_000,
+        ..RunSpec::default()
+    }
+}
+
+fn fresh(min_nodes: usize) -> HubState {
+    HubState::new(
+        spec(min_nodes),
+        1000,
+        1_000,
+        Hash32::of(b"theta0"),
+        Hash32::of(b"ckpt0"),
+    )
+}
+
+fn body(hub: &HubState, node: NodeId, blob: &[u8]) -> CommitBody {
+    let view = hub.view(&node);
+    CommitBody {
+        run_id: "t".into(),
+        round: view.round().expect("a round is open"),
+        commit: Commit {
+            blob_hash: Hash32::of(blob),
+            tokens: 2 * hub.spec().tokens_per_batch(),
+            loss_micro: 1,
+            theta_hash: hub.theta(),
+        },
+        provider: PeerAddr("p".into()),
+    }
+}
+
+fn code(r: Result<tessera_hub::engine::Applied, tessera_hub::engine::HubError>) -> ErrorCode {
+    r.expect_err("refused").code
+}
+
+#[test]
+fn commits_are_checked_and_refusals_change_nothing() {
+    let mut hub = fresh(2);
+    let out = &mut HashStep;
+    hub.apply(HubInput::Join { node: id(1) }, 0, out).unwrap();
+    hub.apply(HubInput::Join { node: id(2) }, 0, out).unwrap();
+    assert_eq!(hub.view(&id(1)).round(), Some(0));
+    let good = body(&hub, id(1), b"u1");
+    let before = format!("{:?}", hub.coordinator());
+
+    let mut wrong_run = good.clone();
+    wrong_run.run_id = "other".into();
+    let mut wrong_round = good.clone();
+    wrong_round.round = 5;
+    let mut stale = good.clone();
+    stale.commit.theta_hash = Hash32::of(b"old theta");
+    let mut greedy = good.clone();
+    greedy.commit.tokens += 1;
+    for (b, node, expect) in [
+        (wrong_run, id(1), ErrorCode::WrongRun),
+        (wrong_round, id(1), ErrorCode::WrongRound),
+        (stale, id(1), ErrorCode::StaleTheta),
+        (greedy, id(1), ErrorCode::TooManyTokens),
+        (good.clone(), id(9), ErrorCode::NotAssigned),
+    ] {
+        assert_eq!(
+            code(hub.apply(HubInput::Commit { node, body: b }, 10, out)),
+            expect
+        );
+        assert_eq!(
+            format!("{:?}", hub.coordinator()),
+            before,
+            "a refused commit changed the state"
+        );
+    }
+    let applied = hub
+        .apply(
+            HubInput::Commit {
+                node: id(1),
+                body: good.clone(),
+            },
+            10,
+            out,
+        )
+        .unwrap();
+    assert_eq!(applied.change.facts.len(), 1, "a commit persists one fact");
+    assert!(applied.change.snapshot.is_none());
+    assert_eq!(
+        code(hub.apply(
+            HubInput::Commit {
+                node: id(1),
+                body: good
+            },
+            11,
+            out
+        )),
+        ErrorCode::AlreadyCommitted
+    );
+    // The second commit closes the round: a snapshot, a record, a payout to request.
+    let b2 = body(&hub, id(2), b"u2");
+    let applied = hub
+        .apply(
+            HubInput::Commit {
+                node: id(2),
+                body: b2,
+            },
+            12,
+            out,
+        )
+        .unwrap();
+    assert!(applied.change.snapshot.is_some());
+    assert_eq!(applied.change.rounds.len(), 1);
+    let rec = &applied.change.rounds[0];
+    assert_eq!(rec.accepted.len(), 2);
+    assert_eq!(rec.theta_before, Hash32::of(b"theta0"));
+    assert_eq!(
+        hub.theta(),
+        rec.theta_after,
+        "round 1 starts from round 0's θ"
+    );
+    assert!(applied
+        .effects
+        .iter()
+        .any(|e| matches!(e, tessera_hub::engine::Effect::Pay(r) if r.round == 0)));
+}
+
+/// Story: heartbeats and θ reports from keys that were not members were once stored
+/// and counted, so 5,000 fake nodes appeared in the summary and 50 fresh keys raised
+/// the divergence count. Only members' heartbeats and reports count now.
+#[test]
+fn outsiders_cannot_add_stats_or_divergence() {
+    let mut hub = fresh(1);
+    let out = &mut HashStep;
+    let stats = Some(NodeStats::default());
+    assert_eq!(
+        code(hub.apply(HubInput::Heartbeat { node: id(7), stats }, 0, out)),
+        ErrorCode::NotMember
+    );
+    assert!(hub.stats().is_empty());
+    hub.apply(HubInput::Join { node: id(1) }, 0, out).unwrap();
+    let b = body(&hub, id(1), b"u");
+    hub.apply(
+        HubInput::Commit {
+            node: id(1),
+            body: b,
+        },
+        1,
+        out,
+    )
+    .unwrap();
+    let report = ThetaReport {
+        run_id: "t".into(),
+        round: 0,
+        hash: Hash32::of(b"wrong"),
+    };
+    assert_eq!(
+        code(hub.apply(
+            HubInput::Theta {
+                node: id(8),
+                report: report.clone()
+            },
+            2,
+            out
+        )),
+        ErrorCode::NotMember
+    );
+    assert_eq!(hub.divergent(), 0);
+    let applied = hub
+        .apply(
+            HubInput::Theta {
+                node: id(1),
+                report,
+            },
+            2,
+            out,
+        )
+        .unwrap();
+    assert_eq!(applied.agrees, Some(false));
+    assert_eq!(hub.divergent(), 1);
+    assert_eq!(applied.change.divergent, Some(1), "the count is persisted");
+}
+
+/// Runs a scripted run through a host on `store`, reopening a second host from the
+/// same store after every input (a crash at that point) and comparing what a node
+/// would see; then fails a write and checks the engine fell back to the store.
+fn crash_model<S: HubStore + Clone>(store: S, reopen: impl Fn() -> S) {
+    let identity = "run t".to_string();
+    let mut host = Host::open(fresh(3), identity.clone(), store, 0).unwrap();
+    let out = &mut HashStep;
+    let nodes: Vec<NodeId> = (1..=4).map(id).collect();
+    let mut now = 0;
+    let mut closed = 0;
+    for step in 0..200u64 {
+        now += 50;
+        let node = nodes[(step % 4) as usize];
+        let input = match step % 7 {
+            0 | 1 => HubInput::Join { node },
+            2 => HubInput::Heartbeat { node, stats: None },
+            3 if step % 21 == 3 => HubInput::Leave { node },
+            4 | 5 => match host.state.view(&node).round() {
+                Some(_) if host.state.view(&node).assignment.is_some() => HubInput::Commit {
+                    node,
+                    body: body(&host.state, node, &step.to_le_bytes()),
+                },
+                _ => HubInput::Tick,
+            },
+            _ => HubInput::Tick,
+        };
+        let _ = host.input(input, now, out);
+        closed = closed.max(host.state.coordinator().closed_rounds);
+        let again = Host::open(fresh(3), identity.clone(), reopen(), now).unwrap();
+        for n in &nodes {
+            assert_eq!(
+                again.state.view(n),
+                host.state.view(n),
+                "step {step}: a restart changed the view"
+            );
+        }
+        assert_eq!(again.state.rounds(), host.state.rounds());
+        let (mut a, mut b) = (
+            again.state.coordinator().clone(),
+            host.state.coordinator().clone(),
+        );
+        a.refresh_members(0);
+        b.refresh_members(0);
+        assert_eq!(a, b, "step {step}: the restored coordinator differs");
+        if host.state.is_finished() {
+            break;
+        }
+    }
+    assert!(
+        closed >= 2,
+        "the script should close rounds, closed {closed}"
+    );
+    // Another run's settings are refused.
+    assert!(Host::open(fresh(3), "another".into(), reopen(), now).is_err());
+}
+
+#[test]
+fn sqlite_and_memory_stores_keep_the_same_crash_model() {
+    let memory = MemoryHubStore::new();
+    let handle = memory.clone();
+    crash_model(memory, move || handle.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let p = path.clone();
+    crash_model(SqliteStoreHandle(path), move || {
+        SqliteStoreHandle(p.clone())
+    });
+}
+
+/// A SQLite store opened afresh for every operation, so each reopen reads only what
+/// was committed to the file.
+#[derive(Clone)]
+struct SqliteStoreHandle(std::path::PathBuf);
+
+impl HubStore for SqliteStoreHandle {
+    fn load(
+        &mut self,
+    ) -> Result<Option<(String, tessera_hub::engine::Durable)>, tessera_hub::store::StoreError>
+    {
+        SqliteHubStore::open(&self.0)?.load()
+    }
+    fn create(
+        &mut self,
+        identity: &str,
+        change: &tessera_hub::engine::Change,
+    ) -> Result<(), tessera_hub::store::StoreError> {
+        SqliteHubStore::open(&self.0)?.create(identity, change)
+    }
+    fn write(
+        &mut self,
+        change: &tessera_hub::engine::Change,
+    ) -> Result<(), tessera_hub::store::StoreError> {
+        SqliteHubStore::open(&self.0)?.write(change)
+    }
+}
+
+#[test]
+fn a_failed_write_or_outer_step_leaves_the_engine_as_the_store_has_it() {
+    let store = MemoryHubStore::new();
+    let mut host = Host::open(fresh(1), "r".into(), store.clone(), 0).unwrap();
+    host.input(HubInput::Join { node: id(1) }, 0, &mut HashStep)
+        .unwrap();
+    let b = body(&host.state, id(1), b"u");
+    // The write of the commit fails: the engine is rebuilt and the commit never happened.
+    store.fail_next_writes(1);
+    let e = host
+        .input(
+            HubInput::Commit {
+                node: id(1),
+                body: b.clone(),
+            },
+            1,
+            &mut HashStep,
+        )
+        .err()
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.code, ErrorCode::Internal);
+    assert_eq!(host.recoveries, 1);
+    assert!(!host.state.view(&id(1)).committed);
+    // The outer step fails at the round's close: the round stays open.
+    let e = host
+        .input(
+            HubInput::Commit {
+                node: id(1),
+                body: b.clone(),
+            },
+            2,
+            &mut Broken,
+        )
+        .err()
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.code, ErrorCode::Internal);
+    assert_eq!(host.state.coordinator().closed_rounds, 0);
+    assert!(!host.state.view(&id(1)).committed);
+    // And with both working, the commit closes the round.
+    host.input(
+        HubInput::Commit {
+            node: id(1),
+            body: b,
+        },
+        3,
+        &mut HashStep,
+    )
+    .unwrap();
+    assert_eq!(host.state.coordinator().closed_rounds, 1);
+}

@@ -1,0 +1,200 @@
+//! Combining the accepted updates of a round into one pseudo-gradient.
+//!
+//! Every aggregator reads the updates in the order given (the caller agrees on it, by
+//! node id) and sums in a fixed order, so every node gets the same floats. The robust
+//! ones bound what a minority of bad updates can do to θ.
+
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::UnknownName;
+
+/// How updates from several nodes are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "aggregator", rename_all = "snake_case")]
+pub enum Aggregator {
+    Mean,
+    /// Per coordinate, drop the `trim` largest and `trim` smallest values, then average.
+    TrimmedMean {
+        trim: usize,
+    },
+    /// Coordinate-wise median (the mean of the middle two for an even count).
+    Median,
+    /// Scale each update to at most `factor` × the median update norm, then average.
+    NormClip {
+        factor: f32,
+    },
+}
+
+impl Aggregator {
+    /// The name a run file uses for this aggregator. Parameters are not part of the
+    /// name: any `TrimmedMean` is `trimmed_mean`, although only `trim: 1` parses back.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Aggregator::Mean => "mean",
+            Aggregator::Median => "median",
+            Aggregator::TrimmedMean { .. } => "trimmed_mean",
+            Aggregator::NormClip { .. } => "norm_clip",
+        }
+    }
+}
+
+/// A run file's aggregator name, with the parameters runs have always used:
+/// `trimmed_mean` drops one value at each end, `norm_clip` clips at twice the median
+/// norm.
+impl FromStr for Aggregator {
+    type Err = UnknownName;
+
+    fn from_str(name: &str) -> Result<Aggregator, UnknownName> {
+        Ok(match name {
+            "mean" => Aggregator::Mean,
+            "median" => Aggregator::Median,
+            "trimmed_mean" => Aggregator::TrimmedMean { trim: 1 },
+            "norm_clip" => Aggregator::NormClip { factor: 2.0 },
+            other => {
+                return Err(UnknownName {
+                    what: "aggregator",
+                    name: other.to_string(),
+                    expected: "mean, median, trimmed_mean or norm_clip",
+                })
+            }
+        })
+    }
+}
+
+/// Aggregates `updates` (in a fixed, agreed order) into one.
+///
+/// Panics when `updates` is empty or the updates differ in length: callers decode
+/// every update against the same expected length first.
+pub fn aggregate(agg: Aggregator, updates: &[Vec<f32>]) -> Vec<f32> {
+    assert!(!updates.is_empty(), "aggregate of no updates");
+    let n = updates[0].len();
+    assert!(
+        updates.iter().all(|u| u.len() == n),
+        "updates differ in length"
+    );
+    let m = updates.len();
+    let mean_of = |us: &[Vec<f32>]| {
+        let mut out = vec![0f32; n];
+        for u in us {
+            for (o, v) in out.iter_mut().zip(u) {
+                *o += v;
+            }
+        }
+        let inv = 1.0 / us.len() as f32;
+        out.iter_mut().for_each(|o| *o *= inv);
+        out
+    };
+    match agg {
+        Aggregator::Mean => mean_of(updates),
+        Aggregator::TrimmedMean { .. } | Aggregator::Median if m == 1 => updates[0].clone(),
+        Aggregator::TrimmedMean { trim } => {
+            let trim = trim.min((m - 1) / 2);
+            let mut col = vec![0f32; m];
+            (0..n)
+                .map(|i| {
+                    for (c, u) in col.iter_mut().zip(updates) {
+                        *c = u[i];
+                    }
+                    col.sort_by(f32::total_cmp);
+                    let kept = &col[trim..m - trim];
+                    kept.iter().sum::<f32>() / kept.len() as f32
+                })
+                .collect()
+        }
+        Aggregator::Median => {
+            let mut col = vec![0f32; m];
+            (0..n)
+                .map(|i| {
+                    for (c, u) in col.iter_mut().zip(updates) {
+                        *c = u[i];
+                    }
+                    col.sort_by(f32::total_cmp);
+                    if m % 2 == 1 {
+                        col[m / 2]
+                    } else {
+                        0.5 * (col[m / 2 - 1] + col[m / 2])
+                    }
+                })
+                .collect()
+        }
+        Aggregator::NormClip { factor } => {
+            let norms: Vec<f32> = updates
+                .iter()
+                .map(|u| u.iter().map(|v| v * v).sum::<f32>().sqrt())
+                .collect();
+            let mut sorted = norms.clone();
+            sorted.sort_by(f32::total_cmp);
+            let limit = factor * sorted[m / 2];
+            let clipped: Vec<Vec<f32>> = updates
+                .iter()
+                .zip(&norms)
+                .map(|(u, &norm)| {
+                    let s = if norm > limit && norm > 0.0 {
+                        limit / norm
+                    } else {
+                        1.0
+                    };
+                    u.iter().map(|v| v * s).collect()
+                })
+                .collect();
+            mean_of(&clipped)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregators_bound_what_a_minority_can_do() {
+        let honest: Vec<Vec<f32>> = (0..4).map(|i| vec![1.0 + i as f32 * 0.01; 8]).collect();
+        let mut all = honest.clone();
+        all.push(vec![1000.0; 8]);
+        let mean = aggregate(Aggregator::Mean, &all);
+        assert!(mean[0] > 100.0);
+        for agg in [
+            Aggregator::Median,
+            Aggregator::TrimmedMean { trim: 1 },
+            Aggregator::NormClip { factor: 2.0 },
+        ] {
+            let a = aggregate(agg, &all);
+            assert!(
+                a.iter().all(|v| (0.9..=2.0 * 1.1).contains(v)),
+                "{agg:?}: {a:?}"
+            );
+        }
+        assert_eq!(
+            aggregate(Aggregator::Median, &[vec![1.0], vec![3.0]]),
+            vec![2.0]
+        );
+        assert_eq!(
+            aggregate(
+                Aggregator::TrimmedMean { trim: 1 },
+                &[vec![1.0], vec![2.0], vec![9.0]]
+            ),
+            vec![2.0]
+        );
+    }
+
+    #[test]
+    fn aggregator_names_round_trip_with_the_run_file_parameters() {
+        for (name, agg) in [
+            ("mean", Aggregator::Mean),
+            ("median", Aggregator::Median),
+            ("trimmed_mean", Aggregator::TrimmedMean { trim: 1 }),
+            ("norm_clip", Aggregator::NormClip { factor: 2.0 }),
+        ] {
+            assert_eq!(name.parse::<Aggregator>(), Ok(agg));
+            assert_eq!(agg.name(), name);
+        }
+        let err = "trimmed-mean".parse::<Aggregator>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown aggregator `trimmed-mean`; expected mean, median, trimmed_mean or norm_clip"
+        );
+        assert_eq!(Aggregator::TrimmedMean { trim: 3 }.name(), "trimmed_mean");
+    }
+}

@@ -1,0 +1,353 @@
+//! The run's settings: one [`RunSpec`] with the defaults Tessera ships. The hub's
+//! `run.toml`, `tessera demo`, `tessera experiment diloco` and the simulator all start
+//! from [`RunSpec::default`], so the settings that were measured best are the settings
+//! a run gets when its organiser writes nothing (docs/results.md, "DiLoCo against its
+//! DDP equivalent").
+//!
+//! Every default here is a measured choice; change one only with a new measurement.
+
+use serde::{Deserialize, Serialize};
+use tessera_outer::{Aggregator, Codec, CodecKind};
+
+use crate::limits::{INNER_STEPS_MAX, MEMBERS_MAX, ROUNDS_MAX};
+
+/// Everything that defines a run's training and its protocol timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSpec {
+    /// Names the run in every signed body and in the ledger (`pool:RUN_ID`).
+    pub run_id: String,
+    /// A model preset from `tessera model list`.
+    pub preset: String,
+    /// Rounds to train; the run finishes after this many.
+    pub rounds: u64,
+    /// Training starts when this many nodes have joined.
+    pub min_nodes: usize,
+    /// Most members at once (at most `limits::MEMBERS_MAX`).
+    pub max_nodes: usize,
+    /// H: inner steps (batches) each member trains per round.
+    pub inner_steps: u64,
+    /// Sequences per inner step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Inner AdamW peak learning rate (warm-up, then cosine decay to 10%).
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub grad_clip: f64,
+    /// Outer learning rate for dense codecs (`none`, `int8`, `lowrank`).
+    pub outer_lr: f32,
+    /// Outer learning rate for sparse codecs (`topk`): a sparse update moves θ only where
+    /// it has values and the rest waits in the error-feedback residual; a larger outer
+    /// step makes up for that lag (measured: 2.5 best, past it overshoots).
+    pub sparse_outer_lr: f32,
+    /// Nesterov momentum of the outer step (0: plain averaging, measured best for runs
+    /// of tens of rounds).
+    pub outer_momentum: f32,
+    /// How much unsent error-feedback residual carries into the next round (1 = all).
+    pub ef_decay: f32,
+    /// `none`, `int8`, `topk` or `lowrank`.
+    pub codec: CodecKind,
+    /// Values kept per 4096-element chunk by `topk`.
+    pub topk: u32,
+    /// Bits per value kept by `topk` (a sign and 2^(bits−1) magnitudes).
+    pub topk_bits: u8,
+    /// Rank of each 1024 × 256 block's update under `lowrank`.
+    pub rank: u32,
+    /// `mean`, `median`, `trimmed_mean` or `norm_clip`.
+    #[serde(with = "aggregator_name")]
+    pub aggregator: Aggregator,
+    /// A round closes when every member committed or at this deadline.
+    pub round_deadline_ms: u64,
+    /// A member silent for this long is dropped.
+    pub heartbeat_timeout_ms: u64,
+    /// A member that misses this many rounds in a row is dropped.
+    pub missed_rounds_max: u32,
+    /// Seeds θ₀, the data order and the member shuffle.
+    pub seed: u64,
+}
+
+impl Default for RunSpec {
+    fn default() -> RunSpec {
+        RunSpec {
+            run_id: String::new(),
+            preset: "micro".into(),
+            // 200 inner steps at H = 5: the length the defaults were measured at.
+            rounds: 40,
+            min_nodes: 2,
+            max_nodes: 64,
+            inner_steps: 5,
+            batch_size: 8,
+            seq_len: 128,
+            lr: 3e-3,
+            warmup_steps: 25,
+            grad_clip: 1.0,
+            outer_lr: 1.0,
+            sparse_outer_lr: 2.5,
+            outer_momentum: 0.0,
+            ef_decay: 0.95,
+            codec: CodecKind::TopK,
+            topk: 44,
+            topk_bits: 4,
+            rank: 4,
+            aggregator: Aggregator::Mean,
+            round_deadline_ms: 120_000,
+            heartbeat_timeout_ms: 15_000,
+            missed_rounds_max: 3,
+            seed: 0,
+        }
+    }
+}
+
+/// A setting outside what Tessera can run; names the setting.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("run setting `{setting}`: {problem}")]
+pub struct SpecError {
+    pub setting: &'static str,
+    pub problem: String,
+}
+
+fn bad(setting: &'static str, problem: impl Into<String>) -> SpecError {
+    SpecError {
+        setting,
+        problem: problem.into(),
+    }
+}
+
+impl RunSpec {
+    /// Checks every setting and how they relate.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.run_id.is_empty()
+            || self.run_id.len() > 64
+            || !self
+                .run_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || self.run_id.starts_with('.')
+        {
+            return Err(bad(
+                "run_id",
+                format!(
+                    "`{}` must be 1-64 characters of a-z, A-Z, 0-9, `-`, `_`, `.`, not starting with `.`",
+                    self.run_id.escape_debug()
+                ),
+            ));
+        }
+        for (setting, value) in [
+            ("rounds", self.rounds),
+            ("inner_steps", self.inner_steps),
+            ("min_nodes", self.min_nodes as u64),
+            ("batch_size", self.batch_size as u64),
+            ("seq_len", self.seq_len as u64),
+            ("round_deadline_ms", self.round_deadline_ms),
+            ("heartbeat_timeout_ms", self.heartbeat_timeout_ms),
+            ("missed_rounds_max", u64::from(self.missed_rounds_max)),
+        ] {
+            if value == 0 {
+                return Err(bad(setting, "must be positive"));
+            }
+        }
+        if self.inner_steps > INNER_STEPS_MAX {
+            return Err(bad(
+                "inner_steps",
+                format!(
+                    "{} exceeds the limit of {INNER_STEPS_MAX}",
+                    self.inner_steps
+                ),
+            ));
+        }
+        if self.rounds > ROUNDS_MAX {
+            return Err(bad(
+                "rounds",
+                format!("{} exceeds the limit of {ROUNDS_MAX}", self.rounds),
+            ));
+        }
+        if self.max_nodes > MEMBERS_MAX {
+            return Err(bad(
+                "max_nodes",
+                format!("{} exceeds the limit of {MEMBERS_MAX}", self.max_nodes),
+            ));
+        }
+        if self.min_nodes > self.max_nodes {
+            return Err(bad(
+                "min_nodes",
+                format!("{} exceeds max_nodes {}", self.min_nodes, self.max_nodes),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.ef_decay) {
+            return Err(bad(
+                "ef_decay",
+                format!("must be within 0..=1, got {}", self.ef_decay),
+            ));
+        }
+        for (setting, v) in [
+            ("outer_lr", self.outer_lr),
+            ("sparse_outer_lr", self.sparse_outer_lr),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(bad(setting, format!("must be positive, got {v}")));
+            }
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return Err(bad(
+                "outer_momentum",
+                format!("must be within 0..1, got {}", self.outer_momentum),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(bad("lr", format!("must be positive, got {}", self.lr)));
+        }
+        self.codec().map_err(|e| {
+            bad(
+                if self.codec == CodecKind::LowRank {
+                    "rank"
+                } else {
+                    "topk"
+                },
+                e,
+            )
+        })?;
+        tessera_model::Preset::by_name(&self.preset).map_err(|e| bad("preset", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The codec with its parameters.
+    pub fn codec(&self) -> Result<Codec, String> {
+        self.codec.codec(self.topk, self.topk_bits, self.rank)
+    }
+
+    /// The outer learning rate the run's codec uses.
+    pub fn effective_outer_lr(&self) -> f32 {
+        if self.codec.is_sparse() {
+            self.sparse_outer_lr
+        } else {
+            self.outer_lr
+        }
+    }
+
+    /// Tokens one batch holds.
+    pub fn tokens_per_batch(&self) -> u64 {
+        (self.batch_size * self.seq_len) as u64
+    }
+
+    /// Inner steps in the whole run (the learning-rate schedule's length).
+    pub fn total_steps(&self) -> u64 {
+        self.rounds * self.inner_steps
+    }
+}
+
+mod aggregator_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tessera_outer::Aggregator;
+
+    pub fn serialize<S: Serializer>(a: &Aggregator, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(a.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Aggregator, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_measured_best() {
+        let s = RunSpec {
+            run_id: "r".into(),
+            ..RunSpec::default()
+        };
+        s.validate().unwrap();
+        assert_eq!(s.inner_steps, 5);
+        assert_eq!(s.effective_outer_lr(), 2.5);
+        assert_eq!(s.outer_momentum, 0.0);
+        assert_eq!(s.ef_decay, 0.95);
+        assert_eq!(s.codec().unwrap(), Codec::parse("topk", 44, 4).unwrap());
+    }
+
+    #[test]
+    fn bad_settings_name_themselves() {
+        let base = RunSpec {
+            run_id: "r".into(),
+            ..RunSpec::default()
+        };
+        let cases: Vec<(&str, RunSpec)> = vec![
+            (
+                "run_id",
+                RunSpec {
+                    run_id: "../x".into(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "inner_steps",
+                RunSpec {
+                    inner_steps: 0,
+                    ..base.clone()
+                },
+            ),
+            (
+                "max_nodes",
+                RunSpec {
+                    max_nodes: MEMBERS_MAX + 1,
+                    ..base.clone()
+                },
+            ),
+            (
+                "min_nodes",
+                RunSpec {
+                    min_nodes: 100,
+                    max_nodes: 10,
+                    ..base.clone()
+                },
+            ),
+            (
+                "ef_decay",
+                RunSpec {
+                    ef_decay: 1.5,
+                    ..base.clone()
+                },
+            ),
+            (
+                "sparse_outer_lr",
+                RunSpec {
+                    sparse_outer_lr: f32::NAN,
+                    ..base.clone()
+                },
+            ),
+            (
+                "topk",
+                RunSpec {
+                    topk: 0,
+                    ..base.clone()
+                },
+            ),
+            (
+                "preset",
+                RunSpec {
+                    preset: "huge".into(),
+                    ..base.clone()
+                },
+            ),
+        ];
+        for (setting, spec) in cases {
+            let e = spec.validate().unwrap_err();
+            assert_eq!(e.setting, setting, "{e}");
+        }
+    }
+
+    #[test]
+    fn toml_names_codec_and_aggregator_as_words() {
+        let s: RunSpec =
+            toml::from_str("run_id = \"x\"\ncodec = \"int8\"\naggregator = \"norm_clip\"\n")
+                .unwrap();
+        assert_eq!(s.codec, CodecKind::Int8);
+        assert_eq!(s.aggregator, Aggregator::NormClip { factor: 2.0 });
+        assert!(toml::from_str::<RunSpec>("run_id = \"x\"\nbogus = 1\n").is_err());
+        let back: RunSpec = toml::from_str(&toml::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}

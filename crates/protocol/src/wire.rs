@@ -1,0 +1,285 @@
+//! Every body the hub and nodes exchange on the control plane, as JSON: requests, replies
+//! and the typed error body. Every body that changes state names its run and round; the
+//! signed request around it is versioned (`tessera-http-v1`, see [`crate::auth`]) and
+//! bounded (`limits::CONTROL_BODY_BYTES_MAX`). Ids and hashes are [`NodeId`] and
+//! [`Hash32`], which have one text form each.
+//!
+//! Routes (the hub's):
+//!
+//! | route | body | reply |
+//! |---|---|---|
+//! | `GET /run` | – | [`RunInfo`] |
+//! | `GET /data/{file}` | – | the file's bytes |
+//! | `POST /node/join`, `/node/leave` (signed) | empty | [`Ack`] |
+//! | `POST /node/heartbeat` (signed) | [`NodeStats`] or empty | [`Ack`] |
+//! | `POST /commit` (signed) | [`CommitBody`] | [`Ack`] |
+//! | `GET /state?node=ID` | – | [`StateView`] |
+//! | `GET /rounds/{round}` | – | [`RoundRecord`] |
+//! | `POST /theta` (signed) | [`ThetaReport`] | [`ThetaReply`] |
+//! | `GET /summary` | – | [`Summary`] |
+//!
+//! Every refusal is an HTTP error status with an [`ErrorBody`]; clients act on its
+//! [`ErrorCode`], never on its message.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tessera_model::LlamaConfig;
+
+use crate::ids::{Hash32, NodeId};
+use crate::spec::RunSpec;
+
+/// Where a blob can be fetched from: produced by a blob transport's `addr()`, parsed only
+/// by the transport of the same kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PeerAddr(pub String);
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.0;
+        if s.len() > 40 {
+            write!(f, "{}…", &s[..s.floor_char_boundary(40)])
+        } else {
+            f.write_str(s)
+        }
+    }
+}
+
+/// The run's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// Waiting for `min_nodes`.
+    Forming,
+    Training {
+        round: u64,
+    },
+    Finished,
+}
+
+/// What a member commits at the end of its inner steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Commit {
+    /// blake3 of the encoded update blob.
+    pub blob_hash: Hash32,
+    pub tokens: u64,
+    /// Mean inner loss, micro-nats (integers keep the state machine exact).
+    pub loss_micro: u64,
+    /// Hash of θ the member started the round from; must be the round's θ.
+    pub theta_hash: Hash32,
+}
+
+/// `GET /run`: everything a node needs to take part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunInfo {
+    pub spec: RunSpec,
+    /// The model's shape (the preset with the data set's vocabulary).
+    pub model: LlamaConfig,
+    /// blake3 of the data set's manifest, so a node checks it trains on the right data.
+    pub data_manifest: Hash32,
+    /// The data set's files, served at `/data/{file}`.
+    pub data_files: Vec<String>,
+    /// The hub's blob endpoint: checkpoints, and every accepted update.
+    pub hub_blobs: PeerAddr,
+}
+
+/// `POST /commit`: the commit bound to the run and round, and where its blob is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBody {
+    pub run_id: String,
+    pub round: u64,
+    pub commit: Commit,
+    /// The committing node's blob endpoint.
+    pub provider: PeerAddr,
+}
+
+/// What a node reports with its heartbeats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeStats {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub train_seconds: f64,
+    pub wall_seconds: f64,
+    pub last_loss: f64,
+    pub rounds_committed: u64,
+}
+
+/// `GET /state?node=ID`: what a node polls. Constant size whatever the number of
+/// members: the closed round's record is fetched once, from `/rounds/{round}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateView {
+    pub phase: Phase,
+    /// The asking node's batches in the open round, if it was assigned any.
+    pub assignment: Option<Vec<u64>>,
+    /// Whether the asking node's commit for the open round counts.
+    pub committed: bool,
+    pub deadline_ms: u64,
+    /// Rounds closed so far: θ of round `closed_rounds` is the latest.
+    pub closed_rounds: u64,
+    /// The hub's checkpoint (θ and outer velocity) after the last closed round.
+    pub checkpoint: Hash32,
+}
+
+impl StateView {
+    pub fn round(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Training { round } => Some(round),
+            _ => None,
+        }
+    }
+}
+
+/// A closed round as the hub records it (`GET /rounds/{round}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundRecord {
+    pub round: u64,
+    /// (node, blob hash) in node-id order: the order every node aggregates in.
+    pub accepted: Vec<(NodeId, Hash32)>,
+    /// Where each accepted blob was first published (its node's blob endpoint), in
+    /// the order of `accepted`; the hub serves them too.
+    pub sources: Vec<PeerAddr>,
+    pub late: Vec<NodeId>,
+    pub tokens: u64,
+    /// Tokens each accepted node processed: the work record the ledger pays from.
+    pub work: Vec<(NodeId, u64)>,
+    /// θ hash before and after this round's outer step.
+    pub theta_before: Hash32,
+    pub theta_after: Hash32,
+    /// The checkpoint blob after this round.
+    pub checkpoint: Hash32,
+}
+
+/// `POST /theta`: a node's θ hash after the outer step of `round`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThetaReport {
+    pub run_id: String,
+    pub round: u64,
+    pub hash: Hash32,
+}
+
+/// The reply to a θ report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThetaReply {
+    pub agrees: bool,
+}
+
+/// The reply to a request that changed state and has nothing to say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {}
+
+/// Validation of the final checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FinalEval {
+    /// Mean cross-entropy per predicted token, in nats.
+    pub loss: f64,
+    pub bpb: f64,
+}
+
+/// `GET /summary`: the run at a glance (also what `tessera demo` prints).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub run_id: String,
+    pub finished: bool,
+    pub rounds_closed: u64,
+    pub members: u64,
+    pub params: u64,
+    pub theta_hash: Hash32,
+    pub divergent_reports: u64,
+    /// Members' last heartbeat statistics.
+    pub nodes: BTreeMap<NodeId, NodeStats>,
+    /// Bytes per node a DDP ring all-reduce of f32 gradients would move (sent +
+    /// received) for the same number of inner steps.
+    pub ddp_bytes_per_node: u64,
+    pub final_eval: Option<FinalEval>,
+    pub final_checkpoint: Option<String>,
+}
+
+/// What went wrong, for a client to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The signature, its time or its signer was refused, or the request was a replay.
+    Unauthorized,
+    /// The body did not parse or broke a rule of its own.
+    BadRequest,
+    /// The body names another run.
+    WrongRun,
+    /// The signer is not a member of the run (join first).
+    NotMember,
+    /// The run has as many members as it admits.
+    RunFull,
+    /// The body names a round other than the open one.
+    WrongRound,
+    /// The commit starts from another θ than the round's.
+    StaleTheta,
+    AlreadyCommitted,
+    NotAssigned,
+    /// The commit claims more tokens than its assignment holds.
+    TooManyTokens,
+    /// The commit's blob could not be fetched, was too large, or did not decode.
+    BlobRefused,
+    /// The run has finished.
+    Finished,
+    NotFound,
+    /// The hub failed; retry later.
+    Internal,
+}
+
+/// The body of every refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_refuse_unknown_fields_and_round_trip() {
+        let c = CommitBody {
+            run_id: "r".into(),
+            round: 3,
+            commit: Commit {
+                blob_hash: Hash32::of(b"blob"),
+                tokens: 10,
+                loss_micro: 5,
+                theta_hash: Hash32::of(b"theta"),
+            },
+            provider: PeerAddr("p".into()),
+        };
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            serde_json::from_value::<CommitBody>(json.clone()).unwrap(),
+            c
+        );
+        let mut extra = json;
+        extra["sneaky"] = 1.into();
+        assert!(serde_json::from_value::<CommitBody>(extra).is_err());
+    }
+
+    #[test]
+    fn error_codes_are_snake_case_words() {
+        let e = ErrorBody {
+            code: ErrorCode::StaleTheta,
+            message: "m".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"code":"stale_theta","message":"m"}"#
+        );
+    }
+}
