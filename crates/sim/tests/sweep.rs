@@ -19,14 +19,14 @@ fn a_sweep_of_seeds_with_every_fault_holds_every_invariant() {
     let mut late = 0;
     let mut dropped = 0;
     for seed in 0..300 {
-        let opts = faulty(10, 6, seed);
+        let opts = faulty(16, 8, seed);
         let r = run(&opts);
         assert!(
             r.invariants_ok,
             "seed {seed}: {:?}\nreplay: {}",
             r.violations, r.replay
         );
-        assert_eq!(r.rounds.len(), 6, "seed {seed}: replay: {}", r.replay);
+        assert_eq!(r.rounds.len(), 8, "seed {seed}: replay: {}", r.replay);
         restarts += r.hub_restarts;
         late += r.rounds.iter().map(|f| f.late).sum::<u64>();
         dropped += r.rounds.iter().map(|f| f.dropped).sum::<u64>();
@@ -95,7 +95,8 @@ fn a_thousand_nodes_with_churn_hold_every_invariant() {
     opts.loss = 0.01;
     let r = run(&opts);
     assert!(r.invariants_ok, "{:?}", r.violations);
-    assert!(r.rounds.iter().all(|f| f.accepted > 500), "{:?}", r.rounds);
+    // Round 0 starts with the first half of the nodes; the rest join for round 1.
+    assert!(r.rounds[1..].iter().all(|f| f.accepted > 800), "{:?}", r.rounds);
     // All-to-all: a node receives about one update per other accepted node.
     let f = &r.rounds[1];
     assert!(
