@@ -470,7 +470,17 @@ impl HubState {
                         checkpoint: self.checkpoint(),
                     });
                 }
-                Event::RoundClosed { .. } => {}
+                Event::RoundClosed { round, .. } => {
+                    if let Some(rec) = closed.iter().find(|r| r.round == *round) {
+                        applied.effects.push(Effect::Log(format!(
+                            "round {} closed: {} accepted, {} late, θ {}",
+                            rec.round,
+                            rec.accepted.len(),
+                            rec.late.len(),
+                            rec.theta_after.short(12)
+                        )));
+                    }
+                }
             }
         }
         if let Input::Leave { node } = &coord_input {
@@ -513,13 +523,6 @@ impl HubState {
             }
         }
         for rec in closed {
-            applied.effects.push(Effect::Log(format!(
-                "round {} closed: {} accepted, {} late, θ {}",
-                rec.round,
-                rec.accepted.len(),
-                rec.late.len(),
-                rec.theta_after.short(12)
-            )));
             if !rec.work.is_empty() {
                 applied.effects.push(Effect::Pay(rec.clone()));
             }

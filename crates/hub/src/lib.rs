@@ -495,13 +495,14 @@ struct Signed {
 }
 
 impl<S: Send + Sync> FromRequest<S> for Signed {
-    type Rejection = ApiError;
+    type Rejection = Response;
 
-    async fn from_request(req: Request, state: &S) -> Result<Signed, ApiError> {
+    async fn from_request(req: Request, state: &S) -> Result<Signed, Response> {
         let (parts, body) = req.into_parts();
+        // A body over the limit keeps axum's own answer (413), refused while it streams.
         let body = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
             .await
-            .map_err(|e| api(ErrorCode::BadRequest, format!("reading the body: {e}")))?;
+            .map_err(IntoResponse::into_response)?;
         let signer = tessera_net::http_auth::verify_http_once(
             &parts.method,
             &parts.uri,
@@ -510,9 +511,9 @@ impl<S: Send + Sync> FromRequest<S> for Signed {
             now_ms(),
             &REPLAYS,
         )
-        .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
-        let node =
-            NodeId::from_hex(&signer).map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
+        .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()).into_response())?;
+        let node = NodeId::from_hex(&signer)
+            .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()).into_response())?;
         Ok(Signed { node, body })
     }
 }

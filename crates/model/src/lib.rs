@@ -5,18 +5,17 @@
 //! The key design choice is that one ordered, named parameter list is the model:
 //! names are the Hugging Face checkpoint paths, so initialisation, checkpoint I/O,
 //! optimizer state and the hash of θ all walk the same list in the same order.
-//! [`config`] is pure arithmetic (all the crate is without its `tensors` feature) (parameter counts, FLOPs, memory) that the planner
-//! and simulator use without touching a tensor. This crate does not train, tokenize
+//! [`config`] (the crate `tessera-model-config`) is pure arithmetic (parameter counts,
+//! FLOPs, memory) that the planner, the wire format and the simulator use without
+//! touching a tensor. This crate does not train, tokenize
 //! or read data: that is `tessera-train`.
 
-#[cfg(feature = "tensors")]
 pub mod checkpoint;
-pub mod config;
-#[cfg(feature = "tensors")]
 pub mod llama;
 
-#[cfg(feature = "tensors")]
 pub use checkpoint::CheckpointError;
-pub use config::{ConfigError, LlamaConfig, Preset, PRESETS};
-#[cfg(feature = "tensors")]
 pub use llama::Llama;
+/// The configuration arithmetic, in its own crate so that crates which must not link
+/// libtorch (the wire format, the simulator) can use it.
+pub use tessera_model_config as config;
+pub use tessera_model_config::{ConfigError, LlamaConfig, Preset, PRESETS};

@@ -207,7 +207,8 @@ impl RunSpec {
                 e,
             )
         })?;
-        tessera_model::Preset::by_name(&self.preset).map_err(|e| bad("preset", e.to_string()))?;
+        tessera_model_config::Preset::by_name(&self.preset)
+            .map_err(|e| bad("preset", e.to_string()))?;
         Ok(())
     }
 

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tessera_model::LlamaConfig;
+use tessera_model_config::LlamaConfig;
 
 use crate::ids::{Hash32, NodeId};
 use crate::spec::RunSpec;

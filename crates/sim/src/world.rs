@@ -239,7 +239,7 @@ impl World {
             max_nodes: (opts.nodes * 2).min(tessera_protocol::limits::MEMBERS_MAX),
             ..RunSpec::default()
         };
-        let model = tessera_model::Preset::by_name(&spec.preset)
+        let model = tessera_model_config::Preset::by_name(&spec.preset)
             .expect("the preset is checked by the caller")
             .config();
         let params = model.params_total();

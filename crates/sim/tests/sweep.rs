@@ -96,7 +96,11 @@ fn a_thousand_nodes_with_churn_hold_every_invariant() {
     let r = run(&opts);
     assert!(r.invariants_ok, "{:?}", r.violations);
     // Round 0 starts with the first half of the nodes; the rest join for round 1.
-    assert!(r.rounds[1..].iter().all(|f| f.accepted > 800), "{:?}", r.rounds);
+    assert!(
+        r.rounds[1..].iter().all(|f| f.accepted > 800),
+        "{:?}",
+        r.rounds
+    );
     // All-to-all: a node receives about one update per other accepted node.
     let f = &r.rounds[1];
     assert!(

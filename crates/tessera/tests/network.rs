@@ -44,10 +44,24 @@ fn get(url: &str) -> Option<serde_json::Value> {
         .ok()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// Waits until `f` holds; on a timeout, fails with the tail of every log in `logs`.
+fn wait_for(logs: &Path, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        if start.elapsed() > timeout {
+            let mut tails = String::new();
+            let mut entries: Vec<_> = std::fs::read_dir(logs).unwrap().flatten().collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                    tails += &format!("\n==== {} ====\n{tail}", e.path().display());
+                }
+            }
+            panic!("timed out waiting for {what}{tails}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -188,7 +202,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     procs
         .0
         .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
-    wait_for("the hub", Duration::from_secs(30), || {
+    wait_for(d, "the hub", Duration::from_secs(30), || {
         get(&format!("{url}/run")).is_some()
     });
     let node = |i: usize| spawn_node(d, &url, &format!("n{i}"));
@@ -197,7 +211,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     }
     let closed =
         || get(&format!("{url}/summary")).map_or(0, |s| s["rounds_closed"].as_u64().unwrap_or(0));
-    wait_for("two rounds", Duration::from_secs(120), || closed() >= 2);
+    wait_for(d, "two rounds", Duration::from_secs(120), || closed() >= 2);
 
     // (a) SIGKILL node 0; the round closes at its deadline and training continues.
     procs.0[1].kill().unwrap();
@@ -205,6 +219,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     // (b) A fourth node joins mid-run.
     procs.0.push(node(3));
     wait_for(
+        d,
         "training to continue after the crash",
         Duration::from_secs(120),
         || closed() >= at_kill + 3,
@@ -222,10 +237,10 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     procs.0[0].kill().unwrap();
     procs.0[0].wait().unwrap();
     procs.0[0] = spawn(&["hub", "--config", s(&config)], &d.join("hub2.log"));
-    wait_for("the restarted hub", Duration::from_secs(30), || {
+    wait_for(d, "the restarted hub", Duration::from_secs(30), || {
         get(&format!("{url}/run")).is_some()
     });
-    wait_for("the run to finish", Duration::from_secs(240), || {
+    wait_for(d, "the run to finish", Duration::from_secs(240), || {
         get(&format!("{url}/summary"))
             .is_some_and(|s| s["finished"] == true && !s["final_eval"].is_null())
     });
@@ -349,7 +364,7 @@ fn commits_are_checked_before_they_count() {
     procs
         .0
         .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
-    wait_for("the hub", Duration::from_secs(30), || {
+    wait_for(d, "the hub", Duration::from_secs(30), || {
         get(&format!("{url}/run")).is_some()
     });
     let info = get(&format!("{url}/run")).unwrap();
@@ -430,7 +445,7 @@ fn commits_are_checked_before_they_count() {
     assert_eq!(status, 401, "{text}");
     assert!(text.contains("already received"), "{text}");
     // The round closes with our blob; the hub now serves it and its new checkpoint.
-    wait_for("round 0 to close", Duration::from_secs(30), || {
+    wait_for(d, "round 0 to close", Duration::from_secs(30), || {
         get(&format!("{url}/rounds/0")).is_some()
     });
     let rec = get(&format!("{url}/rounds/0")).unwrap();
@@ -457,7 +472,7 @@ fn commits_are_checked_before_they_count() {
             .unwrap_or(0)
     };
     procs.0.push(spawn_node(d, &url, "n"));
-    wait_for("the node to join", Duration::from_secs(60), || {
+    wait_for(d, "the node to join", Duration::from_secs(60), || {
         members() == 2
     });
     let pid = procs.0[1].id().to_string();
@@ -466,7 +481,7 @@ fn commits_are_checked_before_they_count() {
         .status()
         .unwrap()
         .success());
-    wait_for("the node to leave", Duration::from_secs(30), || {
+    wait_for(d, "the node to leave", Duration::from_secs(30), || {
         members() == 1
     });
     let status = procs.0[1].wait().unwrap();
