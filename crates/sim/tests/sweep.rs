@@ -85,6 +85,7 @@ fn a_batch_assigned_twice_is_caught_within_the_sweep() {
         "seed {seed}: {text}"
     );
     assert!(r.replay.contains(&format!("--seed {seed}")), "{}", r.replay);
+    eprintln!("caught at seed {seed}: {text}");
 }
 
 #[test]
