@@ -141,6 +141,8 @@ impl Checker {
             self.rounds_with_work.insert(rec.round);
             self.check_payout(rec, ledger);
         }
+        // Conservation of tokens and supply (it panics, as in the ledger itself).
+        ledger.state().assert_invariants();
     }
 
     /// The round's payout: exactly the round's reward, split in proportion to tokens

@@ -470,3 +470,43 @@ fn ledger_commands_work_and_refuse_bad_requests() {
     assert_eq!(after, alice);
     assert!(run_ok(&["verify"]).starts_with("clean"));
 }
+
+/// `tessera sim --json` has the shape scripts read, replays to the same trace hash, and
+/// a sweep reports its seeds; bad options are named.
+#[test]
+fn sim_reports_its_shape_and_replays() {
+    let args = [
+        "sim", "--nodes", "30", "--rounds", "3", "--seed", "5", "--churn", "0.2", "--json",
+    ];
+    let a: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert!(a["trace_hash"].is_string(), "{a}");
+    assert_eq!(a["trace_hash"], b["trace_hash"]);
+    assert_eq!(a["invariants_ok"], true);
+    assert_eq!(a["nodes"], 30);
+    let rounds = a["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    for key in [
+        "round_ms",
+        "members",
+        "accepted",
+        "late",
+        "dropped",
+        "bytes_per_node_mean",
+        "bytes_per_node_p99",
+        "bytes_per_node_max",
+        "hub_cpu_ms",
+    ] {
+        assert!(rounds[0][key].is_number(), "{key} missing: {}", rounds[0]);
+    }
+    let sweep = ok(&[
+        "sim", "--seeds", "0..4", "--nodes", "8", "--rounds", "3", "--faults",
+    ]);
+    assert!(
+        sweep.contains("4 of 4 seeds held every invariant"),
+        "{sweep}"
+    );
+    assert!(fails(&["sim", "--seeds", "5..1"]).contains("--seeds"));
+    assert!(fails(&["sim", "--churn", "2"]).contains("--churn"));
+    assert!(fails(&["sim", "--nodes", "100000"]).contains("--nodes"));
+}
