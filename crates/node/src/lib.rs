@@ -261,6 +261,26 @@ fn stats(c: &Counters, blobs: &dyn BlobTransport, started: Instant) -> NodeStats
     }
 }
 
+/// Set when the node is stopping (SIGINT/SIGTERM), under the lock joins also take.
+///
+/// Story: a node stopped with SIGTERM sent `leave`; its main loop, refused a θ report
+/// as no longer a member, joined again before the process exited, and the hub kept a
+/// member that was gone. A join now happens only under this lock and never after the
+/// stop handler has taken it.
+static STOPPING: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+fn join_unless_stopping(hub: &dyn HubApi) -> Result<(), ApiFailure> {
+    let stopping = STOPPING.lock().unwrap_or_else(|e| e.into_inner());
+    if *stopping {
+        // The stop handler is leaving and about to exit the process.
+        drop(stopping);
+        loop {
+            std::thread::park();
+        }
+    }
+    hub.join()
+}
+
 /// Runs a node until the run finishes.
 pub fn run(opts: NodeOptions) -> Result<()> {
     tessera_net::install_tls_provider();
@@ -281,6 +301,10 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         .context("starting the blob endpoint")?,
     );
     let info = hub.run_info().context("reading the run from the hub")?;
+    // The run id names the data cache directory: refuse one that is not a plain name.
+    info.spec
+        .validate()
+        .context("the hub's run settings are not valid")?;
     let spec = info.spec.clone();
     let me = NodeId::from_hex(&opts.identity.public_hex()).expect("our own key is canonical");
     let tag = me.short(12);
@@ -293,6 +317,9 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         let hub = hub.clone();
         let tag = tag.clone();
         ctrlc::set_handler(move || {
+            // Taken for good: no join can be in flight or follow the leave.
+            let mut stopping = STOPPING.lock().unwrap_or_else(|e| e.into_inner());
+            *stopping = true;
             match hub.leave() {
                 Ok(()) => eprintln!("node {tag}: left the run"),
                 Err(e) => eprintln!("node {tag}: could not leave cleanly: {e}"),
@@ -342,7 +369,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                 eprintln!("node {tag}: run finished");
                 return Ok(());
             }
-            Action::Join => match hub.join() {
+            Action::Join => match join_unless_stopping(hub.as_ref()) {
                 Ok(()) => {
                     eprintln!("node {tag}: joined run {}", spec.run_id);
                     Outcome::Joined
@@ -498,5 +525,37 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                 }
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_file_name;
+
+    /// Story: a hub (or anyone on its plain-HTTP path) could name data files `/abs` or
+    /// `../../x` and the node wrote them there. Only plain file names are taken now.
+    #[test]
+    fn data_file_names_from_the_hub_are_plain_names() {
+        for good in [
+            "manifest.json",
+            "tokenizer.json",
+            "train-00000.bin",
+            "val-00000.bin",
+        ] {
+            check_file_name(good).unwrap();
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/b",
+            ".hidden",
+            "..",
+            "a\\b",
+            "x\0y",
+            "é",
+        ] {
+            assert!(check_file_name(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }
