@@ -28,7 +28,7 @@ use tessera_protocol::wire::{
     Commit, CommitBody, ErrorBody, ErrorCode, NodeStats, RoundRecord, RunInfo, StateView,
     ThetaReply, ThetaReport,
 };
-use tessera_protocol::{Hash32, Identity, NodeId};
+use tessera_protocol::{Hash32, Identity, NodeId, RunSpec};
 use tessera_train::data::{Dataset, Windows};
 use tessera_train::worker::{initial_state, Worker};
 
@@ -310,8 +310,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     let tag = me.short(12);
     let data = fetch_data(hub.as_ref(), &info, &opts.cache_dir.join(&spec.run_id))?;
     let windows = Windows::new(&data.train, spec.seq_len);
-    let mut worker =
-        Worker::new(spec.clone(), &info.model, opts.device).map_err(anyhow::Error::msg)?;
+    let worker = Worker::new(spec.clone(), &info.model, opts.device).map_err(anyhow::Error::msg)?;
     {
         // Leave cleanly when stopped, so the run does not wait for us at the deadline.
         let hub = hub.clone();
@@ -343,35 +342,79 @@ pub fn run(opts: NodeOptions) -> Result<()> {
             std::thread::sleep(Duration::from_millis(1000));
         });
     }
-    let hub_blobs = vec![info.hub_blobs.clone()];
     let params = info.model.params_total();
     let update_max = worker
         .spec
         .codec()
         .map_err(anyhow::Error::msg)?
         .max_encoded_bytes(params as usize) as u64;
-    let checkpoint_max = 8 + 8 * params;
-
-    // θ₀ is a pure function of the run's seed: computed, not downloaded.
-    let mut state: OuterState = initial_state(&spec, &info.model);
+    let mut runner = Runner {
+        tag,
+        me,
+        hub_blobs: vec![info.hub_blobs.clone()],
+        // θ₀ is a pure function of the run's seed: computed, not downloaded.
+        state: initial_state(&spec, &info.model),
+        spec,
+        hub,
+        blobs,
+        worker,
+        data,
+        windows,
+        held: Vec::new(),
+        counters: counters.clone(),
+        started,
+        params,
+        update_max,
+    };
     let mut engine = NodeState::new(100, 1000);
     let mut outcome = Outcome::Started { round: 0 };
-    // Blobs of the last round applied: still served to peers catching up, then let go.
-    let mut held: Vec<Hash32> = Vec::new();
     loop {
         if counters.evicted.swap(false, Ordering::Relaxed) {
             engine.evicted();
         }
-        let action = engine.next(outcome);
-        outcome = match action {
+        match runner.act(engine.next(outcome)) {
+            Some(o) => outcome = o,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Carries out the node engine's actions: HTTP to the hub, blobs, training.
+struct Runner {
+    tag: String,
+    me: NodeId,
+    spec: RunSpec,
+    hub: Arc<HttpHub>,
+    blobs: Arc<IrohBlobs>,
+    hub_blobs: Vec<PeerAddr>,
+    worker: Worker,
+    data: Dataset,
+    windows: Windows,
+    /// θ and outer velocity of the round the engine holds.
+    state: OuterState,
+    /// Blobs of the last round applied: still served to peers catching up, then let go.
+    held: Vec<Hash32>,
+    counters: Arc<Counters>,
+    started: Instant,
+    params: u64,
+    update_max: u64,
+}
+
+impl Runner {
+    /// Carries out one action; `None` when the run is over.
+    fn act(&mut self, action: Action) -> Option<Outcome> {
+        let tag = self.tag.clone();
+        Some(match action {
             Action::Done => {
-                let _ = hub.heartbeat(&stats(&counters, blobs.as_ref(), started));
+                let _ =
+                    self.hub
+                        .heartbeat(&stats(&self.counters, self.blobs.as_ref(), self.started));
                 eprintln!("node {tag}: run finished");
-                return Ok(());
+                return None;
             }
-            Action::Join => match join_unless_stopping(hub.as_ref()) {
+            Action::Join => match join_unless_stopping(self.hub.as_ref()) {
                 Ok(()) => {
-                    eprintln!("node {tag}: joined run {}", spec.run_id);
+                    eprintln!("node {tag}: joined run {}", self.spec.run_id);
                     Outcome::Joined
                 }
                 Err(e) => {
@@ -379,7 +422,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                     outcome_of(&e)
                 }
             },
-            Action::Poll => match hub.state(&me) {
+            Action::Poll => match self.hub.state(&self.me) {
                 Ok(v) => Outcome::View(v),
                 Err(e) => {
                     eprintln!("node {tag}: reading the state failed: {e}");
@@ -390,133 +433,31 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(ms));
                 Outcome::Waited
             }
-            Action::Step { round } => {
-                let stepped = (|| -> Result<(Hash32, Vec<Hash32>), anyhow::Error> {
-                    let rec = hub.round(round).map_err(anyhow::Error::new)?;
-                    // From the node that made each update first, the hub second.
-                    let updates = rec
-                        .accepted
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (_, h))| {
-                            let mut from: Vec<PeerAddr> =
-                                rec.sources.get(i).cloned().into_iter().collect();
-                            from.extend(hub_blobs.iter().cloned());
-                            Ok(blobs.fetch(&h.to_hex(), &from, update_max)?)
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    let mut next = state.clone();
-                    next.apply(spec.aggregator, &updates)?;
-                    state = next;
-                    Ok((
-                        rec.theta_after,
-                        rec.accepted.iter().map(|(_, h)| *h).collect(),
-                    ))
-                })();
-                match stepped {
-                    Ok((expected, blobs_used)) => {
-                        for old in std::mem::replace(&mut held, blobs_used) {
-                            blobs.forget(&old.to_hex());
-                        }
-                        let theta = Hash32::from_hex(&state.hash()).expect("θ hashes are hex");
-                        if theta != expected {
-                            eprintln!("node {tag}: θ after round {round} differs from the hub's; loading its checkpoint");
-                        }
-                        Outcome::Stepped {
-                            round,
-                            theta,
-                            expected,
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("node {tag}: outer step of round {round} failed: {e:#}");
-                        Outcome::Failed
-                    }
+            Action::Step { round } => match self.step(round) {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("node {tag}: outer step of round {round} failed: {e:#}");
+                    Outcome::Failed
                 }
-            }
-            Action::LoadCheckpoint { hash } => {
-                let loaded = blobs
-                    .fetch(&hash.to_hex(), &hub_blobs, checkpoint_max)
-                    .map_err(anyhow::Error::new)
-                    .and_then(|bytes| {
-                        blobs.forget(&hash.to_hex());
-                        OuterState::from_bytes(
-                            &bytes,
-                            params as usize,
-                            spec.effective_outer_lr(),
-                            spec.outer_momentum,
-                        )
-                        .map_err(anyhow::Error::msg)
-                    });
-                match loaded {
-                    Ok(s) => {
-                        eprintln!("node {tag}: loaded checkpoint of round {}", s.round);
-                        let round = s.round;
-                        state = s;
-                        Outcome::Loaded { round }
-                    }
-                    Err(e) => {
-                        eprintln!("node {tag}: loading checkpoint {hash} failed: {e:#}");
-                        Outcome::Failed
-                    }
+            },
+            Action::LoadCheckpoint { hash } => match self.load_checkpoint(hash) {
+                Ok(round) => {
+                    eprintln!("node {tag}: loaded checkpoint of round {round}");
+                    Outcome::Loaded { round }
                 }
-            }
-            Action::Train { round, batches } => {
-                let work = worker.train_round(&state, &data, &windows, &batches);
-                counters
-                    .train_ms
-                    .fetch_add((work.train_seconds * 1e3) as u64, Ordering::Relaxed);
-                counters
-                    .loss_micro
-                    .store((work.mean_loss * 1e6) as u64, Ordering::Relaxed);
-                let committed = blobs
-                    .publish(&work.blob)
-                    .map_err(anyhow::Error::new)
-                    .and_then(|hash| {
-                        let body = CommitBody {
-                            run_id: spec.run_id.clone(),
-                            round,
-                            commit: Commit {
-                                blob_hash: Hash32::from_hex(&hash)?,
-                                tokens: work.tokens,
-                                loss_micro: (work.mean_loss * 1e6) as u64,
-                                theta_hash: Hash32::from_hex(&state.hash())?,
-                            },
-                            provider: blobs.addr(),
-                        };
-                        hub.commit(&body).map_err(anyhow::Error::new)
-                    });
-                let wall = started.elapsed().as_secs_f64();
-                let traffic = blobs.traffic();
-                eprintln!(
-                    "node {tag}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
-                    work.mean_loss,
-                    work.tokens as f64 / work.train_seconds.max(1e-9),
-                    traffic.sent,
-                    traffic.received,
-                    100.0 * counters.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
-                );
-                match committed {
-                    Ok(()) => {
-                        counters.rounds.fetch_add(1, Ordering::Relaxed);
-                        Outcome::Committed { round }
-                    }
-                    Err(e) => {
-                        eprintln!("node {tag}: commit for round {round} refused: {e:#}");
-                        match e.downcast_ref::<ApiFailure>() {
-                            Some(f) => outcome_of(f),
-                            None => Outcome::Failed,
-                        }
-                    }
+                Err(e) => {
+                    eprintln!("node {tag}: loading checkpoint {hash} failed: {e:#}");
+                    Outcome::Failed
                 }
-            }
+            },
+            Action::Train { round, batches } => self.train(round, &batches),
             Action::Report { round, theta } => {
                 let report = ThetaReport {
-                    run_id: spec.run_id.clone(),
+                    run_id: self.spec.run_id.clone(),
                     round,
                     hash: theta,
                 };
-                match hub.theta(&report) {
+                match self.hub.theta(&report) {
                     Ok(_) => Outcome::Reported,
                     Err(e) => {
                         eprintln!("node {tag}: θ report for round {round} failed: {e}");
@@ -524,7 +465,113 @@ pub fn run(opts: NodeOptions) -> Result<()> {
                     }
                 }
             }
-        };
+        })
+    }
+
+    /// The outer step of closed round `round`: its accepted updates, each from the node
+    /// that made it first and the hub second, applied to θ.
+    fn step(&mut self, round: u64) -> Result<Outcome> {
+        let rec = self.hub.round(round)?;
+        let updates = rec
+            .accepted
+            .iter()
+            .enumerate()
+            .map(|(i, (_, h))| {
+                let mut from: Vec<PeerAddr> = rec.sources.get(i).cloned().into_iter().collect();
+                from.extend(self.hub_blobs.iter().cloned());
+                Ok(self.blobs.fetch(&h.to_hex(), &from, self.update_max)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut next = self.state.clone();
+        next.apply(self.spec.aggregator, &updates)?;
+        self.state = next;
+        let used = rec.accepted.iter().map(|(_, h)| *h).collect();
+        for old in std::mem::replace(&mut self.held, used) {
+            self.blobs.forget(&old.to_hex());
+        }
+        let theta = Hash32::from_hex(&self.state.hash()).expect("θ hashes are hex");
+        if theta != rec.theta_after {
+            eprintln!(
+                "node {}: θ after round {round} differs from the hub's; loading its checkpoint",
+                self.tag
+            );
+        }
+        Ok(Outcome::Stepped {
+            round,
+            theta,
+            expected: rec.theta_after,
+        })
+    }
+
+    /// Replaces θ by the hub's checkpoint; returns its round.
+    fn load_checkpoint(&mut self, hash: Hash32) -> Result<u64> {
+        let max = 8 + 8 * self.params;
+        let bytes = self.blobs.fetch(&hash.to_hex(), &self.hub_blobs, max)?;
+        self.blobs.forget(&hash.to_hex());
+        let s = OuterState::from_bytes(
+            &bytes,
+            self.params as usize,
+            self.spec.effective_outer_lr(),
+            self.spec.outer_momentum,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let round = s.round;
+        self.state = s;
+        Ok(round)
+    }
+
+    /// Trains `batches` from θ of `round`, publishes the update and commits it.
+    fn train(&mut self, round: u64, batches: &[u64]) -> Outcome {
+        let work = self
+            .worker
+            .train_round(&self.state, &self.data, &self.windows, batches);
+        let c = &self.counters;
+        c.train_ms
+            .fetch_add((work.train_seconds * 1e3) as u64, Ordering::Relaxed);
+        c.loss_micro
+            .store((work.mean_loss * 1e6) as u64, Ordering::Relaxed);
+        let committed = self
+            .blobs
+            .publish(&work.blob)
+            .map_err(anyhow::Error::new)
+            .and_then(|hash| {
+                let body = CommitBody {
+                    run_id: self.spec.run_id.clone(),
+                    round,
+                    commit: Commit {
+                        blob_hash: Hash32::from_hex(&hash)?,
+                        tokens: work.tokens,
+                        loss_micro: (work.mean_loss * 1e6) as u64,
+                        theta_hash: Hash32::from_hex(&self.state.hash())?,
+                    },
+                    provider: self.blobs.addr(),
+                };
+                self.hub.commit(&body).map_err(anyhow::Error::new)
+            });
+        let wall = self.started.elapsed().as_secs_f64();
+        let traffic = self.blobs.traffic();
+        eprintln!(
+            "node {}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
+            self.tag,
+            work.mean_loss,
+            work.tokens as f64 / work.train_seconds.max(1e-9),
+            traffic.sent,
+            traffic.received,
+            100.0 * c.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
+        );
+        match committed {
+            Ok(()) => {
+                c.rounds.fetch_add(1, Ordering::Relaxed);
+                Outcome::Committed { round }
+            }
+            Err(e) => {
+                eprintln!("node {}: commit for round {round} refused: {e:#}", self.tag);
+                match e.downcast_ref::<ApiFailure>() {
+                    Some(f) => outcome_of(f),
+                    None => Outcome::Failed,
+                }
+            }
+        }
     }
 }
 
