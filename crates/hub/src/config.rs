@@ -122,4 +122,20 @@ mod tests {
         );
         assert!(e.contains("state_dir"), "{e}");
     }
+
+    /// Hardening #17: a run id that the ledger's id rules refuse made every payout
+    /// fail, logged only. Such ids are refused when the run file is read, and every id
+    /// a run accepts is a valid ledger id.
+    #[test]
+    fn run_ids_are_valid_ledger_ids() {
+        let file = |id: &str| format!("run_id = {id:?}\ndata = \"d\"\nstate_dir = \"s\"\n");
+        for bad in ["pool:x", "a b", "", "../x", &"x".repeat(65)] {
+            let e = format!("{:#}", HubConfig::parse(&file(bad)).unwrap_err());
+            assert!(e.contains("run_id"), "{bad:?}: {e}");
+        }
+        for good in ["r", "shakespeare-1", "Run_2.b", &"x".repeat(64)] {
+            HubConfig::parse(&file(good)).unwrap();
+            tessera_ledger::account::check_id(good).unwrap();
+        }
+    }
 }

@@ -32,7 +32,7 @@ use serde::Deserialize;
 use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions};
 use tessera_model::{checkpoint, Preset};
 use tessera_net::http_auth::now_ms;
-use tessera_outer::{decode, OuterState};
+use tessera_outer::{decode_for, OuterState};
 use tessera_protocol::limits::CONTROL_BODY_BYTES_MAX;
 use tessera_protocol::wire::{
     Ack, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats, RoundRecord, RunInfo, StateView,
@@ -97,8 +97,9 @@ impl OuterStep for FileOuter {
                     .map_err(|e| format!("reading blob {h}: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let codec = self.spec.codec()?;
         state
-            .apply(self.spec.aggregator, &blobs)
+            .apply(codec, self.spec.aggregator, &blobs)
             .map_err(|e| e.to_string())?;
         let bytes = state.to_bytes();
         let checkpoint = write_blob(&self.dir, &bytes).map_err(|e| format!("{e:#}"))?;
@@ -587,12 +588,12 @@ async fn commit(State(hub): State<Shared>, signed: Signed) -> Result<Json<Ack>, 
     let check = body.clone();
     hub.call(|tx| Call::CheckCommit(node, check, tx)).await??;
     let params = hub.info.model.params_total();
-    let max = hub
+    let codec = hub
         .info
         .spec
         .codec()
-        .map_err(|e| api(ErrorCode::Internal, e))?
-        .max_encoded_bytes(params as usize) as u64;
+        .map_err(|e| api(ErrorCode::Internal, e))?;
+    let max = codec.max_encoded_bytes(params as usize) as u64;
     let (blobs, dir) = (hub.blobs.clone(), hub.blob_dir.clone());
     let (hash, provider) = (body.commit.blob_hash, body.provider.clone());
     tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
@@ -605,7 +606,7 @@ async fn commit(State(hub): State<Shared>, signed: Signed) -> Result<Json<Ack>, 
         let bytes = blobs
             .fetch(&hash.to_hex(), &[provider], max)
             .map_err(|e| refused(e.to_string()))?;
-        decode(&bytes, params).map_err(|e| refused(e.to_string()))?;
+        decode_for(codec, &bytes, params).map_err(|e| refused(e.to_string()))?;
         write_blob(&dir, &bytes).map_err(|e| api(ErrorCode::Internal, format!("{e:#}")))?;
         Ok(())
     })

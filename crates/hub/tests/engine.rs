@@ -187,6 +187,19 @@ fn outsiders_cannot_add_stats_or_divergence() {
     );
     assert!(hub.stats().is_empty());
     hub.apply(HubInput::Join { node: id(1) }, 0, out).unwrap();
+    // Hardening #12: a member's heartbeat once rewrote the whole coordinator in an
+    // fsynced transaction; it now persists nothing.
+    let beat = hub
+        .apply(
+            HubInput::Heartbeat {
+                node: id(1),
+                stats: Some(NodeStats::default()),
+            },
+            0,
+            out,
+        )
+        .unwrap();
+    assert!(beat.change.is_empty(), "{:?}", beat.change);
     let b = body(&hub, id(1), b"u");
     hub.apply(
         HubInput::Commit {

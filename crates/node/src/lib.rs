@@ -483,7 +483,8 @@ impl Runner {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut next = self.state.clone();
-        next.apply(self.spec.aggregator, &updates)?;
+        let codec = self.spec.codec().map_err(anyhow::Error::msg)?;
+        next.apply(codec, self.spec.aggregator, &updates)?;
         self.state = next;
         let used = rec.accepted.iter().map(|(_, h)| *h).collect();
         for old in std::mem::replace(&mut self.held, used) {

@@ -25,8 +25,8 @@ pub mod state;
 
 pub use aggregate::{aggregate, Aggregator};
 pub use codec::{
-    decode, encode, Codec, CodecError, CodecKind, CHUNK_MAX, RANK_MAX, UPDATE_ELEMENTS_MAX,
-    VALUE_BITS_MAX,
+    decode, decode_for, encode, Codec, CodecError, CodecKind, CHUNK_MAX, RANK_MAX,
+    UPDATE_ELEMENTS_MAX, VALUE_BITS_MAX,
 };
 pub use hash::theta_hash;
 pub use nesterov::Nesterov;

@@ -4,7 +4,7 @@
 //! Checkpoint bytes: the round (u64), then θ, then the velocity (f32 each), all
 //! little-endian, with no header: the run fixes the parameter count, lr and momentum.
 
-use crate::{aggregate, decode, theta_hash, Aggregator, CodecError, Nesterov};
+use crate::{aggregate, decode_for, theta_hash, Aggregator, Codec, CodecError, Nesterov};
 
 /// θ with the outer optimizer's velocity: what a joiner needs to continue.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,14 +29,19 @@ impl OuterState {
         theta_hash(&self.theta)
     }
 
-    /// Decodes the accepted updates (in node-id order), aggregates them, and takes the
-    /// outer step; the state moves to the next round. A round with no updates only
+    /// Decodes the accepted updates (in node-id order; each must use the run's `codec`),
+    /// aggregates them, and takes the outer step; the state moves to the next round. A round with no updates only
     /// advances the round. A blob that does not decode leaves the state unchanged.
-    pub fn apply(&mut self, aggregator: Aggregator, blobs: &[Vec<u8>]) -> Result<(), CodecError> {
+    pub fn apply(
+        &mut self,
+        codec: Codec,
+        aggregator: Aggregator,
+        blobs: &[Vec<u8>],
+    ) -> Result<(), CodecError> {
         let n = self.theta.len() as u64;
         let updates = blobs
             .iter()
-            .map(|b| decode(b, n))
+            .map(|b| decode_for(codec, b, n))
             .collect::<Result<Vec<_>, _>>()?;
         self.apply_decoded(aggregator, &updates);
         Ok(())
@@ -129,20 +134,23 @@ mod tests {
         let n = 100;
         let theta = noise(n, 3);
         let mut s = OuterState::from_theta(theta.clone(), 0.7, 0.9);
-        s.apply(Aggregator::Median, &[]).unwrap();
+        let codec = Codec::Int8 { chunk: 32 };
+        s.apply(codec, Aggregator::Median, &[]).unwrap();
         assert_eq!((s.round, &s.theta), (1, &theta));
 
-        let codec = Codec::Int8 { chunk: 32 };
         let blobs: Vec<Vec<u8>> = (0..3)
             .map(|i| encode(codec, &noise(n, 10 + i), &mut vec![0.0; n], 1.0))
             .collect();
         let mut by_hand = s.clone();
-        let updates: Vec<Vec<f32>> = blobs.iter().map(|b| decode(b, n as u64).unwrap()).collect();
+        let updates: Vec<Vec<f32>> = blobs
+            .iter()
+            .map(|b| crate::decode(b, n as u64).unwrap())
+            .collect();
         by_hand
             .outer
             .step(&mut by_hand.theta, &aggregate(Aggregator::Median, &updates));
         by_hand.round += 1;
-        s.apply(Aggregator::Median, &blobs).unwrap();
+        s.apply(codec, Aggregator::Median, &blobs).unwrap();
         assert_eq!(s, by_hand);
 
         // One bad blob refuses the whole round and changes nothing.
@@ -150,8 +158,15 @@ mod tests {
         let mut bad = blobs.clone();
         bad[1].truncate(10);
         assert!(matches!(
-            s.apply(Aggregator::Median, &bad),
+            s.apply(codec, Aggregator::Median, &bad),
             Err(CodecError::Short { len: 10 })
+        ));
+        assert_eq!(s, before);
+        // So does a blob of another codec than the run's.
+        let other = encode(Codec::None, &noise(n, 5), &mut vec![0.0; n], 1.0);
+        assert!(matches!(
+            s.apply(codec, Aggregator::Median, &[blobs[0].clone(), other]),
+            Err(CodecError::WrongCodec { .. })
         ));
         assert_eq!(s, before);
     }
@@ -255,7 +270,7 @@ mod tests {
                     for b in &blobs {
                         blob_hash.update(b);
                     }
-                    state.apply(*agg, &blobs).unwrap();
+                    state.apply(*codec, *agg, &blobs).unwrap();
                 }
                 assert_eq!(state.round, 3);
                 let blob_hex = blob_hash.finalize().to_hex().to_string();

@@ -41,13 +41,24 @@ fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Exactly `2N` lowercase hex digits: the one text form of keys and signatures.
+///
+/// Story: `u8::from_str_radix` takes a leading `+` and upper case, so one key had
+/// several ids (the one with `+` broke the ledger's id rules and stopped every payout)
+/// and one signature several spellings (each passed the replay guard again).
 fn from_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != 2 * N || !text.is_ascii() {
+    let bytes = text.as_bytes();
+    if bytes.len() != 2 * N {
         return None;
     }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     let mut out = [0u8; N];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        *o = digit(bytes[2 * i])? << 4 | digit(bytes[2 * i + 1])?;
     }
     Some(out)
 }
@@ -168,5 +179,10 @@ mod tests {
         ));
         assert!(parse_public(&id.public_hex()).is_ok());
         assert!(parse_public("abc").is_err());
+        // One text form: no upper case, no sign.
+        assert!(parse_public(&id.public_hex().to_uppercase()).is_err());
+        assert!(!verify(&id.public_hex(), b"hello", &sig.to_uppercase()));
+        let plus = format!("+{}", &sig[1..]);
+        assert!(!verify(&id.public_hex(), b"hello", &plus));
     }
 }

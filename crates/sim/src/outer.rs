@@ -145,7 +145,7 @@ impl OuterStep for SimOuter {
             })
             .collect::<Result<Vec<_>, _>>()?;
         state
-            .apply(self.aggregator, &blobs)
+            .apply(Codec::None, self.aggregator, &blobs)
             .map_err(|e| e.to_string())?;
         let outcome = StepOutcome {
             theta_after: theta_hash(&state),

@@ -449,6 +449,80 @@ fn commits_are_checked_before_they_count() {
     }))
     .unwrap();
     refused(stale, "stale_theta", "starts from θ");
+    // Hardening #1: a well-formed update of another codec than the run's (low-rank in a
+    // top-k run) is refused; it once turned θ into NaN.
+    let low = tessera_outer::encode(
+        // Rank 1 keeps it under the run's size bound, as the attack's 18 KB blob was.
+        tessera_outer::Codec::parse("lowrank", 1, 4).unwrap(),
+        &zeros,
+        &mut vec![0f32; n],
+        1.0,
+    );
+    let low = blobs.publish(&low).unwrap();
+    refused(commit(&low, 0, "chk"), "blob_refused", "encoded as lowrank");
+    // Hardening #12: a 60 KB string where a θ hash goes is refused as it parses.
+    let long = serde_json::to_vec(&serde_json::json!({
+        "run_id": "chk", "round": 0,
+        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": "a".repeat(60_000)},
+        "provider": blobs.addr(),
+    }))
+    .unwrap();
+    refused(long, "bad_request", "malformed commit");
+
+    // Hardening #7: an outsider's heartbeat is refused and not stored.
+    let outsider = tessera_protocol::Identity::generate();
+    let stats = serde_json::to_vec(&serde_json::json!({
+        "bytes_sent": 1, "bytes_received": 1, "train_seconds": 0.0,
+        "wall_seconds": 0.0, "last_loss": 0.0, "rounds_committed": 0
+    }))
+    .unwrap();
+    let (status, text) = signed(&outsider, &url, "/node/heartbeat", stats);
+    assert_eq!(status, 403, "{text}");
+    let summary = get(&format!("{url}/summary")).unwrap();
+    assert!(
+        summary["nodes"].get(outsider.public_hex()).is_none(),
+        "{summary}"
+    );
+    // Hardening #8: an outsider's θ report is refused and counts nothing; a hash with
+    // a line break does not parse (it once forged a log line).
+    let report = |hash: &str| {
+        serde_json::to_vec(&serde_json::json!({"run_id": "chk", "round": 0, "hash": hash})).unwrap()
+    };
+    let (status, text) = signed(&outsider, &url, "/theta", report(&"ab".repeat(32)));
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = signed(&id, &url, "/theta", report("ab\nhub: paid round 9"));
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(
+        get(&format!("{url}/summary")).unwrap()["divergent_reports"],
+        0
+    );
+
+    // Hardening #3: a key spelled with a `+` (`+d` for `0d`) is not another id for the
+    // same key; it once made a member whose id broke every later payout.
+    let plus_key = loop {
+        let k = tessera_protocol::Identity::generate();
+        let hex = k.public_hex();
+        if let Some(i) = (0..32).find(|i| hex.as_bytes()[2 * i] == b'0') {
+            let spelled = format!("{}+{}", &hex[..2 * i], &hex[2 * i + 1..]);
+            break (k, spelled);
+        }
+    };
+    let mut headers =
+        tessera_protocol::auth::sign_request(&plus_key.0, "POST", "/node/join", now_ms(), &[]);
+    headers[0].1 = plus_key.1.clone();
+    let (status, text) = send_with(&url, "/node/join", Vec::new(), &headers);
+    assert_eq!(status, 401, "{text}");
+    // Hardening #4: a captured join, replayed after a leave with its signature in upper
+    // case, does not make the node a member again.
+    let victim = tessera_protocol::Identity::generate();
+    let captured =
+        tessera_protocol::auth::sign_request(&victim, "POST", "/node/join", now_ms(), &[]);
+    assert_eq!(send_with(&url, "/node/join", Vec::new(), &captured).0, 200);
+    assert_eq!(signed(&victim, &url, "/node/leave", Vec::new()).0, 200);
+    let mut replay = captured.clone();
+    replay[2].1 = replay[2].1.to_uppercase();
+    let (status, text) = send_with(&url, "/node/join", Vec::new(), &replay);
+    assert_eq!(status, 401, "{text}");
 
     // A valid commit counts; replaying its exact signed request does not.
     let body = commit(&good, 0, "chk");

@@ -226,6 +226,9 @@ pub enum CodecError {
     /// A scale is NaN, infinite or (where it must not be) negative.
     #[error("update blob has a non-finite or negative scale in chunk {chunk}")]
     Scale { chunk: usize },
+    /// The header names another codec (or other parameters) than the run's.
+    #[error("update blob is encoded as {got}, the run uses {run}")]
+    WrongCodec { got: String, run: String },
     /// A top-k position is outside its chunk, or the bit stream ends early.
     #[error("update blob has a position outside chunk {chunk} or runs out of bits there")]
     Index { chunk: usize },
@@ -273,9 +276,26 @@ pub fn encode(codec: Codec, delta: &[f32], residual: &mut [f32], decay: f32) -> 
     out
 }
 
-/// Decodes an update of `expected` elements, validating every length, index and scale
-/// before allocating or trusting it.
+/// Decodes an update of `expected` elements that must be encoded with the run's codec
+/// `run` (kind and every parameter), checked before anything else is computed or
+/// allocated. This is the decoder for untrusted blobs.
+///
+/// Story: a hub once decoded whatever codec a blob's header named. An 18 KB low-rank
+/// blob in a top-k run overflowed to inf/NaN and the final model was NaN, and a 22-byte
+/// low-rank header with 1 × 1 blocks made the size check itself allocate ~24 bytes per
+/// parameter.
+pub fn decode_for(run: Codec, bytes: &[u8], expected: u64) -> Result<Vec<f32>, CodecError> {
+    decode_checked(Some(run), bytes, expected)
+}
+
+/// Decodes an update of `expected` elements with the codec its header names, validating
+/// every length, index and scale before allocating or trusting it. For blobs of
+/// untrusted origin use [`decode_for`].
 pub fn decode(bytes: &[u8], expected: u64) -> Result<Vec<f32>, CodecError> {
+    decode_checked(None, bytes, expected)
+}
+
+fn decode_checked(run: Option<Codec>, bytes: &[u8], expected: u64) -> Result<Vec<f32>, CodecError> {
     if bytes.len() < HEADER_BYTES {
         return Err(CodecError::Short { len: bytes.len() });
     }
@@ -306,6 +326,14 @@ pub fn decode(bytes: &[u8], expected: u64) -> Result<Vec<f32>, CodecError> {
         1..=3 => return Err(CodecError::Params { chunk, k, bits }),
         other => return Err(CodecError::UnknownCodec(other)),
     };
+    if let Some(run) = run {
+        if codec != run {
+            return Err(CodecError::WrongCodec {
+                got: codec.name(),
+                run: run.name(),
+            });
+        }
+    }
     let n = n as usize;
     let max_len = codec.max_encoded_bytes(n);
     let exact = !matches!(codec, Codec::TopK { .. });
@@ -337,6 +365,58 @@ fn f32_at(bytes: &[u8], o: usize) -> f32 {
 mod tests {
     use super::*;
     use crate::testing::noise;
+
+    /// Story: the hub decoded a blob with whatever codec its header named. A low-rank
+    /// blob in a top-k run overflowed θ to inf/NaN, and a 22-byte low-rank header with
+    /// 1 × 1 blocks made the size check allocate ~24 bytes per parameter. A blob must now
+    /// use the run's codec, checked before any size is computed.
+    #[test]
+    fn blobs_of_another_codec_than_the_runs_are_refused_first() {
+        let n = 100_000usize;
+        let run = Codec::TopK {
+            chunk: 4096,
+            k: 44,
+            bits: 4,
+        };
+        let low = Codec::LowRank {
+            rows: 1024,
+            cols: 256,
+            rank: 4,
+        };
+        let blob = encode(low, &noise(n, 1), &mut vec![0.0; n], 1.0);
+        assert!(decode(&blob, n as u64).is_ok(), "a valid low-rank blob");
+        assert!(matches!(
+            decode_for(run, &blob, n as u64),
+            Err(CodecError::WrongCodec { .. })
+        ));
+        // The 22-byte header alone: low-rank, 1 × 1 blocks, rank 1.
+        let mut header = Vec::new();
+        header.extend_from_slice(&MAGIC);
+        header.push(3);
+        header.extend_from_slice(&(n as u64).to_le_bytes());
+        header.extend_from_slice(&1u32.to_le_bytes());
+        header.extend_from_slice(&1u32.to_le_bytes());
+        header.push(1);
+        assert_eq!(header.len(), HEADER_BYTES);
+        assert!(matches!(
+            decode_for(run, &header, n as u64),
+            Err(CodecError::WrongCodec { .. })
+        ));
+        // Same kind, other parameters: refused too.
+        let other_k = encode(
+            Codec::TopK {
+                chunk: 4096,
+                k: 64,
+                bits: 4,
+            },
+            &noise(n, 2),
+            &mut vec![0.0; n],
+            1.0,
+        );
+        assert!(decode_for(run, &other_k, n as u64).is_err());
+        let ours = encode(run, &noise(n, 2), &mut vec![0.0; n], 1.0);
+        assert_eq!(decode_for(run, &ours, n as u64), decode(&ours, n as u64));
+    }
 
     const CODECS: [Codec; 8] = [
         Codec::LowRank {
