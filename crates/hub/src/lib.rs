@@ -49,13 +49,37 @@ use store::SqliteHubStore;
 
 /// Writes `bytes` as the content-addressed, fsynced file `dir/HASH`.
 fn write_blob(dir: &Path, bytes: &[u8]) -> Result<Hash32> {
+    write_blob_new(dir, bytes).map(|(h, _)| h)
+}
+
+/// [`write_blob`], also saying whether the file is new (so a refusal can take back
+/// only what it wrote).
+fn write_blob_new(dir: &Path, bytes: &[u8]) -> Result<(Hash32, bool)> {
     let hash = Hash32::of(bytes);
     let path = dir.join(hash.to_hex());
-    if !path.exists() {
-        checkpoint::write_atomic(&path, bytes)
-            .with_context(|| format!("writing blob {}", path.display()))?;
+    if path.exists() {
+        return Ok((hash, false));
     }
-    Ok(hash)
+    checkpoint::write_atomic(&path, bytes)
+        .with_context(|| format!("writing blob {}", path.display()))?;
+    Ok((hash, true))
+}
+
+/// Reads the stored blob `dir/HASH` and checks it still hashes to its name.
+///
+/// Story (hardening #10): stored blobs and checkpoints were not re-hashed when loaded,
+/// so a flipped byte on disk was served silently and joiners could not fetch the hash
+/// the hub advertised.
+fn read_blob(dir: &Path, hash: Hash32) -> Result<Vec<u8>> {
+    let path = dir.join(hash.to_hex());
+    let bytes = std::fs::read(&path).with_context(|| format!("reading blob {}", path.display()))?;
+    if Hash32::of(&bytes) != hash {
+        bail!(
+            "stored blob {} is corrupt: its content no longer hashes to its name",
+            path.display()
+        );
+    }
+    Ok(bytes)
 }
 
 /// The hub's outer step on blob files: the accepted updates are files in `dir` (the
@@ -72,8 +96,7 @@ pub struct FileOuter {
 impl FileOuter {
     fn state(&mut self, checkpoint: Hash32) -> Result<&OuterState, String> {
         if self.current.as_ref().map(|(h, _)| *h) != Some(checkpoint) {
-            let bytes = std::fs::read(self.dir.join(checkpoint.to_hex()))
-                .map_err(|e| format!("reading checkpoint {checkpoint}: {e}"))?;
+            let bytes = read_blob(&self.dir, checkpoint).map_err(|e| format!("{e:#}"))?;
             let lr = self.spec.effective_outer_lr();
             let s = OuterState::from_bytes(&bytes, self.params, lr, self.spec.outer_momentum)?;
             self.current = Some((checkpoint, s));
@@ -92,10 +115,7 @@ impl OuterStep for FileOuter {
         let mut state = self.state(from)?.clone();
         let blobs = accepted
             .iter()
-            .map(|(_, h)| {
-                std::fs::read(self.dir.join(h.to_hex()))
-                    .map_err(|e| format!("reading blob {h}: {e}"))
-            })
+            .map(|(_, h)| read_blob(&self.dir, *h).map_err(|e| format!("{e:#}")))
             .collect::<Result<Vec<_>, _>>()?;
         let codec = self.spec.codec()?;
         state
@@ -215,9 +235,7 @@ impl Core {
         }
         serve_again.extend(state.coordinator().commits.values().map(|c| c.blob_hash));
         for hash in serve_again {
-            let bytes = std::fs::read(blob_dir.join(hash.to_hex()))
-                .with_context(|| format!("reading blob {hash}"))?;
-            blobs.publish(&bytes)?;
+            blobs.publish(&read_blob(&blob_dir, hash)?)?;
         }
         let ledger = match &dep.ledger {
             Some(path) => {
@@ -596,7 +614,7 @@ async fn commit(State(hub): State<Shared>, signed: Signed) -> Result<Json<Ack>, 
     let max = codec.max_encoded_bytes(params as usize) as u64;
     let (blobs, dir) = (hub.blobs.clone(), hub.blob_dir.clone());
     let (hash, provider) = (body.commit.blob_hash, body.provider.clone());
-    tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+    let created = tokio::task::spawn_blocking(move || -> Result<bool, ApiError> {
         let refused = |e: String| {
             api(
                 ErrorCode::BlobRefused,
@@ -606,13 +624,26 @@ async fn commit(State(hub): State<Shared>, signed: Signed) -> Result<Json<Ack>, 
         let bytes = blobs
             .fetch(&hash.to_hex(), &[provider], max)
             .map_err(|e| refused(e.to_string()))?;
-        decode_for(codec, &bytes, params).map_err(|e| refused(e.to_string()))?;
-        write_blob(&dir, &bytes).map_err(|e| api(ErrorCode::Internal, format!("{e:#}")))?;
-        Ok(())
+        if let Err(e) = decode_for(codec, &bytes, params) {
+            // Hardening #6: nothing of a refused commit stays behind.
+            blobs.forget(&hash.to_hex());
+            return Err(refused(e.to_string()));
+        }
+        let (_, created) =
+            write_blob_new(&dir, &bytes).map_err(|e| api(ErrorCode::Internal, format!("{e:#}")))?;
+        Ok(created)
     })
     .await
     .map_err(|e| api(ErrorCode::Internal, e.to_string()))??;
-    hub.input(HubInput::Commit { node, body }).await?;
+    if let Err(e) = hub.input(HubInput::Commit { node, body }).await {
+        // Refused after the fetch (the round moved on meanwhile): take back what this
+        // commit stored. A blob another commit also names is left alone.
+        if created {
+            hub.blobs.forget(&hash.to_hex());
+            let _ = std::fs::remove_file(hub.blob_dir.join(hash.to_hex()));
+        }
+        return Err(e);
+    }
     Ok(Json(Ack {}))
 }
 
@@ -725,4 +756,22 @@ pub async fn serve(config: HubConfig) -> Result<()> {
     eprintln!("hub: serving run on http://{}", listener.local_addr()?);
     axum::serve(listener, router).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hardening #10: a stored blob whose bytes changed on disk is refused when loaded,
+    /// with a message naming the file, instead of being served.
+    #[test]
+    fn stored_blobs_are_rehashed_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = write_blob(dir.path(), b"an update").unwrap();
+        assert_eq!(read_blob(dir.path(), hash).unwrap(), b"an update");
+        let path = dir.path().join(hash.to_hex());
+        std::fs::write(&path, b"an updatE").unwrap();
+        let e = format!("{:#}", read_blob(dir.path(), hash).unwrap_err());
+        assert!(e.contains("corrupt") && e.contains(&hash.to_hex()), "{e}");
+    }
 }

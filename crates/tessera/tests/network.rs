@@ -419,6 +419,20 @@ fn commits_are_checked_before_they_count() {
     // Not an update: served and hash-correct, but it does not decode.
     let junk = blobs.publish(b"not an update blob").unwrap();
     refused(commit(&junk, 0, "chk"), "blob_refused", "refused");
+    // Hardening #6: nothing of a refused commit stays on the hub, on disk or served.
+    assert!(!d.join("hub").join("blobs").join(&junk).exists());
+    let probe = IrohBlobs::bind(IrohOptions::loopback()).unwrap();
+    // (Forgotten blobs go at the blob store's next garbage collection, every 2 s.)
+    wait_for(
+        d,
+        "the hub to drop the refused blob",
+        Duration::from_secs(20),
+        || {
+            probe
+                .fetch(&junk, std::slice::from_ref(&hub_blobs), 1 << 20)
+                .is_err()
+        },
+    );
     // A blob the node does not serve.
     let absent = tessera_blobs::hash_of(b"never published");
     refused(
