@@ -24,6 +24,11 @@ pub const REQUEST_ID_BYTES_MAX: usize = 128;
 pub const PAYOUT_ENTRIES_MAX: usize = 100_000;
 /// Largest token count one contributor may claim for one round.
 pub const WORK_TOKENS_MAX: u64 = 1 << 48;
+/// Most pending unbonding entries one contributor may hold in one run. Every release
+/// walks them; without a bound, unbonds of one base unit each grew the walk without
+/// limit (hardening #16). 64 leaves room for an unbond a day over the default delay
+/// several times over; release the matured ones to unbond more.
+pub const UNBONDING_ENTRIES_MAX: usize = 64;
 
 /// Ledger-wide settings, fixed at `init`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +234,12 @@ pub enum LedgerError {
         run: String,
         contributor: String,
         next_release_ms: Option<u64>,
+    },
+    #[error("`{contributor}` already has {max} pending unbonds in run `{run}`; release the matured ones first")]
+    TooManyUnbonding {
+        run: String,
+        contributor: String,
+        max: usize,
     },
     #[error("epoch {epoch} is not after the last closed epoch {last}")]
     EpochOrder { epoch: u64, last: u64 },
@@ -723,6 +734,14 @@ impl State {
                 self.known_run(run)?;
                 contributor(c)?;
                 let amount = positive(*amount, "the unbonded amount")?;
+                let key = (run.clone(), c.clone());
+                if self.unbonding.get(&key).map_or(0, Vec::len) >= UNBONDING_ENTRIES_MAX {
+                    return Err(LedgerError::TooManyUnbonding {
+                        run: run.clone(),
+                        contributor: c.clone(),
+                        max: UNBONDING_ENTRIES_MAX,
+                    });
+                }
                 b.run = Some(run.clone());
                 let stake = Account::Stake {
                     run: run.clone(),

@@ -199,9 +199,14 @@ impl Model {
                 contributor,
                 amount,
             } => {
+                let pending = self
+                    .unbonding
+                    .get(&(run.clone(), contributor.clone()))
+                    .map_or(0, Vec::len);
                 let ok = may(contributor)
                     && self.runs.contains_key(run)
                     && amount.0 > 0
+                    && pending < tessera_ledger::state::UNBONDING_ENTRIES_MAX
                     && self.transfer(&[(
                         format!("stake:{run}:{contributor}"),
                         format!("unbonding:{run}:{contributor}"),
@@ -485,4 +490,81 @@ fn sqlite_ledger_reopens_equal_to_memory() {
     let c0 = Account::Contributor("c0".into());
     let h = reopened.store().history(&c0, 10).unwrap();
     assert!(h.iter().all(|t| t.debit == c0 || t.credit == c0));
+}
+
+/// Hardening #16: a contributor could add unbonding entries of one base unit without
+/// limit, and every later release walked them all. Pending unbonds are now bounded per
+/// contributor and run; releasing the matured ones makes room again.
+#[test]
+fn unbonding_entries_are_bounded() {
+    use tessera_ledger::state::UNBONDING_ENTRIES_MAX;
+    let mut l = Ledger::open(MemoryStore::new(config())).unwrap();
+    let mut n = 0;
+    let mut submit = |l: &mut Ledger<MemoryStore>, signer: Signer, op: Operation, now: u64| {
+        n += 1;
+        l.submit(
+            &Request {
+                id: format!("r{n}"),
+                signer,
+                op,
+            },
+            now,
+        )
+    };
+    let org = || Signer::Organiser;
+    let alice = || Signer::Contributor("alice".into());
+    let big = Amount(1_000_000_000_000);
+    submit(
+        &mut l,
+        org(),
+        Operation::Sale {
+            buyer: "alice".into(),
+            tokens: big,
+            treasury_tokens: big,
+            proceeds: "t".into(),
+        },
+        0,
+    )
+    .unwrap();
+    submit(
+        &mut l,
+        org(),
+        Operation::Fund {
+            run: "r".into(),
+            model: "m".into(),
+            amount: big,
+            reward_per_round: Amount(10),
+        },
+        0,
+    )
+    .unwrap();
+    submit(
+        &mut l,
+        alice(),
+        Operation::Stake {
+            run: "r".into(),
+            contributor: "alice".into(),
+            amount: Amount(1_000),
+        },
+        0,
+    )
+    .unwrap();
+    let unbond = || Operation::Unbond {
+        run: "r".into(),
+        contributor: "alice".into(),
+        amount: Amount(1),
+    };
+    for _ in 0..UNBONDING_ENTRIES_MAX {
+        submit(&mut l, alice(), unbond(), 1).unwrap();
+    }
+    let err = submit(&mut l, alice(), unbond(), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pending unbonds"), "{err}");
+    let release = Operation::Release {
+        run: "r".into(),
+        contributor: "alice".into(),
+    };
+    submit(&mut l, alice(), release, 1 + DELAY_MS).unwrap();
+    submit(&mut l, alice(), unbond(), 2 + DELAY_MS).unwrap();
 }
