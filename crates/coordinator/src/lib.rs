@@ -591,7 +591,7 @@ impl Coordinator {
         }
         self.pending = assignment.keys().copied().collect();
         self.assignment = assignment;
-        self.deadline_ms = now_ms + self.config.round_deadline_ms;
+        self.deadline_ms = now_ms.saturating_add(self.config.round_deadline_ms);
         self.phase = Phase::Training { round };
         events.push(Event::RoundStarted {
             round,

@@ -339,16 +339,7 @@ impl HubState {
     /// assignment, the claimed tokens and θ. Nothing is fetched for a commit that would
     /// be refused anyway.
     pub fn check_commit(&self, node: &NodeId, body: &CommitBody) -> Result<(), HubError> {
-        if body.run_id != self.spec.run_id {
-            return Err(HubError::new(
-                ErrorCode::WrongRun,
-                format!(
-                    "commit is for run `{}`, this hub runs `{}`",
-                    body.run_id.escape_debug(),
-                    self.spec.run_id
-                ),
-            ));
-        }
+        self.check_run("commit", &body.run_id)?;
         self.coord.check_commit(node, body.round, &body.commit)?;
         let theta = self.theta();
         if body.commit.theta_hash != theta {
@@ -598,17 +589,23 @@ impl HubState {
         out
     }
 
-    fn theta_report(&mut self, node: NodeId, report: ThetaReport) -> Result<bool, HubError> {
-        if report.run_id != self.spec.run_id {
-            return Err(HubError::new(
-                ErrorCode::WrongRun,
-                format!(
-                    "report is for run `{}`, this hub runs `{}`",
-                    report.run_id.escape_debug(),
-                    self.spec.run_id
-                ),
-            ));
+    /// A body that names another run than this hub's is refused.
+    fn check_run(&self, what: &str, run_id: &str) -> Result<(), HubError> {
+        if run_id == self.spec.run_id {
+            return Ok(());
         }
+        Err(HubError::new(
+            ErrorCode::WrongRun,
+            format!(
+                "{what} is for run `{}`, this hub runs `{}`",
+                run_id.escape_debug(),
+                self.spec.run_id
+            ),
+        ))
+    }
+
+    fn theta_report(&mut self, node: NodeId, report: ThetaReport) -> Result<bool, HubError> {
+        self.check_run("report", &report.run_id)?;
         // Only members' reports count, so outsiders cannot raise the divergence count.
         if !self.coord.members.contains_key(&node) {
             return Err(CoordError::NotMember { node }.into());

@@ -124,7 +124,7 @@ impl OuterStep for FileOuter {
         let bytes = state.to_bytes();
         let checkpoint = write_blob(&self.dir, &bytes).map_err(|e| format!("{e:#}"))?;
         self.blobs.publish(&bytes).map_err(|e| e.to_string())?;
-        let theta_after = Hash32::from_hex(&state.hash()).expect("θ hashes are hex");
+        let theta_after = Hash32(state.digest());
         self.current = Some((checkpoint, state));
         Ok(StepOutcome {
             theta_after,
@@ -171,8 +171,7 @@ impl Core {
         let data = Dataset::open(&dep.data)
             .with_context(|| format!("opening data set {}", dep.data.display()))?;
         let manifest_bytes = std::fs::read(dep.data.join(MANIFEST_FILE))?;
-        let mut model = Preset::by_name(&spec.preset)?.config();
-        model.vocab_size = data.manifest.vocab_size.div_ceil(64) * 64;
+        let model = Preset::by_name(&spec.preset)?.config_for_vocab(data.manifest.vocab_size);
         if spec.seq_len > model.max_position_embeddings {
             bail!(
                 "run setting `seq_len`: {} exceeds the model's context {}",
@@ -207,7 +206,7 @@ impl Core {
         let theta0 = tessera_train::worker::initial_theta(&model, spec.seed);
         let state0 = OuterState::from_theta(theta0, spec.effective_outer_lr(), spec.outer_momentum);
         let checkpoint0 = write_blob(&blob_dir, &state0.to_bytes())?;
-        let theta0 = Hash32::from_hex(&state0.hash()).expect("θ hashes are hex");
+        let theta0 = Hash32(state0.digest());
         let fresh = HubState::new(spec.clone(), params, batches_per_epoch, theta0, checkpoint0);
         let identity = serde_json::to_string(&(&spec, &model, &info.data_manifest))?;
         let store = SqliteHubStore::open(&dep.state_dir.join("hub.db"))?;

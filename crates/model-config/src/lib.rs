@@ -345,6 +345,17 @@ pub const PRESETS: &[Preset] = &[
 ];
 
 impl Preset {
+    /// The preset trained on a data set whose tokenizer has `data_vocab` tokens: the
+    /// embedding table is that vocabulary rounded up to a multiple of 64. The hub, the
+    /// trainer, the experiment and the nodes (which check the hub's word for it) all
+    /// size the model this way.
+    pub fn config_for_vocab(&self, data_vocab: usize) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: data_vocab.div_ceil(64) * 64,
+            ..self.config()
+        }
+    }
+
     pub fn config(&self) -> LlamaConfig {
         LlamaConfig {
             vocab_size: self.vocab_size,

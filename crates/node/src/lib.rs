@@ -239,6 +239,21 @@ fn fetch_data(hub: &dyn HubApi, info: &RunInfo, dir: &Path) -> Result<Dataset> {
     Ok(Dataset::open(dir)?)
 }
 
+/// The model the hub names must be the run's preset sized to the data set's
+/// vocabulary, as the hub itself derives it: a hub cannot make a node build a model of
+/// any other shape (and size).
+fn check_model(info: &RunInfo, data_vocab: usize) -> Result<()> {
+    let expected =
+        tessera_model_config::Preset::by_name(&info.spec.preset)?.config_for_vocab(data_vocab);
+    if info.model != expected {
+        bail!(
+            "the hub names a model that is not preset `{}` for this data set; refusing to build it",
+            info.spec.preset
+        );
+    }
+    Ok(())
+}
+
 /// Training time and progress, shared with the heartbeat thread.
 #[derive(Default)]
 struct Counters {
@@ -309,6 +324,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     let me = NodeId::from_hex(&opts.identity.public_hex()).expect("our own key is canonical");
     let tag = me.short(12);
     let data = fetch_data(hub.as_ref(), &info, &opts.cache_dir.join(&spec.run_id))?;
+    check_model(&info, data.manifest.vocab_size)?;
     let windows = Windows::new(&data.train, spec.seq_len);
     let worker = Worker::new(spec.clone(), &info.model, opts.device).map_err(anyhow::Error::msg)?;
     {
@@ -490,7 +506,7 @@ impl Runner {
         for old in std::mem::replace(&mut self.held, used) {
             self.blobs.forget(&old.to_hex());
         }
-        let theta = Hash32::from_hex(&self.state.hash()).expect("θ hashes are hex");
+        let theta = Hash32(self.state.digest());
         if theta != rec.theta_after {
             eprintln!(
                 "node {}: θ after round {round} differs from the hub's; loading its checkpoint",
@@ -543,7 +559,7 @@ impl Runner {
                         blob_hash: Hash32::from_hex(&hash)?,
                         tokens: work.tokens,
                         loss_micro: (work.mean_loss * 1e6) as u64,
-                        theta_hash: Hash32::from_hex(&self.state.hash())?,
+                        theta_hash: Hash32(self.state.digest()),
                     },
                     provider: self.blobs.addr(),
                 };
@@ -582,6 +598,35 @@ mod tests {
 
     /// Story: a hub (or anyone on its plain-HTTP path) could name data files `/abs` or
     /// `../../x` and the node wrote them there. Only plain file names are taken now.
+    /// A hub naming a model far larger than its preset (a node would allocate it) is
+    /// refused before anything is built.
+    #[test]
+    fn the_hubs_model_must_be_the_runs_preset() {
+        let spec = tessera_protocol::RunSpec {
+            run_id: "r".into(),
+            preset: "nano".into(),
+            ..tessera_protocol::RunSpec::default()
+        };
+        let model = tessera_model_config::Preset::by_name("nano")
+            .unwrap()
+            .config_for_vocab(300);
+        let mut info = tessera_protocol::wire::RunInfo {
+            spec,
+            model,
+            data_manifest: tessera_protocol::Hash32::default(),
+            data_files: Vec::new(),
+            hub_blobs: tessera_protocol::PeerAddr(String::new()),
+        };
+        super::check_model(&info, 300).unwrap();
+        assert!(
+            super::check_model(&info, 5000).is_err(),
+            "another vocabulary"
+        );
+        info.model.hidden_size *= 1000;
+        let e = super::check_model(&info, 300).unwrap_err().to_string();
+        assert!(e.contains("nano"), "{e}");
+    }
+
     #[test]
     fn data_file_names_from_the_hub_are_plain_names() {
         for good in [

@@ -2,14 +2,19 @@
 //! same parameters.
 
 /// blake3 of θ's little-endian f32 bytes: what nodes compare after every outer step.
-pub fn theta_hash(theta: &[f32]) -> String {
+pub fn theta_digest(theta: &[f32]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     // Converted a chunk at a time so a large θ never needs a second full-size copy.
     for chunk in theta.chunks(1 << 16) {
         let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
         h.update(&bytes);
     }
-    h.finalize().to_hex().to_string()
+    *h.finalize().as_bytes()
+}
+
+/// [`theta_digest`] as lowercase hex.
+pub fn theta_hash(theta: &[f32]) -> String {
+    blake3::Hash::from(theta_digest(theta)).to_hex().to_string()
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ pub use codec::{
     decode, decode_for, encode, Codec, CodecError, CodecKind, CHUNK_MAX, RANK_MAX,
     UPDATE_ELEMENTS_MAX, VALUE_BITS_MAX,
 };
-pub use hash::theta_hash;
+pub use hash::{theta_digest, theta_hash};
 pub use nesterov::Nesterov;
 pub use state::OuterState;
 

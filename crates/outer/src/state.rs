@@ -29,6 +29,11 @@ impl OuterState {
         theta_hash(&self.theta)
     }
 
+    /// The hash of θ as bytes (see [`crate::theta_digest`]).
+    pub fn digest(&self) -> [u8; 32] {
+        crate::theta_digest(&self.theta)
+    }
+
     /// Decodes the accepted updates (in node-id order; each must use the run's `codec`),
     /// aggregates them, and takes the outer step; the state moves to the next round. A round with no updates only
     /// advances the round. A blob that does not decode leaves the state unchanged.

@@ -45,10 +45,6 @@ pub fn initial_state(lr: f32, momentum: f32) -> OuterState {
     OuterState::from_theta(theta, lr, momentum)
 }
 
-fn theta_hash(s: &OuterState) -> Hash32 {
-    Hash32::from_hex(&s.hash()).expect("θ hashes are hex")
-}
-
 /// The shared outer step: checkpoints by hash, blobs by hash, and a memo of steps.
 pub struct SimOuter {
     aggregator: Aggregator,
@@ -67,7 +63,7 @@ pub struct SimOuter {
 impl SimOuter {
     pub fn new(aggregator: Aggregator, initial: OuterState) -> (SimOuter, Hash32, Hash32) {
         let checkpoint = Hash32::of(&initial.to_bytes());
-        let theta = theta_hash(&initial);
+        let theta = Hash32(initial.digest());
         let mut states = HashMap::new();
         states.insert(checkpoint, initial);
         (
@@ -148,7 +144,7 @@ impl OuterStep for SimOuter {
             .apply(Codec::None, self.aggregator, &blobs)
             .map_err(|e| e.to_string())?;
         let outcome = StepOutcome {
-            theta_after: theta_hash(&state),
+            theta_after: Hash32(state.digest()),
             checkpoint: Hash32::of(&state.to_bytes()),
         };
         self.states.insert(outcome.checkpoint, state);

@@ -623,7 +623,7 @@ impl World {
                 let theta = self
                     .outer
                     .state(&self.nodes[node].checkpoint)
-                    .map(|s| Hash32::from_hex(&s.hash()).expect("hex"))
+                    .map(|s| Hash32(s.digest()))
                     .unwrap_or_default();
                 let ms = (batches.len() as f64 * STEP_MS * self.nodes[node].speed) as u64;
                 self.schedule(
@@ -901,7 +901,9 @@ impl World {
                         let from = self.nodes[node].checkpoint;
                         match self.outer.step_record(from, &rec) {
                             Ok(o) => {
-                                let own = rec.accepted.iter().any(|(n, _)| *n == id);
+                                // Accepted lists are in node-id order: a lookup, not a scan per node.
+                                let own =
+                                    rec.accepted.binary_search_by_key(&id, |(n, _)| *n).is_ok();
                                 let fetched = rec.accepted.len() as u64 - u64::from(own);
                                 let bytes = fetched * self.update_bytes;
                                 extra = (bytes as f64 / self.nodes[node].bytes_per_ms) as u64;

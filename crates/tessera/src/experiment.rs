@@ -86,8 +86,8 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
         None => crate::demo::bundled_data(&PathBuf::from("runs"))?,
     };
     let manifest = tessera_train::Dataset::open(&data)?.manifest;
-    let mut model = Preset::by_name(args.preset.as_deref().unwrap_or(&d.preset))?.config();
-    model.vocab_size = manifest.vocab_size.div_ceil(64) * 64;
+    let model = Preset::by_name(args.preset.as_deref().unwrap_or(&d.preset))?
+        .config_for_vocab(manifest.vocab_size);
     let (topk, bits, rank) = (
         args.topk.unwrap_or(d.topk),
         args.topk_bits.unwrap_or(d.topk_bits),

@@ -454,7 +454,6 @@ pub fn human_bytes(n: u64) -> String {
 /// data set's tokenizer (rounded up to a multiple of 64 for matrix-multiply speed).
 pub fn train_options(args: &TrainArgs) -> Result<TrainOptions> {
     let preset = Preset::by_name(&args.preset)?;
-    let mut model = preset.config();
     let manifest_path = args.data.join(tessera_train::data::MANIFEST_FILE);
     let manifest: tessera_train::data::Manifest =
         serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| {
@@ -464,7 +463,7 @@ pub fn train_options(args: &TrainArgs) -> Result<TrainOptions> {
             )
         })?)
         .with_context(|| format!("parsing {}", manifest_path.display()))?;
-    model.vocab_size = manifest.vocab_size.div_ceil(64) * 64;
+    let model = preset.config_for_vocab(manifest.vocab_size);
     let budget = match (args.minutes, args.steps) {
         (Some(m), None) => Budget::Minutes(m),
         (None, Some(s)) => Budget::Steps(s),
