@@ -18,19 +18,19 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, DecoderWrapper, Tokenizer};
 
-pub const MANIFEST_FILE: &str = "manifest.json";
+// The manifest and the shard format live in `tessera-data-format`, which builds without
+// libtorch or tokenizers so that their parsers can be fuzzed (`fuzz/`); these paths
+// keep working.
+use tessera_data_format::{hash_hex, ShardError, MANIFEST_VERSION};
+pub use tessera_data_format::{Manifest, ShardEntry, SourceEntry, MANIFEST_FILE};
+
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const END_OF_TEXT: &str = "<|endoftext|>";
-const SHARD_MAGIC: [u8; 8] = *b"TSRSHARD";
-const SHARD_VERSION: u32 = 1;
-const SHARD_HEADER_BYTES: usize = 32;
-const MANIFEST_VERSION: u32 = 1;
 
 /// Why a data set could not be prepared or opened.
 #[derive(Debug, thiserror::Error)]
@@ -95,35 +95,37 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     }
 }
 
-/// One shard as listed in the manifest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShardEntry {
-    pub file: String,
-    pub tokens: u64,
-    pub blake3: String,
-}
-
-/// One input file as listed in the manifest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SourceEntry {
-    pub path: String,
-    pub bytes: u64,
-    pub blake3: String,
-}
-
-/// `manifest.json`: everything needed to check and read a prepared data set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format_version: u32,
-    pub tokenizer_blake3: String,
-    pub vocab_size: usize,
-    pub end_of_text_id: u32,
-    pub token_bytes: u32,
-    pub train_text_bytes: u64,
-    pub val_text_bytes: u64,
-    pub sources: Vec<SourceEntry>,
-    pub train: Vec<ShardEntry>,
-    pub val: Vec<ShardEntry>,
+/// A shard check's error, naming the shard's path.
+fn shard_error(path: &Path, e: ShardError) -> DataError {
+    let path = path.to_path_buf();
+    match e {
+        ShardError::Header(message) => DataError::ShardHeader { path, message },
+        ShardError::Length { expected, actual } => DataError::ShardLength {
+            path,
+            expected,
+            actual,
+        },
+        ShardError::Hash { expected, actual } => DataError::ShardHash {
+            path,
+            expected,
+            actual,
+        },
+        ShardError::TokenRange {
+            index,
+            token,
+            vocab,
+        } => DataError::TokenRange {
+            path,
+            index,
+            token,
+            vocab,
+        },
+        // `ShardError` is non-exhaustive; a check added there reads as a bad header.
+        other => DataError::ShardHeader {
+            path,
+            message: other.to_string(),
+        },
+    }
 }
 
 /// Options of `tessera data prepare`.
@@ -136,10 +138,6 @@ pub struct PrepareOptions {
     /// Use this tokenizer instead of training one.
     pub tokenizer: Option<PathBuf>,
     pub shard_tokens_max: usize,
-}
-
-fn hash_hex(bytes: &[u8]) -> String {
-    blake3::hash(bytes).to_hex().to_string()
 }
 
 /// Splits `text` so the last `fraction` of its bytes (cut at a line break where one is
@@ -254,18 +252,7 @@ fn write_shards(
     let mut entries = Vec::new();
     for (i, chunk) in tokens.chunks(shard_tokens_max.max(1)).enumerate() {
         let file = format!("{prefix}-{i:05}.bin");
-        let mut bytes = Vec::with_capacity(SHARD_HEADER_BYTES + chunk.len() * token_bytes as usize);
-        bytes.extend_from_slice(&SHARD_MAGIC);
-        bytes.extend_from_slice(&SHARD_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&token_bytes.to_le_bytes());
-        bytes.extend_from_slice(&(chunk.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&0u64.to_le_bytes());
-        for &t in chunk {
-            match token_bytes {
-                2 => bytes.extend_from_slice(&(t as u16).to_le_bytes()),
-                _ => bytes.extend_from_slice(&t.to_le_bytes()),
-            }
-        }
+        let bytes = tessera_data_format::encode_shard(chunk, token_bytes);
         let path = dir.join(&file);
         tessera_model::checkpoint::write_atomic(&path, &bytes).map_err(io_err(&path))?;
         entries.push(ShardEntry {
@@ -407,72 +394,13 @@ impl Shard {
         // place (writes go to a temporary file and are renamed), so the mapping's bytes
         // do not change under us.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-        let header_err = |message: &str| DataError::ShardHeader {
-            path: path.to_path_buf(),
-            message: message.to_string(),
-        };
-        if map.len() < SHARD_HEADER_BYTES {
-            return Err(header_err("shorter than the 32-byte header"));
-        }
-        if map[..8] != SHARD_MAGIC {
-            return Err(header_err("bad magic bytes"));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().expect("4 bytes"));
-        let version = u32_at(8);
-        if version != SHARD_VERSION {
-            return Err(header_err(&format!(
-                "format version {version}, expected {SHARD_VERSION}"
-            )));
-        }
-        let token_bytes = u32_at(12) as usize;
-        if token_bytes != 2 && token_bytes != 4 {
-            return Err(header_err(&format!(
-                "{token_bytes} bytes per token, expected 2 or 4"
-            )));
-        }
-        let len = u64::from_le_bytes(map[16..24].try_into().expect("8 bytes"));
-        let expected = len
-            .checked_mul(token_bytes as u64)
-            .and_then(|b| b.checked_add(SHARD_HEADER_BYTES as u64))
-            .ok_or_else(|| header_err("token count overflows"))?;
-        if expected != map.len() as u64 {
-            return Err(DataError::ShardLength {
-                path: path.to_path_buf(),
-                expected,
-                actual: map.len() as u64,
-            });
-        }
-        if len != entry.tokens {
-            return Err(header_err(&format!(
-                "{len} tokens, manifest says {}",
-                entry.tokens
-            )));
-        }
-        let actual = hash_hex(&map);
-        if actual != entry.blake3 {
-            return Err(DataError::ShardHash {
-                path: path.to_path_buf(),
-                expected: entry.blake3.clone(),
-                actual,
-            });
-        }
-        let shard = Shard {
+        let header = tessera_data_format::check_shard(&map, entry, vocab)
+            .map_err(|e| shard_error(path, e))?;
+        Ok(Shard {
             map,
-            token_bytes,
-            len: len as usize,
-        };
-        if let Some((index, token)) = (0..shard.len)
-            .map(|i| (i, shard.get(i)))
-            .find(|&(_, t)| t as usize >= vocab)
-        {
-            return Err(DataError::TokenRange {
-                path: path.to_path_buf(),
-                index,
-                token,
-                vocab,
-            });
-        }
-        Ok(shard)
+            token_bytes: header.token_bytes,
+            len: header.tokens as usize,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -490,11 +418,7 @@ impl Shard {
             "token index {index} out of range {}",
             self.len
         );
-        let o = SHARD_HEADER_BYTES + index * self.token_bytes;
-        match self.token_bytes {
-            2 => u16::from_le_bytes([self.map[o], self.map[o + 1]]) as u32,
-            _ => u32::from_le_bytes(self.map[o..o + 4].try_into().expect("4 bytes")),
-        }
+        tessera_data_format::token_at(&self.map, self.token_bytes, index)
     }
 
     /// Appends tokens `start..start + count` to `out`.
@@ -519,19 +443,10 @@ impl Dataset {
     pub fn open(dir: &Path) -> Result<Dataset, DataError> {
         let mpath = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&mpath).map_err(io_err(&mpath))?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| DataError::Manifest {
+        let manifest = Manifest::parse(&text).map_err(|e| DataError::Manifest {
             path: mpath.clone(),
             message: e.to_string(),
         })?;
-        if manifest.format_version != MANIFEST_VERSION {
-            return Err(DataError::Manifest {
-                path: mpath,
-                message: format!(
-                    "format_version {}, expected {MANIFEST_VERSION}",
-                    manifest.format_version
-                ),
-            });
-        }
         let tpath = dir.join(TOKENIZER_FILE);
         if !tpath.exists() {
             return Err(DataError::MissingTokenizer { path: tpath });
