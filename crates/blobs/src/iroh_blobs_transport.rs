@@ -242,6 +242,19 @@ impl IrohBlobs {
     }
 }
 
+/// Most direct addresses a peer address keeps when cut down to one IP.
+const PEER_DIRECT_ADDRS_MAX: usize = 8;
+
+fn parse_addr(peer: &PeerAddr) -> Result<EndpointAddr, BlobError> {
+    if peer.0.len() > PEER_ADDR_BYTES_MAX {
+        return Err(BlobError::BadAddr(format!(
+            "{} bytes, more than {PEER_ADDR_BYTES_MAX}",
+            peer.0.len()
+        )));
+    }
+    serde_json::from_str(&peer.0).map_err(|e| BlobError::BadAddr(format!("`{peer}`: {e}")))
+}
+
 impl BlobTransport for IrohBlobs {
     fn addr(&self) -> PeerAddr {
         PeerAddr(serde_json::to_string(&self.endpoint_addr()).expect("address serialises"))
@@ -260,6 +273,30 @@ impl BlobTransport for IrohBlobs {
         Ok(hash)
     }
 
+    /// Story (hardening #14): the hub dialled whatever addresses a commit named, so
+    /// any member could make it send QUIC packets to any host and port.
+    fn reachable_at(&self, addr: &PeerAddr, ip: std::net::IpAddr) -> Result<PeerAddr, BlobError> {
+        let parsed = parse_addr(addr)?;
+        let kept: Vec<std::net::SocketAddr> = parsed
+            .ip_addrs()
+            .filter(|a| a.ip() == ip)
+            .take(PEER_DIRECT_ADDRS_MAX)
+            .copied()
+            .collect();
+        if kept.is_empty() {
+            return Err(BlobError::BadAddr(format!(
+                "the endpoint lists no address at {ip}, the address its owner connects from"
+            )));
+        }
+        let mut cut = EndpointAddr::new(parsed.id);
+        for a in kept {
+            cut = cut.with_ip_addr(a);
+        }
+        Ok(PeerAddr(
+            serde_json::to_string(&cut).expect("address serialises"),
+        ))
+    }
+
     /// Peers are raced in order: the first gets a head start of `stagger`, then the
     /// next joins, and so on; the first complete, verified copy wins and the other
     /// attempts are dropped. A dead first peer therefore costs `stagger`, not a timeout.
@@ -270,14 +307,7 @@ impl BlobTransport for IrohBlobs {
         }
         let mut addrs = Vec::with_capacity(peers.len());
         for peer in peers {
-            if peer.0.len() > PEER_ADDR_BYTES_MAX {
-                return Err(BlobError::BadAddr(format!(
-                    "{} bytes, more than {PEER_ADDR_BYTES_MAX}",
-                    peer.0.len()
-                )));
-            }
-            let addr: EndpointAddr = serde_json::from_str(&peer.0)
-                .map_err(|e| BlobError::BadAddr(format!("`{peer}`: {e}")))?;
+            let addr = parse_addr(peer)?;
             if addr.id == self.endpoint.id() {
                 // Our own blob: read it from the store.
                 if let Ok(bytes) = block_on(self.rt(), self.store.get_bytes(iroh_hash)) {

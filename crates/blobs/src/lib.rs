@@ -83,6 +83,12 @@ pub trait BlobTransport: Send + Sync {
     /// Stops serving `hash` and lets its storage go.
     fn forget(&self, hash: &str);
 
+    /// `addr` cut down to the ways of reaching it at `ip`, the address its owner
+    /// connected from: only direct addresses at that IP, no relays. A server that dials
+    /// an address a client names dials only this, so a client can't make it send
+    /// packets to any other host. Refused when nothing is left or `addr` is malformed.
+    fn reachable_at(&self, addr: &PeerAddr, ip: std::net::IpAddr) -> Result<PeerAddr, BlobError>;
+
     /// Blob bytes moved so far.
     fn traffic(&self) -> Traffic;
 }

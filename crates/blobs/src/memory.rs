@@ -72,6 +72,25 @@ impl BlobTransport for MemoryBlobs {
         Ok(hash)
     }
 
+    /// Memory peers have no IP addresses: an address names a peer of this network.
+    fn reachable_at(&self, addr: &PeerAddr, _ip: std::net::IpAddr) -> Result<PeerAddr, BlobError> {
+        match addr.0.strip_prefix("memory:") {
+            Some(name)
+                if self
+                    .net
+                    .peers
+                    .lock()
+                    .expect("network lock")
+                    .contains_key(name) =>
+            {
+                Ok(addr.clone())
+            }
+            _ => Err(BlobError::BadAddr(format!(
+                "`{addr}` is no peer of this network"
+            ))),
+        }
+    }
+
     fn fetch(&self, hash: &str, peers: &[PeerAddr], max_bytes: u64) -> Result<Vec<u8>, BlobError> {
         check_hash(hash)?;
         if peers.is_empty() {

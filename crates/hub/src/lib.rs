@@ -17,13 +17,16 @@ pub mod engine;
 pub mod host;
 pub mod store;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State,
+};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -32,6 +35,7 @@ use serde::Deserialize;
 use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions};
 use tessera_model::{checkpoint, Preset};
 use tessera_net::http_auth::now_ms;
+use tessera_net::ServerAuth;
 use tessera_outer::{decode_for, OuterState};
 use tessera_protocol::limits::CONTROL_BODY_BYTES_MAX;
 use tessera_protocol::wire::{
@@ -46,6 +50,9 @@ pub use config::HubConfig;
 use engine::{Applied, Effect, HubError, HubInput, HubState, OuterStep, StepOutcome};
 use host::Host;
 use store::SqliteHubStore;
+
+/// The hub's signing key, in its `state_dir`, created when absent.
+pub const HUB_KEY_FILE: &str = "hub.key";
 
 /// Writes `bytes` as the content-addressed, fsynced file `dir/HASH`.
 fn write_blob(dir: &Path, bytes: &[u8]) -> Result<Hash32> {
@@ -142,6 +149,7 @@ struct Core {
     blob_dir: PathBuf,
     ledger: Option<Arc<tessera_net::LedgerService>>,
     info: Arc<RunInfo>,
+    auth: Arc<ServerAuth>,
     started_ms: u64,
     calls: mpsc::Sender<Call>,
 }
@@ -236,6 +244,18 @@ impl Core {
         for hash in serve_again {
             blobs.publish(&read_blob(&blob_dir, hash)?)?;
         }
+        // The hub's own key signs every reply; nodes pin it (`--hub-key`).
+        let key_path = dep.state_dir.join(HUB_KEY_FILE);
+        let (key, created) = tessera_protocol::Identity::load_or_create(&key_path)
+            .with_context(|| format!("the hub's key {}", key_path.display()))?;
+        if created {
+            log(&format!("created the hub's key {}", key_path.display()));
+        }
+        let auth = Arc::new(ServerAuth::new(key, &spec.run_id)?);
+        eprintln!(
+            "hub: key {} (nodes may pin it with --hub-key)",
+            auth.audience().server
+        );
         let ledger = match &dep.ledger {
             Some(path) => {
                 let ledger = tessera_ledger::Ledger::open(tessera_ledger::SqliteStore::open(path)?)
@@ -244,7 +264,11 @@ impl Core {
                     Some(key) => tessera_protocol::identity::parse_public(key)?,
                     None => String::new(),
                 };
-                Some(Arc::new(tessera_net::LedgerService::new(ledger, organiser)))
+                Some(Arc::new(tessera_net::LedgerService::new(
+                    ledger,
+                    organiser,
+                    auth.clone(),
+                )))
             }
             None => None,
         };
@@ -263,6 +287,7 @@ impl Core {
             blob_dir,
             ledger,
             info,
+            auth,
             started_ms: now_ms(),
             calls,
         };
@@ -462,6 +487,7 @@ impl IntoResponse for ApiError {
             ErrorCode::NotMember => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Busy | ErrorCode::ReadOnly => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::BadRequest | ErrorCode::WrongRun | ErrorCode::BlobRefused => {
                 StatusCode::BAD_REQUEST
             }
@@ -483,6 +509,29 @@ struct Shared {
     data_dir: PathBuf,
     blobs: Arc<dyn BlobTransport>,
     blob_dir: PathBuf,
+    auth: Arc<ServerAuth>,
+    /// Members whose commit's blob is being fetched (one at a time each).
+    fetching: Arc<std::sync::Mutex<std::collections::HashSet<NodeId>>>,
+    /// Blob fetches running at once, across members.
+    fetch_permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// Most commit blobs the hub fetches at once; past it a commit waits up to
+/// [`COMMIT_FETCH_WAIT`] for its turn, then is refused as busy. Each fetch holds a
+/// blocking thread for up to the blob endpoint's fetch timeout.
+const COMMIT_FETCHES_MAX: usize = 64;
+const COMMIT_FETCH_WAIT: Duration = Duration::from_secs(30);
+
+/// A member's place in [`Shared::fetching`], given back when dropped.
+struct Fetching {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<NodeId>>>,
+    node: NodeId,
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.set.lock().expect("fetching lock").remove(&self.node);
+    }
 }
 
 impl Shared {
@@ -501,36 +550,25 @@ impl Shared {
     }
 }
 
-/// Signatures of control messages already accepted by this process's hub.
-static REPLAYS: std::sync::LazyLock<tessera_protocol::auth::ReplayGuard> =
-    std::sync::LazyLock::new(tessera_protocol::auth::ReplayGuard::new);
-
 /// A signed control message: its signer (a canonical node id) and its body, checked
-/// for signature, freshness and replay.
+/// for signature, audience (this hub, this run, this start), freshness and replay.
 struct Signed {
     node: NodeId,
     body: Bytes,
 }
 
-impl<S: Send + Sync> FromRequest<S> for Signed {
+impl FromRequest<Shared> for Signed {
     type Rejection = Response;
 
-    async fn from_request(req: Request, state: &S) -> Result<Signed, Response> {
+    async fn from_request(req: Request, hub: &Shared) -> Result<Signed, Response> {
         let (parts, body) = req.into_parts();
         // A body over the limit keeps axum's own answer (413), refused while it streams.
-        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), hub)
             .await
             .map_err(IntoResponse::into_response)?;
-        let signer = tessera_net::http_auth::verify_http_once(
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            &body,
-            now_ms(),
-            &REPLAYS,
-        )
-        .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()).into_response())?;
-        let node = NodeId::from_hex(&signer)
+        let node = hub
+            .auth
+            .verify(&parts.method, &parts.uri, &parts.headers, &body, now_ms())
             .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()).into_response())?;
         Ok(Signed { node, body })
     }
@@ -599,11 +637,50 @@ async fn membership(
 /// first (so nothing is fetched for a commit that would be refused), fetched from the
 /// node's endpoint (verified against the hash while it streams, refused past the run's
 /// update size), decoded, and stored durably.
-async fn commit(State(hub): State<Shared>, signed: Signed) -> Result<Json<Ack>, ApiError> {
+///
+/// The hub dials only the endpoint's addresses at the IP the commit came from
+/// (hardening #14), fetches one blob per member at a time and at most
+/// [`COMMIT_FETCHES_MAX`] at once (hardening #15).
+async fn commit(
+    State(hub): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    signed: Signed,
+) -> Result<Json<Ack>, ApiError> {
     let node = signed.node;
-    let body: CommitBody = signed.json("commit")?;
+    let mut body: CommitBody = signed.json("commit")?;
     let check = body.clone();
     hub.call(|tx| Call::CheckCommit(node, check, tx)).await??;
+    body.provider = hub
+        .blobs
+        .reachable_at(&body.provider, peer.ip())
+        .map_err(|e| {
+            api(
+                ErrorCode::BlobRefused,
+                format!("commit's provider refused: {e}"),
+            )
+        })?;
+    let _turn = {
+        let mut set = hub.fetching.lock().expect("fetching lock");
+        if !set.insert(node) {
+            return Err(api(
+                ErrorCode::Busy,
+                "a commit of this node is already being fetched; wait for its answer",
+            ));
+        }
+        Fetching {
+            set: hub.fetching.clone(),
+            node,
+        }
+    };
+    let _permit = tokio::time::timeout(COMMIT_FETCH_WAIT, hub.fetch_permits.acquire())
+        .await
+        .map_err(|_| {
+            api(
+                ErrorCode::Busy,
+                format!("the hub is fetching {COMMIT_FETCHES_MAX} blobs already; retry later"),
+            )
+        })?
+        .map_err(|_| api(ErrorCode::Internal, "the hub is stopping"))?;
     let params = hub.info.model.params_total();
     let codec = hub
         .info
@@ -724,16 +801,21 @@ pub async fn serve(config: HubConfig) -> Result<()> {
         data_dir: core.config.deployment.data.clone(),
         blobs: core.blobs.clone(),
         blob_dir: core.blob_dir.clone(),
+        auth: core.auth.clone(),
+        fetching: Default::default(),
+        fetch_permits: Arc::new(tokio::sync::Semaphore::new(COMMIT_FETCHES_MAX)),
     };
     let ledger_routes = core.ledger.clone().map(tessera_net::ledger_router);
     std::thread::Builder::new()
         .name("hub-engine".into())
         .spawn(move || core.serve(rx))?;
+    let auth = shared.auth.clone();
     let router = router(shared);
     let router = match ledger_routes {
         Some(l) => router.merge(l),
         None => router,
     };
+    let router = tessera_net::with_signed_replies(router, auth);
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -753,7 +835,11 @@ pub async fn serve(config: HubConfig) -> Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     eprintln!("hub: serving run on http://{}", listener.local_addr()?);
-    axum::serve(listener, router).await?;
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -28,9 +28,10 @@ use tessera_ledger::{
     Account, Ledger, LedgerError, Receipt, Request, Signer, SqliteStore, Store, SubmitError,
     Transfer,
 };
-use tessera_protocol::auth::sign_request;
 use tessera_protocol::limits::{HISTORY_LIMIT_MAX, HTTP_BODY_BYTES_MAX};
-use tessera_protocol::Identity;
+use tessera_protocol::{Identity, NodeId};
+
+use crate::http_auth::{call, CallError, ClientAuth, ServerAuth};
 
 /// What the ledger routes share.
 pub struct LedgerService {
@@ -39,14 +40,22 @@ pub struct LedgerService {
     pub organiser: String,
     /// Milliseconds since the epoch; injected so tests control time.
     pub clock: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// The server's key, audience and replay memory: a ledger request is good once,
+    /// at this server, until it restarts.
+    pub auth: Arc<ServerAuth>,
 }
 
 impl LedgerService {
-    pub fn new(ledger: Ledger<SqliteStore>, organiser: String) -> LedgerService {
+    pub fn new(
+        ledger: Ledger<SqliteStore>,
+        organiser: String,
+        auth: Arc<ServerAuth>,
+    ) -> LedgerService {
         LedgerService {
             ledger: Mutex::new(ledger),
             organiser: organiser.to_ascii_lowercase(),
             clock: Box::new(crate::http_auth::now_ms),
+            auth,
         }
     }
 }
@@ -112,8 +121,11 @@ fn authenticate(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Signer, ApiError> {
-    let key = crate::http_auth::verify_http(method, uri, headers, body, (svc.clock)())
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e))?;
+    let key = svc
+        .auth
+        .verify(method, uri, headers, body, (svc.clock)())
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e))?
+        .to_hex();
     Ok(if key == svc.organiser {
         Signer::Organiser
     } else {
@@ -337,8 +349,8 @@ pub fn router(svc: Arc<LedgerService>) -> Router {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    #[error("cannot reach the hub: {0}")]
-    Transport(#[from] reqwest::Error),
+    #[error(transparent)]
+    Call(#[from] CallError),
     /// The server answered with an error.
     #[error("hub refused ({status}, {kind}): {message}")]
     Refused {
@@ -348,15 +360,27 @@ pub enum ClientError {
     },
 }
 
-/// A client that signs every request with its identity.
+/// Largest ledger reply a client reads: a history of [`HISTORY_LIMIT_MAX`] transfers
+/// is well under it.
+pub const LEDGER_REPLY_BYTES_MAX: usize = 4 << 20;
+
+/// A client that signs every request with its identity and checks every reply's
+/// signature against the server's key.
 pub struct LedgerClient {
     base: String,
     identity: Identity,
     http: reqwest::Client,
+    auth: ClientAuth,
 }
 
 impl LedgerClient {
+    /// A client that pins the first server key it sees.
     pub fn new(base: &str, identity: Identity) -> LedgerClient {
+        LedgerClient::pinned(base, identity, None)
+    }
+
+    /// A client that accepts only replies signed by `server` (when given).
+    pub fn pinned(base: &str, identity: Identity, server: Option<NodeId>) -> LedgerClient {
         LedgerClient {
             base: base.trim_end_matches('/').to_string(),
             identity,
@@ -364,6 +388,7 @@ impl LedgerClient {
                 crate::install_tls_provider();
                 reqwest::Client::new()
             },
+            auth: ClientAuth::new(server),
         }
     }
 
@@ -373,31 +398,21 @@ impl LedgerClient {
         path: &str,
         body: Vec<u8>,
     ) -> Result<T, ClientError> {
-        let headers = sign_request(
-            &self.identity,
+        let reply = call(
+            &self.http,
+            &self.base,
+            &self.auth,
+            Some(&self.identity),
             method,
             path,
-            crate::http_auth::now_ms(),
-            &body,
-        );
-        let url = format!("{}{path}", self.base);
-        let mut req = match method {
-            "POST" => self
-                .http
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(body),
-            _ => self.http.get(&url),
-        };
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        let resp = req.send().await?;
-        let status = resp.status();
-        let bytes = resp.bytes().await?;
-        if status.is_success() {
+            body,
+            LEDGER_REPLY_BYTES_MAX,
+        )
+        .await?;
+        let (status, bytes) = (reply.status, reply.body);
+        if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| ClientError::Refused {
-                status: status.as_u16(),
+                status,
                 kind: "malformed_response".into(),
                 message: e.to_string(),
             });
@@ -405,15 +420,14 @@ impl LedgerClient {
         let err: ApiError = serde_json::from_slice(&bytes).unwrap_or_else(|_| ApiError {
             error: String::from_utf8_lossy(&bytes).into_owned(),
             kind: "http".into(),
-            status: status.as_u16(),
+            status,
         });
         Err(ClientError::Refused {
-            status: status.as_u16(),
+            status,
             kind: err.kind,
             message: err.error,
         })
     }
-
     pub async fn submit(&self, id: &str, op: Operation) -> Result<Receipt, ClientError> {
         let body = serde_json::to_vec(&RequestBody {
             id: id.to_string(),

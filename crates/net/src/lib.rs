@@ -2,7 +2,8 @@
 //! hub serves, and a client for it. Every request is signed
 //! ([`tessera_protocol::auth`]); the server maps the signing key to a ledger signer
 //! (the run organiser's key, or a contributor whose id is its key) and the ledger
-//! decides what that signer may do.
+//! decides what that signer may do. Every reply is signed by the server's key
+//! ([`http_auth::with_signed_replies`]) and checked by the client ([`ClientAuth`]).
 //!
 //! The key design choice is that these are thin: parsing, authentication and status
 //! codes here, every rule in the pure ledger. Nothing here keeps state of its own.
@@ -10,6 +11,7 @@
 pub mod http_auth;
 pub mod ledger_api;
 
+pub use http_auth::{with_signed_replies, ClientAuth, ServerAuth};
 pub use ledger_api::{router as ledger_router, ClientError, LedgerClient, LedgerService};
 
 /// Installs ring as the process's TLS crypto provider (once; later calls do nothing).

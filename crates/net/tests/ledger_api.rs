@@ -7,21 +7,33 @@ use std::sync::Arc;
 
 use tessera_ledger::state::LedgerConfig;
 use tessera_ledger::{Account, Amount, Ledger, Operation, SqliteStore, Work};
-use tessera_net::{ledger_router, ClientError, LedgerClient, LedgerService};
-use tessera_protocol::auth::{sign_request, HEADER_SIGNATURE};
+use tessera_net::{
+    ledger_router, with_signed_replies, ClientError, LedgerClient, LedgerService, ServerAuth,
+};
+use tessera_protocol::auth::{sign_request, Audience, HEADER_SIGNATURE};
 use tessera_protocol::Identity;
 
-async fn serve(organiser: &Identity) -> (String, tempfile::TempDir) {
+/// Serves a fresh ledger; returns its URL, its directory and its audience.
+async fn serve_with_audience(organiser: &Identity) -> (String, tempfile::TempDir, Audience) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::init(&dir.path().join("ledger.db"), LedgerConfig::default()).unwrap();
+    let auth = Arc::new(ServerAuth::new(Identity::generate(), "ledger").unwrap());
+    let audience = auth.audience().clone();
     let svc = Arc::new(LedgerService::new(
         Ledger::open(store).unwrap(),
         organiser.public_hex(),
+        auth.clone(),
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, ledger_router(svc)).await.unwrap() });
-    (format!("http://{addr}"), dir)
+    let router = with_signed_replies(ledger_router(svc), auth);
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (format!("http://{addr}"), dir, audience)
+}
+
+async fn serve(organiser: &Identity) -> (String, tempfile::TempDir) {
+    let (url, dir, _) = serve_with_audience(organiser).await;
+    (url, dir)
 }
 
 fn status(err: ClientError) -> (u16, String, String) {
@@ -119,7 +131,7 @@ async fn organiser_and_contributors_have_their_rights_and_no_more() {
 async fn bad_requests_are_refused_and_change_nothing() {
     let organiser = Identity::generate();
     let alice = Identity::generate();
-    let (url, _dir) = serve(&organiser).await;
+    let (url, _dir, audience) = serve_with_audience(&organiser).await;
     let org = LedgerClient::new(&url, organiser.clone());
     let a = LedgerClient::new(&url, alice.clone());
     org.submit(
@@ -219,7 +231,14 @@ async fn bad_requests_are_refused_and_change_nothing() {
         let mut req = http
             .post(format!("{url}/ledger/requests"))
             .body(body.clone());
-        for (k, mut v) in sign_request(&organiser, "POST", "/ledger/requests", time, &body) {
+        for (k, mut v) in sign_request(
+            &organiser,
+            &audience,
+            "POST",
+            "/ledger/requests",
+            time,
+            &body,
+        ) {
             if forge && k == HEADER_SIGNATURE {
                 v = alice.sign(b"something else");
             }
@@ -232,6 +251,14 @@ async fn bad_requests_are_refused_and_change_nothing() {
     }
     let unsigned = http.get(format!("{url}/ledger/root")).send().await.unwrap();
     assert_eq!(unsigned.status().as_u16(), 401);
+
+    // Every reply is signed by the server: a client pinned to another key refuses it.
+    let impostor = tessera_protocol::NodeId::from_hex(&Identity::generate().public_hex()).unwrap();
+    let pinned = LedgerClient::pinned(&url, alice.clone(), Some(impostor));
+    let err = pinned.root().await.unwrap_err().to_string();
+    assert!(err.contains("not the pinned server key"), "{err}");
+    let pinned = LedgerClient::pinned(&url, alice.clone(), Some(audience.server));
+    assert!(pinned.root().await.is_ok());
 
     assert_eq!(
         org.root().await.unwrap(),

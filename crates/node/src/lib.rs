@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions, PeerAddr};
-use tessera_net::http_auth::now_ms;
+use tessera_net::http_auth::{call_blocking, ClientAuth};
 use tessera_outer::OuterState;
-use tessera_protocol::auth::sign_request;
+use tessera_protocol::limits::{CONTROL_REPLY_BYTES_MAX, DATA_FILE_BYTES_MAX};
 use tessera_protocol::wire::{
     Commit, CommitBody, ErrorBody, ErrorCode, NodeStats, RoundRecord, RunInfo, StateView,
     ThetaReply, ThetaReport,
@@ -38,6 +38,9 @@ use engine::{Action, NodeState, Outcome};
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
     pub hub: String,
+    /// The hub's key: every reply must be signed by it. Without it, the first key seen
+    /// is pinned for the node's lifetime.
+    pub hub_key: Option<NodeId>,
     pub identity: Identity,
     /// Where the data set is cached.
     pub cache_dir: PathBuf,
@@ -75,56 +78,62 @@ pub trait HubApi {
     fn theta(&self, report: &ThetaReport) -> Result<ThetaReply, ApiFailure>;
 }
 
-/// The hub's API over signed HTTP.
+/// The hub's API over signed HTTP. Every reply must carry the hub's signature (for
+/// this request); a reply that doesn't is a transport failure, never acted on.
 pub struct HttpHub {
     base: String,
     identity: Identity,
     http: reqwest::blocking::Client,
+    auth: Arc<ClientAuth>,
 }
 
 impl HttpHub {
-    pub fn new(base: &str, identity: Identity, timeout: Duration) -> Result<HttpHub> {
+    /// A client of the hub at `base` that trusts replies signed by `auth`'s key.
+    pub fn new(
+        base: &str,
+        identity: Identity,
+        auth: Arc<ClientAuth>,
+        timeout: Duration,
+    ) -> Result<HttpHub> {
         Ok(HttpHub {
             base: base.trim_end_matches('/').to_string(),
             identity,
             http: reqwest::blocking::Client::builder()
                 .timeout(timeout)
                 .build()?,
+            auth,
         })
     }
 
     fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, ApiFailure> {
-        let url = format!("{}{path}", self.base);
-        let mut req = match method {
-            "POST" => self.http.post(&url),
-            _ => self.http.get(&url),
-        };
-        if method != "GET" {
-            for (k, v) in sign_request(&self.identity, method, path, now_ms(), &body) {
-                req = req.header(k, v);
-            }
-        }
-        let transport = |e: anyhow::Error| ApiFailure::Transport(e);
-        let resp = req
-            .body(body)
-            .send()
-            .with_context(|| format!("{method} {url}"))
-            .map_err(transport)?;
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .with_context(|| format!("{method} {url}"))
-            .map_err(transport)?;
-        if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+        self.send_max(method, path, body, CONTROL_REPLY_BYTES_MAX)
+    }
+
+    fn send_max(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        reply_max: usize,
+    ) -> Result<Vec<u8>, ApiFailure> {
+        let signer = (method != "GET").then_some(&self.identity);
+        let reply = call_blocking(
+            &self.http, &self.base, &self.auth, signer, method, path, body, reply_max,
+        )
+        .with_context(|| format!("{method} {}{path}", self.base))
+        .map_err(ApiFailure::Transport)?;
+        if !(200..300).contains(&reply.status) {
+            return Err(match serde_json::from_slice::<ErrorBody>(&reply.body) {
                 Ok(body) => ApiFailure::Refused {
-                    status: status.as_u16(),
+                    status: reply.status,
                     body,
                 },
-                Err(_) => transport(anyhow::anyhow!("{method} {path}: {status}")),
+                Err(_) => {
+                    ApiFailure::Transport(anyhow::anyhow!("{method} {path}: {}", reply.status))
+                }
             });
         }
-        Ok(bytes.to_vec())
+        Ok(reply.body)
     }
 
     fn json<T: serde::de::DeserializeOwned>(
@@ -153,7 +162,12 @@ impl HubApi for HttpHub {
     }
 
     fn data_file(&self, name: &str) -> Result<Vec<u8>, ApiFailure> {
-        self.send("GET", &format!("/data/{name}"), Vec::new())
+        self.send_max(
+            "GET",
+            &format!("/data/{name}"),
+            Vec::new(),
+            DATA_FILE_BYTES_MAX,
+        )
     }
 
     fn join(&self) -> Result<(), ApiFailure> {
@@ -224,9 +238,12 @@ fn fetch_data(hub: &dyn HubApi, info: &RunInfo, dir: &Path) -> Result<Dataset> {
             let bytes = hub.data_file(file)?;
             // Written aside and renamed, so an interrupted download is never mistaken
             // for a complete file on the next start.
-            let tmp = path.with_extension("part");
+            // Named per process: nodes sharing a cache once renamed each other's
+            // `.part` file away, and the slower one failed.
+            let tmp = path.with_extension(format!("part.{}", std::process::id()));
             std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path)?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("renaming {} into place", tmp.display()))?;
         }
     }
     let manifest = std::fs::read(dir.join(tessera_train::data::MANIFEST_FILE))?;
@@ -300,9 +317,12 @@ fn join_unless_stopping(hub: &dyn HubApi) -> Result<(), ApiFailure> {
 pub fn run(opts: NodeOptions) -> Result<()> {
     tessera_net::install_tls_provider();
     let counters = Arc::new(Counters::default());
+    // One pin for every connection to the hub: the given key, or the first one seen.
+    let auth = Arc::new(ClientAuth::new(opts.hub_key));
     let hub = Arc::new(HttpHub::new(
         &opts.hub,
         opts.identity.clone(),
+        auth.clone(),
         Duration::from_secs(600),
     )?);
     let blobs = Arc::new(
@@ -316,6 +336,25 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         .context("starting the blob endpoint")?,
     );
     let info = hub.run_info().context("reading the run from the hub")?;
+    let audience = auth
+        .audience()
+        .expect("a checked reply taught the audience");
+    if audience.scope != info.spec.run_id {
+        bail!(
+            "the hub signs for run `{}` but serves run `{}`",
+            audience.scope,
+            info.spec.run_id.escape_debug()
+        );
+    }
+    eprintln!(
+        "node: hub key {}{}",
+        audience.server,
+        if opts.hub_key.is_some() {
+            " (pinned)"
+        } else {
+            " (first seen; pin it with --hub-key)"
+        }
+    );
     // The run id names the data cache directory: refuse one that is not a plain name.
     info.spec
         .validate()
@@ -345,7 +384,12 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     }
     let started = Instant::now();
     {
-        let hb = HttpHub::new(&opts.hub, opts.identity.clone(), Duration::from_secs(30))?;
+        let hb = HttpHub::new(
+            &opts.hub,
+            opts.identity.clone(),
+            auth.clone(),
+            Duration::from_secs(30),
+        )?;
         let counters = counters.clone();
         let blobs = blobs.clone();
         std::thread::spawn(move || loop {

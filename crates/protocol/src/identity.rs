@@ -117,6 +117,17 @@ impl Identity {
         f.sync_all().map_err(io)
     }
 
+    /// Loads the key file at `path`, or creates one there when it is absent; says
+    /// whether it was created.
+    pub fn load_or_create(path: &Path) -> Result<(Identity, bool), IdentityError> {
+        if path.exists() {
+            return Ok((Identity::load(path)?, false));
+        }
+        let id = Identity::generate();
+        id.save_new(path)?;
+        Ok((id, true))
+    }
+
     pub fn load(path: &Path) -> Result<Identity, IdentityError> {
         let text = std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
             path: path.to_path_buf(),
@@ -138,6 +149,20 @@ pub fn verify(public: &str, message: &[u8], signature: &str) -> bool {
         return false;
     };
     key.verify(message, &Signature::from_bytes(&sig)).is_ok()
+}
+
+/// A signature's one text form (128 lowercase hex digits) as bytes.
+pub fn signature_from_hex(text: &str) -> Option<[u8; 64]> {
+    from_hex::<64>(text)
+}
+
+/// Checks `signature` by the key `public` over `message`.
+pub fn verify_bytes(public: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(public) else {
+        return false;
+    };
+    key.verify(message, &Signature::from_bytes(signature))
+        .is_ok()
 }
 
 /// Validates a public key's text form.

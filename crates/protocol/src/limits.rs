@@ -15,10 +15,26 @@ pub const SIGNED_REQUEST_SKEW_MS: u64 = 5 * 60 * 1000;
 /// buffered whole. Update blobs travel on the data plane, bounded by the run's codec.
 pub const CONTROL_BODY_BYTES_MAX: usize = 64 << 10;
 
-/// Most signatures a hub remembers to refuse replays within the skew window. At
-/// one request per node per second, a thousand nodes fill it in about 17 minutes,
-/// longer than the 10-minute window; past it the oldest are forgotten first.
+/// Most signatures a hub remembers to refuse replays within the skew window (about
+/// 100 bytes each, so 100 MiB at most). At one request per node per second, a
+/// thousand nodes fill it in about 17 minutes, longer than the 10-minute window; past
+/// it the oldest are forgotten first, and requests stamped at or before a forgotten
+/// one are refused (`auth::ReplayGuard`).
 pub const REPLAY_CACHE_MAX: usize = 1 << 20;
+
+/// Most remembered signatures of one signer: a node sends about two signed requests
+/// a second at most (a heartbeat a second, commits and θ reports), 1,200 in the
+/// 10-minute window; past its share a signer is refused, not anyone else forgotten.
+pub const REPLAY_SIGNER_SHARE_MAX: u32 = 4096;
+
+/// Largest control-plane reply a node reads from a hub. The largest is a round
+/// record, which names each accepted member and its update (about 150 bytes of JSON
+/// each), so [`MEMBERS_MAX`] of them fit.
+pub const CONTROL_REPLY_BYTES_MAX: usize = 8 << 20;
+
+/// Largest data-set file a node downloads from a hub (a shard, the manifest or the
+/// tokenizer); shards are cut well below it.
+pub const DATA_FILE_BYTES_MAX: usize = 1 << 30;
 
 /// Most members a run admits (a run's `max_nodes` is at most this). The hub's
 /// per-input cost is logarithmic in the members and the simulator checks runs of
@@ -39,4 +55,9 @@ pub const HISTORY_LIMIT_MAX: usize = 1000;
 const _: () = assert!(
     HTTP_BODY_BYTES_MAX >= 64 * 1024,
     "a 1,000-contributor payout must fit"
+);
+
+const _: () = assert!(
+    MEMBERS_MAX * 160 <= CONTROL_REPLY_BYTES_MAX,
+    "a round record naming every member must fit in a reply"
 );

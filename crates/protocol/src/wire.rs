@@ -232,6 +232,10 @@ pub enum ErrorCode {
     /// The run has finished.
     Finished,
     NotFound,
+    /// The hub is at a limit (concurrent blob fetches); retry later.
+    Busy,
+    /// The hub can't write (its disk is full); it serves reads and retries writes.
+    ReadOnly,
     /// The hub failed; retry later.
     Internal,
 }

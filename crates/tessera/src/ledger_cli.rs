@@ -465,7 +465,17 @@ fn serve(args: &LedgerArgs, listen: &str, organiser: &str) -> Result<()> {
             .public_hex(),
     };
     let ledger = open(args)?;
-    let svc = std::sync::Arc::new(tessera_net::LedgerService::new(ledger, organiser.clone()));
+    // The server's own key signs every reply; it lives next to the database.
+    let key_path = args.db.with_extension("server.key");
+    let (key, _) = tessera_protocol::Identity::load_or_create(&key_path)
+        .with_context(|| format!("the ledger server's key {}", key_path.display()))?;
+    let auth = std::sync::Arc::new(tessera_net::ServerAuth::new(key, "ledger")?);
+    eprintln!("ledger server key {}", auth.audience().server);
+    let svc = std::sync::Arc::new(tessera_net::LedgerService::new(
+        ledger,
+        organiser.clone(),
+        auth.clone(),
+    ));
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -475,7 +485,8 @@ fn serve(args: &LedgerArgs, listen: &str, organiser: &str) -> Result<()> {
             "ledger API on http://{} (organiser {organiser})",
             listener.local_addr()?
         );
-        axum::serve(listener, tessera_net::ledger_router(svc)).await?;
+        let router = tessera_net::with_signed_replies(tessera_net::ledger_router(svc), auth);
+        axum::serve(listener, router).await?;
         Ok(())
     })
 }

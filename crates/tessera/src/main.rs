@@ -238,6 +238,10 @@ struct NodeArgs {
     /// The hub's base URL, e.g. http://127.0.0.1:7000
     #[arg(long)]
     hub: String,
+    /// The hub's public key (the hub prints it at start). Every reply from the hub
+    /// must be signed by it; without it the node trusts the first key it sees.
+    #[arg(long)]
+    hub_key: Option<String>,
     /// Identity key file (created if missing).
     #[arg(long, default_value = "tessera.key")]
     key: PathBuf,
@@ -332,12 +336,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Node(args) => {
             let (device, _) = args.runtime.setup()?;
-            let identity = if args.key.exists() {
-                tessera_protocol::Identity::load(&args.key)?
-            } else {
-                let id = tessera_protocol::Identity::generate();
-                id.save_new(&args.key)?;
-                id
+            let (identity, _) = tessera_protocol::Identity::load_or_create(&args.key)?;
+            let hub_key = match &args.hub_key {
+                Some(text) => {
+                    Some(tessera_protocol::NodeId::from_hex(text).with_context(|| {
+                        "--hub-key: give the 64-hex-digit key the hub printed at start"
+                    })?)
+                }
+                None => None,
             };
             if let Some(b) = args.bandwidth_mbps {
                 if !(b > 0.0 && b.is_finite()) {
@@ -346,6 +352,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             tessera_node::run(tessera_node::NodeOptions {
                 hub: args.hub,
+                hub_key,
                 identity,
                 cache_dir: args.cache,
                 device,

@@ -75,6 +75,22 @@ fn wait_for(logs: &Path, what: &str, timeout: Duration, mut f: impl FnMut() -> b
     }
 }
 
+/// The hub's audience (key, run, session), which signed requests name.
+fn audience(url: &str) -> tessera_protocol::auth::Audience {
+    serde_json::from_value(get(&format!("{url}/auth")).expect("GET /auth")).unwrap()
+}
+
+/// A request's headers signed by `id` for the hub at `url` as it is now.
+fn sign(
+    id: &tessera_protocol::Identity,
+    url: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> [(&'static str, String); 4] {
+    tessera_protocol::auth::sign_request(id, &audience(url), method, path, now_ms(), body)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -115,24 +131,28 @@ fn tiny_data(d: &Path) -> std::path::PathBuf {
 
 /// Starts `tessera node` against `url` with key `d/NAME.key`, logging to `d/NAME.log`.
 fn spawn_node(d: &Path, url: &str, name: &str) -> Child {
+    spawn_node_with(d, url, name, &[])
+}
+
+/// [`spawn_node`] with `extra` arguments.
+fn spawn_node_with(d: &Path, url: &str, name: &str, extra: &[&str]) -> Child {
     let key = d.join(format!("{name}.key"));
     let cache = d.join("cache");
-    spawn(
-        &[
-            "node",
-            "--hub",
-            url,
-            "--key",
-            s(&key),
-            "--cache",
-            s(&cache),
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-        ],
-        &d.join(format!("{name}.log")),
-    )
+    let mut args = vec![
+        "node",
+        "--hub",
+        url,
+        "--key",
+        s(&key),
+        "--cache",
+        s(&cache),
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args, &d.join(format!("{name}.log")))
 }
 
 /// Writes a `nano` run file on a free loopback port with state under `d/hub`, plus
@@ -243,6 +263,14 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
         "the killed node should be marked late in some round"
     );
 
+    // Hardening #13: a join captured before the hub restarts. The visitor leaves; its
+    // join, replayed after the restart (when the hub's replay memory is gone), must not
+    // make it a member again.
+    let visitor = tessera_protocol::Identity::generate();
+    let captured = sign(&visitor, &url, "POST", "/node/join", &[]);
+    assert_eq!(send_with(&url, "/node/join", Vec::new(), &captured).0, 200);
+    assert_eq!(signed(&visitor, &url, "/node/leave", Vec::new()).0, 200);
+
     // (c) SIGKILL the hub and restart it.
     procs.0[0].kill().unwrap();
     procs.0[0].wait().unwrap();
@@ -250,6 +278,12 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     wait_for(d, "the restarted hub", Duration::from_secs(30), || {
         get(&format!("{url}/run")).is_some()
     });
+    let (status, text) = send_with(&url, "/node/join", Vec::new(), &captured);
+    assert_eq!(
+        status, 401,
+        "a join captured before the restart was accepted: {text}"
+    );
+    assert!(text.contains("restarted"), "{text}");
     wait_for(d, "the run to finish", Duration::from_secs(240), || {
         get(&format!("{url}/summary"))
             .is_some_and(|s| s["finished"] == true && !s["final_eval"].is_null())
@@ -288,9 +322,24 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     // The hub serves the ledger too: a node reads its own earnings with its key.
     let n1 = tessera_protocol::Identity::load(&d.join("n1.key")).unwrap();
     let me = tessera_ledger::Account::Contributor(n1.public_hex());
-    let client = tessera_net::LedgerClient::new(&url, n1);
+    let client = tessera_net::LedgerClient::new(&url, n1.clone());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let earned = rt.block_on(client.balance(&me)).unwrap();
+    // Hardening #13: a ledger read is good once too; a verbatim replay is refused.
+    let path = format!("/ledger/balance/{me}");
+    let captured = sign(&n1, &url, "GET", &path, &[]);
+    let replay = || {
+        let mut req = reqwest::blocking::Client::new().get(format!("{url}{path}"));
+        for (k, v) in &captured {
+            req = req.header(*k, v);
+        }
+        let resp = req.send().unwrap();
+        (resp.status().as_u16(), resp.text().unwrap())
+    };
+    assert_eq!(replay().0, 200);
+    let (status, text) = replay();
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("already received"), "{text}");
     assert!(
         earned.base_units.parse::<u128>().unwrap() > 0,
         "node 1 earned nothing"
@@ -309,7 +358,6 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     let id = tessera_protocol::Identity::generate();
-    let now = now_ms();
     // An oversized control message is refused before it is read whole: with 413, or,
     // when the hub answers and closes while the client is still writing, a broken pipe.
     match http
@@ -325,7 +373,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     let commit = serde_json::json!({"run_id": "other", "round": 0, "commit": {"blob_hash": "0".repeat(64), "tokens": 1, "loss_micro": 1, "theta_hash": "0".repeat(64)}, "provider": "x"});
     let body = serde_json::to_vec(&commit).unwrap();
     let mut req = http.post(format!("{url}/commit")).body(body.clone());
-    for (k, v) in tessera_protocol::auth::sign_request(&id, "POST", "/commit", now, &body) {
+    for (k, v) in sign(&id, &url, "POST", "/commit", &body) {
         req = req.header(k, v);
     }
     let resp = req.send().unwrap();
@@ -340,7 +388,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
 
 /// Sends a signed request as `id`; returns the status and the body text.
 fn signed(id: &tessera_protocol::Identity, url: &str, path: &str, body: Vec<u8>) -> (u16, String) {
-    let headers = tessera_protocol::auth::sign_request(id, "POST", path, now_ms(), &body);
+    let headers = sign(id, url, "POST", path, &body);
     send_with(url, path, body, &headers)
 }
 
@@ -483,6 +531,69 @@ fn commits_are_checked_before_they_count() {
     .unwrap();
     refused(long, "bad_request", "malformed commit");
 
+    // Hardening #14: a commit naming an endpoint at another host than the one it came
+    // from. The hub once dialled it; now it dials nothing and refuses the commit.
+    let trap = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    trap.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let elsewhere = |addr: String| {
+        let mut v: serde_json::Value = serde_json::from_str(&blobs.addr().0).unwrap();
+        v["addrs"] = serde_json::json!([{ "Ip": addr }]);
+        v.to_string()
+    };
+    let aimed = serde_json::to_vec(&serde_json::json!({
+        "run_id": "chk", "round": 0,
+        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": theta0},
+        "provider": elsewhere(trap.local_addr().unwrap().to_string()),
+    }))
+    .unwrap();
+    refused(aimed, "blob_refused", "no address at 127.0.0.1");
+    let mut packet = [0u8; 64];
+    assert!(
+        trap.recv_from(&mut packet).is_err(),
+        "the hub sent packets to the host a commit named"
+    );
+
+    // Hardening #15: one blob fetch per member at a time. The member names an
+    // endpoint that never answers (the fetch hangs until the connect timeout); its
+    // second commit meanwhile is refused as busy, not given another blocking thread.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // An endpoint id the hub has never met, so it can only try the address given.
+    let ghost = {
+        let gone = IrohBlobs::bind(IrohOptions::loopback()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&gone.addr().0).unwrap();
+        v["addrs"] = serde_json::json!([{ "Ip": silent.local_addr().unwrap().to_string() }]);
+        v.to_string()
+    };
+    let hanging = serde_json::to_vec(&serde_json::json!({
+        "run_id": "chk", "round": 0,
+        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": theta0},
+        "provider": ghost,
+    }))
+    .unwrap();
+    let first = {
+        let (id, url, body) = (id.clone(), url.clone(), hanging.clone());
+        std::thread::spawn(move || signed(&id, &url, "/commit", body))
+    };
+    wait_for(
+        d,
+        "the hub to dial the silent endpoint",
+        Duration::from_secs(20),
+        || {
+            let mut buf = [0u8; 2048];
+            silent.recv_from(&mut buf).is_ok()
+        },
+    );
+    let (status, text) = signed(&id, &url, "/commit", hanging);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("already being fetched"), "{text}");
+    let (status, text) = first.join().unwrap();
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("could not be fetched"), "{text}");
+
     // Hardening #7: an outsider's heartbeat is refused and not stored.
     let outsider = tessera_protocol::Identity::generate();
     let stats = serde_json::to_vec(&serde_json::json!({
@@ -521,26 +632,24 @@ fn commits_are_checked_before_they_count() {
             break (k, spelled);
         }
     };
-    let mut headers =
-        tessera_protocol::auth::sign_request(&plus_key.0, "POST", "/node/join", now_ms(), &[]);
+    let mut headers = sign(&plus_key.0, &url, "POST", "/node/join", &[]);
     headers[0].1 = plus_key.1.clone();
     let (status, text) = send_with(&url, "/node/join", Vec::new(), &headers);
     assert_eq!(status, 401, "{text}");
     // Hardening #4: a captured join, replayed after a leave with its signature in upper
     // case, does not make the node a member again.
     let victim = tessera_protocol::Identity::generate();
-    let captured =
-        tessera_protocol::auth::sign_request(&victim, "POST", "/node/join", now_ms(), &[]);
+    let captured = sign(&victim, &url, "POST", "/node/join", &[]);
     assert_eq!(send_with(&url, "/node/join", Vec::new(), &captured).0, 200);
     assert_eq!(signed(&victim, &url, "/node/leave", Vec::new()).0, 200);
     let mut replay = captured.clone();
-    replay[2].1 = replay[2].1.to_uppercase();
+    replay[3].1 = replay[3].1.to_uppercase();
     let (status, text) = send_with(&url, "/node/join", Vec::new(), &replay);
     assert_eq!(status, 401, "{text}");
 
     // A valid commit counts; replaying its exact signed request does not.
     let body = commit(&good, 0, "chk");
-    let headers = tessera_protocol::auth::sign_request(&id, "POST", "/commit", now_ms(), &body);
+    let headers = sign(&id, &url, "POST", "/commit", &body);
     let (status, text) = send_with(&url, "/commit", body.clone(), &headers);
     assert_eq!(status, 200, "{text}");
     let (status, text) = send_with(&url, "/commit", body, &headers);
@@ -573,7 +682,26 @@ fn commits_are_checked_before_they_count() {
             })
             .unwrap_or(0)
     };
-    procs.0.push(spawn_node(d, &url, "n"));
+    // A node pinned to another hub key refuses this hub before doing anything.
+    let wrong = tessera_protocol::Identity::generate().public_hex();
+    let mut pinned_wrong = spawn_node_with(d, &url, "wrongkey", &["--hub-key", &wrong]);
+    let status = pinned_wrong.wait().unwrap();
+    assert!(!status.success(), "a node trusted a hub with another key");
+    let log = std::fs::read_to_string(d.join("wrongkey.log")).unwrap();
+    assert!(log.contains("not the pinned server key"), "{log}");
+    assert_eq!(members(), 1);
+    // Pinned to the key the hub printed, it joins.
+    let hub_log = std::fs::read_to_string(d.join("hub.log")).unwrap();
+    let key = hub_log
+        .lines()
+        .find_map(|l| l.strip_prefix("hub: key "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the hub prints its key")
+        .to_string();
+    assert_eq!(key, audience(&url).server.to_hex());
+    procs
+        .0
+        .push(spawn_node_with(d, &url, "n", &["--hub-key", &key]));
     wait_for(d, "the node to join", Duration::from_secs(60), || {
         members() == 2
     });
