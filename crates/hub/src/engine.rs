@@ -651,6 +651,7 @@ impl HubState {
             ),
             final_eval: self.final_eval.as_ref().map(|(e, _)| *e),
             final_checkpoint: self.final_eval.as_ref().map(|(_, d)| d.clone()),
+            read_only: None,
         }
     }
 

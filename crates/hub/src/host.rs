@@ -81,6 +81,11 @@ impl<S: HubStore> Host<S> {
             }
             Err(e) => return Err(Ok(e)),
         };
+        // An input that changed nothing durable (a heartbeat) needs no disk, so it is
+        // served even when the disk is full.
+        if applied.change.is_empty() {
+            return Ok(applied);
+        }
         if let Err(e) = self.store.write(&applied.change) {
             let e = HubError::new(ErrorCode::Internal, format!("persisting: {e}"));
             self.recover(now_ms).map_err(Err)?;

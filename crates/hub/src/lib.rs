@@ -152,7 +152,17 @@ struct Core {
     auth: Arc<ServerAuth>,
     started_ms: u64,
     calls: mpsc::Sender<Call>,
+    /// Why the hub can't write now, while it can't.
+    read_only: Option<String>,
+    /// When writes were last probed for.
+    probed_ms: u64,
 }
+
+/// How often a read-only hub checks whether it can write again.
+const WRITE_PROBE_EVERY_MS: u64 = 2000;
+/// What a probe writes: room for a round's facts and records, if not a checkpoint
+/// (a write that still fails makes the hub read-only again).
+const WRITE_PROBE_BYTES: usize = 1 << 20;
 
 /// A call from an HTTP handler to the engine thread.
 enum Call {
@@ -290,20 +300,80 @@ impl Core {
             auth,
             started_ms: now_ms(),
             calls,
+            read_only: None,
+            probed_ms: 0,
         };
         core.pay();
         Ok(core)
     }
 
+    /// Whether the hub can write to its state directory now: writes and removes a
+    /// [`WRITE_PROBE_BYTES`] file.
+    fn probe_writes(&self) -> Result<(), String> {
+        let path = self.config.deployment.state_dir.join("write-probe");
+        let result = checkpoint::write_atomic(&path, &vec![0u8; WRITE_PROBE_BYTES]);
+        let _ = std::fs::remove_file(&path);
+        result.map_err(|e| e.to_string())
+    }
+
+    /// The refusal of a write while the hub is read-only.
+    fn read_only_error(&self) -> Option<HubError> {
+        self.read_only.as_ref().map(|why| {
+            HubError::new(
+                ErrorCode::ReadOnly,
+                format!(
+                    "the hub can't write to its state directory ({why}); it serves reads and \
+                     takes writes again once it can"
+                ),
+            )
+        })
+    }
+
     /// Applies an input through the host (which makes its change durable, or rebuilds
     /// the engine from the store), then carries out its effects.
+    ///
+    /// Story (hardening #9): with its disk full, the hub answered every request with
+    /// 500 and retried the round close four times a second. Now a failed write that a
+    /// probe confirms makes the hub read-only: writes are refused with
+    /// [`ErrorCode::ReadOnly`] and a message saying why, reads and heartbeats are
+    /// served, and the tick probes every [`WRITE_PROBE_EVERY_MS`] until the hub can
+    /// write again. The failed input never happened (the engine is rebuilt from its
+    /// store), so when writes resume the round closes once, as it would have.
     fn input(&mut self, input: HubInput) -> Result<Applied, HubError> {
-        let applied = match self.host.input(input, now_ms(), &mut self.outer) {
+        let now = now_ms();
+        if self.read_only.is_some() {
+            match input {
+                HubInput::Heartbeat { .. } => {}
+                HubInput::Tick => {
+                    if now < self.probed_ms + WRITE_PROBE_EVERY_MS {
+                        return Err(self.read_only_error().expect("read-only"));
+                    }
+                    self.probed_ms = now;
+                    if let Err(why) = self.probe_writes() {
+                        self.read_only = Some(why);
+                        return Err(self.read_only_error().expect("read-only"));
+                    }
+                    log("the state directory takes writes again; resuming");
+                    self.read_only = None;
+                }
+                _ => return Err(self.read_only_error().expect("read-only")),
+            }
+        }
+        let applied = match self.host.input(input, now, &mut self.outer) {
             Ok(a) => a,
             Err(Ok(e)) => {
                 if e.code == ErrorCode::Internal {
                     log(&format!("{e}; the engine was rebuilt from its store"));
                     self.outer.current = None;
+                    if let Err(why) = self.probe_writes() {
+                        log(&format!(
+                            "can't write to the state directory ({why}): read-only until it \
+                             can; reads are served, writes refused"
+                        ));
+                        self.read_only = Some(why);
+                        self.probed_ms = now;
+                        return Err(self.read_only_error().expect("read-only"));
+                    }
                 }
                 return Err(e);
             }
@@ -425,6 +495,12 @@ impl Core {
             s.divergent(),
         );
         metric(
+            "tessera_hub_read_only",
+            "gauge",
+            "1 while the hub can't write to its state directory (writes refused).",
+            u64::from(self.read_only.is_some()),
+        );
+        metric(
             "tessera_uptime_seconds",
             "gauge",
             "Seconds since the hub started.",
@@ -448,7 +524,11 @@ impl Core {
                     let _ = reply.send(self.input(input).map(|a| a.agrees));
                 }
                 Call::CheckCommit(node, body, reply) => {
-                    let _ = reply.send(self.host.state.check_commit(&node, &body));
+                    let checked = match self.read_only_error() {
+                        Some(e) => Err(e),
+                        None => self.host.state.check_commit(&node, &body),
+                    };
+                    let _ = reply.send(checked);
                 }
                 Call::View(node, reply) => {
                     let _ = reply.send(self.host.state.view(&node));
@@ -457,7 +537,9 @@ impl Core {
                     let _ = reply.send(self.host.state.round_record(r));
                 }
                 Call::Summary(reply) => {
-                    let _ = reply.send(self.host.state.summary());
+                    let mut summary = self.host.state.summary();
+                    summary.read_only = self.read_only.clone();
+                    let _ = reply.send(summary);
                 }
                 Call::Metrics(reply) => {
                     let _ = reply.send(self.metrics());
@@ -705,8 +787,13 @@ async fn commit(
             blobs.forget(&hash.to_hex());
             return Err(refused(e.to_string()));
         }
-        let (_, created) =
-            write_blob_new(&dir, &bytes).map_err(|e| api(ErrorCode::Internal, format!("{e:#}")))?;
+        let (_, created) = write_blob_new(&dir, &bytes).map_err(|e| {
+            blobs.forget(&hash.to_hex());
+            api(
+                ErrorCode::ReadOnly,
+                format!("the hub can't store the blob: {e:#}"),
+            )
+        })?;
         Ok(created)
     })
     .await
@@ -825,7 +912,7 @@ pub async fn serve(config: HubConfig) -> Result<()> {
                 return;
             }
             if let Ok(Err(e)) = done.await {
-                if e.code != ErrorCode::Finished {
+                if e.code != ErrorCode::Finished && e.code != ErrorCode::ReadOnly {
                     log(&format!("tick failed: {e}"));
                 }
             }

@@ -77,12 +77,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
     ));
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // Story (hardening #9): a full disk left a partial `.tmp` behind on every
+        // failed write, so the disk stayed full.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
@@ -259,6 +265,23 @@ mod tests {
 
     fn nano() -> Llama {
         Llama::new(&Preset::by_name("nano").unwrap().config(), Device::Cpu, 3)
+    }
+
+    /// Hardening #9: a write that fails leaves no temporary file behind. (The rename
+    /// fails here because a directory with content holds the target name; a full disk
+    /// fails the write itself, which the hub's disk-full test covers.)
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("blob");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("inside"), b"x").unwrap();
+        assert!(write_atomic(&target, b"bytes").is_err());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("blob")]);
     }
 
     #[test]

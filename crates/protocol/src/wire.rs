@@ -202,6 +202,9 @@ pub struct Summary {
     pub ddp_bytes_per_node: u64,
     pub final_eval: Option<FinalEval>,
     pub final_checkpoint: Option<String>,
+    /// Why the hub takes no writes now (its disk is full), when it doesn't.
+    #[serde(default)]
+    pub read_only: Option<String>,
 }
 
 /// What went wrong, for a client to act on.

@@ -657,7 +657,7 @@ fn commits_are_checked_before_they_count() {
     assert!(text.contains("already received"), "{text}");
     // The round closes with our blob; the hub now serves it and its new checkpoint.
     wait_for(d, "round 0 to close", Duration::from_secs(30), || {
-        get(&format!("{url}/rounds/0")).is_some()
+        get(&format!("{url}/rounds/0")).is_some_and(|r| r["round"] == 0)
     });
     let rec = get(&format!("{url}/rounds/0")).unwrap();
     assert_eq!(rec["accepted"][0][1], good.as_str());
@@ -718,4 +718,137 @@ fn commits_are_checked_before_they_count() {
     assert!(status.success(), "node exited with {status}");
     let log = std::fs::read_to_string(d.join("n.log")).unwrap();
     assert!(log.contains("left the run"), "{log}");
+}
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Mounts a `size_mib` tmpfs at `dir`. Needs root: without it the test is skipped with
+/// a message, except under `CI=true`, where it fails.
+fn small_filesystem(dir: &Path, size_mib: u64) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+        .arg(dir)
+        .output();
+    match mounted {
+        Ok(out) if out.status.success() => Some(Mount(dir.to_path_buf())),
+        other => {
+            let why = match other {
+                Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the disk-full test needs root to mount a small tmpfs: {why}"
+            );
+            eprintln!("skipping the disk-full test: mounting a tmpfs needs root ({why})");
+            None
+        }
+    }
+}
+
+/// Hardening #9. The hub's state directory is a small filesystem; mid-run it is filled
+/// to the last byte. The hub turns read-only with a clear message: it refuses writes
+/// (a join) with `read_only`, keeps serving reads, closes no round, and leaves no
+/// partial file behind. When the space is freed it resumes, and the run finishes with
+/// every round closed exactly once.
+#[test]
+fn a_full_disk_makes_the_hub_read_only_until_space_is_freed() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Some(_mount) = small_filesystem(&d.join("hub"), 16) else {
+        return;
+    };
+    let data = tiny_data(d);
+    let (url, config) = run_file(
+        d,
+        &data,
+        "run_id = \"full\"\nmin_nodes = 2\nrounds = 8\ninner_steps = 2\nround_deadline_ms = 4000\n\
+         heartbeat_timeout_ms = 15000\ntopk = 256\n",
+    );
+    let mut procs = Procs(Vec::new());
+    procs
+        .0
+        .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
+    wait_for(d, "the hub", Duration::from_secs(30), || {
+        get(&format!("{url}/run")).is_some()
+    });
+    for i in 0..2 {
+        procs.0.push(spawn_node(d, &url, &format!("n{i}")));
+    }
+    let summary = || get(&format!("{url}/summary")).unwrap_or_default();
+    let closed = || summary()["rounds_closed"].as_u64().unwrap_or(0);
+    wait_for(d, "two rounds", Duration::from_secs(120), || closed() >= 2);
+
+    // Fill the filesystem to the last byte.
+    let filler = d.join("hub").join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&[0u8; 512]).is_ok() {}
+        let _ = f.sync_all();
+    }
+    wait_for(
+        d,
+        "the hub to turn read-only",
+        Duration::from_secs(60),
+        || !summary()["read_only"].is_null(),
+    );
+    let why = summary()["read_only"].as_str().unwrap().to_string();
+    assert!(why.contains("No space left"), "{why}");
+    let log = std::fs::read_to_string(d.join("hub.log")).unwrap();
+    assert!(log.contains("read-only until it can"), "{log}");
+    // Writes are refused with a clear error; reads are served.
+    let newcomer = tessera_protocol::Identity::generate();
+    let (status, text) = signed(&newcomer, &url, "/node/join", Vec::new());
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("read_only") && text.contains("can't write"),
+        "{text}"
+    );
+    let at = closed();
+    assert!(get(&format!("{url}/run")).is_some());
+    assert_eq!(get(&format!("{url}/rounds/0")).unwrap()["round"], 0);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(closed(), at, "a round closed while the hub could not write");
+    // No partial file was left behind by the failed writes.
+    let leftovers: Vec<_> = std::fs::read_dir(d.join("hub").join("blobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Space is freed: the hub resumes, and the run finishes.
+    std::fs::remove_file(&filler).unwrap();
+    wait_for(
+        d,
+        "the hub to take writes again",
+        Duration::from_secs(30),
+        || summary()["read_only"].is_null(),
+    );
+    wait_for(d, "the run to finish", Duration::from_secs(240), || {
+        summary()["finished"] == true
+    });
+    let s = summary();
+    assert_eq!(s["rounds_closed"], 8, "{s}");
+    for r in 0..8u64 {
+        let rec = get(&format!("{url}/rounds/{r}")).unwrap_or_else(|| panic!("round {r} missing"));
+        assert_eq!(rec["round"], r);
+    }
+    let past = get(&format!("{url}/rounds/8")).unwrap();
+    assert_eq!(past["code"], "not_found", "a round too many: {past}");
+    assert_eq!(s["divergent_reports"], 0, "{s}");
+    let log = std::fs::read_to_string(d.join("hub.log")).unwrap();
+    assert!(log.contains("takes writes again"), "{log}");
 }
