@@ -28,9 +28,7 @@ mod memory;
 pub use iroh_blobs_transport::{IrohBlobs, IrohOptions};
 pub use memory::{MemoryBlobs, MemoryNetwork};
 
-/// Longest peer address accepted (an iroh endpoint id and a few socket addresses
-/// fit in a few hundred bytes).
-pub const PEER_ADDR_BYTES_MAX: usize = 4096;
+pub use tessera_protocol::limits::PEER_ADDR_BYTES_MAX;
 
 /// Where a blob can be fetched from (the wire type lives in `tessera_protocol`).
 pub use tessera_protocol::PeerAddr;

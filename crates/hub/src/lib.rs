@@ -214,6 +214,7 @@ impl Core {
             .context("starting the hub's blob endpoint")?,
         );
         let info = Arc::new(RunInfo {
+            protocol: tessera_protocol::wire::PROTOCOL_VERSION,
             spec: spec.clone(),
             model: model.clone(),
             data_manifest: Hash32::of(&manifest_bytes),

@@ -43,6 +43,9 @@ pub enum StoreError {
     Injected,
     #[error("hub store: no run was created")]
     Missing,
+    /// The database was written by a later Tessera.
+    #[error("{path} has hub store format {found}; this Tessera reads format {HUB_STORE_VERSION} and older: run a release that reads it, or use a new state_dir")]
+    Version { path: String, found: i64 },
 }
 
 /// The hub's durable state.
@@ -67,9 +70,22 @@ pub struct SqliteHubStore {
     db: Connection,
 }
 
+/// The format of `hub.db` this version reads and writes, kept in SQLite's
+/// `user_version`. 0 is a database from before the format was versioned; its tables
+/// are those of format 1, so opening one stamps it 1. A later format is refused, never
+/// misread.
+pub const HUB_STORE_VERSION: i64 = 1;
+
 impl SqliteHubStore {
     pub fn open(path: &Path) -> Result<SqliteHubStore, StoreError> {
         let db = Connection::open(path)?;
+        let found: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > HUB_STORE_VERSION {
+            return Err(StoreError::Version {
+                path: path.display().to_string(),
+                found,
+            });
+        }
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         db.execute_batch(
@@ -77,6 +93,9 @@ impl SqliteHubStore {
              CREATE TABLE IF NOT EXISTS facts (seq INTEGER PRIMARY KEY, fact TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL);",
         )?;
+        if found < HUB_STORE_VERSION {
+            db.pragma_update(None, "user_version", HUB_STORE_VERSION)?;
+        }
         Ok(SqliteHubStore { db })
     }
 
@@ -262,5 +281,51 @@ impl HubStore for MemoryHubStore {
         let image = guard.as_mut().ok_or(StoreError::Missing)?;
         Self::apply(image, change);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user_version(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A database from before the format was versioned is stamped and kept; one from
+    /// a later format is refused with a message naming both formats, and left as it
+    /// was.
+    #[test]
+    fn store_formats_are_versioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        {
+            let mut store = SqliteHubStore::open(&path).unwrap();
+            store.create("run", &Change::default()).unwrap();
+        }
+        assert_eq!(user_version(&path), HUB_STORE_VERSION);
+        // As an older Tessera left it.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 0)
+            .unwrap();
+        let store = SqliteHubStore::open(&path).unwrap();
+        assert_eq!(store.meta("identity").unwrap().as_deref(), Some("run"));
+        drop(store);
+        assert_eq!(user_version(&path), HUB_STORE_VERSION);
+        // As a later Tessera would leave it.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", HUB_STORE_VERSION + 1)
+            .unwrap();
+        let e = SqliteHubStore::open(&path).err().unwrap().to_string();
+        assert!(
+            e.contains("format 2") && e.contains("reads format 1"),
+            "{e}"
+        );
+        assert_eq!(user_version(&path), HUB_STORE_VERSION + 1);
     }
 }

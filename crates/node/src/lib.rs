@@ -19,11 +19,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::anyhow;
 use anyhow::{bail, Context, Result};
 use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions, PeerAddr};
 use tessera_net::http_auth::{call_blocking, ClientAuth};
 use tessera_outer::OuterState;
 use tessera_protocol::limits::{CONTROL_REPLY_BYTES_MAX, DATA_FILE_BYTES_MAX};
+use tessera_protocol::wire::{protocol_of, PROTOCOL_VERSION};
 use tessera_protocol::wire::{
     Commit, CommitBody, ErrorBody, ErrorCode, NodeStats, RoundRecord, RunInfo, StateView,
     ThetaReply, ThetaReport,
@@ -158,6 +160,13 @@ impl HttpHub {
 impl HubApi for HttpHub {
     fn run_info(&self) -> Result<RunInfo, ApiFailure> {
         let bytes = self.send("GET", "/run", Vec::new())?;
+        let version = protocol_of(&bytes).map_err(|e| ApiFailure::Transport(anyhow!(e)))?;
+        if version != PROTOCOL_VERSION {
+            return Err(ApiFailure::Transport(anyhow!(
+                "the hub speaks protocol version {version} and this node {PROTOCOL_VERSION}; \
+                 run the same Tessera release as the hub"
+            )));
+        }
         self.json(bytes, "run info")
     }
 
@@ -655,6 +664,7 @@ mod tests {
             .unwrap()
             .config_for_vocab(300);
         let mut info = tessera_protocol::wire::RunInfo {
+            protocol: tessera_protocol::wire::PROTOCOL_VERSION,
             spec,
             model,
             data_manifest: tessera_protocol::Hash32::default(),

@@ -36,6 +36,10 @@ pub const CONTROL_REPLY_BYTES_MAX: usize = 8 << 20;
 /// tokenizer); shards are cut well below it.
 pub const DATA_FILE_BYTES_MAX: usize = 1 << 30;
 
+/// Longest blob-endpoint address accepted in a commit (an iroh endpoint id and a few
+/// socket addresses fit in a few hundred bytes).
+pub const PEER_ADDR_BYTES_MAX: usize = 4096;
+
 /// Most members a run admits (a run's `max_nodes` is at most this). The hub's
 /// per-input cost is logarithmic in the members and the simulator checks runs of
 /// 10,000 nodes; past that the all-to-all exchange, not the hub, is the limit
@@ -60,4 +64,25 @@ const _: () = assert!(
 const _: () = assert!(
     MEMBERS_MAX * 160 <= CONTROL_REPLY_BYTES_MAX,
     "a round record naming every member must fit in a reply"
+);
+
+const _: () = assert!(
+    CONTROL_BODY_BYTES_MAX <= HTTP_BODY_BYTES_MAX,
+    "a control message is an HTTP body"
+);
+const _: () = assert!(
+    PEER_ADDR_BYTES_MAX * 4 <= CONTROL_BODY_BYTES_MAX,
+    "a commit naming its provider fits a control message"
+);
+const _: () = assert!(
+    REPLAY_SIGNER_SHARE_MAX as usize * 16 <= REPLAY_CACHE_MAX,
+    "the cache holds at least 16 signers' full shares"
+);
+const _: () = assert!(
+    INNER_STEPS_MAX as usize * 21 <= CONTROL_REPLY_BYTES_MAX,
+    "a state view listing every assigned batch (up to 20 digits and a comma each) fits a reply"
+);
+const _: () = assert!(
+    CONTROL_REPLY_BYTES_MAX <= DATA_FILE_BYTES_MAX,
+    "data files are the largest replies"
 );

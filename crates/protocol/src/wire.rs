@@ -1,7 +1,10 @@
 //! Every body the hub and nodes exchange on the control plane, as JSON: requests, replies
 //! and the typed error body. Every body that changes state names its run and round; the
-//! signed request around it is versioned (`tessera-http-v1`, see [`crate::auth`]) and
-//! bounded (`limits::CONTROL_BODY_BYTES_MAX`). Ids and hashes are [`NodeId`] and
+//! signed request around it is versioned (`tessera-http-v2`, see [`crate::auth`]) and
+//! bounded (`limits::CONTROL_BODY_BYTES_MAX`). The bodies as a whole are versioned by
+//! [`PROTOCOL_VERSION`], which `GET /run` names first: a node reads that field alone
+//! before the rest, so a hub and node of different versions refuse each other with a
+//! message naming both, instead of misreading a body. Ids and hashes are [`NodeId`] and
 //! [`Hash32`], which have one text form each.
 //!
 //! Routes (the hub's):
@@ -17,6 +20,9 @@
 //! | `GET /rounds/{round}` | – | [`RoundRecord`] |
 //! | `POST /theta` (signed) | [`ThetaReport`] | [`ThetaReply`] |
 //! | `GET /summary` | – | [`Summary`] |
+//! | `GET /auth` | – | [`crate::auth::Audience`] |
+//!
+//! Every reply, refusals included, carries the hub's signature ([`crate::auth`]).
 //!
 //! Every refusal is an HTTP error status with an [`ErrorBody`]; clients act on its
 //! [`ErrorCode`], never on its message.
@@ -71,10 +77,30 @@ pub struct Commit {
     pub theta_hash: Hash32,
 }
 
+/// The version of the bodies in this module. 1 was the unversioned format before
+/// replies were signed; 2 added the signed audience, `protocol` itself, the
+/// `busy` and `read_only` error codes and [`Summary::read_only`].
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Reads only the protocol version of a `GET /run` reply, so a node can refuse a hub
+/// of another version before parsing a body it may not understand.
+pub fn protocol_of(run_info_json: &[u8]) -> Result<u32, String> {
+    #[derive(Deserialize)]
+    struct Probe {
+        protocol: Option<u32>,
+    }
+    let probe: Probe =
+        serde_json::from_slice(run_info_json).map_err(|e| format!("malformed run info: {e}"))?;
+    // A hub from before the field existed speaks version 1.
+    Ok(probe.protocol.unwrap_or(1))
+}
+
 /// `GET /run`: everything a node needs to take part.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunInfo {
+    /// [`PROTOCOL_VERSION`] of the hub.
+    pub protocol: u32,
     pub spec: RunSpec,
     /// The model's shape (the preset with the data set's vocabulary).
     pub model: LlamaConfig,
@@ -254,6 +280,15 @@ pub struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node reads the hub's protocol version before anything else in its run info;
+    /// a hub from before the field existed reads as version 1.
+    #[test]
+    fn run_info_names_its_protocol_first() {
+        assert_eq!(protocol_of(br#"{"protocol": 2, "anything": []}"#), Ok(2));
+        assert_eq!(protocol_of(br#"{"spec": {}, "hub_blobs": "x"}"#), Ok(1));
+        assert!(protocol_of(b"not json").is_err());
+    }
 
     #[test]
     fn bodies_refuse_unknown_fields_and_round_trip() {
