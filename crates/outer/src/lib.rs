@@ -9,8 +9,9 @@
 //! floating-point operation changes the θ hash of a run, which `state::tests` pins.
 //!
 //! Untrusted bytes are checked before they are trusted: [`decode`] validates the
-//! header, every length, index and scale before allocating, and [`OuterState::from_bytes`]
-//! checks a checkpoint's length first.
+//! header, every length, index and scale before allocating, and refuses an update with
+//! a non-finite value; [`OuterState::from_bytes`] checks a checkpoint's length first.
+//! Both are fuzzed (`fuzz/`, targets `update_*` and `outer_checkpoint`).
 //!
 //! It holds no tensors (flattening a model into θ is the trainer's job) and does no I/O:
 //! callers pass bytes in and take bytes out.

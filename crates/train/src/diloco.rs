@@ -22,7 +22,9 @@ use tessera_model::{Llama, LlamaConfig};
 use crate::data::{token_byte_lengths, Dataset, Windows};
 use crate::eval::{evaluate_windows, EvalResult};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::outer::{aggregate, decode, encode, theta_hash, Aggregator, Codec, Nesterov};
+use crate::outer::{
+    aggregate, decode, encode, theta_hash, Aggregator, Codec, CodecError, Nesterov,
+};
 use crate::trainer::{train_step, Sampler, TrainError};
 
 #[derive(Debug, Clone, Serialize)]
@@ -274,10 +276,18 @@ fn diloco(
         let own = blobs[0].len() as u64;
         let others: u64 = blobs[1..].iter().map(|b| b.len() as u64).sum();
         bytes_per_node += own * (m as u64 - 1) + others;
-        let decoded: Vec<Vec<f32>> = blobs
+        // A worker whose training diverged sends NaN or infinity, which no decoder
+        // accepts; any other refusal of our own encoding would be a bug.
+        let decoded = blobs
             .iter()
-            .map(|b| decode(b, n as u64).expect("our own encoding decodes"))
-            .collect();
+            .map(|b| match decode(b, n as u64) {
+                Err(CodecError::NotFinite { .. }) => Err(TrainError::Diverged {
+                    step: (round + 1) * opts.inner_steps,
+                    loss: loss_sum / m as f64,
+                }),
+                other => Ok(other.expect("our own encoding decodes")),
+            })
+            .collect::<Result<Vec<Vec<f32>>, TrainError>>()?;
         let pseudo_gradient = aggregate(opts.aggregator, &decoded);
         outer.step(&mut theta, &pseudo_gradient);
         progress(Progress::Step {

@@ -232,6 +232,10 @@ pub enum CodecError {
     /// A top-k position is outside its chunk, or the bit stream ends early.
     #[error("update blob has a position outside chunk {chunk} or runs out of bits there")]
     Index { chunk: usize },
+    /// A decoded value is NaN or infinite: sent raw (`none`, a low-rank tail) or the
+    /// overflow of a product (an `int8` code times its scale, a low-rank `P Qᵀ`).
+    #[error("update blob decodes to a non-finite value at element {index}")]
+    NotFinite { index: usize },
 }
 
 /// Encodes `delta + decay · residual` and leaves in `residual` what the encoding
@@ -289,8 +293,8 @@ pub fn decode_for(run: Codec, bytes: &[u8], expected: u64) -> Result<Vec<f32>, C
 }
 
 /// Decodes an update of `expected` elements with the codec its header names, validating
-/// every length, index and scale before allocating or trusting it. For blobs of
-/// untrusted origin use [`decode_for`].
+/// every length, index and scale before allocating or trusting it, and every decoded
+/// value after (it must be finite). For blobs of untrusted origin use [`decode_for`].
 pub fn decode(bytes: &[u8], expected: u64) -> Result<Vec<f32>, CodecError> {
     decode_checked(None, bytes, expected)
 }
@@ -352,6 +356,11 @@ fn decode_checked(run: Option<Codec>, bytes: &[u8], expected: u64) -> Result<Vec
         Codec::LowRank { rows, cols, rank } => {
             lowrank::decode(payload, &mut out, rows, cols, rank)?
         }
+    }
+    // Checking every scale is not enough: raw values may be NaN and finite scales can
+    // overflow in a product. One non-finite value would make θ NaN.
+    if let Some(index) = out.iter().position(|v| !v.is_finite()) {
+        return Err(CodecError::NotFinite { index });
     }
     Ok(out)
 }
@@ -416,6 +425,66 @@ mod tests {
         assert!(decode_for(run, &other_k, n as u64).is_err());
         let ours = encode(run, &noise(n, 2), &mut vec![0.0; n], 1.0);
         assert_eq!(decode_for(run, &ours, n as u64), decode(&ours, n as u64));
+    }
+
+    /// Story: fuzzing (`fuzz/`, targets `update_none`, `update_int8` and
+    /// `update_lowrank`, each within seconds) found blobs that passed every check and
+    /// decoded to NaN or infinity. A `none` blob and a low-rank tail carry raw f32, so
+    /// NaN went through as is; an `int8` scale of `f32::MAX` is finite, but 127 times it
+    /// is not; and a low-rank product of large finite factors overflows. Any one such
+    /// update, accepted by the hub, makes a mean-aggregated θ NaN for every node. A
+    /// decoded update must now be finite everywhere, whatever the codec.
+    #[test]
+    fn blobs_that_decode_to_non_finite_values_are_refused() {
+        let mut values = noise(40, 3);
+        values[5] = f32::NAN;
+        let nan = encode(Codec::None, &values, &mut vec![0.0; 40], 1.0);
+        assert_eq!(decode(&nan, 40), Err(CodecError::NotFinite { index: 5 }));
+        values[5] = f32::INFINITY;
+        let inf = encode(Codec::None, &values, &mut vec![0.0; 40], 1.0);
+        assert_eq!(
+            decode_for(Codec::None, &inf, 40),
+            Err(CodecError::NotFinite { index: 5 })
+        );
+
+        // int8: a finite scale whose product with a code overflows.
+        let int8 = Codec::Int8 { chunk: 8 };
+        let mut blob = encode(int8, &noise(40, 4), &mut vec![0.0; 40], 1.0);
+        let chunk = HEADER_BYTES + 2 * (4 + 8);
+        blob[chunk..chunk + 4].copy_from_slice(&f32::MAX.to_le_bytes());
+        blob[chunk + 4..chunk + 12].fill(0);
+        blob[chunk + 4 + 3] = 127;
+        assert_eq!(
+            decode_for(int8, &blob, 40),
+            Err(CodecError::NotFinite { index: 19 })
+        );
+
+        // Low-rank, 4 × 8 blocks of rank 2 over 40 elements: one block, one row of 8
+        // (a 1-row block), nothing raw. Large finite scales overflow the product.
+        let low = Codec::LowRank {
+            rows: 4,
+            cols: 8,
+            rank: 2,
+        };
+        let good = encode(low, &noise(40, 5), &mut vec![0.0; 40], 1.0);
+        assert!(decode_for(low, &good, 40).is_ok());
+        let mut blob = good.clone();
+        for o in [HEADER_BYTES, HEADER_BYTES + 2 * (4 + 4)] {
+            // The first column of P, then of Q.
+            blob[o..o + 4].copy_from_slice(&1e30f32.to_le_bytes());
+        }
+        assert!(matches!(
+            decode_for(low, &blob, 40),
+            Err(CodecError::NotFinite { .. })
+        ));
+        // A raw tail (43 elements: three past the 1-row block) carrying NaN.
+        let mut values = noise(43, 6);
+        values[42] = f32::NAN;
+        let blob = encode(low, &values, &mut vec![0.0; 43], 1.0);
+        assert_eq!(
+            decode_for(low, &blob, 43),
+            Err(CodecError::NotFinite { index: 42 })
+        );
     }
 
     const CODECS: [Codec; 8] = [
