@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 BIN := target/release/tessera
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build demo test lint ci clean
+.PHONY: setup build demo test lint ci clean fuzz
 
 $(STAMP): python/requirements.txt
 	python3 -m venv $(VENV)
@@ -33,6 +33,19 @@ lint: setup
 	cargo clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 ci: test lint
+
+# Fuzzing (fuzz/): every decoder of untrusted bytes, one target after another, each for
+# FUZZ_SECONDS or FUZZ_RUNS executions, whichever comes first (FUZZ_TARGETS: a subset).
+# Needs a nightly toolchain; not part of `make test`. See fuzz/README.md.
+FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?= -1
+FUZZ_TARGETS ?=
+
+fuzz:
+	@rustup run nightly rustc --version >/dev/null 2>&1 || \
+		{ echo "make fuzz needs a nightly toolchain: rustup toolchain install nightly"; exit 1; }
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_RUNS=$(FUZZ_RUNS) fuzz/run.sh $(FUZZ_TARGETS)
 
 clean:
 	cargo clean
