@@ -1,5 +1,6 @@
 //! `run.toml`: what a run organiser writes to start a hub. Two kinds of keys: where the
-//! hub runs (`data`, `state_dir`, `listen`, `blob_bind`, `ledger`, `organiser`) and the
+//! hub runs (`data`, `state_dir`, `listen`, `blob_bind`, `ledger`, `organiser`,
+//! `tls_cert`, `tls_key`) and the
 //! run's settings, which are the keys of [`RunSpec`] with its defaults (the measured
 //! best; see `tessera_protocol::spec`). Only `run_id`, `data` and `state_dir` are
 //! required; an unknown key is an error that names it.
@@ -32,6 +33,13 @@ pub struct Deployment {
     /// revenue through the hub's `/ledger/` API.
     #[serde(default)]
     pub organiser: Option<String>,
+    /// A PEM certificate chain: with `tls_key`, the hub serves HTTPS (see
+    /// `tessera_net::tls` for when that is needed).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn d_listen() -> String {
@@ -48,6 +56,8 @@ const DEPLOYMENT_KEYS: &[&str] = &[
     "blob_bind",
     "ledger",
     "organiser",
+    "tls_cert",
+    "tls_key",
 ];
 
 /// A hub's whole configuration.
@@ -76,6 +86,9 @@ impl HubConfig {
             bail!("missing `run_id`");
         }
         let deployment: Deployment = toml::Value::Table(deployment).try_into()?;
+        if deployment.tls_cert.is_some() != deployment.tls_key.is_some() {
+            bail!("`tls_cert` and `tls_key` go together: give both to serve HTTPS, or neither");
+        }
         let spec: RunSpec = toml::Value::Table(table).try_into()?;
         spec.validate()?;
         Ok(HubConfig { deployment, spec })
@@ -109,6 +122,7 @@ mod tests {
             ("codec = \"zip\"\n", "zip"),
             ("aggregator = \"max\"\n", "max"),
             ("inner_steps = 0\n", "inner_steps"),
+            ("tls_cert = \"c.pem\"\n", "tls_key"),
         ] {
             let e = format!(
                 "{:#}",

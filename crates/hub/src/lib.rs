@@ -878,6 +878,11 @@ const ENGINE_QUEUE_MAX: usize = 1024;
 /// times a second.
 pub async fn serve(config: HubConfig) -> Result<()> {
     let listen = config.deployment.listen.clone();
+    // Read before anything starts, so a bad certificate fails the start with its name.
+    let tls = match (&config.deployment.tls_cert, &config.deployment.tls_key) {
+        (Some(cert), Some(key)) => Some(tessera_net::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let (tx, rx) = mpsc::channel(ENGINE_QUEUE_MAX);
     let core = {
         let tx = tx.clone();
@@ -922,6 +927,10 @@ pub async fn serve(config: HubConfig) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
+    if let Some(tls) = tls {
+        eprintln!("hub: serving run on https://{}", listener.local_addr()?);
+        return tessera_net::tls::serve_tls(listener, router, tls).await;
+    }
     eprintln!("hub: serving run on http://{}", listener.local_addr()?);
     axum::serve(
         listener,

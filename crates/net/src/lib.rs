@@ -10,6 +10,7 @@
 
 pub mod http_auth;
 pub mod ledger_api;
+pub mod tls;
 
 pub use http_auth::{with_signed_replies, ClientAuth, ServerAuth};
 pub use ledger_api::{router as ledger_router, ClientError, LedgerClient, LedgerService};

@@ -43,6 +43,9 @@ pub struct NodeOptions {
     /// The hub's key: every reply must be signed by it. Without it, the first key seen
     /// is pinned for the node's lifetime.
     pub hub_key: Option<NodeId>,
+    /// A PEM certificate to trust as a root for an HTTPS hub with a self-signed
+    /// certificate.
+    pub hub_ca: Option<PathBuf>,
     pub identity: Identity,
     /// Where the data set is cached.
     pub cache_dir: PathBuf,
@@ -96,13 +99,16 @@ impl HttpHub {
         identity: Identity,
         auth: Arc<ClientAuth>,
         timeout: Duration,
+        ca: Option<&reqwest::Certificate>,
     ) -> Result<HttpHub> {
+        let mut http = reqwest::blocking::Client::builder().timeout(timeout);
+        if let Some(ca) = ca {
+            http = http.add_root_certificate(ca.clone());
+        }
         Ok(HttpHub {
             base: base.trim_end_matches('/').to_string(),
             identity,
-            http: reqwest::blocking::Client::builder()
-                .timeout(timeout)
-                .build()?,
+            http: http.build()?,
             auth,
         })
     }
@@ -328,11 +334,16 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     let counters = Arc::new(Counters::default());
     // One pin for every connection to the hub: the given key, or the first one seen.
     let auth = Arc::new(ClientAuth::new(opts.hub_key));
+    let ca = match &opts.hub_ca {
+        Some(path) => Some(tessera_net::tls::root_certificate(path)?),
+        None => None,
+    };
     let hub = Arc::new(HttpHub::new(
         &opts.hub,
         opts.identity.clone(),
         auth.clone(),
         Duration::from_secs(600),
+        ca.as_ref(),
     )?);
     let blobs = Arc::new(
         IrohBlobs::bind(IrohOptions {
@@ -398,6 +409,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
             opts.identity.clone(),
             auth.clone(),
             Duration::from_secs(30),
+            ca.as_ref(),
         )?;
         let counters = counters.clone();
         let blobs = blobs.clone();

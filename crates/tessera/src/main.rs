@@ -242,6 +242,9 @@ struct NodeArgs {
     /// must be signed by it; without it the node trusts the first key it sees.
     #[arg(long)]
     hub_key: Option<String>,
+    /// A PEM certificate to trust for an HTTPS hub whose certificate is self-signed.
+    #[arg(long)]
+    hub_ca: Option<PathBuf>,
     /// Identity key file (created if missing).
     #[arg(long, default_value = "tessera.key")]
     key: PathBuf,
@@ -353,6 +356,7 @@ fn run(cli: Cli) -> Result<()> {
             tessera_node::run(tessera_node::NodeOptions {
                 hub: args.hub,
                 hub_key,
+                hub_ca: args.hub_ca,
                 identity,
                 cache_dir: args.cache,
                 device,

@@ -852,3 +852,85 @@ fn a_full_disk_makes_the_hub_read_only_until_space_is_freed() {
     let log = std::fs::read_to_string(d.join("hub.log")).unwrap();
     assert!(log.contains("takes writes again"), "{log}");
 }
+
+/// Writes a test CA (`ca.pem`) and a certificate it signs for 127.0.0.1 (`cert.pem`,
+/// `key.pem`) into `d`.
+fn test_certificates(d: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(d.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(d.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+/// Given a certificate, the hub serves HTTPS: a node given the certificate's CA
+/// (`--hub-ca`) trains with it; a node without it refuses the hub's certificate, and
+/// plain HTTP gets no answer.
+#[test]
+fn the_hub_serves_https_to_nodes_that_trust_its_certificate() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = tiny_data(d);
+    test_certificates(d);
+    let (plain, config) = run_file(
+        d,
+        &data,
+        &format!(
+            "run_id = \"tls\"\nmin_nodes = 1\nrounds = 2\ninner_steps = 1\n\
+             round_deadline_ms = 30000\ntopk = 64\ntls_cert = {:?}\ntls_key = {:?}\n",
+            d.join("cert.pem"),
+            d.join("key.pem")
+        ),
+    );
+    let url = plain.replace("http://", "https://");
+    let mut procs = Procs(Vec::new());
+    procs
+        .0
+        .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
+    tessera_net::install_tls_provider();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(d.join("ca.pem")).unwrap()).unwrap();
+    let trusting = reqwest::blocking::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let summary = || -> Option<serde_json::Value> {
+        trusting
+            .get(format!("{url}/summary"))
+            .send()
+            .ok()?
+            .json()
+            .ok()
+    };
+    wait_for(d, "the hub over HTTPS", Duration::from_secs(30), || {
+        summary().is_some()
+    });
+    assert!(
+        get(&format!("{plain}/summary")).is_none(),
+        "plain HTTP was answered"
+    );
+    // Without the CA, a node refuses the hub's certificate and exits.
+    let mut untrusting = spawn_node(d, &url, "untrusting");
+    assert!(!untrusting.wait().unwrap().success());
+    let log = std::fs::read_to_string(d.join("untrusting.log")).unwrap();
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    // With it, a node trains the run to its end.
+    procs.0.push(spawn_node_with(
+        d,
+        &url,
+        "n",
+        &["--hub-ca", s(&d.join("ca.pem"))],
+    ));
+    wait_for(d, "the run over HTTPS", Duration::from_secs(120), || {
+        summary().is_some_and(|s| s["finished"] == true && s["rounds_closed"] == 2)
+    });
+}
