@@ -92,8 +92,12 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Nodes pin the hub's key, as contributors do with the key the hub prints.
+    let hub_key =
+        tessera_protocol::Identity::load(&hub_dir.join(tessera_hub::HUB_KEY_FILE))?.public_hex();
     eprintln!(
-        "hub on {url}; starting {} nodes (logs in {})",
+        "hub on {url} (key {}); starting {} nodes (logs in {})",
+        &hub_key[..16],
         demo.nodes,
         dir.display()
     );
@@ -101,7 +105,8 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         let name = format!("node{i}");
         let key = dir.join(format!("{name}.key"));
         let child = Command::new(&exe)
-            .args(["node", "--hub", &url, "--threads", "1", "--device", "cpu"])
+            .args(["node", "--hub", &url, "--hub-key", &hub_key])
+            .args(["--threads", "1", "--device", "cpu"])
             .arg("--key")
             .arg(&key)
             .arg("--cache")
