@@ -1,0 +1,175 @@
+//! The validator's judgement of a round's updates, as pure functions: which updates
+//! are copies of another ([`find_copies`]), which are refused and what each accepted
+//! one earns ([`judge`]), which are replayed ([`audit_picks`], [`audit_compare`]), and
+//! the escrow that holds pay until audits could have caught the work ([`Escrow`]).
+//!
+//! The key design choice is that everything here works on what the protocol gives a
+//! validator — decoded updates in commit order, measured losses, replayed updates,
+//! a seed drawn after commits close — and never on who is known to be adversarial, so
+//! one [`VerifyConfig`] serves honest runs and every attack alike. Measuring losses and
+//! replaying training need the model; that lives with the trainer, which hands the
+//! figures in as [`Evidence`]. Nothing here does I/O, reads a clock or draws randomness
+//! of its own.
+//!
+//! What each check catches is written on the check; the threat model as a whole is in
+//! docs/threat-model.md.
+
+mod audit;
+mod copies;
+mod escrow;
+mod judge;
+
+pub use audit::{audit_compare, audit_picks, AuditOutcome};
+pub use copies::{find_copies, Candidate, CopyFinding};
+pub use escrow::{Escrow, EscrowError};
+pub use judge::{judge, Evidence, Flag, Judgement};
+
+use serde::{Deserialize, Serialize};
+use tessera_outer::Aggregator;
+
+/// The one validator configuration: the same settings for honest runs and every
+/// attack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Two updates whose kept positions overlap at least this much
+    /// (|A ∩ B| / min(|A|, |B|)) are compared as possible copies.
+    pub copy_overlap_min: f64,
+    /// …and are copies when their cosine similarity is at least this.
+    pub copy_cosine_min: f64,
+    /// An update whose norm is above this many times the round's median is refused
+    /// (a scaled update; the aggregate clips to the median norm in any case).
+    pub norm_ratio_max: f64,
+    /// An update whose norm is below this fraction of the round's median is refused
+    /// (a free rider's empty update).
+    pub norm_ratio_min: f64,
+    /// An update that makes the held-out loss worse by more than this fraction of the
+    /// round's median gain is refused (noise, a flipped sign).
+    pub harm_ratio_max: f64,
+    /// Updates replayed each round: the most suspicious ones first.
+    pub audits_targeted: usize,
+    /// …and this many more, drawn by the round's seed among the rest.
+    pub audits_random: usize,
+    /// Largest relative L2 difference between a submitted and a replayed update that
+    /// still counts as the same work.
+    pub audit_tolerance: f64,
+    /// Rounds a round's pay waits in escrow before it is released.
+    pub escrow_rounds: u64,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> VerifyConfig {
+        VerifyConfig {
+            copy_overlap_min: 0.5,
+            copy_cosine_min: 0.9,
+            norm_ratio_max: 3.0,
+            norm_ratio_min: 0.2,
+            harm_ratio_max: 0.5,
+            audits_targeted: 1,
+            audits_random: 1,
+            audit_tolerance: 1e-3,
+            escrow_rounds: 5,
+        }
+    }
+}
+
+/// The robust aggregate of accepted updates: each clipped to the median norm of the
+/// set, then averaged (`Aggregator::NormClip` with factor 1). A coordinate-wise median
+/// is no choice for sparse updates: where supports differ, most coordinates hold a
+/// value in fewer than half the updates and the median there is zero
+/// (`a_median_of_sparse_updates_is_mostly_zero`).
+pub fn clipped_mean(updates: &[&[f32]]) -> Vec<f32> {
+    let owned: Vec<Vec<f32>> = updates.iter().map(|u| u.to_vec()).collect();
+    tessera_outer::aggregate::aggregate(Aggregator::NormClip { factor: 1.0 }, &owned)
+}
+
+/// The L2 norm, summed in f64.
+pub fn norm(update: &[f32]) -> f64 {
+    update
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 for none.
+pub(crate) fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Seeded values in (-0.01, 0.01) (SplitMix64), about a pseudo-gradient's size.
+    pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                ((z >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.02
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sparse updates with different supports (as top-k gives): the coordinate-wise
+    /// median is zero almost everywhere, so a median aggregate throws the round's work
+    /// away; the clipped mean keeps it.
+    #[test]
+    fn a_median_of_sparse_updates_is_mostly_zero() {
+        let n = 4096;
+        let updates: Vec<Vec<f32>> = (0..8)
+            .map(|i| {
+                let mut u = vec![0f32; n];
+                // Each keeps 1% of coordinates; supports overlap a little.
+                for j in 0..41 {
+                    u[(i * 37 + j * 97) % n] = 1.0;
+                }
+                u
+            })
+            .collect();
+        let median = tessera_outer::aggregate::aggregate(Aggregator::Median, &updates);
+        let kept = median.iter().filter(|v| **v != 0.0).count();
+        let refs: Vec<&[f32]> = updates.iter().map(|u| u.as_slice()).collect();
+        let clipped = clipped_mean(&refs);
+        let kept_clipped = clipped.iter().filter(|v| **v != 0.0).count();
+        assert!(
+            kept * 10 < kept_clipped,
+            "median kept {kept}, clipped mean {kept_clipped}"
+        );
+        assert!(norm(&median) < 0.1 * norm(&clipped));
+    }
+
+    #[test]
+    fn clipped_mean_bounds_a_scaled_update() {
+        let honest = vec![1f32; 16];
+        let scaled = vec![100f32; 16];
+        let agg = clipped_mean(&[&honest, &honest, &scaled]);
+        // Clipped to the median norm, the scaled update counts as one honest update.
+        assert!(agg.iter().all(|&v| (v - 1.0).abs() < 1e-5), "{agg:?}");
+    }
+
+    #[test]
+    fn the_config_has_one_text_form() {
+        let c = VerifyConfig::default();
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VerifyConfig>(&json).unwrap(), c);
+        assert!(serde_json::from_str::<VerifyConfig>(r#"{"colour": 1}"#).is_err());
+    }
+}
