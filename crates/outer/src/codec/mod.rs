@@ -438,10 +438,10 @@ mod tests {
     fn blobs_that_decode_to_non_finite_values_are_refused() {
         let mut values = noise(40, 3);
         values[5] = f32::NAN;
-        let nan = encode(Codec::None, &values, &mut vec![0.0; 40], 1.0);
+        let nan = encode(Codec::None, &values, &mut [0.0; 40], 1.0);
         assert_eq!(decode(&nan, 40), Err(CodecError::NotFinite { index: 5 }));
         values[5] = f32::INFINITY;
-        let inf = encode(Codec::None, &values, &mut vec![0.0; 40], 1.0);
+        let inf = encode(Codec::None, &values, &mut [0.0; 40], 1.0);
         assert_eq!(
             decode_for(Codec::None, &inf, 40),
             Err(CodecError::NotFinite { index: 5 })
@@ -449,7 +449,7 @@ mod tests {
 
         // int8: a finite scale whose product with a code overflows.
         let int8 = Codec::Int8 { chunk: 8 };
-        let mut blob = encode(int8, &noise(40, 4), &mut vec![0.0; 40], 1.0);
+        let mut blob = encode(int8, &noise(40, 4), &mut [0.0; 40], 1.0);
         let chunk = HEADER_BYTES + 2 * (4 + 8);
         blob[chunk..chunk + 4].copy_from_slice(&f32::MAX.to_le_bytes());
         blob[chunk + 4..chunk + 12].fill(0);
@@ -466,7 +466,7 @@ mod tests {
             cols: 8,
             rank: 2,
         };
-        let good = encode(low, &noise(40, 5), &mut vec![0.0; 40], 1.0);
+        let good = encode(low, &noise(40, 5), &mut [0.0; 40], 1.0);
         assert!(decode_for(low, &good, 40).is_ok());
         let mut blob = good.clone();
         for o in [HEADER_BYTES, HEADER_BYTES + 2 * (4 + 4)] {
@@ -480,7 +480,7 @@ mod tests {
         // A raw tail (43 elements: three past the 1-row block) carrying NaN.
         let mut values = noise(43, 6);
         values[42] = f32::NAN;
-        let blob = encode(low, &values, &mut vec![0.0; 43], 1.0);
+        let blob = encode(low, &values, &mut [0.0; 43], 1.0);
         assert_eq!(
             decode_for(low, &blob, 43),
             Err(CodecError::NotFinite { index: 42 })
