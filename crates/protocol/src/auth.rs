@@ -102,7 +102,7 @@ impl Session {
 
     /// Exactly 32 lowercase hex digits.
     pub fn from_hex(text: &str) -> Option<Session> {
-        hex_exact::<16>(text).map(Session)
+        crate::identity::from_hex::<16>(text).map(Session)
     }
 }
 
@@ -132,22 +132,6 @@ impl<'de> Deserialize<'de> for Session {
     }
 }
 
-fn hex_exact<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let b = text.as_bytes();
-    if b.len() != 2 * N {
-        return None;
-    }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = digit(b[2 * i])? << 4 | digit(b[2 * i + 1])?;
-    }
-    Some(out)
-}
 
 /// Whom a signed request is for, and who signs the replies: `GET /auth` returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

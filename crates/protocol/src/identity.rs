@@ -46,7 +46,7 @@ fn to_hex(bytes: &[u8]) -> String {
 /// Story: `u8::from_str_radix` takes a leading `+` and upper case, so one key had
 /// several ids (the one with `+` broke the ledger's id rules and stopped every payout)
 /// and one signature several spellings (each passed the replay guard again).
-fn from_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+pub(crate) fn from_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     let bytes = text.as_bytes();
     if bytes.len() != 2 * N {
         return None;
