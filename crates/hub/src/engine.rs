@@ -24,6 +24,8 @@ use tessera_protocol::wire::{
 };
 use tessera_protocol::{Hash32, NodeId, RunSpec};
 
+/// Closed rounds whose accepted updates a commit may not send again.
+pub const RESENT_ROUNDS_CHECKED: usize = 3;
 /// The outer step at a round's close: from the checkpoint `from`, aggregate the accepted
 /// updates (in the given order) and step. Implementations are deterministic: the same
 /// `from` and `accepted` give the same result.
@@ -352,6 +354,41 @@ impl HubState {
                     theta.short(12)
                 ),
             ));
+        }
+        self.check_not_resent(node, body.commit.blob_hash)?;
+        Ok(())
+    }
+
+    /// Refuses an update already committed this round by another member, or accepted
+    /// in one of the last [`RESENT_ROUNDS_CHECKED`] rounds: an update is credited to its
+    /// first committer, and an old update sent again (a `stale` free rider) is not new
+    /// work. O(members) per commit: a scan of this round's commits and the recent
+    /// records. Near copies are the validator's to find (`tessera_verify`).
+    fn check_not_resent(&self, node: &NodeId, blob: Hash32) -> Result<(), HubError> {
+        let resent = |by: &NodeId, round: u64| {
+            HubError::new(
+                ErrorCode::Duplicate,
+                format!(
+                    "update {} was already committed by {} in round {round}; an update is \
+                     credited to its first committer",
+                    blob.short(12),
+                    by.short(12)
+                ),
+            )
+        };
+        let round = self.coord.round().unwrap_or(self.coord.closed_rounds);
+        if let Some((by, _)) = self
+            .coord
+            .commits
+            .iter()
+            .find(|(by, c)| *by != node && c.blob_hash == blob)
+        {
+            return Err(resent(by, round));
+        }
+        for rec in self.rounds.values().rev().take(RESENT_ROUNDS_CHECKED) {
+            if let Some((by, _)) = rec.accepted.iter().find(|(_, h)| *h == blob) {
+                return Err(resent(by, rec.round));
+            }
         }
         Ok(())
     }

@@ -145,6 +145,19 @@ fn commits_are_checked_and_refusals_change_nothing() {
         )),
         ErrorCode::AlreadyCommitted
     );
+    // Another member's exact copy of the first commit is refused: an update is
+    // credited to its first committer.
+    assert_eq!(
+        code(hub.apply(
+            HubInput::Commit {
+                node: id(2),
+                body: body(&hub, id(2), b"u1"),
+            },
+            11,
+            out
+        )),
+        ErrorCode::Duplicate
+    );
     // The second commit closes the round: a snapshot, a record, a payout to request.
     let b2 = body(&hub, id(2), b"u2");
     let applied = hub
@@ -171,6 +184,18 @@ fn commits_are_checked_and_refusals_change_nothing() {
         .effects
         .iter()
         .any(|e| matches!(e, tessera_hub::engine::Effect::Pay(r) if r.round == 0)));
+    // A stale free rider: the same update sent again in the next round is refused.
+    assert_eq!(
+        code(hub.apply(
+            HubInput::Commit {
+                node: id(1),
+                body: body(&hub, id(1), b"u2"),
+            },
+            13,
+            out
+        )),
+        ErrorCode::Duplicate
+    );
 }
 
 /// Story: heartbeats and θ reports from keys that were not members were once stored

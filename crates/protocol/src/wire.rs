@@ -258,6 +258,9 @@ pub enum ErrorCode {
     TooManyTokens,
     /// The commit's blob could not be fetched, was too large, or did not decode.
     BlobRefused,
+    /// The update was already committed by another member or accepted in a recent
+    /// round.
+    Duplicate,
     /// The run has finished.
     Finished,
     NotFound,

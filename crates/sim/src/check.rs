@@ -125,7 +125,7 @@ impl Checker {
                     batches.len()
                 ));
             }
-            updates.push(synthetic_update(batches));
+            updates.push(synthetic_update(rec.round, batches));
         }
         self.expected.apply_decoded(self.spec.aggregator, &updates);
         let expected = Hash32(self.expected.digest());

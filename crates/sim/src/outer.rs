@@ -3,10 +3,12 @@
 //! and every simulated node, so 10,000 nodes stepping the same round cost one step.
 //!
 //! Training is replaced by a synthetic update with a known expected aggregate: the
-//! update for a batch list is the sum over its batches of a fixed pseudo-random vector
-//! per batch index (see [`synthetic_update`]). It depends only on the batches, so the
-//! checker can recompute θ from the rounds' work records alone and compare it with what
-//! the hub and the nodes reached through blobs.
+//! update for a batch list in a round is the sum over its batches of a fixed
+//! pseudo-random vector per (round, batch index) (see [`synthetic_update`]). It depends
+//! only on the round and the batches — as a real update depends on the round's θ and
+//! the data, so a batch trained again in a later round gives another update, which the
+//! hub's resent-update check requires — and the checker recomputes θ from the rounds'
+//! work records alone and compares it with what the hub and the nodes reached.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,12 +21,15 @@ use tessera_protocol::{Hash32, NodeId};
 /// Elements of the synthetic θ.
 pub const SYNTHETIC_PARAMS: usize = 16;
 
-/// The update a node trains from `batches`: Σ_b v(b), with v(b) a fixed vector of small
-/// values derived from the batch index.
-pub fn synthetic_update(batches: &[u64]) -> Vec<f32> {
+/// The update a node trains from `batches` in `round`: Σ_b v(round, b), with v a fixed
+/// vector of small values derived from the round and the batch index.
+pub fn synthetic_update(round: u64, batches: &[u64]) -> Vec<f32> {
     let mut out = vec![0f32; SYNTHETIC_PARAMS];
     for &b in batches {
-        let h = blake3::hash(&b.to_le_bytes());
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&round.to_le_bytes());
+        key[8..].copy_from_slice(&b.to_le_bytes());
+        let h = blake3::hash(&key);
         for (j, o) in out.iter_mut().enumerate() {
             let byte = h.as_bytes()[j % 32];
             *o += (f32::from(byte) - 127.5) * 1e-4;

@@ -617,7 +617,7 @@ impl World {
                 }),
             ),
             Action::Train { round, batches } => {
-                let update = synthetic_update(&batches);
+                let update = synthetic_update(round, &batches);
                 let blob = self.outer.publish(synthetic_blob(&update));
                 self.blob_batches.insert(blob, batches.clone());
                 let theta = self
