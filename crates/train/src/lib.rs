@@ -9,6 +9,7 @@
 //! trajectory, and the decentralized rounds built on this loop can recompute any
 //! node's work. This crate does not talk to the network or pick what data a node gets.
 
+pub mod adversary;
 pub mod data;
 pub mod diloco;
 pub mod eval;
@@ -17,6 +18,7 @@ pub mod outer;
 pub mod python;
 pub mod rng;
 pub mod trainer;
+pub mod validate;
 pub mod worker;
 
 pub use data::{DataError, Dataset, PrepareOptions};

@@ -2,8 +2,17 @@
 //! the encoded pseudo-gradient. The outer step on the accepted set is
 //! [`tessera_outer::OuterState::apply`]. The hub runs the same outer step to keep the checkpoint that
 //! joiners start from; every honest node reaches the same θ bit for bit.
+//!
+//! A round's update depends on more than θ and the assigned batches: the AdamW moments
+//! and step and the error-feedback residual carry over from earlier rounds. That
+//! [`PrivateState`] is what a node commits to (its [`PrivateState::digest`]) before a
+//! round and reveals when audited, so a validator can [`Worker::replay`] the round from
+//! θ, that state, the batches and the seed and compare blobs. On the CPU with the same
+//! number of threads a replay is byte-identical (`tests/replay.rs`); across thread
+//! counts the reductions inside libtorch's kernels are split differently and the update
+//! differs in its last bits (`examples/replay_threads.rs` measures by how much).
 
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 use tessera_model::{Llama, LlamaConfig};
 pub use tessera_outer::OuterState;
 use tessera_outer::{encode, Codec};
@@ -36,6 +45,56 @@ pub struct RoundWork {
     pub tokens: u64,
     pub mean_loss: f64,
     pub train_seconds: f64,
+}
+
+/// What a worker carries from one round to the next besides θ: the AdamW step count
+/// and moments (flattened, parameters in their fixed order) and the error-feedback
+/// residual. θ itself is reloaded from the outer state every round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivateState {
+    pub adam_step: u64,
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+    pub residual: Vec<f32>,
+}
+
+/// Domain separation for [`PrivateState::digest`], so the digest of a state can never
+/// equal the hash of another kind of byte string the protocol hashes.
+const PRIVATE_STATE_CONTEXT: &str = "tessera private state v1";
+
+impl PrivateState {
+    /// blake3 over the step (u64 little-endian), then the first moments, the second
+    /// moments and the residual as little-endian f32, each part prefixed by its length
+    /// (u64) so no two states share bytes.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key(PRIVATE_STATE_CONTEXT);
+        h.update(&self.adam_step.to_le_bytes());
+        let mut buf = Vec::with_capacity(4 * 16384);
+        for part in [&self.adam_m, &self.adam_v, &self.residual] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            for chunk in part.chunks(16384) {
+                buf.clear();
+                for v in chunk {
+                    buf.extend_from_slice(&v.to_le_bytes());
+                }
+                h.update(&buf);
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+/// A [`PrivateState`] that does not fit the worker's model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "private state has {m} first moments, {v} second moments and a residual of {residual}; \
+     the model has {params} parameters"
+)]
+pub struct StateShapeError {
+    pub m: usize,
+    pub v: usize,
+    pub residual: usize,
+    pub params: usize,
 }
 
 /// A node's trainer: its replica, inner optimizer and error-feedback residual.
@@ -107,6 +166,88 @@ impl Worker {
             mean_loss: loss_sum / batches.len().max(1) as f64,
             train_seconds: start.elapsed().as_secs_f64(),
         }
+    }
+
+    /// The run's codec, which every update of this worker is encoded with.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// A copy of the state this worker carries into its next round.
+    pub fn private_state(&self) -> PrivateState {
+        let flat = |ts: &[Tensor]| {
+            let mut out = Vec::with_capacity(self.residual.len());
+            for t in ts {
+                let t = t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1);
+                out.extend(Vec::<f32>::try_from(&t).expect("f32 tensor"));
+            }
+            out
+        };
+        PrivateState {
+            adam_step: self.optim.step,
+            adam_m: flat(&self.optim.m),
+            adam_v: flat(&self.optim.v),
+            residual: self.residual.clone(),
+        }
+    }
+
+    /// The digest a node commits to before a round (see [`PrivateState::digest`]).
+    pub fn state_digest(&self) -> [u8; 32] {
+        self.private_state().digest()
+    }
+
+    /// Replaces this worker's carried state, e.g. with one an audited node revealed.
+    /// A state of another model's size is refused and changes nothing.
+    pub fn restore(&mut self, state: &PrivateState) -> Result<(), StateShapeError> {
+        let params = self.residual.len();
+        if state.adam_m.len() != params
+            || state.adam_v.len() != params
+            || state.residual.len() != params
+        {
+            return Err(StateShapeError {
+                m: state.adam_m.len(),
+                v: state.adam_v.len(),
+                residual: state.residual.len(),
+                params,
+            });
+        }
+        let device = self.model.device();
+        let mut o = 0;
+        for (i, p) in self.model.params().iter().enumerate() {
+            let n = p.tensor.numel();
+            let shape = p.tensor.size();
+            let load = |flat: &[f32]| {
+                Tensor::from_slice(&flat[o..o + n])
+                    .view(shape.as_slice())
+                    .to_device(device)
+            };
+            self.optim.m[i] = load(&state.adam_m);
+            self.optim.v[i] = load(&state.adam_v);
+            o += n;
+        }
+        self.optim.step = state.adam_step;
+        self.residual.copy_from_slice(&state.residual);
+        Ok(())
+    }
+
+    /// Recomputes a round exactly as [`Worker::train_round`] computed it, from θ of
+    /// `state`, the carried state the node had before the round and its batches: what
+    /// a validator does to audit an update. This worker's own state is replaced.
+    pub fn replay(
+        &mut self,
+        state: &OuterState,
+        before: &PrivateState,
+        data: &Dataset,
+        windows: &Windows,
+        batches: &[u64],
+    ) -> Result<Vec<u8>, StateShapeError> {
+        self.restore(before)?;
+        Ok(self.train_round(state, data, windows, batches).blob)
+    }
+
+    /// The replica as the last round left it (θᵢ after the inner steps).
+    pub fn trained_model(&self) -> &Llama {
+        &self.model
     }
 
     /// The model with θ loaded, for evaluation or a checkpoint.
