@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The manifest format this version reads and writes.
 pub const MANIFEST_VERSION: u32 = 1;
+/// The largest vocabulary: token ids are u32.
+pub const VOCAB_MAX: usize = 1 << 32;
 pub const SHARD_MAGIC: [u8; 8] = *b"TSRSHARD";
 pub const SHARD_VERSION: u32 = 1;
 /// Magic (8), version (u32), bytes per token (u32), token count (u64), reserved (u64).
@@ -65,16 +67,24 @@ pub enum ManifestError {
     /// Another format version than [`MANIFEST_VERSION`].
     #[error("format_version {found}, expected {MANIFEST_VERSION}")]
     Version { found: u32 },
+    /// A vocabulary size no u32 token id can index, or none at all.
+    #[error("vocab_size {vocab_size} is outside 1..={VOCAB_MAX} (token ids are u32)")]
+    Vocab { vocab_size: usize },
 }
 
 impl Manifest {
-    /// Parses `manifest.json` and checks its format version.
+    /// Parses `manifest.json` and checks its format version and vocabulary size.
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         let manifest: Manifest =
             serde_json::from_str(text).map_err(|e| ManifestError::Json(e.to_string()))?;
         if manifest.format_version != MANIFEST_VERSION {
             return Err(ManifestError::Version {
                 found: manifest.format_version,
+            });
+        }
+        if !(1..=VOCAB_MAX).contains(&manifest.vocab_size) {
+            return Err(ManifestError::Vocab {
+                vocab_size: manifest.vocab_size,
             });
         }
         Ok(manifest)
@@ -288,6 +298,36 @@ mod tests {
                 vocab: 3
             })
         );
+    }
+
+    /// Story: a manifest with a `vocab_size` of 2^64 − 1 parsed, and the hub and every
+    /// node size the model from it: `Preset::config_for_vocab` rounds it up to a
+    /// multiple of 64, which overflowed (a panic in a debug build, a vocabulary of 0 in
+    /// release). The `data_manifest` fuzz target checks that rounding; it failed on a
+    /// hand-made input while the target was written (libFuzzer had not produced such a
+    /// number in 19.6 million executions). Token ids are u32, so a vocabulary has 1 to
+    /// 2^32 entries; the manifest must say so.
+    #[test]
+    fn a_vocabulary_no_token_id_can_index_is_refused() {
+        let m = |vocab_size: usize| Manifest {
+            format_version: MANIFEST_VERSION,
+            tokenizer_blake3: hash_hex(b"{}"),
+            vocab_size,
+            end_of_text_id: 0,
+            token_bytes: 4,
+            train_text_bytes: 10,
+            val_text_bytes: 1,
+            sources: vec![],
+            train: vec![],
+            val: vec![],
+        };
+        for vocab in [0, VOCAB_MAX + 1, usize::MAX] {
+            let text = serde_json::to_string(&m(vocab)).unwrap();
+            let e = Manifest::parse(&text).unwrap_err();
+            assert!(e.to_string().contains(&vocab.to_string()), "{e}");
+        }
+        let text = serde_json::to_string(&m(VOCAB_MAX)).unwrap();
+        assert_eq!(Manifest::parse(&text), Ok(m(VOCAB_MAX)));
     }
 
     #[test]

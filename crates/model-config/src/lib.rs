@@ -40,7 +40,24 @@ pub enum ConfigError {
     /// The preset name is not one of the series.
     #[error("unknown preset `{name}`; expected one of: {known}")]
     UnknownPreset { name: String, known: String },
+    /// The parameter count, the training memory or the FLOPs per token at the full
+    /// context overflow 64 bits: no machine holds such a model.
+    #[error(
+        "sizes overflow 64-bit counts (vocab {vocab_size}, hidden {hidden_size}, \
+         intermediate {intermediate_size}, layers {layers}, context {context})"
+    )]
+    TooLarge {
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        layers: usize,
+        context: usize,
+    },
 }
+
+/// Why the counting methods panic: only a configuration [`LlamaConfig::validate`]
+/// refuses can overflow them.
+const OVERFLOW: &str = "model sizes overflow u64; LlamaConfig::validate refuses them";
 
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
@@ -82,34 +99,97 @@ impl LlamaConfig {
                 head_dim: self.head_dim(),
             });
         }
+        let counts = self
+            .checked_training_memory()
+            .and(self.checked_flops_per_token(self.max_position_embeddings));
+        if counts.is_none() {
+            return Err(ConfigError::TooLarge {
+                vocab_size: self.vocab_size,
+                hidden_size: self.hidden_size,
+                intermediate_size: self.intermediate_size,
+                layers: self.num_hidden_layers,
+                context: self.max_position_embeddings,
+            });
+        }
         Ok(())
     }
 
-    /// Parameters in one decoder layer: attention projections, SwiGLU MLP, two RMSNorms.
-    pub fn params_per_layer(&self) -> u64 {
+    fn checked_params_per_layer(&self) -> Option<u64> {
         let d = self.hidden_size as u64;
-        let kv = (self.num_key_value_heads * self.head_dim()) as u64;
+        let kv = (self.num_key_value_heads as u64).checked_mul(self.head_dim() as u64)?;
         let ff = self.intermediate_size as u64;
-        let attention = d * d * 2 + d * kv * 2;
-        let mlp = 3 * d * ff;
-        attention + mlp + 2 * d
+        let attention = d
+            .checked_mul(d)?
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(kv)?.checked_mul(2)?)?;
+        let mlp = d.checked_mul(ff)?.checked_mul(3)?;
+        attention.checked_add(mlp)?.checked_add(d.checked_mul(2)?)
+    }
+
+    /// The embedding table alone.
+    fn checked_table(&self) -> Option<u64> {
+        (self.vocab_size as u64).checked_mul(self.hidden_size as u64)
+    }
+
+    fn checked_params_embedding(&self) -> Option<u64> {
+        let table = self.checked_table()?;
+        if self.tie_word_embeddings {
+            Some(table)
+        } else {
+            table.checked_mul(2)
+        }
+    }
+
+    fn checked_params_total(&self) -> Option<u64> {
+        let layers =
+            (self.num_hidden_layers as u64).checked_mul(self.checked_params_per_layer()?)?;
+        self.checked_params_embedding()?
+            .checked_add(layers)?
+            .checked_add(self.hidden_size as u64)
+    }
+
+    fn checked_flops_per_token(&self, seq_len: usize) -> Option<u64> {
+        let lookup_only = if self.tie_word_embeddings {
+            0
+        } else {
+            self.checked_table()?
+        };
+        // The total holds the table, so this cannot underflow.
+        let matmul_params = self.checked_params_total()? - lookup_only;
+        let attention = 12u64
+            .checked_mul(self.num_hidden_layers as u64)?
+            .checked_mul(self.hidden_size as u64)?
+            .checked_mul(seq_len as u64)?;
+        matmul_params.checked_mul(6)?.checked_add(attention)
+    }
+
+    fn checked_training_memory(&self) -> Option<TrainingMemory> {
+        let n = self.checked_params_total()?;
+        // 12 bytes a parameter in all, so the total fits when this does.
+        n.checked_mul(12)?;
+        Some(TrainingMemory {
+            weights_bytes: 2 * n,
+            grads_bytes: 2 * n,
+            optimizer_bytes: 8 * n,
+        })
+    }
+
+    /// Parameters in one decoder layer: attention projections, SwiGLU MLP, two RMSNorms.
+    ///
+    /// This and the other counts panic on sizes that overflow `u64`, which a valid
+    /// configuration never has.
+    pub fn params_per_layer(&self) -> u64 {
+        self.checked_params_per_layer().expect(OVERFLOW)
     }
 
     /// The embedding table (and the separate output head when embeddings are untied).
     pub fn params_embedding(&self) -> u64 {
-        let table = (self.vocab_size * self.hidden_size) as u64;
-        if self.tie_word_embeddings {
-            table
-        } else {
-            2 * table
-        }
+        self.checked_params_embedding().expect(OVERFLOW)
     }
 
     /// The exact number of trainable parameters, matching the tensors the model creates.
     pub fn params_total(&self) -> u64 {
-        self.params_embedding()
-            + self.num_hidden_layers as u64 * self.params_per_layer()
-            + self.hidden_size as u64
+        self.checked_params_total().expect(OVERFLOW)
     }
 
     /// Training FLOPs per token at context length `seq_len`: 6 per parameter that takes
@@ -117,26 +197,13 @@ impl LlamaConfig {
     /// is a gather; a tied table still does the output projection) plus the attention
     /// score and value products, 12·L·d·T (forward 4·L·d·T, backward twice that).
     pub fn flops_per_token(&self, seq_len: usize) -> u64 {
-        let lookup_only = if self.tie_word_embeddings {
-            0
-        } else {
-            (self.vocab_size * self.hidden_size) as u64
-        };
-        let matmul_params = self.params_total() - lookup_only;
-        let attention =
-            12 * self.num_hidden_layers as u64 * self.hidden_size as u64 * seq_len as u64;
-        6 * matmul_params + attention
+        self.checked_flops_per_token(seq_len).expect(OVERFLOW)
     }
 
     /// Bytes to train one replica: bf16 weights and gradients plus f32 AdamW moments.
     /// Activations depend on the batch and checkpointing and are not included.
     pub fn training_memory(&self) -> TrainingMemory {
-        let n = self.params_total();
-        TrainingMemory {
-            weights_bytes: 2 * n,
-            grads_bytes: 2 * n,
-            optimizer_bytes: 8 * n,
-        }
+        self.checked_training_memory().expect(OVERFLOW)
     }
 
     /// The `config.json` text `transformers` reads for `LlamaForCausalLM`.
@@ -442,6 +509,52 @@ mod tests {
         );
         let err = Preset::by_name("9b").unwrap_err().to_string();
         assert!(err.contains("9b") && err.contains("1.4t"), "{err}");
+    }
+
+    /// Story: fuzzing (`fuzz/`, target `model_config`) found that `from_hf_json`
+    /// accepted a `config.json` whose sizes overflow the parameter count: a
+    /// `vocab_size` of 2^64 − 1 passed `validate`, then `params_total` panicked in a
+    /// debug build and wrapped to a small, wrong count in release, while a loader sizing
+    /// tensors from the same fields would ask for more memory than exists. A
+    /// configuration whose parameter count, training memory or FLOPs per token at its
+    /// own context does not fit `u64` is now refused.
+    #[test]
+    fn sizes_whose_counts_overflow_are_refused() {
+        let nano = Preset::by_name("nano").unwrap().config();
+        let cases = [
+            LlamaConfig {
+                vocab_size: usize::MAX,
+                ..nano.clone()
+            },
+            LlamaConfig {
+                hidden_size: 1 << 40,
+                num_attention_heads: 1 << 20,
+                num_key_value_heads: 1 << 20,
+                ..nano.clone()
+            },
+            LlamaConfig {
+                num_hidden_layers: usize::MAX,
+                ..nano.clone()
+            },
+            LlamaConfig {
+                max_position_embeddings: usize::MAX,
+                ..nano.clone()
+            },
+            LlamaConfig {
+                intermediate_size: 1 << 62,
+                ..nano.clone()
+            },
+        ];
+        for c in cases {
+            let e = c.validate().expect_err("an overflowing configuration");
+            assert!(e.to_string().contains("overflow"), "{e}");
+            let text = serde_json::to_string(&c.to_hf_json()).unwrap();
+            assert!(LlamaConfig::from_hf_json(&text).is_err());
+        }
+        // The largest preset is far from the edge.
+        let big = Preset::by_name("1.4t").unwrap().config();
+        big.validate().unwrap();
+        assert!(big.training_memory().total_bytes() < 1 << 60);
     }
 
     #[test]

@@ -172,7 +172,20 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, Checkpoi
                 })
             }
         };
-        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
+        // safetensors checks that the bytes match the element count, which a zero
+        // dimension keeps at zero whatever the others are; libtorch takes `i64`.
+        let shape = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|_| CheckpointError::Format {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, a dimension beyond 2^63 - 1",
+                    view.shape()
+                ),
+            })?;
         let t = Tensor::from_data_size(view.data(), &shape, kind).to_kind(Kind::Float);
         out.insert(name, t);
     }
@@ -253,8 +266,22 @@ pub fn load(dir: &Path, device: Device) -> Result<(Llama, String), CheckpointErr
         });
     }
     let tokenizer = std::fs::read_to_string(&tok_path).map_err(io_err(&tok_path))?;
+    // Sizes are checked before allocating: every dtype the loader takes stores a
+    // parameter in 2 bytes at least, so a configuration describing more parameters
+    // than that is not this file's model, and building it could ask for any memory.
+    let weights = dir.join(WEIGHTS_FILE);
+    let weights_bytes = std::fs::metadata(&weights).map_err(io_err(&weights))?.len();
+    let params = config.params_total();
+    if params > weights_bytes / 2 {
+        return Err(CheckpointError::Format {
+            path: weights,
+            message: format!(
+                "{weights_bytes} bytes cannot hold the {params} parameters config.json describes"
+            ),
+        });
+    }
     let model = Llama::new(&config, device, 0);
-    load_weights(&model, &dir.join(WEIGHTS_FILE))?;
+    load_weights(&model, &weights)?;
     Ok((model, tokenizer))
 }
 
@@ -309,6 +336,51 @@ mod tests {
         assert!(matches!(err, CheckpointError::Shape { .. }), "{err}");
         assert!(err.to_string().contains("mlp.gate_proj"), "{err}");
         assert!(m.params()[0].tensor.equal(&before));
+    }
+
+    /// Story: the safetensors crate accepts a tensor of shape `[0, 2^63]`: zero
+    /// elements, so its byte count checks out. This loader cast each dimension to
+    /// `i64`, the 2^63 became negative, and libtorch's error on the negative size
+    /// panicked the process loading the file. The `safetensors` fuzz target (`fuzz/`)
+    /// asserts what the loader relies on and failed on this hand-made input while it
+    /// was written (libFuzzer had not built it in 28.6 million executions). A dimension
+    /// beyond `i64` is now a format error.
+    #[test]
+    fn a_dimension_beyond_i64_is_a_format_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let header =
+            br#"{"w":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        let path = dir.path().join("w.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_safetensors(&path).unwrap_err();
+        assert!(matches!(err, CheckpointError::Format { .. }), "{err}");
+        assert!(err.to_string().contains("9223372036854775808"), "{err}");
+    }
+
+    /// Story: `load` built the model `config.json` describes before reading the
+    /// weights, so a checkpoint whose config.json claims a vocabulary of 2^31 and a
+    /// hidden size of 2^16 (valid relations, 2^47 parameters) next to a small weights
+    /// file made libtorch try to allocate 512 TiB, and the process died. Sizes are now
+    /// checked before allocating: the weights file must be large enough for the
+    /// parameters the configuration describes (2 bytes each at least).
+    #[test]
+    fn a_config_far_larger_than_its_weights_is_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        save(&nano(), b"{}", dir.path()).unwrap();
+        let mut c = Preset::by_name("nano").unwrap().config();
+        c.vocab_size = 1 << 31;
+        c.hidden_size = 1 << 16;
+        c.validate().unwrap();
+        let json = serde_json::to_vec(&c.to_hf_json()).unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), json).unwrap();
+        let err = load(dir.path(), Device::Cpu).unwrap_err();
+        assert!(matches!(err, CheckpointError::Format { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&c.params_total().to_string()),
+            "{err}"
+        );
     }
 
     #[test]

@@ -53,6 +53,12 @@ pub const INNER_STEPS_MAX: u64 = 10_000;
 /// Most rounds a run may have.
 pub const ROUNDS_MAX: u64 = 1 << 32;
 
+/// Most sequences in one inner step of one member (a run's `batch_size`): far more than
+/// a node's memory holds at any preset's context, and small enough that a member's
+/// tokens in a round stay well inside `u64`. (A run's `seq_len` is bounded by its
+/// preset's context.)
+pub const BATCH_SIZE_MAX: usize = 1 << 16;
+
 /// Most transfers one history query returns.
 pub const HISTORY_LIMIT_MAX: usize = 1000;
 
@@ -81,6 +87,12 @@ const _: () = assert!(
 const _: () = assert!(
     INNER_STEPS_MAX as usize * 21 <= CONTROL_REPLY_BYTES_MAX,
     "a state view listing every assigned batch (up to 20 digits and a comma each) fits a reply"
+);
+const _: () = assert!(
+    (BATCH_SIZE_MAX as u64 * INNER_STEPS_MAX)
+        .checked_mul(u32::MAX as u64)
+        .is_some(),
+    "a member's tokens in a round fit u64 at any context up to 2^32 tokens"
 );
 const _: () = assert!(
     CONTROL_REPLY_BYTES_MAX <= DATA_FILE_BYTES_MAX,

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use tessera_outer::{Aggregator, Codec, CodecKind};
 
-use crate::limits::{INNER_STEPS_MAX, MEMBERS_MAX, ROUNDS_MAX};
+use crate::limits::{BATCH_SIZE_MAX, INNER_STEPS_MAX, MEMBERS_MAX, ROUNDS_MAX};
 
 /// Everything that defines a run's training and its protocol timing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,15 +36,19 @@ pub struct RunSpec {
     pub warmup_steps: u64,
     pub grad_clip: f64,
     /// Outer learning rate for dense codecs (`none`, `int8`, `lowrank`).
+    #[serde(deserialize_with = "f32_in_range")]
     pub outer_lr: f32,
     /// Outer learning rate for sparse codecs (`topk`): a sparse update moves θ only where
     /// it has values and the rest waits in the error-feedback residual; a larger outer
     /// step makes up for that lag (measured: 2.5 best, past it overshoots).
+    #[serde(deserialize_with = "f32_in_range")]
     pub sparse_outer_lr: f32,
     /// Nesterov momentum of the outer step (0: plain averaging, measured best for runs
     /// of tens of rounds).
+    #[serde(deserialize_with = "f32_in_range")]
     pub outer_momentum: f32,
     /// How much unsent error-feedback residual carries into the next round (1 = all).
+    #[serde(deserialize_with = "f32_in_range")]
     pub ef_decay: f32,
     /// `none`, `int8`, `topk` or `lowrank`.
     pub codec: CodecKind,
@@ -156,6 +160,12 @@ impl RunSpec {
                 ),
             ));
         }
+        if self.batch_size > BATCH_SIZE_MAX {
+            return Err(bad(
+                "batch_size",
+                format!("{} exceeds the limit of {BATCH_SIZE_MAX}", self.batch_size),
+            ));
+        }
         if self.rounds > ROUNDS_MAX {
             return Err(bad(
                 "rounds",
@@ -207,8 +217,19 @@ impl RunSpec {
                 e,
             )
         })?;
-        tessera_model_config::Preset::by_name(&self.preset)
+        let preset = tessera_model_config::Preset::by_name(&self.preset)
             .map_err(|e| bad("preset", e.to_string()))?;
+        // The data set changes only the vocabulary, never the context.
+        let context = preset.config().max_position_embeddings;
+        if self.seq_len > context {
+            return Err(bad(
+                "seq_len",
+                format!(
+                    "{} exceeds the context of preset `{}`, {context} tokens",
+                    self.seq_len, self.preset
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -234,6 +255,20 @@ impl RunSpec {
     /// Inner steps in the whole run (the learning-rate schedule's length).
     pub fn total_steps(&self) -> u64 {
         self.rounds * self.inner_steps
+    }
+}
+
+/// An `f32` setting, refusing a number beyond `f32`'s range (serde's own `f32` reads an
+/// `f64` and casts it, turning such a number into infinity).
+fn f32_in_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    let wide = f64::deserialize(d)?;
+    let narrow = wide as f32;
+    if narrow.is_finite() {
+        Ok(narrow)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{wide} is out of range for f32"
+        )))
     }
 }
 
@@ -338,6 +373,68 @@ mod tests {
             let e = spec.validate().unwrap_err();
             assert_eq!(e.setting, setting, "{e}");
         }
+    }
+
+    /// Story: `validate` accepted a `batch_size` and `seq_len` whose product overflows
+    /// `tokens_per_batch` (a panic in a debug build, a wrapped token budget for the
+    /// coordinator in release); the `run_spec` fuzz target, which computes it for every
+    /// valid spec, failed on a hand-made input while it was written. Nothing tied
+    /// `seq_len` to the model either: the hub refused a sequence longer than the
+    /// preset's context at start-up, but a node validating a hostile hub's settings
+    /// accepted it and its model asserted on the first batch. `batch_size` is now at
+    /// most `limits::BATCH_SIZE_MAX` and `seq_len` at most the preset's context.
+    #[test]
+    fn batch_and_sequence_sizes_are_bounded() {
+        let base = RunSpec {
+            run_id: "r".into(),
+            ..RunSpec::default()
+        };
+        let huge = RunSpec {
+            batch_size: 1 << 62,
+            seq_len: 8,
+            ..base.clone()
+        };
+        assert_eq!(huge.validate().unwrap_err().setting, "batch_size");
+        let long = RunSpec {
+            seq_len: 129,
+            ..base.clone()
+        };
+        let e = long.validate().unwrap_err();
+        assert_eq!(e.setting, "seq_len", "{e}");
+        assert!(e.to_string().contains("128"), "{e}");
+        let widest = RunSpec {
+            batch_size: BATCH_SIZE_MAX,
+            seq_len: 128,
+            ..base
+        };
+        widest.validate().unwrap();
+        assert_eq!(widest.tokens_per_batch(), (BATCH_SIZE_MAX * 128) as u64);
+    }
+
+    /// Story: fuzzing (`fuzz/`, target `run_spec`, after 120,000 executions) found
+    /// that `"ef_decay": 1.2e96` parsed: serde reads an `f32` as an `f64` and casts it,
+    /// so a number beyond `f32::MAX` became infinity where one beyond `f64::MAX` is an
+    /// error. Serialised again, infinity is JSON `null`, which no longer parses, so a
+    /// decoded spec did not survive its own round trip. `validate` refused the value,
+    /// but under another name than the input's; the four `f32` settings now refuse a
+    /// number out of `f32`'s range when they are read.
+    #[test]
+    fn f32_settings_out_of_range_are_refused_when_read() {
+        for setting in ["outer_lr", "sparse_outer_lr", "outer_momentum", "ef_decay"] {
+            let json = format!("{{\"run_id\":\"r\",\"{setting}\":1.2e96}}");
+            let e = serde_json::from_str::<RunSpec>(&json).unwrap_err();
+            assert!(
+                e.to_string().contains("out of range for f32"),
+                "{setting}: {e}"
+            );
+            let toml = format!("run_id = \"r\"\n{setting} = -3.5e39\n");
+            assert!(toml::from_str::<RunSpec>(&toml).is_err(), "{setting}");
+        }
+        let s: RunSpec =
+            serde_json::from_str(r#"{"run_id":"r","ef_decay":0.5,"outer_lr":2}"#).unwrap();
+        assert_eq!((s.ef_decay, s.outer_lr), (0.5, 2.0));
+        let back: RunSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]
