@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_ledger;
+mod byzantine;
 mod demo;
 mod experiment;
 mod ledger_cli;
@@ -266,6 +267,9 @@ struct NodeArgs {
 enum ExperimentCommand {
     /// DiLoCo (M workers, each codec) against the DDP-equivalent baseline.
     Diloco(experiment::DilocoArgs),
+    /// Verified work against adversarial nodes: M workers, some adversarial (a test
+    /// tool), judged by one validator configuration; one row per adversary mode.
+    Byzantine(byzantine::ByzantineArgs),
 }
 
 #[derive(Subcommand)]
@@ -332,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
         Command::Experiment(ExperimentCommand::Diloco(args)) => experiment::diloco(args),
+        Command::Experiment(ExperimentCommand::Byzantine(args)) => byzantine::run(args),
         Command::Sim(args) => sim::run_cli(args),
         Command::Hub { config } => {
             let config = tessera_hub::HubConfig::load(&config)?;

@@ -1,0 +1,924 @@
+//! `tessera experiment byzantine`: verified work against adversarial nodes.
+//!
+//! The round protocol simulated in one process, with the real pieces: every worker
+//! trains its assigned batches through `tessera_train::worker` (the node's code), the
+//! adversaries of `tessera_train::adversary` (a test tool) hand in their mode's update,
+//! and a validator judges with `tessera-verify` from what the protocol gives it and
+//! nothing else: the committed updates in commit order, the hash of each node's private
+//! state, the previous round's updates, losses it measures with
+//! `tessera_train::validate`, and replays of the updates it audits. It never asks who
+//! is adversarial; one `VerifyConfig::default()` judges every row, honest rows included.
+//!
+//! A round: each active node commits to its private state (AdamW moments and step,
+//! error-feedback residual) and trains; updates are committed in a seeded order with
+//! copiers after the update they copy (commit before reveal); then the validator
+//! finds copies of this round's earlier commits and of last round's updates (stale),
+//! scores each update (held-out gain, own-data gain against random data, norm),
+//! judges, replays the audited updates from the revealed state and compares, and
+//! aggregates the accepted updates with the clipped mean. Pay (tokens × score) waits in
+//! escrow for `escrow_rounds`; a failed audit or a proven copy (of this round's or the
+//! previous round's updates) forfeits the node's escrow and ejects it.
+//!
+//! Workers train on `--threads` threads at once, each running libtorch on one thread,
+//! so a row's result does not depend on how many run at once, and a replay on the
+//! validator's thread reproduces an honest blob byte for byte.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tch::{Device, Tensor};
+use tessera_model::{Llama, LlamaConfig, Preset};
+use tessera_outer::{decode_for, Codec};
+use tessera_protocol::{Identity, NodeId, RunSpec};
+use tessera_train::adversary::{Adversary, Knowledge, Submission, MODE_NAMES};
+use tessera_train::data::{token_byte_lengths, Windows};
+use tessera_train::diloco::load_flat;
+use tessera_train::eval::evaluate_windows;
+use tessera_train::rng::{permutation, SplitMix64};
+use tessera_train::trainer::Sampler;
+use tessera_train::validate::{held_out, sequences, training_flops, Scorer};
+use tessera_train::worker::{initial_state, PrivateState, Worker};
+use tessera_train::Dataset;
+use tessera_verify::{
+    audit_compare, audit_picks, clipped_mean, find_copies, judge, norm, AuditOutcome, Candidate,
+    Escrow, Evidence, VerifyConfig,
+};
+
+use crate::RuntimeArgs;
+
+/// Sequences of each kind a validator scores an update on: few, because scoring must
+/// stay a small fraction of the training it checks.
+const SCORE_SEQUENCES: usize = 2;
+/// Offset of the batches `wrong-data` trains on: far beyond any batch a run assigns.
+const UNASSIGNED_BATCH_OFFSET: u64 = 1 << 32;
+/// Validation tokens the final bits-per-byte figure is measured on (as `diloco`).
+const EVAL_TOKENS_MAX: usize = 1 << 16;
+
+#[derive(Args, Debug)]
+pub struct ByzantineArgs {
+    /// A prepared data set (default: the bundled corpus, prepared under runs/).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Adversary modes, one row each (comma separated): zero, noise, scale:K,
+    /// sign-flip, copy, copy-noise, stale, wrong-data, lazy[:F], collude.
+    #[arg(long, value_delimiter = ',', default_values_t = MODE_NAMES.iter().map(|s| s.to_string()))]
+    modes: Vec<String>,
+    /// Rounds per row (default: 20, i.e. 100 inner steps per worker at H = 5).
+    #[arg(long, default_value_t = 20)]
+    rounds: u64,
+    /// Workers per row, adversaries included.
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// Adversaries among the workers in a mode's row.
+    #[arg(long, default_value_t = 2)]
+    adversaries: usize,
+    /// Skip the reference row with only the honest workers of a mode's row.
+    #[arg(long)]
+    no_reference: bool,
+    #[arg(long)]
+    preset: Option<String>,
+    /// Sequences per worker per step.
+    #[arg(long = "batch")]
+    batch_size: Option<usize>,
+    #[arg(long = "seq")]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    json: bool,
+    /// The validator configuration, as JSON (`tessera_verify::VerifyConfig`; missing
+    /// fields take their defaults). Default: `VerifyConfig::default()`, the one
+    /// configuration every row is judged with.
+    #[arg(long)]
+    verify: Option<PathBuf>,
+    /// Write every round's evidence, judgements, copy findings and audits here, one
+    /// JSON object per line.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+/// One row of the experiment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `honest-8`, `honest-6` or the adversaries' mode.
+    pub mode: String,
+    pub workers: usize,
+    pub adversaries: usize,
+    /// Adversarial updates submitted: an adversary's updates other than its honest one
+    /// (crafted, or trained on other or fewer batches than assigned).
+    pub adversary_updates: u64,
+    /// Of those, the fraction left out of the aggregate and unpaid (null without
+    /// adversaries).
+    pub caught_fraction: Option<f64>,
+    /// Rounds until the last adversary was ejected (null when one never was).
+    pub rounds_to_eject: Option<u64>,
+    /// Adversaries ejected by the end.
+    pub adversaries_ejected: usize,
+    /// Honest updates left out of the aggregate or paid less than in full.
+    pub honest_downweighted_fraction: f64,
+    /// Honest nodes whose escrow was forfeited (must be 0).
+    pub honest_slashed: usize,
+    /// Adversaries' share of the pay released, 0-1.
+    pub adversary_payout_share: f64,
+    pub val_bpb: f64,
+    /// (bpb − honest-only bpb) / honest-only bpb.
+    pub bpb_gap: f64,
+    /// Validator FLOPs (scoring and replays) ÷ FLOPs of the training assigned.
+    pub verification_flops_fraction: f64,
+    /// Replays ÷ updates judged.
+    pub audit_rate: f64,
+    pub audits: u64,
+    pub audits_failed: u64,
+    pub seconds: f64,
+}
+
+/// The run settings one row uses.
+struct Setup {
+    spec: RunSpec,
+    model: LlamaConfig,
+    codec: Codec,
+    data: Dataset,
+    windows: Windows,
+    val: Vec<Vec<i64>>,
+    byte_lens: Vec<u32>,
+    device: Device,
+    threads: usize,
+    verify: VerifyConfig,
+}
+
+pub fn run(args: ByzantineArgs) -> Result<()> {
+    let (device, threads) = args.runtime.setup()?;
+    // Each worker runs libtorch on one thread and `threads` of them run at once (see
+    // the module doc), so the main thread uses one too.
+    tch::set_num_threads(1);
+    if args.workers == 0 || args.adversaries >= args.workers {
+        bail!(
+            "--adversaries {} must be fewer than --workers {}",
+            args.adversaries,
+            args.workers
+        );
+    }
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| m.parse::<Adversary>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let d = RunSpec::default();
+    let data_dir = match &args.data {
+        Some(d) => d.clone(),
+        None => crate::demo::bundled_data(&PathBuf::from("runs"))?,
+    };
+    let data = Dataset::open(&data_dir)
+        .with_context(|| format!("opening the data set {}", data_dir.display()))?;
+    let preset = args.preset.clone().unwrap_or(d.preset.clone());
+    let spec = RunSpec {
+        run_id: "byzantine".into(),
+        preset: preset.clone(),
+        rounds: args.rounds,
+        batch_size: args.batch_size.unwrap_or(d.batch_size),
+        seq_len: args.seq_len.unwrap_or(d.seq_len),
+        seed: args.seed.unwrap_or(d.seed),
+        ..d
+    };
+    spec.validate().context("run settings")?;
+    let model = Preset::by_name(&preset)?.config_for_vocab(data.manifest.vocab_size);
+    let windows = Windows::new(&data.train, spec.seq_len);
+    let val = data.validation_windows(spec.seq_len, EVAL_TOKENS_MAX);
+    if val.len() < SCORE_SEQUENCES {
+        bail!(
+            "the data set holds {} validation windows of {} tokens; scoring needs {SCORE_SEQUENCES}",
+            val.len(),
+            spec.seq_len
+        );
+    }
+    let setup = Setup {
+        codec: spec.codec().map_err(anyhow::Error::msg)?,
+        byte_lens: token_byte_lengths(&data.tokenizer),
+        spec,
+        model,
+        data,
+        windows,
+        val,
+        device,
+        threads,
+        verify: match &args.verify {
+            None => VerifyConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_str(&text).with_context(|| {
+                    format!("{} is not a validator configuration", path.display())
+                })?
+            }
+        },
+    };
+
+    let m = args.workers;
+    let honest_rows = if args.no_reference || args.adversaries == 0 {
+        1
+    } else {
+        2
+    };
+    let mut trace = match &args.trace {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let total_rounds = (honest_rows + modes.len()) as u64 * setup.spec.rounds;
+    let bar = (!args.json).then(|| progress_bar(total_rounds));
+    let mut rows = Vec::new();
+    let mut plan: Vec<(String, usize, Option<Adversary>)> = vec![(format!("honest-{m}"), m, None)];
+    if honest_rows == 2 {
+        let h = m - args.adversaries;
+        plan.push((format!("honest-{h}"), h, None));
+    }
+    for mode in &modes {
+        plan.push((mode.to_string(), m, Some(*mode)));
+    }
+    for (name, workers, mode) in plan {
+        let adversaries = if mode.is_some() { args.adversaries } else { 0 };
+        if let Some(bar) = &bar {
+            bar.set_message(name.clone());
+        }
+        let mut row = run_row(
+            &setup,
+            &name,
+            workers,
+            adversaries,
+            mode,
+            &mut trace,
+            &mut || {
+                if let Some(bar) = &bar {
+                    bar.inc(1);
+                }
+            },
+        )?;
+        let base: Option<f64> = rows.first().map(|r: &Row| r.val_bpb);
+        row.bpb_gap = base.map_or(0.0, |b| (row.val_bpb - b) / b);
+        if let Some(bar) = &bar {
+            bar.println(summary_line(&row));
+        }
+        rows.push(row);
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "rows": rows,
+                "verify": setup.verify,
+                "spec": setup.spec,
+                "workers": m,
+                "adversaries": args.adversaries,
+                "threads": setup.threads,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7}",
+        "mode", "caught", "eject", "honest↓", "adv pay", "bpb", "vs hon", "verif", "secs"
+    );
+    for r in &rows {
+        println!(
+            "{:<12} {:>7} {:>7} {:>6.1}% {:>6.2}% {:>8.4} {:>+7.2}% {:>7.1}% {:>7.0}",
+            r.mode,
+            r.caught_fraction
+                .map_or("–".into(), |c| format!("{:.1}%", c * 100.0)),
+            r.rounds_to_eject.map_or("–".into(), |e| e.to_string()),
+            r.honest_downweighted_fraction * 100.0,
+            r.adversary_payout_share * 100.0,
+            r.val_bpb,
+            r.bpb_gap * 100.0,
+            r.verification_flops_fraction * 100.0,
+            r.seconds
+        );
+    }
+    Ok(())
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total.max(1));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30.cyan/blue} round {pos}/{len} {msg} ETA {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+fn summary_line(r: &Row) -> String {
+    format!(
+        "  {}: caught {}, honest downweighted {:.1}%, adversary pay {:.2}%, bpb {:.4} ({:+.2}%), \
+         verification {:.1}% of training FLOPs, {:.0} s",
+        r.mode,
+        r.caught_fraction
+            .map_or("–".into(), |c| format!("{:.1}%", c * 100.0)),
+        r.honest_downweighted_fraction * 100.0,
+        r.adversary_payout_share * 100.0,
+        r.val_bpb,
+        r.bpb_gap * 100.0,
+        r.verification_flops_fraction * 100.0,
+        r.seconds
+    )
+}
+
+/// A simulated node: its trainer, its place in the batch assignment, and (a test
+/// tool) its adversarial mode.
+struct Node {
+    id: NodeId,
+    slot: u64,
+    worker: Worker,
+    adversary: Option<Adversary>,
+    /// The round it was ejected in.
+    ejected: Option<u64>,
+    /// Its last trained update (what `stale` resubmits).
+    earlier: Option<Vec<f32>>,
+}
+
+/// What one node did in one round, as far as the experiment's bookkeeping goes.
+struct Committed {
+    node: usize,
+    /// An adversary's update that is not the honest one: crafted, or trained on other
+    /// or fewer batches than assigned. (`stale` hands in its honest first update.)
+    adversarial: bool,
+    update: Vec<f32>,
+    /// The private state it committed to before training, revealed when audited.
+    before: PrivateState,
+    digest: [u8; 32],
+}
+
+fn node_id(i: usize) -> NodeId {
+    let identity = Identity::from_secret([i as u8; 32]);
+    NodeId::from_hex(&identity.public_hex()).expect("a public key is a node id")
+}
+
+/// An id for last round's update of `node` among this round's copy candidates: it
+/// must never equal a real node's id, so findings against it read as staleness.
+fn history_id(node: NodeId) -> NodeId {
+    NodeId(blake3::derive_key(
+        "tessera byzantine previous-round candidate",
+        node.as_bytes(),
+    ))
+}
+
+/// The round's public randomness, known only once its commits closed: it orders the
+/// commits here, picks the sequences scored and seeds the audit picks.
+fn round_seed(seed: u64, round: u64) -> [u8; 32] {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..].copy_from_slice(&round.to_le_bytes());
+    blake3::derive_key("tessera byzantine round seed", &bytes)
+}
+
+fn run_row(
+    s: &Setup,
+    name: &str,
+    workers: usize,
+    adversaries: usize,
+    mode: Option<Adversary>,
+    trace: &mut Option<std::io::BufWriter<std::fs::File>>,
+    on_round: &mut dyn FnMut(),
+) -> Result<Row> {
+    let start = Instant::now();
+    let spec = &s.spec;
+    let h = spec.inner_steps;
+    let b = spec.batch_size as u64;
+    let tokens_per_round = h * spec.tokens_per_batch();
+    let lr = spec.effective_outer_lr();
+    let mut nodes = (0..workers)
+        .map(|i| {
+            // The adversaries are the last workers; the commit order is shuffled every
+            // round, so their place says nothing.
+            let adversary = (i >= workers - adversaries).then_some(mode).flatten();
+            Ok(Node {
+                id: node_id(i),
+                slot: i as u64,
+                worker: Worker::new(spec.clone(), &s.model, s.device)
+                    .map_err(anyhow::Error::msg)?,
+                adversary,
+                ejected: None,
+                earlier: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut state = initial_state(spec, &s.model);
+    let n = state.theta.len();
+    let mut scorers: Vec<Scorer> = (0..s.threads)
+        .map(|_| Scorer::new(&s.model, spec.seq_len, s.device))
+        .collect();
+    let mut replayers: Vec<Worker> = (0..s.threads)
+        .map(|_| Worker::new(spec.clone(), &s.model, s.device).map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    let mut escrow = Escrow::new(s.verify.escrow_rounds);
+    let mut released: BTreeMap<NodeId, u128> = BTreeMap::new();
+    let mut previous: Vec<(NodeId, Vec<f32>)> = Vec::new();
+    let (mut adv_updates, mut adv_caught) = (0u64, 0u64);
+    let (mut honest_updates, mut honest_down) = (0u64, 0u64);
+    let (mut audits, mut audits_failed, mut judged_total) = (0u64, 0u64, 0u64);
+    let (mut training_flops_total, mut replay_flops) = (0u64, 0u64);
+
+    for round in 0..spec.rounds {
+        let seed = round_seed(spec.seed, round);
+        // Separate streams, so what the adversaries draw never moves what the
+        // validator samples.
+        let stream = |k: usize| {
+            SplitMix64::new(u64::from_le_bytes(
+                seed[8 * k..8 * k + 8].try_into().expect("8 bytes"),
+            ))
+        };
+        let (mut order_rng, mut adversary_rng, mut rng) = (stream(0), stream(1), stream(2));
+        let assigned = |slot: u64| -> Vec<u64> {
+            let first = (round * workers as u64 + slot) * h;
+            (first..first + h).collect()
+        };
+        // Commit order: seeded, copiers last (they need an update to copy).
+        let active: Vec<usize> = (0..workers)
+            .filter(|&i| nodes[i].ejected.is_none())
+            .collect();
+        let mut order: Vec<usize> = permutation(active.len(), order_rng.next_u64())
+            .into_iter()
+            .map(|p| active[p as usize])
+            .collect();
+        order.sort_by_key(|&i| {
+            matches!(
+                nodes[i].adversary,
+                Some(Adversary::Copy | Adversary::CopyNoise)
+            )
+        });
+        training_flops_total +=
+            training_flops(&s.model, spec.seq_len, tokens_per_round) * order.len() as u64;
+
+        // Who trains what. A colluder trains only if it is the first of the pair in
+        // commit order; the other reuses that crafted update.
+        let mut first_colluder = None;
+        let plans: Vec<Option<Vec<u64>>> = order
+            .iter()
+            .map(|&i| {
+                let node = &nodes[i];
+                let mine = assigned(node.slot);
+                match node.adversary {
+                    None => Some(mine),
+                    Some(a) => {
+                        let unassigned: Vec<u64> =
+                            mine.iter().map(|b| b + UNASSIGNED_BATCH_OFFSET).collect();
+                        let leader_exists = a == Adversary::Collude && first_colluder.is_some();
+                        if a == Adversary::Collude && first_colluder.is_none() {
+                            first_colluder = Some(i);
+                        }
+                        let placeholder: [f32; 0] = [];
+                        a.batches_to_train(&Knowledge {
+                            codec: s.codec,
+                            params: n,
+                            assigned: &mine,
+                            unassigned: &unassigned,
+                            earlier: node.earlier.as_deref(),
+                            committed_before: None,
+                            partner: leader_exists.then_some(&placeholder[..]),
+                            seed: 0,
+                        })
+                    }
+                }
+            })
+            .collect();
+
+        let trains_assigned: Vec<bool> = order
+            .iter()
+            .zip(&plans)
+            .map(|(&i, plan)| plan.as_ref() == Some(&assigned(nodes[i].slot)))
+            .collect();
+
+        // Commit to the private state, then train, `threads` workers at once.
+        let befores: Vec<PrivateState> = order
+            .iter()
+            .map(|&i| nodes[i].worker.private_state())
+            .collect();
+        let jobs: Vec<(&mut Node, Option<Vec<u64>>)> = {
+            let mut by_index: Vec<Option<&mut Node>> = nodes.iter_mut().map(Some).collect();
+            order
+                .iter()
+                .zip(plans)
+                .map(|(&i, plan)| (by_index[i].take().expect("each node once"), plan))
+                .collect()
+        };
+        let data = &s.data;
+        let windows = &s.windows;
+        let st = &state;
+        let trained: Vec<Option<Vec<u8>>> =
+            par_map(jobs, &mut vec![(); s.threads], |_, (node, plan)| {
+                plan.map(|batches| node.worker.train_round(st, data, windows, &batches).blob)
+            });
+
+        // Hand in, in commit order.
+        let mut committed: Vec<Committed> = Vec::with_capacity(order.len());
+        let mut partner: Option<Vec<f32>> = None;
+        for ((&i, (blob, before)), trains_assigned) in order
+            .iter()
+            .zip(trained.into_iter().zip(befores))
+            .zip(trains_assigned)
+        {
+            let mut adversarial = false;
+            let digest = before.digest();
+            let decoded_trained = blob
+                .as_ref()
+                .map(|b| decode_for(s.codec, b, n as u64).context("a worker's own blob"))
+                .transpose()?;
+            let update = match nodes[i].adversary {
+                None => decoded_trained.expect("honest nodes train"),
+                Some(a) => {
+                    let mine = assigned(nodes[i].slot);
+                    // A copier copies an honest-looking update committed before it.
+                    let earlier_commits: Vec<&Committed> = committed
+                        .iter()
+                        .filter(|c| nodes[c.node].adversary.is_none())
+                        .collect();
+                    let copied = (!earlier_commits.is_empty()).then(|| {
+                        earlier_commits[adversary_rng.below(earlier_commits.len() as u64) as usize]
+                            .update
+                            .as_slice()
+                    });
+                    let k = Knowledge {
+                        codec: s.codec,
+                        params: n,
+                        assigned: &mine,
+                        unassigned: &[],
+                        earlier: nodes[i].earlier.as_deref(),
+                        committed_before: copied,
+                        partner: partner.as_deref(),
+                        seed: adversary_rng.next_u64(),
+                    };
+                    let out = match a.submit(&k, decoded_trained.as_deref()) {
+                        Submission::AsTrained => {
+                            adversarial = !trains_assigned;
+                            decoded_trained.clone().expect("it trained")
+                        }
+                        Submission::Crafted(blob) => {
+                            adversarial = true;
+                            decode_for(s.codec, &blob, n as u64).context("a crafted blob")?
+                        }
+                    };
+                    if a == Adversary::Collude && partner.is_none() {
+                        partner = Some(out.clone());
+                    }
+                    if let Some(t) = decoded_trained {
+                        nodes[i].earlier = Some(t);
+                    }
+                    out
+                }
+            };
+            committed.push(Committed {
+                node: i,
+                adversarial,
+                update,
+                before,
+                digest,
+            });
+        }
+
+        // The validator. Copies of this round's earlier commits, and of last round's
+        // updates (stale), by commit order.
+        let mut candidates: Vec<Candidate> = previous
+            .iter()
+            .enumerate()
+            .map(|(k, (id, u))| Candidate {
+                node: history_id(*id),
+                order: k as u64,
+                update: u,
+            })
+            .collect();
+        let history_len = candidates.len() as u64;
+        candidates.extend(committed.iter().enumerate().map(|(pos, c)| Candidate {
+            node: nodes[c.node].id,
+            order: history_len + pos as u64,
+            update: &c.update,
+        }));
+        let history_ids: BTreeMap<NodeId, NodeId> = previous
+            .iter()
+            .map(|(id, _)| (history_id(*id), *id))
+            .collect();
+        let mut copy_of: BTreeMap<NodeId, NodeId> = BTreeMap::new();
+        let mut stale: BTreeMap<NodeId, bool> = BTreeMap::new();
+        for f in find_copies(&candidates, &s.verify) {
+            if history_ids.contains_key(&f.copier) {
+                continue;
+            }
+            if history_ids.contains_key(&f.original) {
+                stale.insert(f.copier, true);
+            } else {
+                copy_of.insert(f.copier, f.original);
+            }
+        }
+
+        // Scoring: the round's held-out and random sequences, each node's own.
+        let pick = |rng: &mut SplitMix64, range: u64| -> Vec<u64> {
+            let mut out: Vec<u64> = Vec::with_capacity(SCORE_SEQUENCES);
+            while out.len() < SCORE_SEQUENCES.min(range as usize) {
+                let x = rng.below(range);
+                if !out.contains(&x) {
+                    out.push(x);
+                }
+            }
+            out
+        };
+        let val_picks: Vec<Vec<i64>> = pick(&mut rng, s.val.len() as u64)
+            .into_iter()
+            .map(|i| s.val[i as usize].clone())
+            .collect();
+        let heldout = held_out(&val_picks, s.device);
+        let random_samples: Vec<u64> = pick(&mut rng, 1 << 40)
+            .into_iter()
+            .map(|x| x + (UNASSIGNED_BATCH_OFFSET * 2) * b)
+            .collect();
+        let mut sampler = Sampler::new(spec.seed);
+        let random = sequences(&mut sampler, data, windows, &random_samples, s.device);
+        let before_shared = scorers[0].losses_at(&state.theta, &[&heldout, &random]);
+        let own_samples: Vec<Vec<u64>> = committed
+            .iter()
+            .map(|c| {
+                let first = assigned(nodes[c.node].slot)[0] * b;
+                pick(&mut rng, h * b)
+                    .into_iter()
+                    .map(|x| first + x)
+                    .collect()
+            })
+            .collect();
+        // Tensors are not `Sync`; each job gets a shallow clone (read only, shared
+        // storage) of the round's shared sequences.
+        let score_jobs: Vec<(&[f32], &[u64], Tensor, Tensor)> = committed
+            .iter()
+            .zip(&own_samples)
+            .map(|(c, o)| {
+                (
+                    c.update.as_slice(),
+                    o.as_slice(),
+                    heldout.shallow_clone(),
+                    random.shallow_clone(),
+                )
+            })
+            .collect();
+        let gains: Vec<[f64; 3]> = par_map(
+            score_jobs,
+            &mut scorers,
+            |scorer, (update, own, heldout, random)| {
+                let mut sampler = Sampler::new(spec.seed);
+                let own = sequences(&mut sampler, data, windows, own, s.device);
+                let own_before = scorer.losses_at(&st.theta, &[&own])[0];
+                let before = [before_shared[0], own_before, before_shared[1]];
+                let g = scorer.gains(&st.theta, &before, update, lr, &[&heldout, &own, &random]);
+                [g[0], g[1], g[2]]
+            },
+        );
+        let evidence: Vec<Evidence> = committed
+            .iter()
+            .zip(&gains)
+            .map(|(c, g)| {
+                let id = nodes[c.node].id;
+                Evidence {
+                    node: id,
+                    tokens: tokens_per_round,
+                    norm: norm(&c.update),
+                    gain_heldout: g[0],
+                    gain_own: g[1],
+                    gain_random: g[2],
+                    stale: stale.get(&id).copied().unwrap_or(false),
+                    copy_of: copy_of.get(&id).copied(),
+                }
+            })
+            .collect();
+        let mut judgements = judge(&evidence, &s.verify);
+        judged_total += judgements.len() as u64;
+
+        // Replay audits: the audited node reveals the state it committed to.
+        let picks = audit_picks(seed, &judgements, &s.verify);
+        let audit_jobs: Vec<(usize, &Committed, Vec<u64>)> = picks
+            .iter()
+            .map(|id| {
+                let pos = committed
+                    .iter()
+                    .position(|c| nodes[c.node].id == *id)
+                    .expect("a pick is a committed node");
+                (
+                    pos,
+                    &committed[pos],
+                    assigned(nodes[committed[pos].node].slot),
+                )
+            })
+            .collect();
+        let verify = &s.verify;
+        let outcomes: Vec<(usize, AuditOutcome)> = par_map(
+            audit_jobs,
+            &mut replayers,
+            |validator, (pos, c, batches)| {
+                if c.before.digest() != c.digest {
+                    return (
+                        pos,
+                        AuditOutcome::Mismatch {
+                            rel_err: f64::INFINITY,
+                        },
+                    );
+                }
+                let outcome = match validator.replay(st, &c.before, data, windows, &batches) {
+                    Ok(blob) => match decode_for(s.codec, &blob, n as u64) {
+                        Ok(replayed) => audit_compare(&c.update, &replayed, verify),
+                        Err(_) => AuditOutcome::Mismatch {
+                            rel_err: f64::INFINITY,
+                        },
+                    },
+                    Err(_) => AuditOutcome::Mismatch {
+                        rel_err: f64::INFINITY,
+                    },
+                };
+                (pos, outcome)
+            },
+        );
+        audits += outcomes.len() as u64;
+        replay_flops +=
+            outcomes.len() as u64 * training_flops(&s.model, spec.seq_len, tokens_per_round);
+        let mut ejected_now: Vec<usize> = Vec::new();
+        let audit_log: Vec<(NodeId, AuditOutcome)> = outcomes
+            .iter()
+            .map(|(pos, o)| (nodes[committed[*pos].node].id, *o))
+            .collect();
+        for (pos, outcome) in outcomes {
+            if let AuditOutcome::Mismatch { rel_err } = outcome {
+                audits_failed += 1;
+                judgements[pos].accepted = false;
+                judgements[pos].score = 0.0;
+                judgements[pos]
+                    .flags
+                    .push(tessera_verify::Flag::AuditFailed { rel_err });
+                ejected_now.push(committed[pos].node);
+            }
+        }
+        // A proven copy, of this round's or last round's work, is ejected too.
+        for (pos, c) in committed.iter().enumerate() {
+            if evidence[pos].copy_of.is_some() || evidence[pos].stale {
+                ejected_now.push(c.node);
+            }
+        }
+
+        if let Some(out) = trace.as_mut() {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "row": name,
+                "round": round,
+                "adversarial": committed.iter().map(|c| c.adversarial).collect::<Vec<_>>(),
+                "evidence": evidence,
+                "judgements": judgements,
+                "audits": audit_log,
+                "ejected": ejected_now.iter().map(|&i| nodes[i].id).collect::<Vec<_>>(),
+            });
+            writeln!(out, "{line}").context("writing the trace")?;
+        }
+
+        // Aggregate, pay into escrow, forfeit, release.
+        let accepted: Vec<&[f32]> = committed
+            .iter()
+            .zip(&judgements)
+            .filter(|(_, j)| j.accepted)
+            .map(|(c, _)| c.update.as_slice())
+            .collect();
+        if !accepted.is_empty() {
+            let g = clipped_mean(&accepted);
+            state.outer.step(&mut state.theta, &g);
+        }
+        state.round += 1;
+        for (c, j) in committed.iter().zip(&judgements) {
+            let node = &nodes[c.node];
+            if c.adversarial {
+                adv_updates += 1;
+                if !j.accepted {
+                    adv_caught += 1;
+                }
+            } else if node.adversary.is_none() {
+                honest_updates += 1;
+                if !j.accepted || j.score < 1.0 {
+                    honest_down += 1;
+                }
+            }
+            if j.accepted {
+                let amount = (tokens_per_round as f64 * j.score).round() as u128;
+                // An ejected node earns nothing; the escrow refuses it.
+                let _ = escrow.credit(round, node.id, amount);
+            }
+        }
+        ejected_now.sort_unstable();
+        ejected_now.dedup();
+        for i in ejected_now {
+            escrow.forfeit(nodes[i].id);
+            nodes[i].ejected = Some(round);
+        }
+        for (_, node, amount) in escrow.release(round + 1) {
+            *released.entry(node).or_insert(0) += amount;
+        }
+        previous = committed
+            .into_iter()
+            .map(|c| (nodes[c.node].id, c.update))
+            .collect();
+        on_round();
+    }
+    for (_, node, amount) in escrow.release(u64::MAX) {
+        *released.entry(node).or_insert(0) += amount;
+    }
+
+    let model = Llama::new(&s.model, s.device, spec.seed);
+    load_flat(&model, &state.theta);
+    let eval = evaluate_windows(&model, &s.val, spec.batch_size, &s.byte_lens);
+    let paid_total: u128 = released.values().sum();
+    let paid_adv: u128 = nodes
+        .iter()
+        .filter(|n| n.adversary.is_some())
+        .map(|n| released.get(&n.id).copied().unwrap_or(0))
+        .sum();
+    let adv_nodes: Vec<&Node> = nodes.iter().filter(|n| n.adversary.is_some()).collect();
+    let rounds_to_eject = if adv_nodes.is_empty() || adv_nodes.iter().any(|n| n.ejected.is_none()) {
+        None
+    } else {
+        adv_nodes
+            .iter()
+            .filter_map(|n| n.ejected)
+            .max()
+            .map(|r| r + 1)
+    };
+    let scoring_flops: u64 = scorers.iter().map(Scorer::flops).sum();
+    Ok(Row {
+        mode: name.to_string(),
+        workers,
+        adversaries,
+        adversary_updates: adv_updates,
+        caught_fraction: (adv_updates > 0).then(|| adv_caught as f64 / adv_updates as f64),
+        rounds_to_eject,
+        adversaries_ejected: adv_nodes.iter().filter(|n| n.ejected.is_some()).count(),
+        honest_downweighted_fraction: honest_down as f64 / honest_updates.max(1) as f64,
+        honest_slashed: nodes
+            .iter()
+            .filter(|n| n.adversary.is_none() && n.ejected.is_some())
+            .count(),
+        adversary_payout_share: if paid_total > 0 {
+            paid_adv as f64 / paid_total as f64
+        } else {
+            0.0
+        },
+        val_bpb: eval.bpb,
+        bpb_gap: 0.0,
+        verification_flops_fraction: (scoring_flops + replay_flops) as f64
+            / training_flops_total.max(1) as f64,
+        audit_rate: audits as f64 / judged_total.max(1) as f64,
+        audits,
+        audits_failed,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Maps `items` on `states.len()` threads (item `i` on thread `i mod threads`, with
+/// that thread's state), each running libtorch on one thread; results in item order.
+fn par_map<S: Send, T: Send, R: Send>(
+    items: Vec<T>,
+    states: &mut [S],
+    f: impl Fn(&mut S, T) -> R + Sync,
+) -> Vec<R> {
+    let threads = states.len().clamp(1, items.len().max(1));
+    let count = items.len();
+    let mut buckets: Vec<Vec<(usize, T)>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        buckets[i % threads].push((i, item));
+    }
+    let mut out: Vec<Option<R>> = (0..count).map(|_| None).collect();
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = buckets
+            .into_iter()
+            .zip(states.iter_mut())
+            .map(|(bucket, state)| {
+                scope.spawn(move || {
+                    tch::set_num_threads(1);
+                    bucket
+                        .into_iter()
+                        .map(|(i, item)| (i, f(state, item)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for handle in handles {
+            for (i, r) in handle.join().expect("a worker thread panicked") {
+                out[i] = Some(r);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("every item is mapped"))
+        .collect()
+}
