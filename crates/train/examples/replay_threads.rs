@@ -43,14 +43,17 @@ fn main() {
         .next()
         .map_or(3, |r| r.parse().expect("ROUNDS is a number"));
     let data = Dataset::open(&data_dir).expect("a prepared data set");
-    let spec = RunSpec {
-        run_id: "replay-threads".into(),
-        preset: preset.clone(),
-        ..RunSpec::default()
-    };
     let model = Preset::by_name(&preset)
         .expect("a preset name")
         .config_for_vocab(data.manifest.vocab_size);
+    let d = RunSpec::default();
+    let spec = RunSpec {
+        run_id: "replay-threads".into(),
+        preset: preset.clone(),
+        // `nano`'s context is shorter than the default sequence.
+        seq_len: d.seq_len.min(model.max_position_embeddings),
+        ..d
+    };
     let windows = Windows::new(&data.train, spec.seq_len);
     let h = spec.inner_steps;
     let mut node = Worker::new(spec.clone(), &model, Device::Cpu).unwrap();
@@ -64,6 +67,8 @@ fn main() {
     println!(
         "round  node threads  replay threads  blob identical  rel L2 decoded  rel L2 dense delta"
     );
+    // Per replay thread count: identical blobs, rounds, largest decoded and dense error.
+    let mut summary = [(0u64, 0u64, 0f64, 0f64); 2];
     for round in 0..rounds {
         let batches: Vec<u64> = (round * h..(round + 1) * h).collect();
         let before = node.private_state();
@@ -78,18 +83,32 @@ fn main() {
                 .unwrap();
             let replayed_dense = dense_delta(&validator, &state);
             let r = decode(&replayed, n).unwrap();
+            let (decoded_err, dense_err) =
+                (rel_l2(&r, &submitted), rel_l2(&replayed_dense, &dense));
+            let sum = &mut summary[threads as usize - 1];
+            sum.0 += u64::from(replayed == work.blob);
+            sum.1 += 1;
+            sum.2 = sum.2.max(decoded_err);
+            sum.3 = sum.3.max(dense_err);
             println!(
                 "{round:>5}  {:>12}  {threads:>14}  {:>14}  {:>14.3e}  {:>18.3e}",
                 2,
                 replayed == work.blob,
-                rel_l2(&r, &submitted),
-                rel_l2(&replayed_dense, &dense),
+                decoded_err,
+                dense_err,
             );
         }
         tch::set_num_threads(2);
         state
             .apply(node.codec(), spec.aggregator, &[work.blob])
             .unwrap();
+    }
+    for (i, (same, count, decoded_max, dense_max)) in summary.iter().enumerate() {
+        println!(
+            "replay on {} thread(s): {same}/{count} blobs identical, rel L2 decoded max \
+             {decoded_max:.3e}, dense max {dense_max:.3e}",
+            i + 1
+        );
     }
 }
 
