@@ -2,8 +2,8 @@
 //! through `tessera-data-format` (what `tessera_train::data::Dataset::open` calls).
 
 use tessera_data_format::{
-    check_shard, encode_shard, hash_hex, shard_header, token_at, Manifest, ShardEntry,
-    SHARD_HEADER_BYTES,
+    check_shard, encode_shard, hash_hex, is_plain_file_name, shard_header, token_at, Manifest,
+    ShardEntry, SHARD_HEADER_BYTES,
 };
 use tessera_model_config::Preset;
 
@@ -16,6 +16,12 @@ pub fn manifest(data: &[u8]) {
     let Ok(manifest) = Manifest::parse(text) else {
         return;
     };
+    // Every shard it names is a file inside the data directory.
+    assert!(manifest
+        .train
+        .iter()
+        .chain(&manifest.val)
+        .all(|e| is_plain_file_name(&e.file)));
     // No floats: the manifest round-trips exactly.
     let json = serde_json::to_string(&manifest).expect("a manifest serialises");
     assert_eq!(Manifest::parse(&json).as_ref(), Ok(&manifest));

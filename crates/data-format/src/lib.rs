@@ -70,10 +70,26 @@ pub enum ManifestError {
     /// A vocabulary size no u32 token id can index, or none at all.
     #[error("vocab_size {vocab_size} is outside 1..={VOCAB_MAX} (token ids are u32)")]
     Vocab { vocab_size: usize },
+    /// A shard named by a path rather than a plain file name (see [`is_plain_file_name`]).
+    #[error("shard file `{file}` is not a plain file name (1-255 characters of A-Z a-z 0-9 . - _, not starting with `.`)")]
+    ShardName { file: String },
+}
+
+/// A file name a data set may list: 1-255 bytes of `[A-Za-z0-9._-]`, not starting with
+/// `.`, so joined to the data directory it names a file inside it. (Nodes apply the
+/// same rule to the file list a hub serves.)
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
 }
 
 impl Manifest {
-    /// Parses `manifest.json` and checks its format version and vocabulary size.
+    /// Parses `manifest.json` and checks its format version, its vocabulary size, and
+    /// that every shard is a plain file name.
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         let manifest: Manifest =
             serde_json::from_str(text).map_err(|e| ManifestError::Json(e.to_string()))?;
@@ -85,6 +101,16 @@ impl Manifest {
         if !(1..=VOCAB_MAX).contains(&manifest.vocab_size) {
             return Err(ManifestError::Vocab {
                 vocab_size: manifest.vocab_size,
+            });
+        }
+        if let Some(e) = manifest
+            .train
+            .iter()
+            .chain(&manifest.val)
+            .find(|e| !is_plain_file_name(&e.file))
+        {
+            return Err(ManifestError::ShardName {
+                file: e.file.escape_debug().to_string(),
             });
         }
         Ok(manifest)
@@ -328,6 +354,37 @@ mod tests {
         }
         let text = serde_json::to_string(&m(VOCAB_MAX)).unwrap();
         assert_eq!(Manifest::parse(&text), Ok(m(VOCAB_MAX)));
+    }
+
+    /// Story: writing the `data_manifest` fuzz target showed that a manifest could name
+    /// its shards by any path. A node checks the names of the files a hub serves, but
+    /// opened the shards the manifest names, so a hub's manifest listing
+    /// `../../home/u/.ssh/id_ed25519` or `/proc/self/environ` made the node map and hash
+    /// that local file before refusing it. A shard is now a plain file name.
+    #[test]
+    fn shards_outside_the_data_directory_are_refused() {
+        let shard = |file: &str| ShardEntry {
+            file: file.into(),
+            tokens: 1,
+            blake3: hash_hex(b""),
+        };
+        for bad in ["../x.bin", "/etc/passwd", "a/b.bin", ".hidden", "", "x\ny"] {
+            let m = Manifest {
+                format_version: MANIFEST_VERSION,
+                tokenizer_blake3: hash_hex(b"{}"),
+                vocab_size: 300,
+                end_of_text_id: 0,
+                token_bytes: 2,
+                train_text_bytes: 10,
+                val_text_bytes: 1,
+                sources: vec![],
+                train: vec![shard("train-00000.bin")],
+                val: vec![shard(bad)],
+            };
+            let e = Manifest::parse(&serde_json::to_string(&m).unwrap()).unwrap_err();
+            assert!(matches!(e, ManifestError::ShardName { .. }), "{bad:?}: {e}");
+        }
+        assert!(is_plain_file_name("val-00012.bin"));
     }
 
     #[test]
