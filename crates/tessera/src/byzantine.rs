@@ -398,7 +398,7 @@ fn run_row(
     let h = spec.inner_steps;
     let b = spec.batch_size as u64;
     let tokens_per_round = h * spec.tokens_per_batch();
-    let lr = spec.effective_outer_lr();
+    let outer_lr = spec.effective_outer_lr();
     let mut nodes = (0..workers)
         .map(|i| {
             // The adversaries are the last workers; the commit order is shuffled every
@@ -655,6 +655,11 @@ fn run_row(
                     .collect()
             })
             .collect();
+        // Each update is scored at its share of the outer step, outer lr ÷ updates in
+        // the round (the aggregate averages them): a single update taken at the full
+        // outer lr overshoots, and in the first full run every honest update of rounds
+        // 5-10 raised the held-out loss that way and was refused as harmful.
+        let share_lr = outer_lr / committed.len().max(1) as f32;
         // Tensors are not `Sync`; each job gets a shallow clone (read only, shared
         // storage) of the round's shared sequences.
         let score_jobs: Vec<(&[f32], &[u64], Tensor, Tensor)> = committed
@@ -677,7 +682,13 @@ fn run_row(
                 let own = sequences(&mut sampler, data, windows, own, s.device);
                 let own_before = scorer.losses_at(&st.theta, &[&own])[0];
                 let before = [before_shared[0], own_before, before_shared[1]];
-                let g = scorer.gains(&st.theta, &before, update, lr, &[&heldout, &own, &random]);
+                let g = scorer.gains(
+                    &st.theta,
+                    &before,
+                    update,
+                    share_lr,
+                    &[&heldout, &own, &random],
+                );
                 [g[0], g[1], g[2]]
             },
         );
@@ -781,7 +792,10 @@ fn run_row(
                 "audits": audit_log,
                 "ejected": ejected_now.iter().map(|&i| nodes[i].id).collect::<Vec<_>>(),
             });
-            writeln!(out, "{line}").context("writing the trace")?;
+            // Flushed every round, so a long run's trace can be read while it runs.
+            writeln!(out, "{line}")
+                .and_then(|()| out.flush())
+                .context("writing the trace")?;
         }
 
         // Aggregate, pay into escrow, forfeit, release.

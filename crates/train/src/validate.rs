@@ -1,8 +1,11 @@
 //! Scoring an update by what it does to the model, with the primitives a validator
 //! computes and `tessera-verify` judges.
 //!
-//! The gain of an update Δ on a set of sequences is the loss at θ minus the loss at the
-//! step the update alone would take, θ − lr·Δ (lr: the run's outer learning rate). On
+//! The gain of an update Δ on a set of sequences is the loss at θ minus the loss at
+//! θ − lr·Δ. The caller picks the step: `tessera experiment byzantine` uses the
+//! update's share of the outer step (outer lr ÷ updates averaged), because one sparse
+//! update taken alone at the full outer lr overshoots and raises the loss even when it
+//! is honest (measured: every honest update of rounds 5-10 of a `micro` run). On
 //! held-out sequences it says whether Δ improves the model at all. On the node's own
 //! assigned sequences against random training sequences it says whether Δ was trained
 //! on the data the node was given: training lowers the loss on the sequences trained
