@@ -936,3 +936,35 @@ fn par_map<S: Send, T: Send, R: Send>(
         .map(|r| r.expect("every item is mapped"))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn par_map_keeps_item_order_and_gives_each_thread_its_state() {
+        let mut seen = vec![Vec::new(); 3];
+        let out = par_map(
+            (0..10).collect(),
+            &mut seen,
+            |mine: &mut Vec<i32>, x: i32| {
+                mine.push(x);
+                x * x
+            },
+        );
+        assert_eq!(out, (0..10).map(|x| x * x).collect::<Vec<_>>());
+        assert_eq!(seen, [vec![0, 3, 6, 9], vec![1, 4, 7], vec![2, 5, 8]]);
+        let none: Vec<i32> = par_map(Vec::new(), &mut seen, |_, x: i32| x);
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn node_ids_are_distinct_and_never_a_history_candidate() {
+        let ids: Vec<NodeId> = (0..8).map(node_id).collect();
+        for (i, a) in ids.iter().enumerate() {
+            assert!(ids[i + 1..].iter().all(|b| a != b));
+            assert!(ids.iter().all(|b| history_id(*a) != *b));
+        }
+        assert_ne!(round_seed(0, 1), round_seed(1, 0));
+    }
+}
