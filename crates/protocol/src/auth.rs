@@ -132,7 +132,6 @@ impl<'de> Deserialize<'de> for Session {
     }
 }
 
-
 /// Whom a signed request is for, and who signs the replies: `GET /auth` returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
