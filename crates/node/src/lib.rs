@@ -227,13 +227,7 @@ fn outcome_of(e: &ApiFailure) -> Outcome {
 
 /// A data file name the hub may give: a plain file name, never a path.
 fn check_file_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
-    if !ok {
+    if !tessera_train::data::is_plain_file_name(name) {
         bail!(
             "the hub names a data file `{}`; refusing a name that is not a plain file name",
             name.escape_debug()

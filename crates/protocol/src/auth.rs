@@ -355,9 +355,9 @@ impl ReplayGuard {
             return Err(AuthError::TooMany);
         }
         while s.seen.len() >= self.cap {
-            if let Some(time_ms) = s.pop_front() {
-                s.floor_ms = s.floor_ms.max(time_ms);
-            }
+            // Every key in `seen` has its entry in the queue, so this always pops.
+            let Some(time_ms) = s.pop_front() else { break };
+            s.floor_ms = s.floor_ms.max(time_ms);
         }
         s.seen.insert(key);
         s.queue.push_back((v.time_ms, key, v.signer));

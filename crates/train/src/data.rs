@@ -27,7 +27,9 @@ use tokenizers::{AddedToken, DecoderWrapper, Tokenizer};
 // libtorch or tokenizers so that their parsers can be fuzzed (`fuzz/`); these paths
 // keep working.
 use tessera_data_format::{hash_hex, ShardError, MANIFEST_VERSION};
-pub use tessera_data_format::{Manifest, ShardEntry, SourceEntry, MANIFEST_FILE};
+pub use tessera_data_format::{
+    is_plain_file_name, Manifest, ShardEntry, SourceEntry, MANIFEST_FILE,
+};
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const END_OF_TEXT: &str = "<|endoftext|>";
