@@ -91,6 +91,11 @@ pub enum Input {
         round: u64,
         commit: Commit,
     },
+    /// Remove a member for proven cheating (a failed audit, a copy) and refuse it
+    /// from then on: the same key can't join this run again.
+    Eject {
+        node: NodeId,
+    },
     Tick,
 }
 
@@ -114,6 +119,8 @@ pub enum Fact {
     Removed { node: NodeId },
     /// A member's commit for the open round was accepted.
     Committed { node: NodeId, commit: Commit },
+    /// A member was ejected (see [`Input::Eject`]).
+    Ejected { node: NodeId },
 }
 
 /// A deliberate bug, for showing that the simulator's checker catches a broken
@@ -132,8 +139,10 @@ pub enum Fault {
 pub enum DropReason {
     /// No heartbeat for `heartbeat_timeout_ms`.
     Silent,
-    /// Missed `missed_rounds_max` rounds in a row.
+    /// Missed `missed_rounds_max` rounds in a row (a refused update is a miss).
     MissedRounds,
+    /// Caught cheating by the validator (a copy at a round's close).
+    Ejected,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +158,9 @@ pub enum Event {
         round: u64,
         accepted: BTreeMap<NodeId, Commit>,
         late: Vec<NodeId>,
+        /// Committed, but refused by the round's [`Judge`]: not aggregated, not paid,
+        /// its batches back in the pool, a missed round for its member.
+        refused: Vec<NodeId>,
         work: Vec<WorkRecord>,
     },
     MemberDropped {
@@ -178,6 +190,35 @@ pub enum CoordError {
     TooManyTokens { claimed: u64, max: u64 },
     #[error("the run has finished")]
     Finished,
+    #[error("node {node} was ejected from this run for cheating and can't join it again")]
+    Ejected { node: NodeId },
+}
+
+/// What a round's judge decided about its commits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Judged {
+    /// Left out of the round: not aggregated, not paid.
+    pub refused: BTreeSet<NodeId>,
+    /// Refused and removed from the run for good (a proven copy).
+    pub ejected: BTreeSet<NodeId>,
+}
+
+/// Decides, when a round closes, which of its commits count. The coordinator stays
+/// pure: whatever the judge measures (the hub decodes and scores the updates) comes
+/// in through this call, and the same judge on the same commits decides the same.
+pub trait Judge {
+    /// `commits` are the round's commits of current members in the order they
+    /// arrived, each with the batches its node was assigned.
+    fn judge(&mut self, round: u64, commits: &[(NodeId, &Commit, &[u64])]) -> Judged;
+}
+
+/// The judge that refuses nothing.
+pub struct AcceptAll;
+
+impl Judge for AcceptAll {
+    fn judge(&mut self, _round: u64, _commits: &[(NodeId, &Commit, &[u64])]) -> Judged {
+        Judged::default()
+    }
 }
 
 /// The coordinator's persistent state: what a snapshot holds.
@@ -194,6 +235,10 @@ struct Snapshot {
     shuffle_seed: Hash32,
     tokens_per_batch: u64,
     closed_rounds: u64,
+    #[serde(default)]
+    commit_order: Vec<NodeId>,
+    #[serde(default)]
+    ejected: BTreeSet<NodeId>,
 }
 
 /// The coordinator's whole state (serialisable, so the hub can persist it).
@@ -217,6 +262,11 @@ pub struct Coordinator {
     pub tokens_per_batch: u64,
     /// Rounds closed so far; the next round's number.
     pub closed_rounds: u64,
+    /// The open round's committers in the order their commits arrived (copies are
+    /// credited to the first).
+    pub commit_order: Vec<NodeId>,
+    /// Members removed for cheating; refused if they join again.
+    pub ejected: BTreeSet<NodeId>,
     /// Derived: members ordered by last-seen time, to find the silent in O(log N).
     seen: BTreeSet<(u64, NodeId)>,
     /// Derived: assigned members of the open round that are members and have not
@@ -240,6 +290,8 @@ impl From<Snapshot> for Coordinator {
             shuffle_seed: s.shuffle_seed,
             tokens_per_batch: s.tokens_per_batch,
             closed_rounds: s.closed_rounds,
+            commit_order: s.commit_order,
+            ejected: s.ejected,
             seen: BTreeSet::new(),
             pending: BTreeSet::new(),
             fault: None,
@@ -263,6 +315,8 @@ impl From<Coordinator> for Snapshot {
             shuffle_seed: c.shuffle_seed,
             tokens_per_batch: c.tokens_per_batch,
             closed_rounds: c.closed_rounds,
+            commit_order: c.commit_order,
+            ejected: c.ejected,
         }
     }
 }
@@ -298,6 +352,8 @@ impl Coordinator {
             shuffle_seed,
             tokens_per_batch,
             closed_rounds: 0,
+            commit_order: Vec::new(),
+            ejected: BTreeSet::new(),
             seen: BTreeSet::new(),
             pending: BTreeSet::new(),
             fault: None,
@@ -342,6 +398,11 @@ impl Coordinator {
             Fact::Committed { node, commit } => {
                 self.pending.remove(node);
                 self.commits.insert(*node, commit.clone());
+                self.commit_order.push(*node);
+            }
+            Fact::Ejected { node } => {
+                self.remove_member(node);
+                self.ejected.insert(*node);
             }
         }
     }
@@ -386,14 +447,29 @@ impl Coordinator {
         }
     }
 
-    /// Applies one input at `now_ms`. Refused inputs change nothing.
+    /// Applies one input at `now_ms`, with a judge that refuses nothing. Refused
+    /// inputs change nothing.
     pub fn apply(&mut self, input: Input, now_ms: u64) -> Result<Vec<Event>, CoordError> {
+        self.apply_judged(input, now_ms, &mut AcceptAll)
+    }
+
+    /// Applies one input at `now_ms`; a round that closes is judged by `judge`.
+    /// Refused inputs change nothing.
+    pub fn apply_judged(
+        &mut self,
+        input: Input,
+        now_ms: u64,
+        judge: &mut dyn Judge,
+    ) -> Result<Vec<Event>, CoordError> {
         if self.phase == Phase::Finished && input != Input::Tick {
             return Err(CoordError::Finished);
         }
         let mut events = Vec::new();
         match input {
             Input::Join { node } => {
+                if self.ejected.contains(&node) {
+                    return Err(CoordError::Ejected { node });
+                }
                 let max = self.config.max_nodes;
                 if !self.members.contains_key(&node) {
                     if self.members.len() >= max {
@@ -438,10 +514,16 @@ impl Coordinator {
                 self.touch(&node, now_ms);
                 self.pending.remove(&node);
                 self.commits.insert(node, commit);
+                self.commit_order.push(node);
+            }
+            Input::Eject { node } => {
+                // Idempotent: an ejected node that already left is still refused later.
+                self.remove_member(&node);
+                self.ejected.insert(node);
             }
             Input::Tick => {}
         }
-        self.advance(now_ms, &mut events);
+        self.advance(now_ms, judge, &mut events);
         Ok(events)
     }
 
@@ -483,7 +565,7 @@ impl Coordinator {
 
     /// Drops silent members, closes a round that is complete or past its deadline, and
     /// starts the next one when enough members are present.
-    fn advance(&mut self, now_ms: u64, events: &mut Vec<Event>) {
+    fn advance(&mut self, now_ms: u64, judge: &mut dyn Judge, events: &mut Vec<Event>) {
         if self.phase == Phase::Finished {
             return;
         }
@@ -500,7 +582,7 @@ impl Coordinator {
         }
         if let Some(round) = self.round() {
             if self.pending.is_empty() || now_ms >= self.deadline_ms {
-                self.close(round, events);
+                self.close(round, judge, events);
                 if round + 1 >= self.config.rounds_total {
                     self.phase = Phase::Finished;
                     events.push(Event::Finished { rounds: round + 1 });
@@ -514,16 +596,57 @@ impl Coordinator {
         }
     }
 
-    fn close(&mut self, round: u64, events: &mut Vec<Event>) {
+    fn close(&mut self, round: u64, judge: &mut dyn Judge, events: &mut Vec<Event>) {
+        let order = std::mem::take(&mut self.commit_order);
+        let judged = {
+            let in_order: Vec<(NodeId, &Commit, &[u64])> = order
+                .iter()
+                .filter(|n| self.members.contains_key(n))
+                .filter_map(|n| {
+                    let c = self.commits.get(n)?;
+                    let b = self.assignment.get(n)?;
+                    Some((*n, c, b.as_slice()))
+                })
+                .collect();
+            if in_order.is_empty() {
+                Judged::default()
+            } else {
+                judge.judge(round, &in_order)
+            }
+        };
         let assignment = std::mem::take(&mut self.assignment);
         let commits = std::mem::take(&mut self.commits);
         self.pending.clear();
         let mut accepted = BTreeMap::new();
         let mut late = Vec::new();
+        let mut refused = Vec::new();
         let mut work = Vec::new();
         for (node, batches) in assignment {
+            let member = self.members.contains_key(&node);
+            if member && commits.contains_key(&node) && judged.refused.contains(&node) {
+                refused.push(node);
+                self.returned.extend(batches);
+                if judged.ejected.contains(&node) {
+                    self.remove_member(&node);
+                    self.ejected.insert(node);
+                    events.push(Event::MemberDropped {
+                        node,
+                        reason: DropReason::Ejected,
+                    });
+                } else if let Some(m) = self.members.get_mut(&node) {
+                    m.missed_rounds += 1;
+                    if m.missed_rounds >= self.config.missed_rounds_max {
+                        self.remove_member(&node);
+                        events.push(Event::MemberDropped {
+                            node,
+                            reason: DropReason::MissedRounds,
+                        });
+                    }
+                }
+                continue;
+            }
             match commits.get(&node) {
-                Some(c) if self.members.contains_key(&node) => {
+                Some(c) if member => {
                     accepted.insert(node, c.clone());
                     work.push(WorkRecord {
                         node,
@@ -562,6 +685,7 @@ impl Coordinator {
             round,
             accepted,
             late,
+            refused,
             work,
         });
     }
@@ -633,6 +757,15 @@ impl Coordinator {
             .find(|n| !self.assignment.contains_key(n))
         {
             return Err(format!("{n} committed without an assignment"));
+        }
+        let ordered: BTreeSet<NodeId> = self.commit_order.iter().copied().collect();
+        if ordered.len() != self.commit_order.len()
+            || ordered != self.commits.keys().copied().collect()
+        {
+            return Err("the commit order differs from the commits".into());
+        }
+        if let Some(n) = self.members.keys().find(|n| self.ejected.contains(n)) {
+            return Err(format!("{n} is a member and ejected"));
         }
         if self.round().is_none() && !self.assignment.is_empty() {
             return Err("an assignment outside a round".into());

@@ -8,7 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tessera_coordinator::{
-    Commit, CoordError, Coordinator, Event, Hash32, Input, NodeId, Phase, RunConfig,
+    Commit, CoordError, Coordinator, Event, Hash32, Input, Judge, Judged, NodeId, Phase,
+    RunConfig,
 };
 
 fn id(name: &str) -> NodeId {
@@ -47,12 +48,33 @@ fn commit(tokens: u64) -> Commit {
         tokens,
         loss_micro: 1,
         theta_hash: Hash32::of(b"t"),
+        state_hash: Hash32::of(b"s"),
+    }
+}
+
+/// A deterministic stand-in for the hub's validator: refuses commits whose token
+/// count is a multiple of 7, and ejects those that are a multiple of 31 as well.
+struct ByTokens;
+
+impl Judge for ByTokens {
+    fn judge(&mut self, _round: u64, commits: &[(NodeId, &Commit, &[u64])]) -> Judged {
+        let mut judged = Judged::default();
+        for (node, c, _) in commits {
+            if c.tokens % 7 == 0 {
+                judged.refused.insert(*node);
+                if c.tokens % 31 == 0 {
+                    judged.ejected.insert(*node);
+                }
+            }
+        }
+        judged
     }
 }
 
 fn random_input(rng: &mut Lcg, c: &Coordinator) -> Input {
     let node = id(&format!("n{}", rng.below(8)));
     match rng.below(10) {
+        0 if rng.below(40) == 0 => Input::Eject { node },
         0 => Input::Join { node },
         1 if rng.below(4) == 0 => Input::Leave { node },
         2 | 3 => Input::Heartbeat { node },
@@ -81,7 +103,7 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
         let before = c.clone();
         inputs.push((input.clone(), now));
         let assigned_before = c.assignment.clone();
-        let result = c.apply(input, now);
+        let result = c.apply_judged(input, now, &mut ByTokens);
         c.check_invariants()
             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         match result {
@@ -92,10 +114,18 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
                     if let Event::RoundClosed {
                         work,
                         accepted: acc,
+                        refused,
                         ..
                     } = e
                     {
                         rounds_closed += 1;
+                        for n in &refused {
+                            assert!(!acc.contains_key(n), "{n} refused and accepted");
+                            assert!(
+                                !work.iter().any(|w| w.node == *n),
+                                "{n} refused and paid"
+                            );
+                        }
                         for w in &work {
                             assert_eq!(
                                 Some(&w.batches),
@@ -123,6 +153,7 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
         assert!(seen.values().all(|&n| n == 1), "a batch is in two places");
         assert_eq!(seen.len() as u64, c.cursor, "a batch was lost");
         assert!(c.members.len() <= 6);
+        assert!(c.members.keys().all(|n| !c.ejected.contains(n)));
     }
     (c, inputs, rounds_closed)
 }
@@ -136,7 +167,7 @@ fn random_runs_keep_every_invariant() {
         // Replaying the same inputs gives the same state.
         let mut again = Coordinator::new(config(seed), 128);
         for (input, now) in inputs {
-            let _ = again.apply(input, now);
+            let _ = again.apply_judged(input, now, &mut ByTokens);
         }
         assert_eq!(again, c, "seed {seed} does not replay");
     }
@@ -277,4 +308,81 @@ fn bad_commits_are_refused() {
         )
         .unwrap_err();
     assert!(matches!(err, CoordError::AlreadyCommitted { .. }));
+}
+
+/// A refused commit is not accepted or paid, its batches go back to the pool and its
+/// member misses the round; an ejected member is removed and refused for good.
+#[test]
+fn a_judged_round_leaves_refused_commits_out_and_ejects_for_good() {
+    let mut cfg = config(3);
+    cfg.min_nodes = 3;
+    let mut c = Coordinator::new(cfg, 128);
+    for n in ["a", "b", "c"] {
+        c.apply(Input::Join { node: id(n) }, 0).unwrap();
+    }
+    let b_batches = c.assignment[&id("b")].clone();
+    let c_batches = c.assignment[&id("c")].clone();
+    // b commits 7 tokens (refused), c 31 × 7 = 217 (refused and ejected), a 384.
+    for (n, tokens) in [("c", 217), ("a", 384), ("b", 7)] {
+        c.apply_judged(
+            Input::Commit {
+                node: id(n),
+                round: 0,
+                commit: commit(tokens),
+            },
+            10,
+            &mut ByTokens,
+        )
+        .unwrap();
+    }
+    let mut judge_saw = Vec::new();
+    struct Record<'a>(&'a mut Vec<NodeId>);
+    impl Judge for Record<'_> {
+        fn judge(&mut self, round: u64, commits: &[(NodeId, &Commit, &[u64])]) -> Judged {
+            self.0.extend(commits.iter().map(|(n, _, _)| *n));
+            ByTokens.judge(round, commits)
+        }
+    }
+    // The round closed with the last commit (ByTokens); check what it decided.
+    assert_eq!(c.closed_rounds, 1);
+    assert!(c.ejected.contains(&id("c")) && !c.members.contains_key(&id("c")));
+    assert_eq!(c.members[&id("b")].missed_rounds, 1);
+    // Refused batches are handed out first again (two members take 6 of the 6).
+    let again: Vec<u64> = c
+        .assignment
+        .values()
+        .flatten()
+        .chain(&c.returned)
+        .copied()
+        .collect();
+    for batch in b_batches.iter().chain(&c_batches) {
+        assert!(again.contains(batch), "refused batch {batch} is lost");
+    }
+    assert!(c
+        .assignment
+        .values()
+        .flatten()
+        .all(|b| b_batches.contains(b) || c_batches.contains(b)));
+    assert_eq!(
+        c.apply(Input::Join { node: id("c") }, 20),
+        Err(CoordError::Ejected { node: id("c") })
+    );
+    // The judge sees commits in the order they arrived.
+    let mut d = Coordinator::new(config(4), 128);
+    for n in ["a", "b"] {
+        d.apply(Input::Join { node: id(n) }, 0).unwrap();
+    }
+    for n in ["b", "a"] {
+        d.apply_judged(
+            Input::Commit {
+                node: id(n),
+                round: 0,
+                commit: commit(1),
+            },
+            10,
+            &mut Record(&mut judge_saw),
+        )
+        .unwrap();
+    }
+    assert_eq!(judge_saw, vec![id("b"), id("a")]);
 }

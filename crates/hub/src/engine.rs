@@ -17,15 +17,55 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use tessera_coordinator::DropReason;
-use tessera_coordinator::{CoordError, Coordinator, Event, Fact, Input, RunConfig, WorkRecord};
+use tessera_coordinator::{
+    CoordError, Coordinator, Event, Fact, Input, Judge, Judged, RunConfig, WorkRecord,
+};
 use tessera_protocol::wire::{
-    CommitBody, ErrorCode, FinalEval, NodeStats, PeerAddr, Phase, RoundRecord, StateView, Summary,
-    ThetaReport,
+    Commit, CommitBody, ErrorCode, FinalEval, NodeStats, PeerAddr, Phase, RoundRecord, StateView,
+    Summary, ThetaReport, Verdict,
 };
 use tessera_protocol::{Hash32, NodeId, RunSpec};
+use tessera_verify::VerifyConfig;
 
 /// Closed rounds whose accepted updates a commit may not send again.
 pub const RESENT_ROUNDS_CHECKED: usize = 3;
+/// How long an audited node has to reveal its private state, from the round's close
+/// (or from a hub restart, which forgets reveals in flight).
+pub const AUDIT_REVEAL_MS: u64 = 120_000;
+/// The request id of the slash of an ejected node (one per node and run: exactly once).
+pub fn slash_id(run_id: &str, node: &NodeId) -> String {
+    format!("slash:{run_id}:{}", node.to_hex())
+}
+
+/// One commit as the validator judges it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judging {
+    pub node: NodeId,
+    pub commit: Commit,
+    pub batches: Vec<u64>,
+}
+
+/// The result of a replay audit, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    pub round: u64,
+    pub node: NodeId,
+    pub passed: bool,
+    /// What was found: the relative error of the replay, or why there was none.
+    pub detail: String,
+}
+
+/// An audit the hub waits on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingAudit {
+    /// The checkpoint the round trained from.
+    pub checkpoint: Hash32,
+    pub verdict: Verdict,
+    pub deadline_ms: u64,
+    /// The node's state arrived and is being replayed.
+    pub revealed: bool,
+}
 /// The outer step at a round's close: from the checkpoint `from`, aggregate the accepted
 /// updates (in the given order) and step. Implementations are deterministic: the same
 /// `from` and `accepted` give the same result.
@@ -36,6 +76,66 @@ pub trait OuterStep {
         from: Hash32,
         accepted: &[(NodeId, Hash32)],
     ) -> Result<StepOutcome, String>;
+
+    /// Judges a round's commits (in commit order) before the round closes: one verdict
+    /// each, in the same order, or none at all for a validator that measures nothing
+    /// (every commit accepted at full score; the default). `from` is the checkpoint the
+    /// round trained from and `previous` the last round's accepted updates (a stale
+    /// update copies one).
+    fn judge(
+        &mut self,
+        _round: u64,
+        _from: Hash32,
+        _commits: &[Judging],
+        _previous: &[(NodeId, Hash32)],
+    ) -> Result<Vec<Verdict>, String> {
+        Ok(Vec::new())
+    }
+}
+
+/// The coordinator's judge at a round's close: asks the validator behind the outer
+/// step and keeps its verdicts for the round's record.
+struct RoundJudge<'a> {
+    outer: &'a mut dyn OuterStep,
+    from: Hash32,
+    previous: Vec<(NodeId, Hash32)>,
+    verdicts: Option<Result<Vec<Verdict>, String>>,
+}
+
+impl Judge for RoundJudge<'_> {
+    fn judge(&mut self, round: u64, commits: &[(NodeId, &Commit, &[u64])]) -> Judged {
+        let inputs: Vec<Judging> = commits
+            .iter()
+            .map(|(node, commit, batches)| Judging {
+                node: *node,
+                commit: (*commit).clone(),
+                batches: batches.to_vec(),
+            })
+            .collect();
+        let result = self
+            .outer
+            .judge(round, self.from, &inputs, &self.previous)
+            .and_then(|v| {
+                let same = v.len() == inputs.len()
+                    && v.iter().zip(&inputs).all(|(v, j)| v.node == j.node);
+                if same || v.is_empty() {
+                    Ok(v)
+                } else {
+                    Err("the validator's verdicts do not match the round's commits".into())
+                }
+            });
+        let mut judged = Judged::default();
+        if let Ok(verdicts) = &result {
+            for v in verdicts.iter().filter(|v| !v.accepted) {
+                judged.refused.insert(v.node);
+                if v.flags.iter().any(|f| f.starts_with("copy")) {
+                    judged.ejected.insert(v.node);
+                }
+            }
+        }
+        self.verdicts = Some(result);
+        judged
+    }
 }
 
 /// What an outer step produced.
@@ -64,6 +164,20 @@ pub enum HubInput {
     Commit {
         node: NodeId,
         body: CommitBody,
+    },
+    /// An audited node's private state arrived with the digest its commit named; the
+    /// driver replays it.
+    Revealed {
+        node: NodeId,
+        round: u64,
+    },
+    /// A replay audit's result. A failed audit ejects the node, forfeits its escrow
+    /// and slashes its stake.
+    Audited {
+        node: NodeId,
+        round: u64,
+        passed: bool,
+        detail: String,
     },
     Theta {
         node: NodeId,
@@ -104,6 +218,7 @@ impl From<CoordError> for HubError {
             CoordError::NotAssigned { .. } => ErrorCode::NotAssigned,
             CoordError::TooManyTokens { .. } => ErrorCode::TooManyTokens,
             CoordError::Finished => ErrorCode::Finished,
+            CoordError::Ejected { .. } => ErrorCode::Ejected,
             _ => ErrorCode::BadRequest,
         };
         HubError::new(code, e.to_string())
@@ -119,6 +234,8 @@ pub struct Change {
     pub facts: Vec<StoredFact>,
     pub rounds: Vec<Arc<RoundRecord>>,
     pub divergent: Option<u64>,
+    /// Audit results to record.
+    pub audits: Vec<AuditRecord>,
 }
 
 impl Change {
@@ -127,6 +244,7 @@ impl Change {
             && self.facts.is_empty()
             && self.rounds.is_empty()
             && self.divergent.is_none()
+            && self.audits.is_empty()
     }
 }
 
@@ -149,6 +267,8 @@ pub enum Effect {
     Dropped { node: NodeId, reason: DropReason },
     /// The run finished: write and evaluate the final model from this checkpoint.
     Finish { checkpoint: Hash32 },
+    /// A member was ejected for cheating: slash its stake (idempotent by node).
+    Slash { node: NodeId, reason: String },
     /// For the log.
     Log(String),
 }
@@ -169,6 +289,7 @@ pub struct Durable {
     pub facts: Vec<StoredFact>,
     pub rounds: Vec<Arc<RoundRecord>>,
     pub divergent: u64,
+    pub audits: Vec<AuditRecord>,
 }
 
 /// The hub's state.
@@ -186,6 +307,12 @@ pub struct HubState {
     stats: BTreeMap<NodeId, NodeStats>,
     divergent: u64,
     final_eval: Option<(FinalEval, String)>,
+    verify: VerifyConfig,
+    /// Audits not yet decided, by (round, node).
+    pending_audits: BTreeMap<(u64, NodeId), PendingAudit>,
+    audits: BTreeMap<(u64, NodeId), AuditRecord>,
+    /// When recent new members joined (for `RunSpec::joins_per_minute`); not persisted.
+    joins: std::collections::VecDeque<u64>,
 }
 
 /// Blob bytes a DDP ring all-reduce of f32 gradients moves per node (sent + received)
@@ -195,18 +322,31 @@ pub fn ddp_bytes_per_node(steps: u64, m: u64, params: u64) -> u64 {
     (steps as f64 * 2.0 * 2.0 * (m - 1.0) / m * 4.0 * params as f64) as u64
 }
 
-/// The ledger request that pays a closed round (one id per round, so it is paid once).
-pub fn payout_request(run_id: &str, rec: &RoundRecord) -> tessera_ledger::Request {
-    let work = rec
+/// The ledger request that pays a closed round (one id per round, so it is paid once):
+/// each accepted node's tokens × its verdict's score, leaving out nodes ejected since
+/// (their escrow is forfeited). `None` when no one is left to pay.
+pub fn payout_request(
+    run_id: &str,
+    rec: &RoundRecord,
+    ejected: &std::collections::BTreeSet<NodeId>,
+) -> Option<tessera_ledger::Request> {
+    let scores: BTreeMap<NodeId, u32> =
+        rec.verdicts.iter().map(|v| (v.node, v.score_ppm)).collect();
+    let work: Vec<tessera_ledger::Work> = rec
         .work
         .iter()
+        .filter(|(node, _)| !ejected.contains(node))
         .map(|(node, tokens)| tessera_ledger::Work {
             contributor: node.to_hex(),
             tokens: *tokens,
-            score_ppm: 1_000_000,
+            score_ppm: scores.get(node).copied().unwrap_or(1_000_000),
         })
+        .filter(|w| w.score_ppm > 0)
         .collect();
-    tessera_ledger::Request {
+    if work.is_empty() {
+        return None;
+    }
+    Some(tessera_ledger::Request {
         id: format!("payout:{run_id}:{}", rec.round),
         signer: tessera_ledger::Signer::Organiser,
         op: tessera_ledger::Operation::Payout {
@@ -214,7 +354,7 @@ pub fn payout_request(run_id: &str, rec: &RoundRecord) -> tessera_ledger::Reques
             round: rec.round,
             work,
         },
-    }
+    })
 }
 
 impl HubState {
@@ -242,7 +382,54 @@ impl HubState {
             stats: BTreeMap::new(),
             divergent: 0,
             final_eval: None,
+            verify: VerifyConfig::default(),
+            pending_audits: BTreeMap::new(),
+            audits: BTreeMap::new(),
+            joins: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Judges and pays with `verify` instead of the default configuration.
+    pub fn with_verify(mut self, verify: VerifyConfig) -> HubState {
+        self.verify = verify;
+        self
+    }
+
+    pub fn verify_config(&self) -> &VerifyConfig {
+        &self.verify
+    }
+
+    /// Audits the hub waits on.
+    pub fn pending_audits(&self) -> &BTreeMap<(u64, NodeId), PendingAudit> {
+        &self.pending_audits
+    }
+
+    /// Decided audits.
+    pub fn audits(&self) -> &BTreeMap<(u64, NodeId), AuditRecord> {
+        &self.audits
+    }
+
+    /// Whether a closed round's pay may leave escrow: its audit window has passed
+    /// (`escrow_rounds` more rounds closed, or the run finished) and no audit that
+    /// could still eject one of its nodes is open.
+    pub fn releasable_pay(&self, round: u64) -> bool {
+        let window_end = round.saturating_add(self.verify.escrow_rounds);
+        let window_passed = self.coord.closed_rounds > window_end || self.is_finished();
+        window_passed
+            && !self
+                .pending_audits
+                .keys()
+                .any(|(r, _)| *r <= window_end || self.is_finished())
+    }
+
+    /// The payout requests of every closed round whose pay has left escrow and that
+    /// `unpaid` says is not paid yet, in round order.
+    pub fn payouts(&self, unpaid: impl Fn(u64) -> bool) -> Vec<tessera_ledger::Request> {
+        self.rounds
+            .values()
+            .filter(|r| unpaid(r.round) && self.releasable_pay(r.round))
+            .filter_map(|r| payout_request(&self.spec.run_id, r, &self.coord.ejected))
+            .collect()
     }
 
     /// The change that makes a new run durable.
@@ -277,7 +464,40 @@ impl HubState {
             ));
         }
         self.divergent = durable.divergent;
+        self.audits = durable
+            .audits
+            .into_iter()
+            .map(|a| ((a.round, a.node), a))
+            .collect();
+        for rec in self.rounds.values().cloned().collect::<Vec<_>>() {
+            self.add_audits(&rec, now_ms);
+        }
         Ok(self)
+    }
+
+    /// Opens the audits a closed round's verdicts ask for, unless decided already or
+    /// moot (the node was ejected).
+    fn add_audits(&mut self, rec: &RoundRecord, now_ms: u64) {
+        let checkpoint = self
+            .rounds
+            .range(..rec.round)
+            .next_back()
+            .map_or(self.checkpoint0, |(_, r)| r.checkpoint);
+        for v in rec.verdicts.iter().filter(|v| v.audited) {
+            let key = (rec.round, v.node);
+            if self.audits.contains_key(&key) || self.coord.ejected.contains(&v.node) {
+                continue;
+            }
+            self.pending_audits.insert(
+                key,
+                PendingAudit {
+                    checkpoint,
+                    verdict: v.clone(),
+                    deadline_ms: now_ms.saturating_add(AUDIT_REVEAL_MS),
+                    revealed: false,
+                },
+            );
+        }
     }
 
     pub fn spec(&self) -> &RunSpec {
@@ -334,6 +554,11 @@ impl HubState {
             deadline_ms: self.coord.deadline_ms,
             closed_rounds: self.coord.closed_rounds,
             checkpoint: self.checkpoint(),
+            audit: self
+                .pending_audits
+                .iter()
+                .find(|((_, n), a)| n == node && !a.revealed)
+                .map(|((r, _), _)| *r),
         }
     }
 
@@ -403,8 +628,74 @@ impl HubState {
         outer: &mut dyn OuterStep,
     ) -> Result<Applied, HubError> {
         let mut applied = Applied::default();
+        let mut audit_failed = None;
+        let mut new_member = false;
         let (coord_input, fact) = match input {
-            HubInput::Join { node } => (Input::Join { node }, None),
+            HubInput::Join { node } => {
+                self.check_join(&node, now_ms)?;
+                if !self.coord.members.contains_key(&node) {
+                    new_member = true;
+                }
+                (Input::Join { node }, None)
+            }
+            HubInput::Revealed { node, round } => {
+                let audit = self.pending_audits.get_mut(&(round, node)).ok_or_else(|| {
+                    HubError::new(
+                        ErrorCode::NotFound,
+                        format!("no audit of {} in round {round} is open", node.short(12)),
+                    )
+                })?;
+                audit.revealed = true;
+                return Ok(applied);
+            }
+            HubInput::Audited {
+                node,
+                round,
+                passed,
+                detail,
+            } => {
+                let Some(done) = self.pending_audits.remove(&(round, node)) else {
+                    return Err(HubError::new(
+                        ErrorCode::NotFound,
+                        format!("no audit of {} in round {round} is open", node.short(12)),
+                    ));
+                };
+                // What the audit kept past its round's release goes now.
+                if round + 2 < self.coord.closed_rounds {
+                    let still: Vec<Hash32> = self
+                        .pending_audits
+                        .values()
+                        .flat_map(|a| [a.checkpoint, a.verdict.blob_hash])
+                        .chain([self.checkpoint0])
+                        .collect();
+                    let gone: Vec<Hash32> = [done.checkpoint, done.verdict.blob_hash]
+                        .into_iter()
+                        .filter(|h| !still.contains(h))
+                        .collect();
+                    if !gone.is_empty() {
+                        applied.effects.push(Effect::Release(gone));
+                    }
+                }
+                let rec = AuditRecord {
+                    round,
+                    node,
+                    passed,
+                    detail,
+                };
+                self.audits.insert((round, node), rec.clone());
+                applied.change.audits.push(rec.clone());
+                if passed {
+                    applied.effects.push(Effect::Log(format!(
+                        "audit of {} in round {round} passed ({})",
+                        node.short(12),
+                        rec.detail
+                    )));
+                    applied.effects.push(Effect::Pay(self.last_record()));
+                    return Ok(applied);
+                }
+                audit_failed = Some(rec);
+                (Input::Eject { node }, None)
+            }
             HubInput::Leave { node } => (Input::Leave { node }, None),
             HubInput::Heartbeat { node, stats } => {
                 // Statistics are kept for members only, so they are bounded by the run.
@@ -439,13 +730,85 @@ impl HubState {
                     ..Applied::default()
                 });
             }
-            HubInput::Tick => (Input::Tick, None),
+            HubInput::Tick => {
+                // An audited node that never revealed its state fails its audit.
+                let expired = self
+                    .pending_audits
+                    .iter()
+                    .find(|(_, a)| !a.revealed && now_ms >= a.deadline_ms)
+                    .map(|(k, _)| *k);
+                if let Some((round, node)) = expired {
+                    return self.apply(
+                        HubInput::Audited {
+                            node,
+                            round,
+                            passed: false,
+                            detail: "its private state was not revealed in time".into(),
+                        },
+                        now_ms,
+                        outer,
+                    );
+                }
+                (Input::Tick, None)
+            }
             HubInput::FinalEval { eval, dir } => {
                 self.final_eval = Some((eval, dir));
                 return Ok(applied);
             }
         };
-        let events = self.coord.apply(coord_input.clone(), now_ms)?;
+        let mut judge = RoundJudge {
+            from: self.checkpoint(),
+            previous: self
+                .rounds
+                .values()
+                .next_back()
+                .map(|r| r.accepted.clone())
+                .unwrap_or_default(),
+            outer,
+            verdicts: None,
+        };
+        let events = self
+            .coord
+            .apply_judged(coord_input.clone(), now_ms, &mut judge)?;
+        let verdicts = match judge.verdicts.take() {
+            Some(Err(e)) => {
+                return Err(HubError::new(
+                    ErrorCode::Internal,
+                    format!("judging the round failed: {e}"),
+                ))
+            }
+            Some(Ok(v)) => v,
+            None => Vec::new(),
+        };
+        let outer = judge.outer;
+        if new_member {
+            self.joins.push_back(now_ms);
+        }
+        if let Some(rec) = audit_failed {
+            self.pending_audits.retain(|(_, n), _| *n != rec.node);
+            applied.effects.push(Effect::Log(format!(
+                "audit of {} in round {} FAILED ({}): ejected, escrow forfeited",
+                rec.node.short(12),
+                rec.round,
+                rec.detail
+            )));
+            applied.effects.push(Effect::Slash {
+                node: rec.node,
+                reason: format!("failed the replay audit of round {}", rec.round),
+            });
+            applied.effects.push(Effect::Pay(self.last_record()));
+            if !events.iter().any(|e| {
+                matches!(
+                    e,
+                    Event::RoundStarted { .. } | Event::RoundClosed { .. } | Event::Finished { .. }
+                )
+            }) {
+                applied.change.facts.push(StoredFact {
+                    fact: Fact::Ejected { node: rec.node },
+                    provider: None,
+                });
+            }
+        }
         let transition = events.iter().any(|e| {
             matches!(
                 e,
@@ -461,11 +824,12 @@ impl HubState {
                 round,
                 accepted,
                 late,
+                refused,
                 work,
             } = e
             {
                 let rec = self
-                    .close_round(*round, accepted, late, work, outer)
+                    .close_round(*round, accepted, late, refused, &verdicts, work, outer, now_ms)
                     .map_err(|e| {
                         HubError::new(ErrorCode::Internal, format!("outer step failed: {e}"))
                     })?;
@@ -476,6 +840,13 @@ impl HubState {
             match e {
                 Event::MemberDropped { node, reason } => {
                     self.stats.remove(node);
+                    if *reason == DropReason::Ejected {
+                        self.pending_audits.retain(|(_, n), _| n != node);
+                        applied.effects.push(Effect::Slash {
+                            node: *node,
+                            reason: "committed a copy of another node's update".into(),
+                        });
+                    }
                     applied.effects.push(Effect::Dropped {
                         node: *node,
                         reason: *reason,
@@ -547,7 +918,7 @@ impl HubState {
                         provider: fact,
                     },
                 ),
-                Input::Heartbeat { .. } | Input::Tick => {}
+                Input::Heartbeat { .. } | Input::Tick | Input::Eject { .. } => {}
             }
         }
         for rec in closed {
@@ -566,13 +937,17 @@ impl HubState {
         Ok(applied)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn close_round(
         &mut self,
         round: u64,
         accepted: &BTreeMap<NodeId, tessera_protocol::wire::Commit>,
         late: &[NodeId],
+        refused: &[NodeId],
+        verdicts: &[Verdict],
         work: &[WorkRecord],
         outer: &mut dyn OuterStep,
+        now_ms: u64,
     ) -> Result<Arc<RoundRecord>, String> {
         let list: Vec<(NodeId, Hash32)> = accepted.iter().map(|(n, c)| (*n, c.blob_hash)).collect();
         let theta_before = self.theta();
@@ -597,8 +972,11 @@ impl HubState {
             theta_before,
             theta_after: outcome.theta_after,
             checkpoint: outcome.checkpoint,
+            refused: refused.to_vec(),
+            verdicts: verdicts.to_vec(),
         });
         self.rounds.insert(round, rec.clone());
+        self.add_audits(&rec, now_ms);
         Ok(rec)
     }
 
@@ -608,22 +986,77 @@ impl HubState {
         let Some(rec) = self.rounds.get(&old) else {
             return Vec::new();
         };
+        // Audits still open replay from their round's checkpoint and compare with the
+        // committed blob: both stay until the audit is decided (and go with the next
+        // release after it).
         let keep: std::collections::BTreeSet<Hash32> = self
             .rounds
             .range(old + 1..)
             .flat_map(|(_, r)| r.accepted.iter().map(|(_, h)| *h).chain([r.checkpoint]))
             .chain([self.checkpoint0])
+            .chain(
+                self.pending_audits
+                    .values()
+                    .flat_map(|a| [a.checkpoint, a.verdict.blob_hash]),
+            )
             .collect();
         let mut out: Vec<Hash32> = rec
             .accepted
             .iter()
             .map(|(_, h)| *h)
+            .chain(rec.verdicts.iter().map(|v| v.blob_hash))
             .chain([rec.checkpoint])
             .filter(|h| !keep.contains(h))
             .collect();
         out.sort();
         out.dedup();
         out
+    }
+
+    /// The latest closed round's record (for [`Effect::Pay`], which pays whatever left
+    /// escrow).
+    fn last_record(&self) -> Arc<RoundRecord> {
+        self.rounds.values().next_back().cloned().unwrap_or_else(|| {
+            Arc::new(RoundRecord {
+                round: 0,
+                accepted: Vec::new(),
+                sources: Vec::new(),
+                late: Vec::new(),
+                tokens: 0,
+                work: Vec::new(),
+                theta_before: self.theta0,
+                theta_after: self.theta0,
+                checkpoint: self.checkpoint0,
+                refused: Vec::new(),
+                verdicts: Vec::new(),
+            })
+        })
+    }
+
+    /// A join of a node that is not a member yet counts against the run's
+    /// `joins_per_minute`.
+    fn check_join(&mut self, node: &NodeId, now_ms: u64) -> Result<(), HubError> {
+        if self.coord.members.contains_key(node) {
+            return Ok(());
+        }
+        if self.coord.ejected.contains(node) {
+            return Err(CoordError::Ejected { node: *node }.into());
+        }
+        while self
+            .joins
+            .front()
+            .is_some_and(|t| now_ms.saturating_sub(*t) >= 60_000)
+        {
+            self.joins.pop_front();
+        }
+        let max = self.spec.joins_per_minute as usize;
+        if max > 0 && self.joins.len() >= max {
+            return Err(HubError::new(
+                ErrorCode::TooManyJoins,
+                format!("{max} nodes joined in the last minute; retry later"),
+            ));
+        }
+        Ok(())
     }
 
     /// A body that names another run than this hub's is refused.
@@ -698,39 +1131,73 @@ impl HubState {
     }
 }
 
-/// Pays every closed round in `rounds` that the ledger has not paid yet, from its work
-/// record, and returns a log line per round paid or refused.
+/// Pays every closed round whose pay has left escrow ([`HubState::payouts`]) that the
+/// ledger has not paid yet, and slashes every ejected node, returning a log line per
+/// round paid or refused and per slash.
 ///
 /// The hub's round records and the ledger are separate stores, so a crash can fall
-/// between closing a round and paying it. Payout request ids are `payout:RUN:ROUND`, so
-/// submitting again after a restart is a no-op for rounds already paid and pays the
-/// rest: each round is paid exactly once. Until audits exist every accepted update has
-/// full score weight. Stops at the first refusal (an empty pool): later rounds wait.
-pub fn pay_rounds<'a, S: tessera_ledger::Store>(
+/// between closing a round (or an audit) and paying it. Payout ids are
+/// `payout:RUN:ROUND` and slash ids `slash:RUN:NODE`, so submitting again after a restart
+/// is a no-op for what was done and does the rest: each round is paid, and each
+/// ejected node slashed, exactly once. Payouts stop at the first refusal (an empty
+/// pool): later rounds wait.
+pub fn pay_rounds<S: tessera_ledger::Store>(
     ledger: &mut tessera_ledger::Ledger<S>,
-    run_id: &str,
-    rounds: impl IntoIterator<Item = &'a Arc<RoundRecord>>,
+    state: &HubState,
     now_ms: u64,
 ) -> Vec<String> {
+    let run_id = &state.spec().run_id;
     let mut log = Vec::new();
-    for rec in rounds {
-        let paid = ledger
-            .state()
-            .run(run_id)
-            .is_some_and(|r| r.paid.contains_key(&rec.round));
-        if paid || rec.work.is_empty() {
+    let paid: std::collections::BTreeSet<u64> = ledger
+        .state()
+        .run(run_id)
+        .map(|r| r.paid.keys().copied().collect())
+        .unwrap_or_default();
+    for req in state.payouts(|r| !paid.contains(&r)) {
+        let tessera_ledger::Operation::Payout { round, .. } = &req.op else {
             continue;
-        }
-        match ledger.submit(&payout_request(run_id, rec), now_ms) {
+        };
+        let round = *round;
+        match ledger.submit(&req, now_ms) {
             Ok(receipt) => log.push(format!(
-                "paid round {} ({} transfers)",
-                rec.round,
+                "paid round {round} ({} transfers)",
                 receipt.transfers.len()
             )),
             Err(e) => {
-                log.push(format!("round {} not paid: {e}", rec.round));
+                log.push(format!("round {round} not paid: {e}"));
                 break;
             }
+        }
+    }
+    for node in &state.coordinator().ejected {
+        let id = slash_id(run_id, node);
+        let stake = tessera_ledger::Account::Stake {
+            run: run_id.clone(),
+            contributor: node.to_hex(),
+        };
+        // Done before, or nothing staked to take.
+        if ledger.state().receipt(&id).is_some()
+            || ledger.state().balance(&stake).unwrap_or(0) == 0
+        {
+            continue;
+        }
+        let req = tessera_ledger::Request {
+            id,
+            signer: tessera_ledger::Signer::Organiser,
+            op: tessera_ledger::Operation::Slash {
+                run: run_id.clone(),
+                contributor: node.to_hex(),
+                fraction_ppm: 1_000_000,
+                reason: "ejected from the run for cheating".into(),
+            },
+        };
+        match ledger.submit(&req, now_ms) {
+            Ok(receipt) => log.push(format!(
+                "slashed {} ({} transfers)",
+                node.short(12),
+                receipt.transfers.len()
+            )),
+            Err(e) => log.push(format!("slashing {} failed: {e}", node.short(12))),
         }
     }
     log

@@ -16,6 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod host;
 pub mod store;
+pub mod validator;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,15 +40,18 @@ use tessera_net::ServerAuth;
 use tessera_outer::{decode_for, OuterState};
 use tessera_protocol::limits::CONTROL_BODY_BYTES_MAX;
 use tessera_protocol::wire::{
-    Ack, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats, RoundRecord, RunInfo, StateView,
-    Summary, ThetaReply, ThetaReport,
+    Ack, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats, RevealBody, RoundRecord, RunInfo,
+    StateView, Summary, ThetaReply, ThetaReport, Verdict,
 };
 use tessera_protocol::{Hash32, NodeId, RunSpec};
 use tessera_train::data::{Dataset, Windows, MANIFEST_FILE};
 use tokio::sync::{mpsc, oneshot};
 
 pub use config::HubConfig;
-use engine::{Applied, Effect, HubError, HubInput, HubState, OuterStep, StepOutcome};
+use engine::{
+    Applied, Effect, HubError, HubInput, HubState, Judging, OuterStep, PendingAudit, StepOutcome,
+};
+use validator::Validator;
 use host::Host;
 use store::SqliteHubStore;
 
@@ -98,6 +102,7 @@ pub struct FileOuter {
     spec: RunSpec,
     params: usize,
     current: Option<(Hash32, OuterState)>,
+    validator: Validator,
 }
 
 impl FileOuter {
@@ -138,6 +143,33 @@ impl OuterStep for FileOuter {
             checkpoint,
         })
     }
+
+    fn judge(
+        &mut self,
+        round: u64,
+        from: Hash32,
+        commits: &[Judging],
+        previous: &[(NodeId, Hash32)],
+    ) -> Result<Vec<Verdict>, String> {
+        let codec = self.spec.codec()?;
+        let params = self.params as u64;
+        let load = |dir: &Path, h: Hash32| -> Result<Vec<f32>, String> {
+            let bytes = read_blob(dir, h).map_err(|e| format!("{e:#}"))?;
+            decode_for(codec, &bytes, params).map_err(|e| e.to_string())
+        };
+        let updates = commits
+            .iter()
+            .map(|c| load(&self.dir, c.commit.blob_hash))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Last round's blobs are kept until this round closes (see `releasable`).
+        let previous = previous
+            .iter()
+            .map(|(n, h)| Ok((*n, load(&self.dir, *h)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        let theta = self.state(from)?.theta.clone();
+        self.validator
+            .verdicts(round, &theta, commits, &updates, &previous)
+    }
 }
 
 /// The engine and everything it drives, owned by the engine thread.
@@ -170,6 +202,7 @@ enum Call {
     CheckCommit(NodeId, CommitBody, oneshot::Sender<Result<(), HubError>>),
     View(NodeId, oneshot::Sender<StateView>),
     Round(u64, oneshot::Sender<Option<Arc<RoundRecord>>>),
+    Audit(u64, NodeId, oneshot::Sender<Option<PendingAudit>>),
     Summary(oneshot::Sender<Summary>),
     Metrics(oneshot::Sender<String>),
 }
@@ -283,12 +316,21 @@ impl Core {
             }
             None => None,
         };
+        let validator = Validator::new(
+            spec.clone(),
+            model.clone(),
+            data,
+            host.state.verify_config().clone(),
+            dep.state_dir.join(validator::HISTORY_FILE),
+        )
+        .map_err(anyhow::Error::msg)?;
         let outer = FileOuter {
             dir: blob_dir.clone(),
             blobs: blobs.clone(),
             spec: spec.clone(),
             params: params as usize,
             current: None,
+            validator,
         };
         let core = Core {
             config,
@@ -390,7 +432,7 @@ impl Core {
                 Effect::Dropped { node, reason } => {
                     log(&format!("dropped {}: {reason:?}", node.short(12)))
                 }
-                Effect::Pay(_) => self.pay(),
+                Effect::Pay(_) | Effect::Slash { .. } => self.pay(),
                 Effect::Release(hashes) => {
                     for h in hashes {
                         self.blobs.forget(&h.to_hex());
@@ -408,12 +450,7 @@ impl Core {
             return;
         };
         let mut ledger = svc.ledger.lock().expect("ledger lock");
-        let lines = engine::pay_rounds(
-            &mut ledger,
-            &self.host.state.spec().run_id,
-            self.host.state.rounds().values(),
-            now_ms(),
-        );
+        let lines = engine::pay_rounds(&mut ledger, &self.host.state, now_ms());
         for line in lines {
             log(&line);
         }
@@ -537,6 +574,9 @@ impl Core {
                 Call::Round(r, reply) => {
                     let _ = reply.send(self.host.state.round_record(r));
                 }
+                Call::Audit(r, node, reply) => {
+                    let _ = reply.send(self.host.state.pending_audits().get(&(r, node)).cloned());
+                }
                 Call::Summary(reply) => {
                     let mut summary = self.host.state.summary();
                     summary.read_only = self.read_only.clone();
@@ -567,7 +607,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self.0.code {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::NotMember => StatusCode::FORBIDDEN,
+            ErrorCode::NotMember | ErrorCode::Ejected | ErrorCode::NoStake => {
+                StatusCode::FORBIDDEN
+            }
+            ErrorCode::TooManyJoins => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Busy | ErrorCode::ReadOnly => StatusCode::SERVICE_UNAVAILABLE,
@@ -811,6 +854,117 @@ async fn commit(
     Ok(Json(Ack {}))
 }
 
+/// An audited node's private state: checked against the digest its commit named, then
+/// replayed on a thread of its own; the audit's result goes to the engine. A state that
+/// does not match its digest fails the audit at once (the node committed to another).
+async fn reveal(
+    State(hub): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    signed: Signed,
+) -> Result<Json<Ack>, ApiError> {
+    let node = signed.node;
+    let body: RevealBody = signed.json("reveal")?;
+    if body.run_id != hub.info.spec.run_id {
+        return Err(api(
+            ErrorCode::WrongRun,
+            format!("reveal is for run `{}`", body.run_id.escape_debug()),
+        ));
+    }
+    let round = body.round;
+    let audit = hub
+        .call(|tx| Call::Audit(round, node, tx))
+        .await?
+        .ok_or_else(|| {
+            api(
+                ErrorCode::NotFound,
+                format!("no audit of this node in round {round} is open"),
+            )
+        })?;
+    if audit.revealed {
+        return Ok(Json(Ack {}));
+    }
+    let provider = hub
+        .blobs
+        .reachable_at(&body.provider, peer.ip())
+        .map_err(|e| api(ErrorCode::BlobRefused, format!("reveal's provider refused: {e}")))?;
+    let _turn = {
+        let mut set = hub.fetching.lock().expect("fetching lock");
+        if !set.insert(node) {
+            return Err(api(
+                ErrorCode::Busy,
+                "a blob of this node is already being fetched; wait for its answer",
+            ));
+        }
+        Fetching {
+            set: hub.fetching.clone(),
+            node,
+        }
+    };
+    let params = hub.info.model.params_total() as usize;
+    let max = 8 + 12 * params as u64;
+    let blobs = hub.blobs.clone();
+    let hash = body.blob_hash;
+    let state = tokio::task::spawn_blocking(move || {
+        let bytes = blobs.fetch(&hash.to_hex(), &[provider], max);
+        blobs.forget(&hash.to_hex());
+        bytes
+    })
+    .await
+    .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+    .map_err(|e| api(ErrorCode::BlobRefused, format!("revealed state refused: {e}")))?;
+    let parsed = tessera_train::worker::PrivateState::from_bytes(&state, params)
+        .and_then(|s| {
+            if Hash32(s.digest()) == audit.verdict.state_hash {
+                Ok(s)
+            } else {
+                Err("the revealed state is not the one its commit named".into())
+            }
+        });
+    let state = match parsed {
+        Ok(s) => s,
+        Err(why) => {
+            hub.input(HubInput::Audited {
+                node,
+                round,
+                passed: false,
+                detail: why.clone(),
+            })
+            .await?;
+            return Err(api(ErrorCode::BadRequest, why));
+        }
+    };
+    hub.input(HubInput::Revealed { node, round }).await?;
+    let read = |h: Hash32| {
+        read_blob(&hub.blob_dir, h).map_err(|e| api(ErrorCode::Internal, format!("{e:#}")))
+    };
+    let job = validator::Replay {
+        spec: hub.info.spec.clone(),
+        model: hub.info.model.clone(),
+        data_dir: hub.data_dir.clone(),
+        checkpoint: read(audit.checkpoint)?,
+        submitted: read(audit.verdict.blob_hash)?,
+        state,
+        batches: audit.verdict.batches.clone(),
+        cfg: tessera_verify::VerifyConfig::default(),
+    };
+    let calls = hub.calls.clone();
+    std::thread::spawn(move || {
+        let (passed, detail) = match validator::replay(job) {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        let (tx, _rx) = oneshot::channel();
+        let input = HubInput::Audited {
+            node,
+            round,
+            passed,
+            detail,
+        };
+        let _ = calls.blocking_send(Call::Input(input, tx));
+    });
+    Ok(Json(Ack {}))
+}
+
 #[derive(Deserialize)]
 struct StateQuery {
     node: Option<String>,
@@ -865,6 +1019,7 @@ fn router(hub: Shared) -> Router {
         .route("/state", get(state))
         .route("/rounds/{round}", get(round))
         .route("/theta", post(theta))
+        .route("/reveal", post(reveal))
         .route("/metrics", get(metrics))
         .route("/summary", get(summary))
         .layer(DefaultBodyLimit::max(CONTROL_BODY_BYTES_MAX))

@@ -29,7 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tessera_coordinator::Coordinator;
 use tessera_protocol::wire::RoundRecord;
 
-use crate::engine::{Change, Durable, StoredFact};
+use crate::engine::{AuditRecord, Change, Durable, StoredFact};
 
 /// Why the store could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +72,9 @@ pub struct SqliteHubStore {
 
 /// The format of `hub.db` this version reads and writes, kept in SQLite's
 /// `user_version`. 0 is a database from before the format was versioned; its tables
-/// are those of format 1, so opening one stamps it 1. A later format is refused, never
-/// misread.
-pub const HUB_STORE_VERSION: i64 = 1;
+/// are those of format 1. Format 2 added the `audits` table (created on open, so an
+/// older store is stamped 2). A later format is refused, never misread.
+pub const HUB_STORE_VERSION: i64 = 2;
 
 impl SqliteHubStore {
     pub fn open(path: &Path) -> Result<SqliteHubStore, StoreError> {
@@ -91,7 +91,8 @@ impl SqliteHubStore {
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS facts (seq INTEGER PRIMARY KEY, fact TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS audits (seq INTEGER PRIMARY KEY, audit TEXT NOT NULL);",
         )?;
         if found < HUB_STORE_VERSION {
             db.pragma_update(None, "user_version", HUB_STORE_VERSION)?;
@@ -128,6 +129,10 @@ impl SqliteHubStore {
         if let Some(d) = change.divergent {
             tx.execute(set, params!["divergent", d.to_string()])?;
         }
+        for a in &change.audits {
+            let json = serde_json::to_string(a).expect("an audit serialises");
+            tx.execute("INSERT INTO audits(audit) VALUES (?1)", params![json])?;
+        }
         Ok(())
     }
 }
@@ -162,6 +167,11 @@ impl HubStore for SqliteHubStore {
                 })?,
             None => 0,
         };
+        let mut audits = Vec::new();
+        let mut stmt = self.db.prepare("SELECT audit FROM audits ORDER BY seq")?;
+        for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            audits.push(serde_json::from_str::<AuditRecord>(&row?).map_err(corrupt("audit"))?);
+        }
         Ok(Some((
             identity,
             Durable {
@@ -169,6 +179,7 @@ impl HubStore for SqliteHubStore {
                 facts,
                 rounds,
                 divergent,
+                audits,
             },
         )))
     }
@@ -203,6 +214,7 @@ struct Image {
     facts: Vec<StoredFact>,
     rounds: Vec<Arc<RoundRecord>>,
     divergent: u64,
+    audits: Vec<AuditRecord>,
 }
 
 /// The in-memory twin: the durable image behind a shared handle that outlives the
@@ -234,6 +246,7 @@ impl MemoryHubStore {
         if let Some(d) = change.divergent {
             image.divergent = d;
         }
+        image.audits.extend(change.audits.iter().cloned());
     }
 }
 
@@ -252,6 +265,7 @@ impl HubStore for MemoryHubStore {
                 facts: image.facts.clone(),
                 rounds: image.rounds.clone(),
                 divergent: image.divergent,
+                audits: image.audits.clone(),
             },
         )))
     }
@@ -323,7 +337,8 @@ mod tests {
             .unwrap();
         let e = SqliteHubStore::open(&path).err().unwrap().to_string();
         assert!(
-            e.contains("format 2") && e.contains("reads format 1"),
+            e.contains(&format!("format {}", HUB_STORE_VERSION + 1))
+                && e.contains(&format!("reads format {HUB_STORE_VERSION}")),
             "{e}"
         );
         assert_eq!(user_version(&path), HUB_STORE_VERSION + 1);

@@ -78,6 +78,7 @@ fn body(hub: &HubState, node: NodeId, blob: &[u8]) -> CommitBody {
             tokens: 2 * hub.spec().tokens_per_batch(),
             loss_micro: 1,
             theta_hash: hub.theta(),
+            state_hash: Hash32::of(b"state"),
         },
         provider: PeerAddr("p".into()),
     }

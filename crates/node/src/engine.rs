@@ -231,6 +231,7 @@ mod tests {
             deadline_ms: 0,
             closed_rounds: closed,
             checkpoint: Hash32::of(b"ckpt"),
+            audit: None,
         }
     }
 

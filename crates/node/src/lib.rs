@@ -13,6 +13,7 @@
 
 pub mod engine;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,12 +28,13 @@ use tessera_outer::OuterState;
 use tessera_protocol::limits::{CONTROL_REPLY_BYTES_MAX, DATA_FILE_BYTES_MAX};
 use tessera_protocol::wire::{protocol_of, PROTOCOL_VERSION};
 use tessera_protocol::wire::{
-    Commit, CommitBody, ErrorBody, ErrorCode, NodeStats, RoundRecord, RunInfo, StateView,
-    ThetaReply, ThetaReport,
+    Ack, Commit, CommitBody, ErrorBody, ErrorCode, NodeStats, RevealBody, RoundRecord, RunInfo,
+    StateView, ThetaReply, ThetaReport,
 };
 use tessera_protocol::{Hash32, Identity, NodeId, RunSpec};
+use tessera_train::adversary::{Adversary, Knowledge, Submission};
 use tessera_train::data::{Dataset, Windows};
-use tessera_train::worker::{initial_state, Worker};
+use tessera_train::worker::{initial_state, PrivateState, Worker};
 
 use engine::{Action, NodeState, Outcome};
 
@@ -54,6 +56,9 @@ pub struct NodeOptions {
     pub bandwidth_mbps: Option<f64>,
     /// UDP address the node's blob endpoint binds.
     pub blob_bind: SocketAddr,
+    /// Cheat in this way: **a test tool** for verification
+    /// (`tessera_train::adversary`); `None` in every real node.
+    pub adversary: Option<Adversary>,
 }
 
 /// Context under which the blob endpoint's key is derived from the node key.
@@ -81,6 +86,7 @@ pub trait HubApi {
     fn round(&self, round: u64) -> Result<RoundRecord, ApiFailure>;
     fn commit(&self, body: &CommitBody) -> Result<(), ApiFailure>;
     fn theta(&self, report: &ThetaReport) -> Result<ThetaReply, ApiFailure>;
+    fn reveal(&self, body: &RevealBody) -> Result<(), ApiFailure>;
 }
 
 /// The hub's API over signed HTTP. Every reply must carry the hub's signature (for
@@ -214,6 +220,11 @@ impl HubApi for HttpHub {
     fn theta(&self, report: &ThetaReport) -> Result<ThetaReply, ApiFailure> {
         let bytes = self.post("/theta", report)?;
         self.json(bytes, "θ reply")
+    }
+
+    fn reveal(&self, body: &RevealBody) -> Result<(), ApiFailure> {
+        let bytes = self.post("/reveal", body)?;
+        self.json::<Ack>(bytes, "reveal reply").map(drop)
     }
 }
 
@@ -440,7 +451,18 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         started,
         params,
         update_max,
+        adversary: opts.adversary,
+        revealable: BTreeMap::new(),
+        revealed: BTreeSet::new(),
+        earlier: None,
+        copy_source: None,
     };
+    if let Some(a) = opts.adversary {
+        eprintln!(
+            "node {}: ADVERSARY `{a}`: this node cheats on purpose (a test tool for verification)",
+            runner.tag
+        );
+    }
     let mut engine = NodeState::new(100, 1000);
     let mut outcome = Outcome::Started { round: 0 };
     loop {
@@ -473,7 +495,22 @@ struct Runner {
     started: Instant,
     params: u64,
     update_max: u64,
+    adversary: Option<Adversary>,
+    /// The private state this node started each of its last rounds from, kept until
+    /// the round's audit window has passed (an audit asks for it).
+    revealable: BTreeMap<u64, PrivateState>,
+    /// Rounds whose state the hub has received.
+    revealed: BTreeSet<u64>,
+    /// An adversary's own update of an earlier round (`stale`).
+    earlier: Option<Vec<f32>>,
+    /// Another node's update of the last closed round: the only updates a copier can
+    /// get, since this round's are not served before commits close (`copy`).
+    copy_source: Option<Vec<f32>>,
 }
+
+/// Rounds of private state a node keeps for audits: the hub asks for a round's state
+/// right after it closes, before the node's next round.
+const REVEALABLE_ROUNDS: usize = 2;
 
 impl Runner {
     /// Carries out one action; `None` when the run is over.
@@ -498,7 +535,12 @@ impl Runner {
                 }
             },
             Action::Poll => match self.hub.state(&self.me) {
-                Ok(v) => Outcome::View(v),
+                Ok(v) => {
+                    if let Some(round) = v.audit {
+                        self.reveal(round);
+                    }
+                    Outcome::View(v)
+                }
                 Err(e) => {
                     eprintln!("node {tag}: reading the state failed: {e}");
                     outcome_of(&e)
@@ -559,6 +601,16 @@ impl Runner {
             .collect::<Result<Vec<_>>>()?;
         let mut next = self.state.clone();
         let codec = self.spec.codec().map_err(anyhow::Error::msg)?;
+        if matches!(self.adversary, Some(Adversary::Copy | Adversary::CopyNoise)) {
+            self.copy_source = rec
+                .accepted
+                .iter()
+                .zip(&updates)
+                .find(|((n, _), _)| *n != self.me)
+                .and_then(|(_, blob)| {
+                    tessera_outer::decode_for(codec, blob, self.params).ok()
+                });
+        }
         next.apply(codec, self.spec.aggregator, &updates)?;
         self.state = next;
         let used = rec.accepted.iter().map(|(_, h)| *h).collect();
@@ -596,11 +648,113 @@ impl Runner {
         Ok(round)
     }
 
+    /// Sends the hub the private state this node started `round` from, once.
+    fn reveal(&mut self, round: u64) {
+        if self.revealed.contains(&round) {
+            return;
+        }
+        let Some(state) = self.revealable.get(&round) else {
+            eprintln!(
+                "node {}: the hub audits round {round}, whose state this node no longer holds",
+                self.tag
+            );
+            self.revealed.insert(round);
+            return;
+        };
+        let bytes = state.to_bytes();
+        let result = self.blobs.publish(&bytes).map_err(anyhow::Error::new).and_then(|hash| {
+            let body = RevealBody {
+                run_id: self.spec.run_id.clone(),
+                round,
+                blob_hash: Hash32::from_hex(&hash)?,
+                provider: self.blobs.addr(),
+            };
+            let sent = self.hub.reveal(&body).map_err(anyhow::Error::new);
+            self.blobs.forget(&hash);
+            sent
+        });
+        match result {
+            Ok(()) => {
+                eprintln!(
+                    "node {}: audited in round {round}: revealed its private state",
+                    self.tag
+                );
+                self.revealed.insert(round);
+            }
+            Err(e) => eprintln!("node {}: revealing round {round} failed: {e:#}", self.tag),
+        }
+    }
+
+    /// What an adversary trains and submits this round (a test tool).
+    fn cheat(
+        &mut self,
+        adversary: Adversary,
+        round: u64,
+        batches: &[u64],
+    ) -> tessera_train::worker::RoundWork {
+        let codec = self.worker.codec();
+        let params = self.params as usize;
+        let unassigned: Vec<u64> = batches.iter().map(|b| b + (1 << 32)).collect();
+        let partner = None;
+        let k = Knowledge {
+            codec,
+            params,
+            assigned: batches,
+            unassigned: &unassigned,
+            earlier: self.earlier.as_deref(),
+            committed_before: self.copy_source.as_deref(),
+            partner,
+            seed: u64::from_le_bytes(self.me.as_bytes()[..8].try_into().expect("8 bytes"))
+                ^ round,
+        };
+        let trained = adversary
+            .batches_to_train(&k)
+            .map(|b| {
+                self.worker
+                    .train_round(&self.state, &self.data, &self.windows, &b)
+            });
+        let decoded = trained
+            .as_ref()
+            .and_then(|w| tessera_outer::decode_for(codec, &w.blob, self.params).ok());
+        let copier = matches!(adversary, Adversary::Copy | Adversary::CopyNoise);
+        let blob = if copier && self.copy_source.is_none() {
+            // Nothing to copy yet: free-ride with an empty update.
+            tessera_train::adversary::encode_crafted(codec, &vec![0.0; params])
+        } else {
+            match adversary.submit(&k, decoded.as_deref()) {
+                Submission::AsTrained => trained.as_ref().expect("it trained").blob.clone(),
+                Submission::Crafted(blob) => blob,
+            }
+        };
+        if self.earlier.is_none() {
+            self.earlier = decoded;
+        }
+        let (mean_loss, train_seconds) = trained
+            .as_ref()
+            .map_or((0.0, 0.0), |w| (w.mean_loss, w.train_seconds));
+        tessera_train::worker::RoundWork {
+            blob,
+            // The claim an adversary makes: the whole assignment.
+            tokens: batches.len() as u64 * self.spec.tokens_per_batch(),
+            mean_loss,
+            train_seconds,
+        }
+    }
+
     /// Trains `batches` from θ of `round`, publishes the update and commits it.
     fn train(&mut self, round: u64, batches: &[u64]) -> Outcome {
-        let work = self
-            .worker
-            .train_round(&self.state, &self.data, &self.windows, batches);
+        let before = self.worker.private_state();
+        let state_hash = Hash32(before.digest());
+        self.revealable.insert(round, before);
+        while self.revealable.len() > REVEALABLE_ROUNDS {
+            self.revealable.pop_first();
+        }
+        let work = match self.adversary {
+            None => self
+                .worker
+                .train_round(&self.state, &self.data, &self.windows, batches),
+            Some(a) => self.cheat(a, round, batches),
+        };
         let c = &self.counters;
         c.train_ms
             .fetch_add((work.train_seconds * 1e3) as u64, Ordering::Relaxed);
@@ -619,6 +773,7 @@ impl Runner {
                         tokens: work.tokens,
                         loss_micro: (work.mean_loss * 1e6) as u64,
                         theta_hash: Hash32(self.state.digest()),
+                        state_hash,
                     },
                     provider: self.blobs.addr(),
                 };

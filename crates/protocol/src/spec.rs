@@ -69,6 +69,10 @@ pub struct RunSpec {
     pub missed_rounds_max: u32,
     /// Seeds θ₀, the data order and the member shuffle.
     pub seed: u64,
+    /// New members the hub admits per minute (0: no limit); more joins are told to
+    /// retry, so a node ejected for cheating can't come straight back under a stream
+    /// of fresh keys.
+    pub joins_per_minute: u32,
 }
 
 impl Default for RunSpec {
@@ -99,6 +103,7 @@ impl Default for RunSpec {
             heartbeat_timeout_ms: 15_000,
             missed_rounds_max: 3,
             seed: 0,
+            joins_per_minute: 120,
         }
     }
 }

@@ -75,12 +75,18 @@ pub struct Commit {
     pub loss_micro: u64,
     /// Hash of θ the member started the round from; must be the round's θ.
     pub theta_hash: Hash32,
+    /// Digest of the member's private training state (AdamW moments and step, the
+    /// error-feedback residual) it started the round from. An audited member reveals
+    /// that state, and a validator replays the round from it (`POST /reveal`).
+    pub state_hash: Hash32,
 }
 
 /// The version of the bodies in this module. 1 was the unversioned format before
 /// replies were signed; 2 added the signed audience, `protocol` itself, the
-/// `busy` and `read_only` error codes and [`Summary::read_only`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// `busy` and `read_only` error codes and [`Summary::read_only`]; 3 added verified
+/// work: [`Commit::state_hash`], [`RoundRecord::verdicts`] and `refused`,
+/// [`StateView::audit`], `POST /reveal` and the `ejected` error code.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Reads only the protocol version of a `GET /run` reply, so a node can refuse a hub
 /// of another version before parsing a body it may not understand.
@@ -150,6 +156,10 @@ pub struct StateView {
     pub closed_rounds: u64,
     /// The hub's checkpoint (θ and outer velocity) after the last closed round.
     pub checkpoint: Hash32,
+    /// A round of the asking node's that is being audited: the node must reveal the
+    /// private state it committed to for that round (`POST /reveal`).
+    #[serde(default)]
+    pub audit: Option<u64>,
 }
 
 impl StateView {
@@ -180,6 +190,52 @@ pub struct RoundRecord {
     pub theta_after: Hash32,
     /// The checkpoint blob after this round.
     pub checkpoint: Hash32,
+    /// Committed but refused by the validator (see `verdicts` for why).
+    #[serde(default)]
+    pub refused: Vec<NodeId>,
+    /// The validator's verdict on every judged commit, in commit order: the scores a
+    /// round publishes per node.
+    #[serde(default)]
+    pub verdicts: Vec<Verdict>,
+}
+
+/// The validator's verdict on one commit of a round. Measurements are integers
+/// (micro-units, parts per million) so records compare exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verdict {
+    pub node: NodeId,
+    /// Part of the aggregate and paid.
+    pub accepted: bool,
+    /// The pay weight in parts per million: the node earns tokens × score.
+    pub score_ppm: u32,
+    /// Why it was refused: `copy`, `stale`, `norm_high`, `norm_low`, `harmful`.
+    pub flags: Vec<String>,
+    /// The update's norm ÷ the round's median norm, in parts per million.
+    pub norm_ratio_ppm: u64,
+    /// Held-out loss before minus after the update alone, in micro-nats.
+    pub gain_heldout_micro: i64,
+    /// Gain on the node's own batches minus gain on random ones, in micro-nats.
+    pub own_margin_micro: i64,
+    /// Picked for a replay audit.
+    pub audited: bool,
+    /// What the node committed: its update, the private state it started from, and
+    /// the batches it was assigned (what an audit replays).
+    pub blob_hash: Hash32,
+    pub state_hash: Hash32,
+    pub batches: Vec<u64>,
+}
+
+/// `POST /reveal`: an audited node's private state for a round, published as a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevealBody {
+    pub run_id: String,
+    pub round: u64,
+    /// blake3 of the state blob (not the state digest the commit named: the hub
+    /// checks that the blob decodes to a state with that digest).
+    pub blob_hash: Hash32,
+    pub provider: PeerAddr,
 }
 
 /// `POST /theta`: a node's θ hash after the outer step of `round`.
@@ -263,6 +319,12 @@ pub enum ErrorCode {
     Duplicate,
     /// The run has finished.
     Finished,
+    /// The signer was ejected from the run for cheating and can't join it again.
+    Ejected,
+    /// Joins come faster than the run admits; retry later.
+    TooManyJoins,
+    /// The signer has not staked the run's minimum in the ledger.
+    NoStake,
     NotFound,
     /// The hub is at a limit (concurrent blob fetches); retry later.
     Busy,
@@ -303,6 +365,7 @@ mod tests {
                 tokens: 10,
                 loss_micro: 5,
                 theta_hash: Hash32::of(b"theta"),
+                state_hash: Hash32::of(b"state"),
             },
             provider: PeerAddr("p".into()),
         };

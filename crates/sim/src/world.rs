@@ -237,6 +237,8 @@ impl World {
             rounds: opts.rounds,
             min_nodes: (opts.nodes / 2).max(1),
             max_nodes: (opts.nodes * 2).min(tessera_protocol::limits::MEMBERS_MAX),
+            // Thousands of simulated nodes join within seconds.
+            joins_per_minute: 0,
             ..RunSpec::default()
         };
         let model = tessera_model_config::Preset::by_name(&spec.preset)
@@ -252,7 +254,13 @@ impl World {
         let (outer, theta0, checkpoint0) = SimOuter::new(spec.aggregator, state0.clone());
         // Enough batches per epoch for a few epochs over the run.
         let batches_per_epoch = (opts.nodes as u64 * spec.inner_steps * opts.rounds / 3).max(1);
-        let fresh = HubState::new(spec.clone(), params, batches_per_epoch, theta0, checkpoint0);
+        // Simulated nodes are honest and nothing is audited, so pay leaves escrow as its
+        // round closes (the checker checks each round's payout then).
+        let fresh = HubState::new(spec.clone(), params, batches_per_epoch, theta0, checkpoint0)
+            .with_verify(tessera_verify::VerifyConfig {
+                escrow_rounds: 0,
+                ..tessera_verify::VerifyConfig::default()
+            });
         let identity = format!("sim:{}", opts.seed);
         let store = MemoryHubStore::new();
         let mut host = Host::open(fresh.clone(), identity.clone(), store.clone(), 0)
@@ -469,6 +477,7 @@ impl World {
                         tokens,
                         loss_micro: 1_000_000,
                         theta_hash: theta,
+                        state_hash: Hash32::of(&(node as u64).to_le_bytes()),
                     },
                     provider: PeerAddr(format!("sim:{node}")),
                 };
@@ -539,8 +548,7 @@ impl World {
                         // unpaid (none here: payouts follow their round's write at once).
                         let _ = tessera_hub::engine::pay_rounds(
                             &mut self.ledger,
-                            &self.spec.run_id,
-                            h.state.rounds().values(),
+                            &h.state,
                             self.now,
                         );
                         self.host = Some(h);
@@ -744,6 +752,8 @@ impl World {
             HubInput::Theta { .. } => 5,
             HubInput::Tick => 6,
             HubInput::FinalEval { .. } => 7,
+            HubInput::Revealed { .. } => 8,
+            HubInput::Audited { .. } => 9,
         };
         let round = self.round_now();
         let host = self.host.as_mut().expect("called only while the hub is up");
@@ -773,20 +783,13 @@ impl World {
                 }
                 Effect::Pay(_) => {
                     let host = self.host.as_ref().expect("up");
-                    let _ = tessera_hub::engine::pay_rounds(
-                        &mut self.ledger,
-                        &self.spec.run_id,
-                        host.state
-                            .rounds()
-                            .range(host.state.rounds().len().saturating_sub(3) as u64..)
-                            .map(|(_, r)| r),
-                        self.now,
-                    );
+                    let _ =
+                        tessera_hub::engine::pay_rounds(&mut self.ledger, &host.state, self.now);
                 }
                 Effect::Finish { .. } => {
                     self.finished_at.get_or_insert(self.now);
                 }
-                Effect::Release(_) | Effect::Log(_) => {}
+                Effect::Release(_) | Effect::Log(_) | Effect::Slash { .. } => {}
             }
         }
         let host = self.host.as_ref().expect("up");

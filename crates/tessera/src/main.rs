@@ -259,6 +259,12 @@ struct NodeArgs {
     /// others must reach over the internet binds e.g. `0.0.0.0:7002`.
     #[arg(long, default_value = "127.0.0.1:0")]
     blob_bind: std::net::SocketAddr,
+    /// TEST TOOL: cheat on purpose, to see verification catch it. One of zero, noise,
+    /// scale:K, sign-flip, copy, copy-noise, stale, wrong-data, lazy[:F], collude
+    /// (see `tessera_train::adversary`). A cheating node's pay is forfeited and its
+    /// stake slashed; never use it in a run you care about.
+    #[arg(long, value_name = "MODE")]
+    adversary: Option<tessera_train::adversary::Adversary>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -367,6 +373,7 @@ fn run(cli: Cli) -> Result<()> {
                 device,
                 bandwidth_mbps: args.bandwidth_mbps,
                 blob_bind: args.blob_bind,
+                adversary: args.adversary,
             })
         }
         Command::Keygen { out } => {

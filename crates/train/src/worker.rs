@@ -84,6 +84,57 @@ impl PrivateState {
     }
 }
 
+impl PrivateState {
+    /// The one byte form an audited node reveals: the step (u64 little-endian), then
+    /// the first moments, the second moments and the residual as little-endian f32,
+    /// `params` each.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + 4 * 3 * self.residual.len());
+        out.extend_from_slice(&self.adam_step.to_le_bytes());
+        for part in [&self.adam_m, &self.adam_v, &self.residual] {
+            for v in part.iter() {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Parses [`PrivateState::to_bytes`] for a model of `params` parameters: exactly
+    /// that length, and every value finite (second moments also non-negative).
+    pub fn from_bytes(bytes: &[u8], params: usize) -> Result<PrivateState, String> {
+        let expected = params
+            .checked_mul(12)
+            .and_then(|n| n.checked_add(8))
+            .ok_or("a state that large can't exist")?;
+        if bytes.len() != expected {
+            return Err(format!(
+                "a private state of {params} parameters is {expected} bytes, not {}",
+                bytes.len()
+            ));
+        }
+        let adam_step = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let floats = |k: usize| -> Result<Vec<f32>, String> {
+            let start = 8 + 4 * params * k;
+            bytes[start..start + 4 * params]
+                .chunks_exact(4)
+                .map(|c| {
+                    let v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+                    if !v.is_finite() || (k == 1 && v < 0.0) {
+                        return Err(format!("private state value {v} is not allowed"));
+                    }
+                    Ok(v)
+                })
+                .collect()
+        };
+        Ok(PrivateState {
+            adam_step,
+            adam_m: floats(0)?,
+            adam_v: floats(1)?,
+            residual: floats(2)?,
+        })
+    }
+}
+
 /// A [`PrivateState`] that does not fit the worker's model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -191,6 +242,11 @@ impl Worker {
         }
     }
 
+    /// Elements of an update (the model's parameter count).
+    pub fn params(&self) -> usize {
+        self.residual.len()
+    }
+
     /// The digest a node commits to before a round (see [`PrivateState::digest`]).
     pub fn state_digest(&self) -> [u8; 32] {
         self.private_state().digest()
@@ -254,5 +310,34 @@ impl Worker {
     pub fn model_at(&self, state: &OuterState) -> &Llama {
         load_flat(&self.model, &state.theta);
         &self.model
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrivateState;
+
+    /// Story: an audited node's revealed state crosses a trust boundary; only the one
+    /// byte form of the model's size, with finite values, is taken.
+    #[test]
+    fn a_revealed_state_parses_strictly() {
+        let s = PrivateState {
+            adam_step: 7,
+            adam_m: vec![0.5, -1.0],
+            adam_v: vec![0.25, 0.0],
+            residual: vec![1e-3, -2.0],
+        };
+        let bytes = s.to_bytes();
+        assert_eq!(bytes.len(), 8 + 12 * 2);
+        assert_eq!(PrivateState::from_bytes(&bytes, 2), Ok(s.clone()));
+        assert!(PrivateState::from_bytes(&bytes, 3).is_err());
+        assert!(PrivateState::from_bytes(&bytes[..bytes.len() - 1], 2).is_err());
+        let mut nan = bytes.clone();
+        nan[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(PrivateState::from_bytes(&nan, 2).is_err());
+        let mut negative_v = bytes;
+        negative_v[16..20].copy_from_slice(&(-1.0f32).to_le_bytes());
+        assert!(PrivateState::from_bytes(&negative_v, 2).is_err());
+        assert!(PrivateState::from_bytes(&[], usize::MAX).is_err());
     }
 }

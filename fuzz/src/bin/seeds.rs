@@ -170,6 +170,7 @@ fn wire() -> Files {
         tokens: 5120,
         loss_micro: 4_512_000,
         theta_hash: Hash32::of(b"theta"),
+        state_hash: Hash32::of(b"state"),
     };
     let provider = PeerAddr("iroh:endpoint-addr".into());
     let mut nodes = std::collections::BTreeMap::new();
@@ -250,6 +251,7 @@ fn wire() -> Files {
                 members: 1,
                 params: 131_392,
                 theta_hash: Hash32::of(b"t"),
+                state_hash: Hash32::of(b"s"),
                 divergent_reports: 0,
                 nodes,
                 ddp_bytes_per_node: 1 << 20,

@@ -1,0 +1,329 @@
+//! The hub's in-process validator: it judges each round's commits before the round
+//! closes, and replays the updates picked for audit once their nodes reveal the private
+//! state they committed to.
+//!
+//! Judging reads what the protocol gives a validator and nothing else: the round's
+//! committed updates in commit order (blob files the commit handler stored), last
+//! round's accepted updates (a stale update copies one), the checkpoint θ the round
+//! trained from, each node's assigned batches, and losses it measures itself on a few
+//! sequences — held-out validation windows, a subsample of the node's own batches and
+//! random training samples, drawn by a seed derived from the round's commits. The
+//! decision is `tessera_verify`'s: the same [`VerifyConfig`] as `tessera experiment
+//! byzantine`. What a validator carries from round to round ([`History`]: each node's
+//! accumulated own-data evidence, the audit credit) only aims audits; it is kept in
+//! `validator.json` in the state directory, written atomically after every round.
+//!
+//! An audit is asynchronous: the round closes with the verdicts (the audited update is
+//! counted as judged), the node reveals its state through `POST /reveal`, and
+//! [`replay`] recomputes its update from θ, that state and its batches on a thread of
+//! its own; the result comes back to the engine as [`crate::engine::HubInput::Audited`].
+//! A round's pay waits in escrow until its audits are decided.
+
+use std::path::PathBuf;
+
+use tch::Device;
+use tessera_model::LlamaConfig;
+use tessera_outer::{decode_for, OuterState};
+use tessera_protocol::wire::Verdict;
+use tessera_protocol::{NodeId, RunSpec};
+use tessera_train::data::{Dataset, Windows};
+use tessera_train::rng::SplitMix64;
+use tessera_train::trainer::Sampler;
+use tessera_train::validate::{held_out, sequences, Scorer};
+use tessera_train::worker::{PrivateState, Worker};
+use tessera_verify::{
+    audit_compare, audit_picks, find_copies, judge, norm, settle, AuditOutcome, Candidate,
+    Evidence, Flag, History, VerifyConfig,
+};
+
+use crate::engine::Judging;
+
+/// Sequences of each kind an update is scored on (held-out, own, random).
+pub const SCORE_SEQUENCES: usize = 2;
+/// Validation tokens the held-out sequences are drawn from.
+const HELD_OUT_TOKENS_MAX: usize = 1 << 16;
+/// The history file in the state directory.
+pub const HISTORY_FILE: &str = "validator.json";
+
+/// The validator's resources: the data, a scoring replica and its history.
+pub struct Validator {
+    spec: RunSpec,
+    model: LlamaConfig,
+    data: Dataset,
+    windows: Windows,
+    val: Vec<Vec<i64>>,
+    scorer: Option<Scorer>,
+    cfg: VerifyConfig,
+    history: History,
+    history_path: PathBuf,
+}
+
+impl Validator {
+    pub fn new(
+        spec: RunSpec,
+        model: LlamaConfig,
+        data: Dataset,
+        cfg: VerifyConfig,
+        history_path: PathBuf,
+    ) -> Result<Validator, String> {
+        let windows = Windows::new(&data.train, spec.seq_len);
+        let val = data.validation_windows(spec.seq_len, HELD_OUT_TOKENS_MAX);
+        if val.is_empty() {
+            return Err("the data set has no validation windows to score updates on".into());
+        }
+        let history = match std::fs::read(&history_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "{} is not a validator history: {e}",
+                    history_path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => History::new(),
+            Err(e) => return Err(format!("reading {}: {e}", history_path.display())),
+        };
+        Ok(Validator {
+            spec,
+            model,
+            data,
+            windows,
+            val,
+            scorer: None,
+            cfg,
+            history,
+            history_path,
+        })
+    }
+
+    /// The verdicts on a round's commits (see the module doc). `theta` is the round's
+    /// θ, `updates` the decoded commits in the order of `commits`, `previous` last
+    /// round's accepted updates, decoded.
+    pub fn verdicts(
+        &mut self,
+        round: u64,
+        theta: &[f32],
+        commits: &[Judging],
+        updates: &[Vec<f32>],
+        previous: &[(NodeId, Vec<f32>)],
+    ) -> Result<Vec<Verdict>, String> {
+        // Copies among this round's commits (the first committer is credited) and of
+        // last round's updates (stale). Last round's updates take ids of their own so
+        // a node repeating its own update is found too.
+        let history_id = |n: &NodeId| NodeId(*blake3::hash(&[b"previous".as_slice(), n.as_bytes()].concat()).as_bytes());
+        let mut candidates: Vec<Candidate> = previous
+            .iter()
+            .enumerate()
+            .map(|(k, (n, u))| Candidate {
+                node: history_id(n),
+                order: k as u64,
+                update: u,
+            })
+            .collect();
+        let base = candidates.len() as u64;
+        candidates.extend(commits.iter().zip(updates).enumerate().map(|(k, (j, u))| {
+            Candidate {
+                node: j.node,
+                order: base + k as u64,
+                update: u,
+            }
+        }));
+        let old: std::collections::BTreeSet<NodeId> =
+            previous.iter().map(|(n, _)| history_id(n)).collect();
+        let mut copy_of = std::collections::BTreeMap::new();
+        let mut stale = std::collections::BTreeSet::new();
+        for f in find_copies(&candidates, &self.cfg) {
+            if old.contains(&f.copier) {
+                continue;
+            }
+            if old.contains(&f.original) {
+                stale.insert(f.copier);
+            } else {
+                copy_of.insert(f.copier, f.original);
+            }
+        }
+
+        // Scoring: the round's seed comes from its commits, which nobody knows before
+        // they close.
+        let seed = round_seed(round, commits);
+        let mut rng = SplitMix64::new(u64::from_le_bytes(seed[..8].try_into().expect("8")));
+        let device = Device::Cpu;
+        let b = self.spec.batch_size as u64;
+        let pick = |rng: &mut SplitMix64, range: u64| -> Vec<u64> {
+            let mut out: Vec<u64> = Vec::with_capacity(SCORE_SEQUENCES);
+            while out.len() < SCORE_SEQUENCES.min(range as usize) {
+                let x = rng.below(range);
+                if !out.contains(&x) {
+                    out.push(x);
+                }
+            }
+            out
+        };
+        let val: Vec<Vec<i64>> = pick(&mut rng, self.val.len() as u64)
+            .into_iter()
+            .map(|i| self.val[i as usize].clone())
+            .collect();
+        let heldout = held_out(&val, device);
+        // Random samples far beyond any batch the run assigns.
+        let random_samples: Vec<u64> = pick(&mut rng, 1 << 40)
+            .into_iter()
+            .map(|x| x + (1 << 44))
+            .collect();
+        let mut sampler = Sampler::new(self.spec.seed);
+        let random = sequences(&mut sampler, &self.data, &self.windows, &random_samples, device);
+        let scorer = self
+            .scorer
+            .get_or_insert_with(|| Scorer::new(&self.model, self.spec.seq_len, device));
+        let before = scorer.losses_at(theta, &[&heldout, &random]);
+        // Each update is scored at its share of the outer step.
+        let share_lr = self.spec.effective_outer_lr() / commits.len().max(1) as f32;
+        let mut evidence = Vec::with_capacity(commits.len());
+        for (j, u) in commits.iter().zip(updates) {
+            let h = j.batches.len() as u64;
+            let own_samples: Vec<u64> = pick(&mut rng, h * b)
+                .into_iter()
+                .map(|x| j.batches[(x / b) as usize] * b + x % b)
+                .collect();
+            let own = sequences(&mut sampler, &self.data, &self.windows, &own_samples, device);
+            let own_before = scorer.losses_at(theta, &[&own])[0];
+            let g = scorer.gains(
+                theta,
+                &[before[0], own_before, before[1]],
+                u,
+                share_lr,
+                &[&heldout, &own, &random],
+            );
+            evidence.push(Evidence {
+                node: j.node,
+                tokens: j.commit.tokens,
+                norm: norm(u),
+                gain_heldout: g[0],
+                gain_own: g[1],
+                gain_random: g[2],
+                stale: stale.contains(&j.node),
+                copy_of: copy_of.get(&j.node).copied(),
+            });
+        }
+        let judged = judge(&evidence, &self.history, &self.cfg);
+        let picks = audit_picks(seed, &judged, &self.history, &self.cfg);
+        // Audits are decided after the round closes, so the history is settled as if
+        // the picks pass (spending their credit and starting their evidence afresh): one
+        // that fails ejects its node, which leaves the history anyway. The verdicts
+        // themselves stay as judged.
+        let assumed: Vec<(NodeId, AuditOutcome)> = picks
+            .iter()
+            .map(|n| (*n, AuditOutcome::Match { rel_err: 0.0 }))
+            .collect();
+        settle(&mut judged.clone(), &assumed, &mut self.history, &self.cfg);
+        self.save_history()?;
+        let norm_median = {
+            let mut n: Vec<f64> = evidence.iter().map(|e| e.norm).collect();
+            n.sort_by(f64::total_cmp);
+            n.get(n.len() / 2).copied().unwrap_or(0.0)
+        };
+        Ok(commits
+            .iter()
+            .zip(&judged)
+            .zip(&evidence)
+            .map(|((c, j), e)| Verdict {
+                node: c.node,
+                accepted: j.accepted,
+                score_ppm: (j.score.clamp(0.0, 1.0) * 1e6).round() as u32,
+                flags: j.flags.iter().map(flag_name).collect(),
+                norm_ratio_ppm: if norm_median > 0.0 {
+                    (e.norm / norm_median * 1e6).round() as u64
+                } else {
+                    0
+                },
+                gain_heldout_micro: micro(e.gain_heldout),
+                own_margin_micro: micro(e.gain_own - e.gain_random),
+                audited: picks.contains(&c.node),
+                blob_hash: c.commit.blob_hash,
+                state_hash: c.commit.state_hash,
+                batches: c.batches.clone(),
+            })
+            .collect())
+    }
+
+    fn save_history(&self) -> Result<(), String> {
+        let bytes = serde_json::to_vec(&self.history).map_err(|e| e.to_string())?;
+        tessera_model::checkpoint::write_atomic(&self.history_path, &bytes)
+            .map_err(|e| format!("writing {}: {e}", self.history_path.display()))
+    }
+}
+
+fn micro(x: f64) -> i64 {
+    if x.is_finite() {
+        (x * 1e6).round() as i64
+    } else {
+        i64::MIN
+    }
+}
+
+/// A flag as a round record names it.
+fn flag_name(f: &Flag) -> String {
+    match f {
+        Flag::Copy { of } => format!("copy of {}", of.short(12)),
+        Flag::Stale => "stale".into(),
+        Flag::NormHigh { ratio } => format!("norm_high {ratio:.3}"),
+        Flag::NormLow { ratio } => format!("norm_low {ratio:.3}"),
+        Flag::Harmful { .. } => "harmful".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// The round's seed for scoring samples and audit picks: a hash of its commits in
+/// commit order, fixed only when the last commit arrives.
+pub fn round_seed(round: u64, commits: &[Judging]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("tessera audit seed v1");
+    h.update(&round.to_le_bytes());
+    for c in commits {
+        h.update(c.node.as_bytes());
+        h.update(c.commit.blob_hash.as_bytes());
+        h.update(c.commit.state_hash.as_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What an audit needs, gathered by the driver.
+pub struct Replay {
+    pub spec: RunSpec,
+    pub model: LlamaConfig,
+    pub data_dir: PathBuf,
+    /// The checkpoint the round trained from.
+    pub checkpoint: Vec<u8>,
+    /// The update the node committed.
+    pub submitted: Vec<u8>,
+    /// The private state it revealed (its digest already checked).
+    pub state: PrivateState,
+    pub batches: Vec<u64>,
+    pub cfg: VerifyConfig,
+}
+
+/// Replays an audited round and compares it with what the node committed: `Ok(detail)`
+/// when it matches within the tolerance, `Err(detail)` when it does not.
+pub fn replay(r: Replay) -> Result<String, String> {
+    let params = r.model.params_total() as usize;
+    let state = OuterState::from_bytes(
+        &r.checkpoint,
+        params,
+        r.spec.effective_outer_lr(),
+        r.spec.outer_momentum,
+    )
+    .map_err(|e| format!("the round's checkpoint does not load: {e}"))?;
+    let data = Dataset::open(&r.data_dir).map_err(|e| format!("opening the data: {e:#}"))?;
+    let windows = Windows::new(&data.train, r.spec.seq_len);
+    let codec = r.spec.codec()?;
+    let submitted = decode_for(codec, &r.submitted, params as u64)
+        .map_err(|e| format!("the committed update does not decode: {e}"))?;
+    let mut worker = Worker::new(r.spec.clone(), &r.model, Device::Cpu)?;
+    let blob = worker
+        .replay(&state, &r.state, &data, &windows, &r.batches)
+        .map_err(|e| format!("the revealed state does not fit: {e}"))?;
+    let replayed = decode_for(codec, &blob, params as u64).map_err(|e| e.to_string())?;
+    match audit_compare(&submitted, &replayed, &r.cfg) {
+        AuditOutcome::Match { rel_err } => Ok(format!("replay matches, relative error {rel_err:.2e}")),
+        AuditOutcome::Mismatch { rel_err } => Err(format!(
+            "replay differs, relative error {rel_err:.3e} over the tolerance {:.0e}",
+            r.cfg.audit_tolerance
+        )),
+    }
+}
