@@ -29,9 +29,9 @@ use tessera_verify::VerifyConfig;
 
 /// Closed rounds whose accepted updates a commit may not send again.
 pub const RESENT_ROUNDS_CHECKED: usize = 3;
-/// How long an audited node has to reveal its private state, from the round's close
-/// (or from a hub restart, which forgets reveals in flight).
-pub const AUDIT_REVEAL_MS: u64 = 120_000;
+/// How long an audited node has to reveal its private state, in round deadlines, from
+/// the round's close (or from a hub restart, which forgets reveals in flight).
+pub const AUDIT_REVEAL_DEADLINES: u64 = 2;
 /// The request id of the slash of an ejected node (one per node and run: exactly once).
 pub fn slash_id(run_id: &str, node: &NodeId) -> String {
     format!("slash:{run_id}:{}", node.to_hex())
@@ -128,7 +128,7 @@ impl Judge for RoundJudge<'_> {
         if let Ok(verdicts) = &result {
             for v in verdicts.iter().filter(|v| !v.accepted) {
                 judged.refused.insert(v.node);
-                if v.flags.iter().any(|f| f.starts_with("copy")) {
+                if v.flags.iter().any(|f| f.starts_with("copy") || f == "stale") {
                     judged.ejected.insert(v.node);
                 }
             }
@@ -170,6 +170,12 @@ pub enum HubInput {
     Revealed {
         node: NodeId,
         round: u64,
+    },
+    /// Proven cheating found outside a round's judging (a commit that resends an
+    /// update another member committed): ejects the node like a failed audit.
+    Eject {
+        node: NodeId,
+        reason: String,
     },
     /// A replay audit's result. A failed audit ejects the node, forfeits its escrow
     /// and slashes its stake.
@@ -493,7 +499,9 @@ impl HubState {
                 PendingAudit {
                     checkpoint,
                     verdict: v.clone(),
-                    deadline_ms: now_ms.saturating_add(AUDIT_REVEAL_MS),
+                    deadline_ms: now_ms.saturating_add(
+                        AUDIT_REVEAL_DEADLINES.saturating_mul(self.spec.round_deadline_ms),
+                    ),
                     revealed: false,
                 },
             );
@@ -648,6 +656,18 @@ impl HubState {
                 audit.revealed = true;
                 return Ok(applied);
             }
+            HubInput::Eject { node, reason } => {
+                if !self.coord.members.contains_key(&node) {
+                    return Err(CoordError::NotMember { node }.into());
+                }
+                audit_failed = Some(AuditRecord {
+                    round: self.coord.round().unwrap_or(self.coord.closed_rounds),
+                    node,
+                    passed: false,
+                    detail: reason,
+                });
+                (Input::Eject { node }, None)
+            }
             HubInput::Audited {
                 node,
                 round,
@@ -787,14 +807,14 @@ impl HubState {
         if let Some(rec) = audit_failed {
             self.pending_audits.retain(|(_, n), _| *n != rec.node);
             applied.effects.push(Effect::Log(format!(
-                "audit of {} in round {} FAILED ({}): ejected, escrow forfeited",
+                "{} caught in round {} ({}): ejected, escrow forfeited",
                 rec.node.short(12),
                 rec.round,
                 rec.detail
             )));
             applied.effects.push(Effect::Slash {
                 node: rec.node,
-                reason: format!("failed the replay audit of round {}", rec.round),
+                reason: rec.detail.clone(),
             });
             applied.effects.push(Effect::Pay(self.last_record()));
             if !events.iter().any(|e| {
@@ -1122,7 +1142,39 @@ impl HubState {
             final_eval: self.final_eval.as_ref().map(|(e, _)| *e),
             final_checkpoint: self.final_eval.as_ref().map(|(_, d)| d.clone()),
             read_only: None,
+            verification: self.verification(),
+            audits_open: self.pending_audits.len() as u64,
         }
+    }
+
+    /// Each judged node's verified work: O(rounds × commits).
+    fn verification(&self) -> BTreeMap<NodeId, tessera_protocol::wire::NodeVerification> {
+        let mut out: BTreeMap<NodeId, tessera_protocol::wire::NodeVerification> =
+            BTreeMap::new();
+        let mut score_sum: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for v in self.rounds.values().flat_map(|r| &r.verdicts) {
+            let e = out.entry(v.node).or_default();
+            if v.accepted {
+                e.accepted += 1;
+            } else {
+                e.refused += 1;
+            }
+            *score_sum.entry(v.node).or_default() += u64::from(v.score_ppm);
+        }
+        for (node, e) in out.iter_mut() {
+            let judged = (e.accepted + e.refused).max(1);
+            e.score_ppm_mean = (score_sum[node] / judged) as u32;
+            e.ejected = self.coord.ejected.contains(node);
+        }
+        for ((_, node), a) in &self.audits {
+            let e = out.entry(*node).or_default();
+            if a.passed {
+                e.audits_passed += 1;
+            } else {
+                e.audits_failed += 1;
+            }
+        }
+        out
     }
 
     /// Members' statistics (bounded by the members).

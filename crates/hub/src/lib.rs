@@ -775,7 +775,18 @@ async fn commit(
     let node = signed.node;
     let mut body: CommitBody = signed.json("commit")?;
     let check = body.clone();
-    hub.call(|tx| Call::CheckCommit(node, check, tx)).await??;
+    if let Err(e) = hub.call(|tx| Call::CheckCommit(node, check, tx)).await? {
+        // Resending an update another member committed is proof of copying.
+        if e.code == ErrorCode::Duplicate {
+            let _ = hub
+                .input(HubInput::Eject {
+                    node,
+                    reason: e.message.clone(),
+                })
+                .await;
+        }
+        return Err(e.into());
+    }
     body.provider = hub
         .blobs
         .reachable_at(&body.provider, peer.ip())

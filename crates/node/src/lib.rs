@@ -13,7 +13,7 @@
 
 pub mod engine;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -453,7 +453,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         update_max,
         adversary: opts.adversary,
         revealable: BTreeMap::new(),
-        revealed: BTreeSet::new(),
+        revealed: BTreeMap::new(),
         earlier: None,
         copy_source: None,
     };
@@ -499,8 +499,9 @@ struct Runner {
     /// The private state this node started each of its last rounds from, kept until
     /// the round's audit window has passed (an audit asks for it).
     revealable: BTreeMap<u64, PrivateState>,
-    /// Rounds whose state the hub has received.
-    revealed: BTreeSet<u64>,
+    /// When each round's state was last sent: sent again if the hub still asks after
+    /// [`REVEAL_AGAIN`] (a restarted hub forgets a replay in flight).
+    revealed: BTreeMap<u64, Instant>,
     /// An adversary's own update of an earlier round (`stale`).
     earlier: Option<Vec<f32>>,
     /// Another node's update of the last closed round: the only updates a copier can
@@ -511,6 +512,8 @@ struct Runner {
 /// Rounds of private state a node keeps for audits: the hub asks for a round's state
 /// right after it closes, before the node's next round.
 const REVEALABLE_ROUNDS: usize = 2;
+/// How long a node waits before sending a state the hub still asks for again.
+const REVEAL_AGAIN: Duration = Duration::from_secs(10);
 
 impl Runner {
     /// Carries out one action; `None` when the run is over.
@@ -518,6 +521,19 @@ impl Runner {
         let tag = self.tag.clone();
         Some(match action {
             Action::Done => {
+                // The last rounds' audits may still need this node's private state.
+                let until = Instant::now()
+                    + Duration::from_millis(2 * self.spec.round_deadline_ms + 5_000);
+                while Instant::now() < until {
+                    match self.hub.state(&self.me) {
+                        Ok(v) => match v.audit {
+                            Some(round) => self.reveal(round),
+                            None => break,
+                        },
+                        Err(_) => {}
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
                 let _ =
                     self.hub
                         .heartbeat(&stats(&self.counters, self.blobs.as_ref(), self.started));
@@ -531,6 +547,12 @@ impl Runner {
                 }
                 Err(e) => {
                     eprintln!("node {tag}: joining failed: {e}");
+                    if let ApiFailure::Refused { body, .. } = &e {
+                        if body.code == ErrorCode::Ejected {
+                            eprintln!("node {tag}: ejected from the run; stopping");
+                            return None;
+                        }
+                    }
                     outcome_of(&e)
                 }
             },
@@ -650,7 +672,11 @@ impl Runner {
 
     /// Sends the hub the private state this node started `round` from, once.
     fn reveal(&mut self, round: u64) {
-        if self.revealed.contains(&round) {
+        if self
+            .revealed
+            .get(&round)
+            .is_some_and(|at| at.elapsed() < REVEAL_AGAIN)
+        {
             return;
         }
         let Some(state) = self.revealable.get(&round) else {
@@ -658,7 +684,7 @@ impl Runner {
                 "node {}: the hub audits round {round}, whose state this node no longer holds",
                 self.tag
             );
-            self.revealed.insert(round);
+            self.revealed.insert(round, Instant::now());
             return;
         };
         let bytes = state.to_bytes();
@@ -679,7 +705,7 @@ impl Runner {
                     "node {}: audited in round {round}: revealed its private state",
                     self.tag
                 );
-                self.revealed.insert(round);
+                self.revealed.insert(round, Instant::now());
             }
             Err(e) => eprintln!("node {}: revealing round {round} failed: {e:#}", self.tag),
         }

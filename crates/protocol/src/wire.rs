@@ -287,6 +287,27 @@ pub struct Summary {
     /// Why the hub takes no writes now (its disk is full), when it doesn't.
     #[serde(default)]
     pub read_only: Option<String>,
+    /// What the validator found of each node that ever committed.
+    #[serde(default)]
+    pub verification: BTreeMap<NodeId, NodeVerification>,
+    /// Replay audits not yet decided (pay of their rounds waits in escrow).
+    #[serde(default)]
+    pub audits_open: u64,
+}
+
+/// A node's verified work over the run so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeVerification {
+    /// Commits accepted into the aggregate and refused by the validator.
+    pub accepted: u64,
+    pub refused: u64,
+    /// Mean score of its judged commits, parts per million.
+    pub score_ppm_mean: u32,
+    pub audits_passed: u64,
+    pub audits_failed: u64,
+    /// Removed for cheating: its unreleased pay is forfeited and its stake slashed.
+    pub ejected: bool,
 }
 
 /// What went wrong, for a client to act on.

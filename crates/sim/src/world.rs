@@ -754,6 +754,7 @@ impl World {
             HubInput::FinalEval { .. } => 7,
             HubInput::Revealed { .. } => 8,
             HubInput::Audited { .. } => 9,
+            HubInput::Eject { .. } => 10,
         };
         let round = self.round_now();
         let host = self.host.as_mut().expect("called only while the hub is up");

@@ -63,9 +63,56 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
     if demo.codec != defaults.codec {
         config += &format!("codec = \"{}\"\n", demo.codec);
     }
+    let exe = std::env::current_exe()?;
+    // A ledger whose pool pays every round, so the demo shows what each node earned
+    // for verified work.
+    let ledger = dir.join("ledger.db");
+    for file in ["ledger.db", "ledger.db-wal", "ledger.db-shm"] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
+    let reward = DEMO_REWARD_PER_ROUND.to_string();
+    let pool = (DEMO_REWARD_PER_ROUND * demo.rounds).to_string();
+    for args in [
+        vec!["init"],
+        vec![
+            "sale",
+            "--buyer",
+            "organiser",
+            "--tokens",
+            "1",
+            "--treasury-tokens",
+            &pool,
+            "--proceeds",
+            "demo",
+        ],
+        vec![
+            "fund",
+            "--run",
+            "demo",
+            "--model",
+            "demo",
+            "--tokens",
+            &pool,
+            "--reward-per-round",
+            &reward,
+        ],
+    ] {
+        let out = Command::new(&exe)
+            .arg("ledger")
+            .arg("--db")
+            .arg(&ledger)
+            .args(&args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "setting up the demo's ledger failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    config += &format!("ledger = {ledger:?}\n");
     let config_path = dir.join("run.toml");
     std::fs::write(&config_path, config)?;
-    let exe = std::env::current_exe()?;
     let log = |name: &str| -> Result<Stdio> {
         Ok(std::fs::File::create(dir.join(format!("{name}.log")))?.into())
     };
@@ -148,15 +195,42 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
                 loss.join(" ")
             );
         }
-        if s.finished && s.final_eval.is_some() {
+        // Done once the final model is evaluated and the last audits are decided
+        // (pay leaves escrow then).
+        if s.finished && s.final_eval.is_some() && s.audits_open == 0 {
             break s;
         }
     };
-    print_summary(&summary, start.elapsed().as_secs_f64());
+    // What each node earned: its balance in the hub's ledger, read with its own key.
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut earned = std::collections::BTreeMap::new();
+    for i in 0..demo.nodes {
+        let id = tessera_protocol::Identity::load(&dir.join(format!("node{i}.key")))?;
+        let node = tessera_protocol::NodeId::from_hex(&id.public_hex())?;
+        let client = tessera_net::LedgerClient::pinned(
+            &url,
+            id.clone(),
+            Some(tessera_protocol::NodeId::from_hex(&hub_key)?),
+        );
+        let account = tessera_ledger::Account::Contributor(id.public_hex());
+        if let Ok(b) = rt.block_on(client.balance(&account)) {
+            let tokens = tessera_ledger::Amount::parse_base_units(&b.base_units)
+                .map_or(b.base_units, |a| a.tokens_string());
+            earned.insert(node, tokens);
+        }
+    }
+    print_summary(&summary, &earned, start.elapsed().as_secs_f64());
     Ok(())
 }
 
-fn print_summary(s: &Summary, seconds: f64) {
+/// Tokens the demo's pool pays per round.
+const DEMO_REWARD_PER_ROUND: u64 = 100;
+
+fn print_summary(
+    s: &Summary,
+    earned: &std::collections::BTreeMap<tessera_protocol::NodeId, String>,
+    seconds: f64,
+) {
     let eval = s.final_eval.expect("checked by the caller");
     println!(
         "---- decentralized run `{}`: {} rounds in {:.0} s ----",
@@ -171,20 +245,37 @@ fn print_summary(s: &Summary, seconds: f64) {
         s.theta_hash, s.divergent_reports
     );
     println!(
-        "{:<14} {:>12} {:>12} {:>12} {:>12}",
-        "node", "sent", "received", "vs DDP", "utilization"
+        "{:<14} {:>10} {:>10} {:>8} {:>8} {:>9} {:>7} {:>8} {:>6}",
+        "node", "sent", "received", "vs DDP", "util", "accepted", "score", "audits", "paid"
     );
     for (id, n) in &s.nodes {
         let moved = (n.bytes_sent + n.bytes_received).max(1);
+        let v = s.verification.get(id).copied().unwrap_or_default();
         println!(
-            "{:<14} {:>12} {:>12} {:>11.0}x {:>11.0}%",
+            "{:<14} {:>10} {:>10} {:>7.0}x {:>7.0}% {:>9} {:>7.3} {:>8} {:>6}",
             id.short(12),
             crate::human_bytes(n.bytes_sent),
             crate::human_bytes(n.bytes_received),
             s.ddp_bytes_per_node as f64 / moved as f64,
-            100.0 * n.train_seconds / n.wall_seconds.max(1e-9)
+            100.0 * n.train_seconds / n.wall_seconds.max(1e-9),
+            format!("{}/{}", v.accepted, v.accepted + v.refused),
+            f64::from(v.score_ppm_mean) / 1e6,
+            format!(
+                "{}{}",
+                v.audits_passed,
+                if v.audits_failed > 0 {
+                    format!(" ({} failed)", v.audits_failed)
+                } else {
+                    String::new()
+                }
+            ),
+            earned.get(id).map_or("-", String::as_str)
         );
     }
+    println!(
+        "accepted: commits the validator accepted; score: mean pay weight; audits: replays \
+         passed; paid: tokens the ledger paid for verified work"
+    );
     println!(
         "a DDP all-reduce of the same steps: {} per node",
         crate::human_bytes(s.ddp_bytes_per_node)

@@ -308,6 +308,10 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     assert!(!joiner_log.contains("differs from the hub"), "{joiner_log}");
     // Every closed round was paid exactly once, across the hub's crash: the pool is
     // empty (a missed round would leave 10 tokens, a double payment would be refused).
+    // Pay leaves escrow once the last audits are decided.
+    wait_for(d, "the last audits", Duration::from_secs(60), || {
+        get(&format!("{url}/summary")).is_some_and(|s| s["audits_open"] == 0)
+    });
     let pool = Command::new(exe())
         .args(["ledger", "--db", s(&ledger), "--json", "balance", "pool:it"])
         .output()
@@ -933,4 +937,158 @@ fn the_hub_serves_https_to_nodes_that_trust_its_certificate() {
     wait_for(d, "the run over HTTPS", Duration::from_secs(120), || {
         summary().is_some_and(|s| s["finished"] == true && s["rounds_closed"] == 2)
     });
+}
+
+/// Runs `tessera ledger --db LEDGER ARGS…` and returns its stdout.
+fn ledger_cmd(ledger: &Path, args: &[&str]) -> String {
+    let out = Command::new(exe())
+        .args(["ledger", "--db", s(ledger), "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ledger {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn balance(ledger: &Path, account: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(&ledger_cmd(ledger, &["balance", account]))
+        .unwrap_or_else(|e| panic!("balance {account}: {e}"));
+    v["tokens"].as_str().unwrap_or("?").to_string()
+}
+
+/// One run of 3 honest nodes and one adversary in `mode` (a test tool), each staked 5
+/// tokens; with `restart`, the hub is SIGKILLed and restarted mid-run.
+fn adversary_run(mode: &str, restart: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = tiny_data(d);
+    let ledger = d.join("ledger.db");
+    ledger_cmd(&ledger, &["init"]);
+    ledger_cmd(
+        &ledger,
+        &[
+            "sale", "--buyer", "organiser", "--tokens", "1", "--treasury-tokens", "100",
+            "--proceeds", "test",
+        ],
+    );
+    ledger_cmd(
+        &ledger,
+        &[
+            "fund", "--run", "it", "--model", "nano", "--tokens", "80", "--reward-per-round",
+            "10",
+        ],
+    );
+    let names = ["h0", "h1", "h2", "adv"];
+    let mut ids = Vec::new();
+    for name in names {
+        let id = tessera_protocol::Identity::generate();
+        id.save_new(&d.join(format!("{name}.key"))).unwrap();
+        let hex = id.public_hex();
+        ledger_cmd(
+            &ledger,
+            &["sale", "--buyer", &hex, "--tokens", "5", "--proceeds", "test"],
+        );
+        ledger_cmd(
+            &ledger,
+            &["stake", "--run", "it", "--contributor", &hex, "--tokens", "5"],
+        );
+        ids.push(hex);
+    }
+    let (url, config) = run_file(
+        d,
+        &data,
+        &format!(
+            "run_id = \"it\"\nmin_nodes = 3\nrounds = 8\ninner_steps = 2\nround_deadline_ms = 4000\n\
+             heartbeat_timeout_ms = 10000\ntopk = 256\nledger = {ledger:?}\n"
+        ),
+    );
+    let mut procs = Procs(Vec::new());
+    procs
+        .0
+        .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
+    wait_for(d, "the hub", Duration::from_secs(30), || {
+        get(&format!("{url}/run")).is_some()
+    });
+    for name in &names[..3] {
+        procs.0.push(spawn_node(d, &url, name));
+    }
+    procs
+        .0
+        .push(spawn_node_with(d, &url, "adv", &["--adversary", mode]));
+    let summary = || get(&format!("{url}/summary"));
+    if restart {
+        wait_for(d, "three rounds", Duration::from_secs(120), || {
+            summary().is_some_and(|s| s["rounds_closed"].as_u64().unwrap_or(0) >= 3)
+        });
+        procs.0[0].kill().unwrap();
+        procs.0[0].wait().unwrap();
+        procs.0[0] = spawn(&["hub", "--config", s(&config)], &d.join("hub2.log"));
+        wait_for(d, "the restarted hub", Duration::from_secs(30), || {
+            get(&format!("{url}/run")).is_some()
+        });
+    }
+    wait_for(d, "the run and its audits to finish", Duration::from_secs(300), || {
+        summary().is_some_and(|s| {
+            s["finished"] == true && !s["final_eval"].is_null() && s["audits_open"] == 0
+        })
+    });
+    let sum = summary().unwrap();
+    assert_eq!(sum["rounds_closed"], 8, "{sum}");
+    let logs = || {
+        ["hub.log", "hub2.log"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(d.join(f)).ok())
+            .collect::<String>()
+    };
+    let adv = &ids[3];
+    let v = &sum["verification"][adv.as_str()];
+    // Caught: ejected, none of its pay released, its stake slashed.
+    assert_eq!(v["ejected"], true, "{mode}: the adversary was not ejected: {v}\n{}", logs());
+    assert_eq!(balance(&ledger, adv), "0", "{mode}: the adversary was paid");
+    assert_eq!(
+        balance(&ledger, &format!("stake:it:{adv}")),
+        "0",
+        "{mode}: the adversary's stake was not slashed"
+    );
+    // The honest nodes: never ejected or failed, paid, their stake intact.
+    for hex in &ids[..3] {
+        let h = &sum["verification"][hex.as_str()];
+        assert_eq!(h["ejected"], false, "{mode}: honest {hex} ejected: {h}");
+        assert_eq!(h["audits_failed"], 0, "{mode}: honest {hex} failed: {h}");
+        assert_ne!(balance(&ledger, hex), "0", "{mode}: honest {hex} unpaid");
+        assert_eq!(balance(&ledger, &format!("stake:it:{hex}")), "5");
+    }
+    // Every round paid at most once: the ledger's own check, and each payout id once.
+    let verify = Command::new(exe())
+        .args(["ledger", "--db", s(&ledger), "verify"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&verify.stdout).starts_with("clean"));
+    assert_eq!(
+        sum["divergent_reports"], 0,
+        "{mode}: a node's θ differed: {sum}"
+    );
+}
+
+/// Story (#9): every update whose blob decoded was accepted, averaged and paid. Now the
+/// hub's validator judges each round before it closes, audits by replay, holds pay in
+/// escrow, and ejects and slashes a proven cheater: for a free rider (`zero`, across a
+/// hub SIGKILL and restart), a copier (`copy`), a scaled update (`scale:100`) and a
+/// node training half its steps (`lazy`), the adversary is ejected, unpaid and slashed
+/// while the three honest nodes are paid and keep their stake.
+#[test]
+fn adversaries_are_caught_unpaid_and_slashed() {
+    let _serial = one_at_a_time();
+    for (mode, restart) in [
+        ("zero", true),
+        ("copy", false),
+        ("scale:100", false),
+        ("lazy", false),
+    ] {
+        adversary_run(mode, restart);
+    }
 }
