@@ -13,19 +13,27 @@
 //! error-feedback residual) and trains; updates are committed in a seeded order with
 //! copiers after the update they copy (commit before reveal); then the validator
 //! finds copies of this round's earlier commits and of last round's updates (stale),
-//! scores each update (held-out gain, own-data gain against random data, norm),
-//! judges, replays the audited updates from the revealed state and compares, and
-//! aggregates the accepted updates with the clipped mean. Pay (tokens × score) waits in
-//! escrow for `escrow_rounds`; a failed audit or a proven copy (of this round's or the
+//! scores each update on its own assigned sequences and on other nodes' (its gain on
+//! data it was not assigned and its own-data margin, `cross_evidence`) and takes its
+//! norm, judges with the [`History`] of earlier rounds, replays the audited updates
+//! (refused-on-a-measurement first, then the most suspicious) from the revealed state
+//! and compares, settles the verdicts and the history, and aggregates the accepted
+//! updates with the clipped mean, in node order. Pay (tokens × score) waits in escrow
+//! for `escrow_rounds`; a failed audit or a proven copy (of this round's or the
 //! previous round's updates) forfeits the node's escrow and ejects it.
 //!
 //! Workers train on `--threads` threads at once, each running libtorch on one thread,
 //! so a row's result does not depend on how many run at once, and a replay on the
-//! validator's thread reproduces an honest blob byte for byte.
+//! validator's thread reproduces an honest blob byte for byte. That also makes
+//! training memoizable exactly ([`Memo`]): rows share the rounds they train from the
+//! same θ and state, which is most of them, since a row whose adversaries are all
+//! refused follows the honest-only reference's θ bit for bit. The honest-only
+//! reference trains exactly the batches the honest workers of a mode's row train.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -42,19 +50,25 @@ use tessera_train::diloco::load_flat;
 use tessera_train::eval::evaluate_windows;
 use tessera_train::rng::{permutation, SplitMix64};
 use tessera_train::trainer::Sampler;
-use tessera_train::validate::{held_out, sequences, training_flops, Scorer};
-use tessera_train::worker::{initial_state, PrivateState, Worker};
+use tessera_train::validate::{sequences, training_flops, Scorer};
+use tessera_train::worker::{initial_state, OuterState, PrivateState, Worker};
 use tessera_train::Dataset;
 use tessera_verify::{
-    audit_compare, audit_picks, clipped_mean, find_copies, judge, norm, AuditOutcome, Candidate,
-    Escrow, Evidence, VerifyConfig,
+    audit_compare, audit_picks, clipped_mean, find_copies, judge, norm, settle, AuditOutcome,
+    Candidate, Escrow, Evidence, Flag, History, VerifyConfig,
 };
 
 use crate::RuntimeArgs;
 
-/// Sequences of each kind a validator scores an update on: few, because scoring must
-/// stay a small fraction of the training it checks.
+/// Sequences of a node's assigned batches in its scoring set: few and short, because
+/// scoring must stay a small fraction of the training it checks (see `cross_evidence`).
 const SCORE_SEQUENCES: usize = 2;
+/// Tokens scored of each sequence (at most the run's sequence length).
+const SCORE_TOKENS: usize = 64;
+/// Other nodes' sets each update is scored on besides its own. With 8 nodes an update
+/// costs 5 sets of 2 × 64 tokens forward, plus its share of the losses at θ: about 5%
+/// of the 5 × 8 × 128 tokens of training it checks.
+const SCORE_OTHER_SETS: usize = 4;
 /// Offset of the batches `wrong-data` trains on: far beyond any batch a run assigns.
 const UNASSIGNED_BATCH_OFFSET: u64 = 1 << 32;
 /// Validation tokens the final bits-per-byte figure is measured on (as `diloco`).
@@ -133,10 +147,16 @@ pub struct Row {
     pub bpb_gap: f64,
     /// Validator FLOPs (scoring and replays) ÷ FLOPs of the training assigned.
     pub verification_flops_fraction: f64,
+    /// The scoring part of it.
+    pub scoring_flops_fraction: f64,
     /// Replays ÷ updates judged.
     pub audit_rate: f64,
     pub audits: u64,
     pub audits_failed: u64,
+    /// Node rounds trained in this row (catching up included), and answered by the
+    /// memo instead (see `Memo`).
+    pub rounds_trained: u64,
+    pub rounds_memoized: u64,
     pub seconds: f64,
 }
 
@@ -192,10 +212,9 @@ pub fn run(args: ByzantineArgs) -> Result<()> {
     let model = Preset::by_name(&preset)?.config_for_vocab(data.manifest.vocab_size);
     let windows = Windows::new(&data.train, spec.seq_len);
     let val = data.validation_windows(spec.seq_len, EVAL_TOKENS_MAX);
-    if val.len() < SCORE_SEQUENCES {
+    if val.is_empty() {
         bail!(
-            "the data set holds {} validation windows of {} tokens; scoring needs {SCORE_SEQUENCES}",
-            val.len(),
+            "the data set holds no validation window of {} tokens; the final evaluation needs one",
             spec.seq_len
         );
     }
@@ -244,6 +263,7 @@ pub fn run(args: ByzantineArgs) -> Result<()> {
     for mode in &modes {
         plan.push((mode.to_string(), m, Some(*mode)));
     }
+    let mut memo = Memo::default();
     for (name, workers, mode) in plan {
         let adversaries = if mode.is_some() { args.adversaries } else { 0 };
         if let Some(bar) = &bar {
@@ -253,8 +273,10 @@ pub fn run(args: ByzantineArgs) -> Result<()> {
             &setup,
             &name,
             workers,
+            m,
             adversaries,
             mode,
+            &mut memo,
             &mut trace,
             &mut || {
                 if let Some(bar) = &bar {
@@ -347,6 +369,83 @@ struct Node {
     ejected: Option<u64>,
     /// Its last trained update (what `stale` resubmits).
     earlier: Option<Vec<f32>>,
+    /// The digest of the private state it carries into its next round.
+    digest: [u8; 32],
+    /// Rounds the memo answered that `worker` has not trained yet, oldest first: the
+    /// round's outer state and the batches. They are trained before the worker next
+    /// trains or reveals its state.
+    behind: Vec<(Arc<OuterState>, Vec<u64>)>,
+}
+
+impl Node {
+    /// Trains the rounds the memo answered, so `worker` holds the state `digest`
+    /// names; checks that it does.
+    fn catch_up(&mut self, data: &Dataset, windows: &Windows) {
+        if self.behind.is_empty() {
+            return;
+        }
+        for (st, batches) in self.behind.drain(..) {
+            self.worker.train_round(&st, data, windows, &batches);
+        }
+        assert_eq!(
+            self.worker.state_digest(),
+            self.digest,
+            "a memo answer differs from training: training is not deterministic"
+        );
+    }
+}
+
+/// Exact memoization of training: a round's blob and the digest of the state it leaves,
+/// keyed by everything the result depends on — θ and its round (the learning-rate
+/// schedule), the digest of the private state trained from, the batches, and the
+/// libtorch thread count (one). Training is byte-identical for the same inputs on one
+/// thread (`crates/train/tests/replay.rs`), so an answer from the memo is the blob the
+/// training would give; a node catching up checks the state digest it reaches against
+/// the memo's ([`Node::catch_up`]). It lets rows whose θ stays the same share the honest
+/// workers' training (a row whose adversaries are all refused follows honest-6's θ),
+/// and answers the replay of an update that was trained as assigned. Verification FLOPs
+/// count every replay as computed.
+#[derive(Default)]
+struct Memo {
+    entries: HashMap<[u8; 32], Trained>,
+    /// Final bits per byte by the digest of θ: rows that end at the same θ are
+    /// evaluated once.
+    evals: HashMap<[u8; 32], f64>,
+}
+
+#[derive(Clone)]
+struct Trained {
+    blob: Vec<u8>,
+    after: [u8; 32],
+}
+
+/// Libtorch threads a worker trains on; part of the memo key.
+const TRAIN_THREADS: u64 = 1;
+
+fn theta_digest(theta: &[f32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("tessera byzantine theta");
+    let mut buf = Vec::with_capacity(4 * 16384);
+    for chunk in theta.chunks(16384) {
+        buf.clear();
+        for v in chunk {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        h.update(&buf);
+    }
+    *h.finalize().as_bytes()
+}
+
+fn memo_key(theta: &[u8; 32], round: u64, before: &[u8; 32], batches: &[u64]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("tessera byzantine training memo");
+    h.update(theta);
+    h.update(&round.to_le_bytes());
+    h.update(before);
+    h.update(&TRAIN_THREADS.to_le_bytes());
+    h.update(&(batches.len() as u64).to_le_bytes());
+    for b in batches {
+        h.update(&b.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
 }
 
 /// What one node did in one round, as far as the experiment's bookkeeping goes.
@@ -356,9 +455,25 @@ struct Committed {
     /// or fewer batches than assigned. (`stale` hands in its honest first update.)
     adversarial: bool,
     update: Vec<f32>,
-    /// The private state it committed to before training, revealed when audited.
-    before: PrivateState,
+    /// The private state it committed to before training, revealed when audited; kept
+    /// only where a replay can't be answered by the memo (the node did not train its
+    /// assigned batches this round).
+    before: Option<PrivateState>,
     digest: [u8; 32],
+}
+
+/// The median of `values` (the mean of the middle two for an even count); NaN for none.
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }
 
 fn node_id(i: usize) -> NodeId {
@@ -384,12 +499,100 @@ fn round_seed(seed: u64, round: u64) -> [u8; 32] {
     blake3::derive_key("tessera byzantine round seed", &bytes)
 }
 
+/// The validator's scoring of a round: the gain of every update on sequences of its
+/// own assignment and on those of the next [`SCORE_OTHER_SETS`] nodes in commit order
+/// (cyclically), each a set of [`SCORE_SEQUENCES`] sequences of [`SCORE_TOKENS`]
+/// tokens. The loss at θ on every set is computed once and shared.
+///
+/// Read the gains `D[s][u]` of update `u` on set `s` as `m + α_s + β_u`, plus an own-data
+/// effect where `s = u`: `α_s`, how much set `s` gains from any update; `β_u`, how good
+/// update `u` is. The gain on data the node was not assigned is `m + β_u`, its mean
+/// gain on the other sets once their `α` is taken off, comparable across updates
+/// although each was scored on other sets; what the update would gain on its own set
+/// had it not trained on it is `m + α_u + β_u`, and the own-data margin is `D[u][u]` less
+/// that. Both differences cancel what a single comparison of own against random data
+/// cannot (how easy a set is to improve, how good an update is generally) and leave the
+/// effect of having trained on the set: in the first full run, where own and random
+/// data were compared directly on 2 sequences each, that effect was about one standard
+/// deviation of the noise.
+///
+/// The effects are fitted by alternating means (least squares on the cells scored),
+/// leaving out of the set effects the updates whose median gain is an outlier of the
+/// round (beyond 3 spreads), because the updates scored on a set may include crafted
+/// ones. With a plain median of the raw gains on each set instead, a sign-flipped update
+/// dragged its sets' `α` by the size of an honest gain, which spread every update's
+/// gain elsewhere so much that noise and sign flips were no longer outliers.
+///
+/// Returns, per update: the gain elsewhere, the gain on its own set, and the expected
+/// gain there.
+fn cross_evidence(gains: &[Vec<(usize, f64)>]) -> Vec<(f64, f64, f64)> {
+    let m = gains.len();
+    let off_diagonal = |u: usize| gains[u].iter().filter(move |(s, _)| *s != u);
+    let first: Vec<f64> = (0..m)
+        .map(|u| median(&mut off_diagonal(u).map(|(_, g)| *g).collect::<Vec<_>>()))
+        .collect();
+    let finite: Vec<f64> = first.iter().copied().filter(|x| x.is_finite()).collect();
+    let center = median(&mut finite.clone());
+    let spread = 1.4826
+        * median(
+            &mut finite
+                .iter()
+                .map(|x| (x - center).abs())
+                .collect::<Vec<_>>(),
+        );
+    let inlier: Vec<bool> = first
+        .iter()
+        .map(|f| f.is_finite() && (f - center).abs() <= 3.0 * spread)
+        .collect();
+    let mut alpha = vec![0.0; m];
+    let mut beta = vec![0.0; m];
+    for _ in 0..50 {
+        for u in 0..m {
+            let (sum, count) =
+                off_diagonal(u).fold((0.0, 0usize), |(a, c), &(s, g)| (a + g - alpha[s], c + 1));
+            beta[u] = if count > 0 { sum / count as f64 } else { 0.0 };
+        }
+        let mut sums = vec![(0.0, 0usize); m];
+        for u in (0..m).filter(|&u| inlier[u]) {
+            for &(s, g) in off_diagonal(u) {
+                sums[s].0 += g - beta[u];
+                sums[s].1 += 1;
+            }
+        }
+        let fitted: Vec<Option<f64>> = sums
+            .iter()
+            .map(|&(a, c)| (c > 0).then(|| a / c as f64))
+            .collect();
+        let known: Vec<f64> = fitted.iter().flatten().copied().collect();
+        let mean = known.iter().sum::<f64>() / known.len().max(1) as f64;
+        // A set no inlier update was scored on has no effect to fit.
+        alpha = fitted.iter().map(|a| a.map_or(0.0, |a| a - mean)).collect();
+    }
+    (0..m)
+        .map(|u| {
+            let own = gains[u]
+                .iter()
+                .find(|(s, _)| *s == u)
+                .map_or(f64::NAN, |(_, g)| *g);
+            let elsewhere = if off_diagonal(u).next().is_some() {
+                beta[u]
+            } else {
+                own
+            };
+            (elsewhere, own, elsewhere + alpha[u])
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_row(
     s: &Setup,
     name: &str,
     workers: usize,
+    stride: usize,
     adversaries: usize,
     mode: Option<Adversary>,
+    memo: &mut Memo,
     trace: &mut Option<std::io::BufWriter<std::fs::File>>,
     on_round: &mut dyn FnMut(),
 ) -> Result<Row> {
@@ -399,6 +602,9 @@ fn run_row(
     let b = spec.batch_size as u64;
     let tokens_per_round = h * spec.tokens_per_batch();
     let outer_lr = spec.effective_outer_lr();
+    let fresh_digest = Worker::new(spec.clone(), &s.model, s.device)
+        .map_err(anyhow::Error::msg)?
+        .state_digest();
     let mut nodes = (0..workers)
         .map(|i| {
             // The adversaries are the last workers; the commit order is shuffled every
@@ -412,6 +618,8 @@ fn run_row(
                 adversary,
                 ejected: None,
                 earlier: None,
+                digest: fresh_digest,
+                behind: Vec::new(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -424,12 +632,15 @@ fn run_row(
         .map(|_| Worker::new(spec.clone(), &s.model, s.device).map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
     let mut escrow = Escrow::new(s.verify.escrow_rounds);
+    let mut history = History::new();
     let mut released: BTreeMap<NodeId, u128> = BTreeMap::new();
     let mut previous: Vec<(NodeId, Vec<f32>)> = Vec::new();
     let (mut adv_updates, mut adv_caught) = (0u64, 0u64);
     let (mut honest_updates, mut honest_down) = (0u64, 0u64);
     let (mut audits, mut audits_failed, mut judged_total) = (0u64, 0u64, 0u64);
     let (mut training_flops_total, mut replay_flops) = (0u64, 0u64);
+    let (mut rounds_trained, mut rounds_memoized) = (0u64, 0u64);
+    let score_tokens = SCORE_TOKENS.min(spec.seq_len);
 
     for round in 0..spec.rounds {
         let seed = round_seed(spec.seed, round);
@@ -441,8 +652,10 @@ fn run_row(
             ))
         };
         let (mut order_rng, mut adversary_rng, mut rng) = (stream(0), stream(1), stream(2));
+        // Batches by slot in a row of `stride` workers, so the honest-only reference
+        // trains exactly the batches the honest workers of a mode's row train.
         let assigned = |slot: u64| -> Vec<u64> {
-            let first = (round * workers as u64 + slot) * h;
+            let first = (round * stride as u64 + slot) * h;
             (first..first + h).collect()
         };
         // Commit order: seeded, copiers last (they need an update to copy).
@@ -494,47 +707,107 @@ fn run_row(
                 }
             })
             .collect();
-
         let trains_assigned: Vec<bool> = order
             .iter()
             .zip(&plans)
             .map(|(&i, plan)| plan.as_ref() == Some(&assigned(nodes[i].slot)))
             .collect();
 
-        // Commit to the private state, then train, `threads` workers at once.
-        let befores: Vec<PrivateState> = order
+        // Commit to the private state, then train, `threads` workers at once; the memo
+        // answers what was trained before from the same inputs.
+        let st = Arc::new(state.clone());
+        let theta_hash = theta_digest(&state.theta);
+        let digests: Vec<[u8; 32]> = order.iter().map(|&i| nodes[i].digest).collect();
+        let plan_keys: Vec<Option<[u8; 32]>> = plans
             .iter()
-            .map(|&i| nodes[i].worker.private_state())
+            .zip(&digests)
+            .map(|(plan, d)| plan.as_ref().map(|bs| memo_key(&theta_hash, round, d, bs)))
             .collect();
-        let jobs: Vec<(&mut Node, Option<Vec<u64>>)> = {
+        let mut from_memo: Vec<Option<Trained>> = plan_keys
+            .iter()
+            .map(|k| k.and_then(|k| memo.entries.get(&k).cloned()))
+            .collect();
+        let data = &s.data;
+        let windows = &s.windows;
+        let jobs: Vec<(&mut Node, Option<Vec<u64>>, bool, bool)> = {
             let mut by_index: Vec<Option<&mut Node>> = nodes.iter_mut().map(Some).collect();
             order
                 .iter()
                 .zip(plans)
-                .map(|(&i, plan)| (by_index[i].take().expect("each node once"), plan))
+                .zip(&from_memo)
+                .zip(&trains_assigned)
+                .map(|(((&i, plan), hit), &as_assigned)| {
+                    (
+                        by_index[i].take().expect("each node once"),
+                        plan,
+                        hit.is_some(),
+                        as_assigned,
+                    )
+                })
                 .collect()
         };
-        let data = &s.data;
-        let windows = &s.windows;
-        let st = &state;
-        let trained: Vec<Option<Vec<u8>>> =
-            par_map(jobs, &mut vec![(); s.threads], |_, (node, plan)| {
-                plan.map(|batches| node.worker.train_round(st, data, windows, &batches).blob)
-            });
+        let st_ref = &st;
+        #[allow(clippy::type_complexity)]
+        let trained: Vec<(Option<Trained>, Option<PrivateState>)> = par_map(
+            jobs,
+            &mut vec![(); s.threads],
+            |_, (node, plan, hit, as_assigned)| {
+                // A replay of this round can't come from the memo unless the node
+                // trained its assigned batches, so it keeps the state it committed to.
+                let before = (!as_assigned).then(|| {
+                    node.catch_up(data, windows);
+                    node.worker.private_state()
+                });
+                let work = match (plan, hit) {
+                    (None, _) => None,
+                    (Some(batches), true) => {
+                        node.behind.push((Arc::clone(st_ref), batches));
+                        None
+                    }
+                    (Some(batches), false) => {
+                        node.catch_up(data, windows);
+                        let blob = node
+                            .worker
+                            .train_round(st_ref, data, windows, &batches)
+                            .blob;
+                        Some(Trained {
+                            blob,
+                            after: node.worker.state_digest(),
+                        })
+                    }
+                };
+                (work, before)
+            },
+        );
+        let mut befores: Vec<Option<PrivateState>> = Vec::with_capacity(order.len());
+        for (pos, (work, before)) in trained.into_iter().enumerate() {
+            befores.push(before);
+            if let Some(work) = work {
+                rounds_trained += 1;
+                let key = plan_keys[pos].expect("a node that trained had a plan");
+                memo.entries.insert(key, work.clone());
+                from_memo[pos] = Some(work);
+            } else if from_memo[pos].is_some() {
+                rounds_memoized += 1;
+            }
+        }
+        for (pos, &i) in order.iter().enumerate() {
+            if let Some(t) = &from_memo[pos] {
+                nodes[i].digest = t.after;
+            }
+        }
 
         // Hand in, in commit order.
         let mut committed: Vec<Committed> = Vec::with_capacity(order.len());
         let mut partner: Option<Vec<f32>> = None;
-        for ((&i, (blob, before)), trains_assigned) in order
-            .iter()
-            .zip(trained.into_iter().zip(befores))
-            .zip(trains_assigned)
-        {
+        for (pos, (work, before)) in from_memo.into_iter().zip(befores).enumerate() {
+            let i = order[pos];
+            let trains_assigned = trains_assigned[pos];
+            let digest = digests[pos];
             let mut adversarial = false;
-            let digest = before.digest();
-            let decoded_trained = blob
+            let decoded_trained = work
                 .as_ref()
-                .map(|b| decode_for(s.codec, b, n as u64).context("a worker's own blob"))
+                .map(|w| decode_for(s.codec, &w.blob, n as u64).context("a worker's own blob"))
                 .transpose()?;
             let update = match nodes[i].adversary {
                 None => decoded_trained.expect("honest nodes train"),
@@ -622,133 +895,125 @@ fn run_row(
             }
         }
 
-        // Scoring: the round's held-out and random sequences, each node's own.
-        let pick = |rng: &mut SplitMix64, range: u64| -> Vec<u64> {
-            let mut out: Vec<u64> = Vec::with_capacity(SCORE_SEQUENCES);
-            while out.len() < SCORE_SEQUENCES.min(range as usize) {
-                let x = rng.below(range);
-                if !out.contains(&x) {
-                    out.push(x);
-                }
-            }
-            out
-        };
-        let val_picks: Vec<Vec<i64>> = pick(&mut rng, s.val.len() as u64)
-            .into_iter()
-            .map(|i| s.val[i as usize].clone())
-            .collect();
-        let heldout = held_out(&val_picks, s.device);
-        let random_samples: Vec<u64> = pick(&mut rng, 1 << 40)
-            .into_iter()
-            .map(|x| x + (UNASSIGNED_BATCH_OFFSET * 2) * b)
-            .collect();
-        let mut sampler = Sampler::new(spec.seed);
-        let random = sequences(&mut sampler, data, windows, &random_samples, s.device);
-        let before_shared = scorers[0].losses_at(&state.theta, &[&heldout, &random]);
-        let own_samples: Vec<Vec<u64>> = committed
+        // Scoring (see `cross_evidence`): each node's own set, sampled from its
+        // assigned batches; the loss at θ on every set once; each update on its own
+        // set and the next ones.
+        let m = committed.len();
+        let own_sets: Vec<Tensor> = committed
             .iter()
             .map(|c| {
                 let first = assigned(nodes[c.node].slot)[0] * b;
-                pick(&mut rng, h * b)
-                    .into_iter()
-                    .map(|x| first + x)
-                    .collect()
+                let mut picks: Vec<u64> = Vec::with_capacity(SCORE_SEQUENCES);
+                let range = h * b;
+                while picks.len() < SCORE_SEQUENCES.min(range as usize) {
+                    let x = first + rng.below(range);
+                    if !picks.contains(&x) {
+                        picks.push(x);
+                    }
+                }
+                let mut sampler = Sampler::new(spec.seed);
+                sequences(&mut sampler, data, windows, &picks, s.device).narrow(
+                    1,
+                    0,
+                    score_tokens as i64 + 1,
+                )
             })
             .collect();
+        let set_refs: Vec<&Tensor> = own_sets.iter().collect();
+        let before_losses = scorers[0].losses_at(&state.theta, &set_refs);
+        let others = SCORE_OTHER_SETS.min(m.saturating_sub(1));
         // Each update is scored at its share of the outer step, outer lr ÷ updates in
         // the round (the aggregate averages them): a single update taken at the full
         // outer lr overshoots, and in the first full run every honest update of rounds
         // 5-10 raised the held-out loss that way and was refused as harmful.
-        let share_lr = outer_lr / committed.len().max(1) as f32;
-        // Tensors are not `Sync`; each job gets a shallow clone (read only, shared
-        // storage) of the round's shared sequences.
-        let score_jobs: Vec<(&[f32], &[u64], Tensor, Tensor)> = committed
+        let share_lr = outer_lr / m.max(1) as f32;
+        // Tensors are not `Sync`; each job gets shallow clones (read only, shared
+        // storage) of the sets it is scored on.
+        let score_jobs: Vec<(&[f32], Vec<(usize, Tensor)>)> = committed
             .iter()
-            .zip(&own_samples)
-            .map(|(c, o)| {
-                (
-                    c.update.as_slice(),
-                    o.as_slice(),
-                    heldout.shallow_clone(),
-                    random.shallow_clone(),
-                )
+            .enumerate()
+            .map(|(u, c)| {
+                let sets = (0..=others)
+                    .map(|k| {
+                        let set = (u + k) % m;
+                        (set, own_sets[set].shallow_clone())
+                    })
+                    .collect();
+                (c.update.as_slice(), sets)
             })
             .collect();
-        let gains: Vec<[f64; 3]> = par_map(
-            score_jobs,
-            &mut scorers,
-            |scorer, (update, own, heldout, random)| {
-                let mut sampler = Sampler::new(spec.seed);
-                let own = sequences(&mut sampler, data, windows, own, s.device);
-                let own_before = scorer.losses_at(&st.theta, &[&own])[0];
-                let before = [before_shared[0], own_before, before_shared[1]];
-                let g = scorer.gains(
-                    &st.theta,
-                    &before,
-                    update,
-                    share_lr,
-                    &[&heldout, &own, &random],
-                );
-                [g[0], g[1], g[2]]
-            },
-        );
+        let before_ref = &before_losses;
+        let gains: Vec<Vec<(usize, f64)>> =
+            par_map(score_jobs, &mut scorers, |scorer, (update, sets)| {
+                let tensors: Vec<&Tensor> = sets.iter().map(|(_, t)| t).collect();
+                let before: Vec<f64> = sets.iter().map(|(k, _)| before_ref[*k]).collect();
+                let g = scorer.gains(&st.theta, &before, update, share_lr, &tensors);
+                sets.iter().map(|(k, _)| *k).zip(g).collect()
+            });
+        let cross = cross_evidence(&gains);
         let evidence: Vec<Evidence> = committed
             .iter()
-            .zip(&gains)
-            .map(|(c, g)| {
+            .zip(&cross)
+            .map(|(c, &(elsewhere, own, expected))| {
                 let id = nodes[c.node].id;
                 Evidence {
                     node: id,
                     tokens: tokens_per_round,
                     norm: norm(&c.update),
-                    gain_heldout: g[0],
-                    gain_own: g[1],
-                    gain_random: g[2],
+                    gain_heldout: elsewhere,
+                    gain_own: own,
+                    gain_random: expected,
                     stale: stale.get(&id).copied().unwrap_or(false),
                     copy_of: copy_of.get(&id).copied(),
                 }
             })
             .collect();
-        let mut judgements = judge(&evidence, &s.verify);
+        let mut judgements = judge(&evidence, &history, &s.verify);
         judged_total += judgements.len() as u64;
 
-        // Replay audits: the audited node reveals the state it committed to.
-        let picks = audit_picks(seed, &judgements, &s.verify);
-        let audit_jobs: Vec<(usize, &Committed, Vec<u64>)> = picks
+        // Replay audits: the audited node reveals the state it committed to. A replay
+        // of an update trained as assigned is answered by the memo (the same inputs);
+        // the FLOPs are counted all the same.
+        let picks = audit_picks(seed, &judgements, &history, &s.verify);
+        let audit_jobs: Vec<(usize, &Committed, Vec<u64>, Option<Trained>)> = picks
             .iter()
             .map(|id| {
                 let pos = committed
                     .iter()
                     .position(|c| nodes[c.node].id == *id)
                     .expect("a pick is a committed node");
-                (
-                    pos,
-                    &committed[pos],
-                    assigned(nodes[committed[pos].node].slot),
-                )
+                let batches = assigned(nodes[committed[pos].node].slot);
+                let known = memo
+                    .entries
+                    .get(&memo_key(
+                        &theta_hash,
+                        round,
+                        &committed[pos].digest,
+                        &batches,
+                    ))
+                    .cloned();
+                (pos, &committed[pos], batches, known)
             })
             .collect();
         let verify = &s.verify;
         let outcomes: Vec<(usize, AuditOutcome)> = par_map(
             audit_jobs,
             &mut replayers,
-            |validator, (pos, c, batches)| {
-                if c.before.digest() != c.digest {
-                    return (
-                        pos,
-                        AuditOutcome::Mismatch {
-                            rel_err: f64::INFINITY,
-                        },
-                    );
-                }
-                let outcome = match validator.replay(st, &c.before, data, windows, &batches) {
-                    Ok(blob) => match decode_for(s.codec, &blob, n as u64) {
-                        Ok(replayed) => audit_compare(&c.update, &replayed, verify),
-                        Err(_) => AuditOutcome::Mismatch {
-                            rel_err: f64::INFINITY,
-                        },
-                    },
-                    Err(_) => AuditOutcome::Mismatch {
+            |validator, (pos, c, batches, known)| {
+                let blob = match (known, &c.before) {
+                    (Some(t), _) => Ok(t.blob),
+                    (None, Some(before)) if before.digest() == c.digest => validator
+                        .replay(st_ref, before, data, windows, &batches)
+                        .map_err(|_| ()),
+                    // A revealed state that is not the one committed to fails.
+                    (None, Some(_)) => Err(()),
+                    (None, None) => {
+                        panic!("an update trained as assigned is always in the memo")
+                    }
+                };
+                let outcome = match blob.map(|b| decode_for(s.codec, &b, n as u64)) {
+                    Ok(Ok(replayed)) => audit_compare(&c.update, &replayed, verify),
+                    _ => AuditOutcome::Mismatch {
                         rel_err: f64::INFINITY,
                     },
                 };
@@ -758,28 +1023,30 @@ fn run_row(
         audits += outcomes.len() as u64;
         replay_flops +=
             outcomes.len() as u64 * training_flops(&s.model, spec.seq_len, tokens_per_round);
-        let mut ejected_now: Vec<usize> = Vec::new();
         let audit_log: Vec<(NodeId, AuditOutcome)> = outcomes
             .iter()
             .map(|(pos, o)| (nodes[committed[*pos].node].id, *o))
             .collect();
-        for (pos, outcome) in outcomes {
-            if let AuditOutcome::Mismatch { rel_err } = outcome {
-                audits_failed += 1;
-                judgements[pos].accepted = false;
-                judgements[pos].score = 0.0;
-                judgements[pos]
-                    .flags
-                    .push(tessera_verify::Flag::AuditFailed { rel_err });
-                ejected_now.push(committed[pos].node);
-            }
-        }
-        // A proven copy, of this round's or last round's work, is ejected too.
-        for (pos, c) in committed.iter().enumerate() {
-            if evidence[pos].copy_of.is_some() || evidence[pos].stale {
-                ejected_now.push(c.node);
-            }
-        }
+        audits_failed += outcomes
+            .iter()
+            .filter(|(_, o)| matches!(o, AuditOutcome::Mismatch { .. }))
+            .count() as u64;
+        settle(&mut judgements, &audit_log, &mut history, &s.verify);
+        // A failed audit ejects; so does a proven copy, of this round's or last
+        // round's work.
+        let ejected_now: Vec<usize> = committed
+            .iter()
+            .zip(&judgements)
+            .filter(|(_, j)| {
+                j.flags.iter().any(|f| {
+                    matches!(
+                        f,
+                        Flag::AuditFailed { .. } | Flag::Copy { .. } | Flag::Stale
+                    )
+                })
+            })
+            .map(|(c, _)| c.node)
+            .collect();
 
         if let Some(out) = trace.as_mut() {
             use std::io::Write;
@@ -788,6 +1055,7 @@ fn run_row(
                 "round": round,
                 "adversarial": committed.iter().map(|c| c.adversarial).collect::<Vec<_>>(),
                 "evidence": evidence,
+                "gains": gains,
                 "judgements": judgements,
                 "audits": audit_log,
                 "ejected": ejected_now.iter().map(|&i| nodes[i].id).collect::<Vec<_>>(),
@@ -798,15 +1066,19 @@ fn run_row(
                 .context("writing the trace")?;
         }
 
-        // Aggregate, pay into escrow, forfeit, release.
-        let accepted: Vec<&[f32]> = committed
+        // Aggregate, pay into escrow, forfeit, release. The accepted updates are
+        // averaged in the order of their nodes, not of their commits, so the aggregate
+        // of the same updates is the same bit for bit.
+        let mut accepted: Vec<(u64, &[f32])> = committed
             .iter()
             .zip(&judgements)
             .filter(|(_, j)| j.accepted)
-            .map(|(c, _)| c.update.as_slice())
+            .map(|(c, _)| (nodes[c.node].slot, c.update.as_slice()))
             .collect();
+        accepted.sort_by_key(|(slot, _)| *slot);
         if !accepted.is_empty() {
-            let g = clipped_mean(&accepted);
+            let refs: Vec<&[f32]> = accepted.iter().map(|(_, u)| *u).collect();
+            let g = clipped_mean(&refs);
             state.outer.step(&mut state.theta, &g);
         }
         state.round += 1;
@@ -829,11 +1101,10 @@ fn run_row(
                 let _ = escrow.credit(round, node.id, amount);
             }
         }
-        ejected_now.sort_unstable();
-        ejected_now.dedup();
         for i in ejected_now {
             escrow.forfeit(nodes[i].id);
             nodes[i].ejected = Some(round);
+            nodes[i].behind.clear();
         }
         for (_, node, amount) in escrow.release(round + 1) {
             *released.entry(node).or_insert(0) += amount;
@@ -848,9 +1119,14 @@ fn run_row(
         *released.entry(node).or_insert(0) += amount;
     }
 
-    let model = Llama::new(&s.model, s.device, spec.seed);
-    load_flat(&model, &state.theta);
-    let eval = evaluate_windows(&model, &s.val, spec.batch_size, &s.byte_lens);
+    let val_bpb = *memo
+        .evals
+        .entry(theta_digest(&state.theta))
+        .or_insert_with(|| {
+            let model = Llama::new(&s.model, s.device, spec.seed);
+            load_flat(&model, &state.theta);
+            evaluate_windows(&model, &s.val, spec.batch_size, &s.byte_lens).bpb
+        });
     let paid_total: u128 = released.values().sum();
     let paid_adv: u128 = nodes
         .iter()
@@ -886,13 +1162,16 @@ fn run_row(
         } else {
             0.0
         },
-        val_bpb: eval.bpb,
+        val_bpb,
         bpb_gap: 0.0,
         verification_flops_fraction: (scoring_flops + replay_flops) as f64
             / training_flops_total.max(1) as f64,
+        scoring_flops_fraction: scoring_flops as f64 / training_flops_total.max(1) as f64,
         audit_rate: audits as f64 / judged_total.max(1) as f64,
         audits,
         audits_failed,
+        rounds_trained,
+        rounds_memoized,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -956,6 +1235,41 @@ mod tests {
         assert_eq!(seen, [vec![0, 3, 6, 9], vec![1, 4, 7], vec![2, 5, 8]]);
         let none: Vec<i32> = par_map(Vec::new(), &mut seen, |_, x: i32| x);
         assert!(none.is_empty());
+    }
+
+    /// Gains built as `m + α_s + β_u` plus an own-data effect, each update scored on its
+    /// own set and the next 4, with update 6 sign-flipped (its gains negated): the fit
+    /// recovers every honest update's gain elsewhere and own-data margin exactly, and
+    /// the flipped one stays an outlier instead of spreading the others.
+    #[test]
+    fn cross_evidence_separates_set_update_and_own_effects() {
+        let m = 8;
+        let alpha = [0.01, -0.02, 0.03, 0.0, -0.01, 0.02, -0.03, 0.005];
+        let beta = [0.001, -0.002, 0.0, 0.003, -0.001, 0.002, 0.0, -0.003];
+        let own = 0.01;
+        let gains: Vec<Vec<(usize, f64)>> = (0..m)
+            .map(|u| {
+                (0..=4)
+                    .map(|k| {
+                        let s = (u + k) % m;
+                        let g = 0.05 + alpha[s] + beta[u] + if s == u { own } else { 0.0 };
+                        (s, if u == 6 { -g } else { g })
+                    })
+                    .collect()
+            })
+            .collect();
+        let ev = cross_evidence(&gains);
+        for u in (0..m).filter(|&u| u != 6) {
+            let (elsewhere, g_own, expected) = ev[u];
+            // Up to the constant the medians leave (the same for every update).
+            let c = ev[0].0 - (0.05 + beta[0]);
+            assert!(
+                (elsewhere - (0.05 + beta[u]) - c).abs() < 1e-9,
+                "{u}: {ev:?}"
+            );
+            assert!((g_own - expected - own).abs() < 1e-9, "{u}: {ev:?}");
+        }
+        assert!(ev[6].0 < -0.04, "{:?}", ev[6]);
     }
 
     #[test]

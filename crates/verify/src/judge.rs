@@ -1,15 +1,31 @@
 //! Judging a round's updates from what a validator measured of each.
 //!
-//! Hard refusals (the update is left out of the aggregate and earns nothing):
-//! a copy of an earlier commit, a stale update (trained from another θ than the
-//! round's), a norm far above the round's median (a scaled update) or far below it (an
-//! empty one), and an update that makes the held-out loss clearly worse (noise, a
-//! flipped sign). Everything else is accepted and earns its tokens. How much an
-//! accepted update is suspected — it fits the node's own assigned batches no better
-//! than random ones, or helps the held-out loss little — decides which updates are
-//! replayed first ([`crate::audit_picks`]): measurements this small are noisy, so they
-//! aim the audits instead of cutting honest pay.
+//! Hard refusals (the update is left out of the aggregate and earns nothing unless a
+//! replay clears it): a copy of an earlier commit, a stale update (trained from another
+//! θ than the round's), a norm far above the round's median (a scaled update) or far
+//! below it (an empty one), and an update whose gain on data it was not assigned is an
+//! outlier below the round's (noise, a flipped sign). Everything else is accepted and
+//! earns its tokens.
+//!
+//! Every comparison is robust and relative to the round: the median and the spread
+//! (1.4826 × the median absolute deviation, a standard deviation for normal data) of
+//! the round's updates. A fixed fraction of the median would not do: late in a run
+//! updates shrink and a 2-sequence gain is noise around a median near zero, so such a
+//! rule refuses honest updates for noise; early on the median is large and the same
+//! fraction lets an update that does nothing through.
+//!
+//! How much an accepted update is suspected decides which is replayed
+//! ([`crate::audit_picks`]); measurements this small are noisy, so they aim the audits
+//! instead of cutting honest pay. Suspicion adds three things: the node's own-data
+//! margin (its update fits the batches it was assigned no better than other data)
+//! accumulated over its rounds since its last passed audit in [`History`], so the
+//! evidence grows with every round a wrong-data node keeps up; how far its norm lies
+//! from the round's median beyond what honest updates show (a lazy node's update is
+//! shorter); and how far its gain lies below the round's.
 
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 use tessera_protocol::NodeId;
 
 use crate::{median, VerifyConfig};
@@ -22,11 +38,14 @@ pub struct Evidence {
     pub tokens: u64,
     /// The decoded update's L2 norm.
     pub norm: f64,
-    /// Held-out loss before minus after applying the update alone (positive helps).
+    /// Loss before minus after applying the update alone (positive helps), on data the
+    /// node was not assigned: held-out sequences, or other nodes' assigned sequences.
     pub gain_heldout: f64,
-    /// The same on batches of the node's own assignment…
+    /// The same on sequences of the node's own assignment…
     pub gain_own: f64,
-    /// …and on random batches of the training data.
+    /// …and what it would be there if the node had not trained on them (the gain on
+    /// random training data, or an estimate of it from other updates on the same
+    /// sequences). `gain_own − gain_random` is the own-data margin.
     pub gain_random: f64,
     /// Trained from another θ than the round's.
     pub stale: bool,
@@ -38,12 +57,35 @@ pub struct Evidence {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "flag", rename_all = "snake_case")]
 pub enum Flag {
-    Copy { of: NodeId },
+    Copy {
+        of: NodeId,
+    },
     Stale,
-    NormHigh { ratio: f64 },
-    NormLow { ratio: f64 },
-    Harmful { gain: f64 },
-    AuditFailed { rel_err: f64 },
+    NormHigh {
+        ratio: f64,
+    },
+    NormLow {
+        ratio: f64,
+    },
+    /// The gain, in spreads from the round's median (negative: below it).
+    Harmful {
+        gain: f64,
+        spreads: f64,
+    },
+    AuditFailed {
+        rel_err: f64,
+    },
+}
+
+impl Flag {
+    /// A refusal on a measurement (norm, gain) rather than a proof (copy, stale, failed
+    /// audit): a replay that matches clears it, since the work is then the node's own.
+    pub fn is_measured(&self) -> bool {
+        matches!(
+            self,
+            Flag::NormHigh { .. } | Flag::NormLow { .. } | Flag::Harmful { .. }
+        )
+    }
 }
 
 /// The verdict on one update.
@@ -55,24 +97,82 @@ pub struct Judgement {
     /// The pay weight, 0 to 1: a node earns tokens × score.
     pub score: f64,
     pub flags: Vec<Flag>,
-    /// How strongly an accepted update is suspected (higher is audited first).
+    /// How strongly the update is suspected (higher is audited first; an update refused
+    /// on a measurement is audited before any accepted one).
     pub suspicion: f64,
+    /// This round's own-data margin in spreads from the round's median; [`crate::settle`]
+    /// adds it to the node's [`History`].
+    pub own_spreads: f64,
 }
 
-/// Judges every update of a round. The medians are over all of the round's updates,
-/// so a minority of attackers can't move them far.
-pub fn judge(evidence: &[Evidence], cfg: &VerifyConfig) -> Vec<Judgement> {
-    let norm_median = median(&mut evidence.iter().map(|e| e.norm).collect::<Vec<_>>());
-    let gain_scale = median(
-        &mut evidence
-            .iter()
-            .map(|e| e.gain_heldout.abs())
-            .collect::<Vec<_>>(),
-    )
-    .max(f64::MIN_POSITIVE);
-    let margin = |e: &Evidence| e.gain_own - e.gain_random;
-    let margin_scale = median(&mut evidence.iter().map(|e| margin(e).abs()).collect::<Vec<_>>())
+/// What a validator carries from round to round: each node's own-data evidence since
+/// its last passed audit, and the audits the rate has paid for but not yet spent. Plain
+/// data (serde), so a hub keeps it with its round state; [`crate::settle`] updates it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct History {
+    pub(crate) nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Audits earned (`audit_rate` × updates judged) and not yet spent, below 1 after
+    /// every round.
+    pub(crate) audit_credit: f64,
+}
+
+/// One node's accumulated own-data evidence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    /// The sum of its rounds' own-data margins, each in spreads from its round's median.
+    pub own_spreads_sum: f64,
+    /// Rounds summed.
+    pub rounds: u64,
+}
+
+impl History {
+    pub fn new() -> History {
+        History::default()
+    }
+
+    /// The node's evidence since its last passed audit.
+    pub fn record(&self, node: &NodeId) -> NodeRecord {
+        self.nodes.get(node).copied().unwrap_or_default()
+    }
+
+    /// Audits earned and not yet spent.
+    pub fn audit_credit(&self) -> f64 {
+        self.audit_credit
+    }
+}
+
+/// The round's median and spread (1.4826 × the median absolute deviation) of `values`.
+/// The spread is at least `floor`, so a round whose values agree closely does not turn
+/// every small difference into an outlier.
+pub(crate) fn center_spread(values: &[f64], floor: f64) -> (f64, f64) {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let mid = median(&mut v);
+    let mut dev: Vec<f64> = v.iter().map(|x| (x - mid).abs()).collect();
+    let spread = (1.4826 * median(&mut dev))
+        .max(floor)
         .max(f64::MIN_POSITIVE);
+    (mid, spread)
+}
+
+/// Judges every update of a round, with the nodes' evidence of earlier rounds. The
+/// medians and spreads are over all of the round's updates, so a minority of attackers
+/// can't move them far. `history` is read, not changed: [`crate::settle`] records the
+/// round once its audits are in.
+pub fn judge(evidence: &[Evidence], history: &History, cfg: &VerifyConfig) -> Vec<Judgement> {
+    let norm_median = median(&mut evidence.iter().map(|e| e.norm).collect::<Vec<_>>());
+    let log_norms: Vec<f64> = evidence
+        .iter()
+        .filter(|e| e.norm > 0.0 && norm_median > 0.0)
+        .map(|e| (e.norm / norm_median).ln())
+        .collect();
+    let (_, norm_spread) = center_spread(&log_norms, cfg.norm_spread_floor);
+    let gains: Vec<f64> = evidence.iter().map(|e| e.gain_heldout).collect();
+    let (gain_mid, gain_spread) = center_spread(&gains, 0.0);
+    let margin = |e: &Evidence| e.gain_own - e.gain_random;
+    let margins: Vec<f64> = evidence.iter().map(margin).collect();
+    let (margin_mid, margin_spread) = center_spread(&margins, 0.0);
     evidence
         .iter()
         .map(|e| {
@@ -93,23 +193,41 @@ pub fn judge(evidence: &[Evidence], cfg: &VerifyConfig) -> Vec<Judgement> {
             } else if ratio < cfg.norm_ratio_min {
                 flags.push(Flag::NormLow { ratio });
             }
-            if e.gain_heldout < -cfg.harm_ratio_max * gain_scale || !e.gain_heldout.is_finite() {
+            let gain_spreads = (e.gain_heldout - gain_mid) / gain_spread;
+            if gain_spreads < -cfg.harm_spreads_max || !e.gain_heldout.is_finite() {
                 flags.push(Flag::Harmful {
                     gain: e.gain_heldout,
+                    spreads: gain_spreads,
                 });
             }
-            let accepted = flags.is_empty();
-            let suspicion = if accepted {
-                -margin(e) / margin_scale - e.gain_heldout / gain_scale
+            let own_spreads = if margin(e).is_finite() {
+                (margin(e) - margin_mid) / margin_spread
             } else {
                 0.0
             };
+            let past = history.record(&e.node);
+            // The accumulated margin as a z-score: a sum of n rounds' values, each of
+            // spread 1 for an honest node, divided by √n.
+            let own_z = (past.own_spreads_sum + own_spreads) / ((past.rounds + 1) as f64).sqrt();
+            let norm_spreads = if ratio > 0.0 && ratio.is_finite() {
+                ratio.ln().abs() / norm_spread
+            } else {
+                f64::INFINITY
+            };
+            let excess = |x: f64| (x - cfg.suspicion_spreads_min).max(0.0);
+            let suspicion = -own_z + excess(norm_spreads) + excess(-gain_spreads);
+            let accepted = flags.is_empty();
             Judgement {
                 node: e.node,
                 accepted,
                 score: if accepted { 1.0 } else { 0.0 },
                 flags,
-                suspicion,
+                suspicion: if suspicion.is_finite() {
+                    suspicion
+                } else {
+                    f64::MAX
+                },
+                own_spreads,
             }
         })
         .collect()
@@ -123,38 +241,36 @@ mod tests {
         Evidence {
             node: NodeId([i; 32]),
             tokens: 1000,
-            norm: 1.0 + 0.05 * f64::from(i % 3),
+            norm: 1.0 + 0.005 * f64::from(i % 3),
             gain_heldout: gain,
-            gain_own: gain + 0.02,
+            gain_own: gain + 0.02 + 0.002 * f64::from(i % 4),
             gain_random: gain,
             stale: false,
             copy_of: None,
         }
     }
 
+    const GAINS: [f64; 8] = [0.01, 0.012, 0.007, 0.009, 0.011, 0.0085, 0.013, 0.008];
+
+    fn round() -> Vec<Evidence> {
+        (0..8).map(|i| honest(i, GAINS[i as usize])).collect()
+    }
+
     #[test]
     fn honest_updates_are_accepted_even_with_noisy_gains() {
-        let round: Vec<Evidence> = (0..8)
-            .map(|i| {
-                honest(
-                    i,
-                    [0.01, 0.012, -0.002, 0.009, 0.011, 0.0, 0.013, 0.008][i as usize],
-                )
-            })
-            .collect();
-        let j = judge(&round, &VerifyConfig::default());
+        let j = judge(&round(), &History::new(), &VerifyConfig::default());
         assert!(j.iter().all(|j| j.accepted && j.score == 1.0), "{j:?}");
     }
 
     #[test]
     fn each_hard_refusal_names_its_reason() {
-        let mut round: Vec<Evidence> = (0..8).map(|i| honest(i, 0.01)).collect();
+        let mut round = round();
         round[0].norm = 100.0; // scale:100
         round[1].norm = 0.0; // zero
         round[2].gain_heldout = -0.01; // sign flip
         round[3].copy_of = Some(NodeId([7; 32]));
         round[4].stale = true;
-        let j = judge(&round, &VerifyConfig::default());
+        let j = judge(&round, &History::new(), &VerifyConfig::default());
         assert!(
             matches!(j[0].flags[..], [Flag::NormHigh { .. }]),
             "{:?}",
@@ -176,19 +292,76 @@ mod tests {
         assert!(j[5..].iter().all(|j| j.accepted));
     }
 
-    /// An update that fits its own batches no better than random ones, and helps
-    /// little, is accepted but audited first.
+    /// The first full run's story: an update that does nothing (noise, gain ≈ 0) early
+    /// in a run, when honest gains sit well above zero and close together, passed a
+    /// rule that refused only gains below −0.5 × the median. Against the round's spread
+    /// it is an outlier.
     #[test]
-    fn suspicion_ranks_the_update_that_does_not_fit_its_own_data_first() {
-        let mut round: Vec<Evidence> = (0..8).map(|i| honest(i, 0.01)).collect();
-        round[6].gain_own = round[6].gain_random; // wrong data
-        round[6].gain_heldout = 0.004;
-        let j = judge(&round, &VerifyConfig::default());
-        assert!(j[6].accepted);
+    fn a_gain_far_below_the_rounds_spread_is_refused_even_when_positive() {
+        // Honest gains of an early round: well above zero and close together.
+        let early = [
+            0.0140, 0.0138, 0.0131, 0.0135, 0.0142, 0.0129, 0.0137, 0.0133,
+        ];
+        let mut round: Vec<Evidence> = (0..8).map(|i| honest(i, early[i as usize])).collect();
+        round[7].gain_heldout = 0.0005;
+        let j = judge(&round, &History::new(), &VerifyConfig::default());
+        assert!(
+            matches!(j[7].flags[..], [Flag::Harmful { spreads, .. }] if spreads < -6.0),
+            "{:?}",
+            j[7]
+        );
+        assert!(j[..7].iter().all(|j| j.accepted));
+    }
+
+    /// The other half of that story: late in a run updates shrink, gains are noise
+    /// around a median near zero, and a rule relative to the median refused honest
+    /// updates whose gain was slightly negative. Relative to the spread they are
+    /// ordinary.
+    #[test]
+    fn tiny_late_gains_around_zero_are_not_refused() {
+        let late = [0.003, -0.002, 0.001, 0.004, -0.001, 0.0, 0.002, -0.003];
+        let round: Vec<Evidence> = (0..8).map(|i| honest(i, late[i as usize])).collect();
+        let j = judge(&round, &History::new(), &VerifyConfig::default());
+        assert!(j.iter().all(|j| j.accepted), "{j:?}");
+    }
+
+    /// A lazy node trains part of its steps: its norm is inside the accepted band but
+    /// far from the round's median, where honest norms cluster; that alone makes it
+    /// the most suspected, though its own-data margin looks ordinary.
+    #[test]
+    fn a_short_update_is_suspected_first() {
+        let mut round = round();
+        round[5].norm = 0.6;
+        let j = judge(&round, &History::new(), &VerifyConfig::default());
+        assert!(j[5].accepted);
         let most = j
             .iter()
             .max_by(|a, b| a.suspicion.total_cmp(&b.suspicion))
             .unwrap();
-        assert_eq!(most.node, NodeId([6; 32]));
+        assert_eq!(most.node, NodeId([5; 32]));
+    }
+
+    /// A wrong-data node's margin is only a little below honest ones in any one round,
+    /// within the noise; summed over its rounds it stands out. With history, a node
+    /// whose margin was lowest in every earlier round is suspected above one whose
+    /// margin is lowest only now.
+    #[test]
+    fn own_data_evidence_accumulates_over_rounds() {
+        let mut round = round();
+        round[2].gain_own = round[2].gain_random; // lowest margin this round
+        round[6].gain_own = round[6].gain_random + 0.004;
+        let fresh = judge(&round, &History::new(), &VerifyConfig::default());
+        assert!(fresh[2].suspicion > fresh[6].suspicion);
+        let mut history = History::new();
+        history.nodes.insert(
+            NodeId([6; 32]),
+            NodeRecord {
+                own_spreads_sum: -10.0,
+                rounds: 4,
+            },
+        );
+        let j = judge(&round, &history, &VerifyConfig::default());
+        assert!(j[6].suspicion > j[2].suspicion, "{j:?}");
+        assert!(j[6].accepted);
     }
 }

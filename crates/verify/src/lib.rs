@@ -1,7 +1,10 @@
 //! The validator's judgement of a round's updates, as pure functions: which updates
 //! are copies of another ([`find_copies`]), which are refused and what each accepted
-//! one earns ([`judge`]), which are replayed ([`audit_picks`], [`audit_compare`]), and
-//! the escrow that holds pay until audits could have caught the work ([`Escrow`]).
+//! one earns ([`judge`]), which are replayed ([`audit_picks`], [`audit_compare`]), the
+//! round's final verdicts once the replays are in ([`settle`]), and the escrow that
+//! holds pay until audits could have caught the work ([`Escrow`]). What a validator
+//! carries from round to round — each node's own-data evidence and the audits it has
+//! paid for — is plain data, [`History`], passed in and out explicitly.
 //!
 //! The key design choice is that everything here works on what the protocol gives a
 //! validator — decoded updates in commit order, measured losses, replayed updates,
@@ -19,10 +22,10 @@ mod copies;
 mod escrow;
 mod judge;
 
-pub use audit::{audit_compare, audit_picks, AuditOutcome};
+pub use audit::{audit_compare, audit_picks, audits_due, settle, AuditOutcome};
 pub use copies::{find_copies, Candidate, CopyFinding};
 pub use escrow::{Escrow, EscrowError};
-pub use judge::{judge, Evidence, Flag, Judgement};
+pub use judge::{judge, Evidence, Flag, History, Judgement, NodeRecord};
 
 use serde::{Deserialize, Serialize};
 use tessera_outer::Aggregator;
@@ -43,17 +46,31 @@ pub struct VerifyConfig {
     /// An update whose norm is below this fraction of the round's median is refused
     /// (a free rider's empty update).
     pub norm_ratio_min: f64,
-    /// An update that makes the held-out loss worse by more than this fraction of the
-    /// round's median gain is refused (noise, a flipped sign).
-    pub harm_ratio_max: f64,
-    /// Updates replayed each round: the most suspicious ones first.
-    pub audits_targeted: usize,
-    /// …and this many more, drawn by the round's seed among the rest.
-    pub audits_random: usize,
+    /// An update whose gain on data it was not assigned lies more than this many
+    /// spreads (1.4826 × the median absolute deviation) below the round's median is
+    /// refused (noise, a flipped sign).
+    pub harm_spreads_max: f64,
+    /// The smallest spread of the round's log norms (ln(norm / median)) that suspicion
+    /// measures a norm against: honest updates of one round have norms within about 1%
+    /// of each other, and a spread of near nothing would make any of them stand out.
+    pub norm_spread_floor: f64,
+    /// A norm or gain adds to an accepted update's suspicion only beyond this many
+    /// spreads from the round's median, so the noise of honest measurements does not
+    /// drown the own-data evidence.
+    pub suspicion_spreads_min: f64,
+    /// Updates replayed per update judged; the fraction not yet spent carries over in
+    /// [`History`], as does the debt of replaying every update refused on a
+    /// measurement. 1/8 is one replay per round of 8 nodes: replays then cost 12.5% of
+    /// the training they check.
+    pub audit_rate: f64,
+    /// The most suspicious accepted update is replayed when its suspicion is at least
+    /// this; below it, one drawn by the round's seed.
+    pub audit_suspicion_min: f64,
     /// Largest relative L2 difference between a submitted and a replayed update that
     /// still counts as the same work.
     pub audit_tolerance: f64,
-    /// Rounds a round's pay waits in escrow before it is released.
+    /// Rounds a round's pay waits in escrow before it is released: longer than it takes
+    /// the audits to find a node that does not do its work.
     pub escrow_rounds: u64,
 }
 
@@ -64,11 +81,13 @@ impl Default for VerifyConfig {
             copy_cosine_min: 0.9,
             norm_ratio_max: 3.0,
             norm_ratio_min: 0.2,
-            harm_ratio_max: 0.5,
-            audits_targeted: 1,
-            audits_random: 1,
+            harm_spreads_max: 6.0,
+            norm_spread_floor: 0.02,
+            suspicion_spreads_min: 3.0,
+            audit_rate: 0.125,
+            audit_suspicion_min: 2.0,
             audit_tolerance: 1e-3,
-            escrow_rounds: 5,
+            escrow_rounds: 8,
         }
     }
 }
