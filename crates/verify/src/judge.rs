@@ -9,7 +9,9 @@
 //!
 //! Every comparison is robust and relative to the round: the median and the spread
 //! (1.4826 × the median absolute deviation, a standard deviation for normal data) of
-//! the round's updates. A fixed fraction of the median would not do: late in a run
+//! the round's updates, the spread taken again without the outliers. The spread of the
+//! gains is at least `gain_spread_floor` × the median gain, so a round where honest
+//! gains happen to agree very closely does not refuse an ordinary one. A fixed fraction of the median would not do: late in a run
 //! updates shrink and a 2-sequence gain is noise around a median near zero, so such a
 //! rule refuses honest updates for noise; early on the median is large and the same
 //! fraction lets an update that does nothing through.
@@ -143,17 +145,31 @@ impl History {
     }
 }
 
-/// The round's median and spread (1.4826 × the median absolute deviation) of `values`.
-/// The spread is at least `floor`, so a round whose values agree closely does not turn
-/// every small difference into an outlier.
+/// The round's median and spread (1.4826 × the median absolute deviation) of `values`,
+/// computed again over the values within 3 spreads of the first median, so that the
+/// outliers a check exists to find do not widen the spread they are measured against
+/// (with 2 of 8 values far off, the first spread is about 1.7 times the honest one for
+/// normal data). The spread is at least `floor`, so a round whose values agree closely
+/// does not turn every small difference into an outlier.
 pub(crate) fn center_spread(values: &[f64], floor: f64) -> (f64, f64) {
+    let raw = |v: &mut Vec<f64>| {
+        let mid = median(v);
+        let mut dev: Vec<f64> = v.iter().map(|x| (x - mid).abs()).collect();
+        (mid, 1.4826 * median(&mut dev))
+    };
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    let mid = median(&mut v);
-    let mut dev: Vec<f64> = v.iter().map(|x| (x - mid).abs()).collect();
-    let spread = (1.4826 * median(&mut dev))
-        .max(floor)
-        .max(f64::MIN_POSITIVE);
-    (mid, spread)
+    let (mid, spread) = raw(&mut v);
+    let mut inliers: Vec<f64> = v
+        .iter()
+        .copied()
+        .filter(|x| (x - mid).abs() <= 3.0 * spread)
+        .collect();
+    let (mid, spread) = if inliers.len() * 2 > v.len() {
+        raw(&mut inliers)
+    } else {
+        (mid, spread)
+    };
+    (mid, spread.max(floor).max(f64::MIN_POSITIVE))
 }
 
 /// Judges every update of a round, with the nodes' evidence of earlier rounds. The
@@ -170,6 +186,7 @@ pub fn judge(evidence: &[Evidence], history: &History, cfg: &VerifyConfig) -> Ve
     let (_, norm_spread) = center_spread(&log_norms, cfg.norm_spread_floor);
     let gains: Vec<f64> = evidence.iter().map(|e| e.gain_heldout).collect();
     let (gain_mid, gain_spread) = center_spread(&gains, 0.0);
+    let gain_spread = gain_spread.max(cfg.gain_spread_floor * gain_mid.abs());
     let margin = |e: &Evidence| e.gain_own - e.gain_random;
     let margins: Vec<f64> = evidence.iter().map(margin).collect();
     let (margin_mid, margin_spread) = center_spread(&margins, 0.0);
@@ -356,7 +373,7 @@ mod tests {
         history.nodes.insert(
             NodeId([6; 32]),
             NodeRecord {
-                own_spreads_sum: -10.0,
+                own_spreads_sum: -14.0,
                 rounds: 4,
             },
         );

@@ -50,6 +50,11 @@ pub struct VerifyConfig {
     /// spreads (1.4826 × the median absolute deviation) below the round's median is
     /// refused (noise, a flipped sign).
     pub harm_spreads_max: f64,
+    /// The spread of the gains is at least this fraction of the round's median gain.
+    /// With only 6-8 updates a round the median absolute deviation is sometimes a
+    /// tenth of its usual size by chance, and honest gains then lie 10-35 spreads out;
+    /// with this floor the lowest of 778 honest gains measured lay 4 spreads below.
+    pub gain_spread_floor: f64,
     /// The smallest spread of the round's log norms (ln(norm / median)) that suspicion
     /// measures a norm against: honest updates of one round have norms within about 1%
     /// of each other, and a spread of near nothing would make any of them stand out.
@@ -82,6 +87,7 @@ impl Default for VerifyConfig {
             norm_ratio_max: 3.0,
             norm_ratio_min: 0.2,
             harm_spreads_max: 6.0,
+            gain_spread_floor: 0.1,
             norm_spread_floor: 0.02,
             suspicion_spreads_min: 3.0,
             audit_rate: 0.125,
