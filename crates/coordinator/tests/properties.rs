@@ -8,8 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tessera_coordinator::{
-    Commit, CoordError, Coordinator, Event, Hash32, Input, Judge, Judged, NodeId, Phase,
-    RunConfig,
+    Commit, CoordError, Coordinator, Event, Hash32, Input, Judge, Judged, NodeId, Phase, RunConfig,
 };
 
 fn id(name: &str) -> NodeId {
@@ -121,10 +120,7 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
                         rounds_closed += 1;
                         for n in &refused {
                             assert!(!acc.contains_key(n), "{n} refused and accepted");
-                            assert!(
-                                !work.iter().any(|w| w.node == *n),
-                                "{n} refused and paid"
-                            );
+                            assert!(!work.iter().any(|w| w.node == *n), "{n} refused and paid");
                         }
                         for w in &work {
                             assert_eq!(

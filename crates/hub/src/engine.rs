@@ -116,8 +116,8 @@ impl Judge for RoundJudge<'_> {
             .outer
             .judge(round, self.from, &inputs, &self.previous)
             .and_then(|v| {
-                let same = v.len() == inputs.len()
-                    && v.iter().zip(&inputs).all(|(v, j)| v.node == j.node);
+                let same =
+                    v.len() == inputs.len() && v.iter().zip(&inputs).all(|(v, j)| v.node == j.node);
                 if same || v.is_empty() {
                     Ok(v)
                 } else {
@@ -128,7 +128,10 @@ impl Judge for RoundJudge<'_> {
         if let Ok(verdicts) = &result {
             for v in verdicts.iter().filter(|v| !v.accepted) {
                 judged.refused.insert(v.node);
-                if v.flags.iter().any(|f| f.starts_with("copy") || f == "stale") {
+                if v.flags
+                    .iter()
+                    .any(|f| f.starts_with("copy") || f == "stale")
+                {
                     judged.ejected.insert(v.node);
                 }
             }
@@ -849,7 +852,9 @@ impl HubState {
             } = e
             {
                 let rec = self
-                    .close_round(*round, accepted, late, refused, &verdicts, work, outer, now_ms)
+                    .close_round(
+                        *round, accepted, late, refused, &verdicts, work, outer, now_ms,
+                    )
                     .map_err(|e| {
                         HubError::new(ErrorCode::Internal, format!("outer step failed: {e}"))
                     })?;
@@ -1036,21 +1041,25 @@ impl HubState {
     /// The latest closed round's record (for [`Effect::Pay`], which pays whatever left
     /// escrow).
     fn last_record(&self) -> Arc<RoundRecord> {
-        self.rounds.values().next_back().cloned().unwrap_or_else(|| {
-            Arc::new(RoundRecord {
-                round: 0,
-                accepted: Vec::new(),
-                sources: Vec::new(),
-                late: Vec::new(),
-                tokens: 0,
-                work: Vec::new(),
-                theta_before: self.theta0,
-                theta_after: self.theta0,
-                checkpoint: self.checkpoint0,
-                refused: Vec::new(),
-                verdicts: Vec::new(),
+        self.rounds
+            .values()
+            .next_back()
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(RoundRecord {
+                    round: 0,
+                    accepted: Vec::new(),
+                    sources: Vec::new(),
+                    late: Vec::new(),
+                    tokens: 0,
+                    work: Vec::new(),
+                    theta_before: self.theta0,
+                    theta_after: self.theta0,
+                    checkpoint: self.checkpoint0,
+                    refused: Vec::new(),
+                    verdicts: Vec::new(),
+                })
             })
-        })
     }
 
     /// A join of a node that is not a member yet counts against the run's
@@ -1149,8 +1158,7 @@ impl HubState {
 
     /// Each judged node's verified work: O(rounds × commits).
     fn verification(&self) -> BTreeMap<NodeId, tessera_protocol::wire::NodeVerification> {
-        let mut out: BTreeMap<NodeId, tessera_protocol::wire::NodeVerification> =
-            BTreeMap::new();
+        let mut out: BTreeMap<NodeId, tessera_protocol::wire::NodeVerification> = BTreeMap::new();
         let mut score_sum: BTreeMap<NodeId, u64> = BTreeMap::new();
         for v in self.rounds.values().flat_map(|r| &r.verdicts) {
             let e = out.entry(v.node).or_default();
@@ -1228,8 +1236,7 @@ pub fn pay_rounds<S: tessera_ledger::Store>(
             contributor: node.to_hex(),
         };
         // Done before, or nothing staked to take.
-        if ledger.state().receipt(&id).is_some()
-            || ledger.state().balance(&stake).unwrap_or(0) == 0
+        if ledger.state().receipt(&id).is_some() || ledger.state().balance(&stake).unwrap_or(0) == 0
         {
             continue;
         }

@@ -51,9 +51,9 @@ pub use config::HubConfig;
 use engine::{
     Applied, Effect, HubError, HubInput, HubState, Judging, OuterStep, PendingAudit, StepOutcome,
 };
-use validator::Validator;
 use host::Host;
 use store::SqliteHubStore;
+use validator::Validator;
 
 /// The hub's signing key, in its `state_dir`, created when absent.
 pub const HUB_KEY_FILE: &str = "hub.key";
@@ -607,9 +607,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self.0.code {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::NotMember | ErrorCode::Ejected | ErrorCode::NoStake => {
-                StatusCode::FORBIDDEN
-            }
+            ErrorCode::NotMember | ErrorCode::Ejected | ErrorCode::NoStake => StatusCode::FORBIDDEN,
             ErrorCode::TooManyJoins => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -897,7 +895,12 @@ async fn reveal(
     let provider = hub
         .blobs
         .reachable_at(&body.provider, peer.ip())
-        .map_err(|e| api(ErrorCode::BlobRefused, format!("reveal's provider refused: {e}")))?;
+        .map_err(|e| {
+            api(
+                ErrorCode::BlobRefused,
+                format!("reveal's provider refused: {e}"),
+            )
+        })?;
     let _turn = {
         let mut set = hub.fetching.lock().expect("fetching lock");
         if !set.insert(node) {
@@ -922,15 +925,19 @@ async fn reveal(
     })
     .await
     .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
-    .map_err(|e| api(ErrorCode::BlobRefused, format!("revealed state refused: {e}")))?;
-    let parsed = tessera_train::worker::PrivateState::from_bytes(&state, params)
-        .and_then(|s| {
-            if Hash32(s.digest()) == audit.verdict.state_hash {
-                Ok(s)
-            } else {
-                Err("the revealed state is not the one its commit named".into())
-            }
-        });
+    .map_err(|e| {
+        api(
+            ErrorCode::BlobRefused,
+            format!("revealed state refused: {e}"),
+        )
+    })?;
+    let parsed = tessera_train::worker::PrivateState::from_bytes(&state, params).and_then(|s| {
+        if Hash32(s.digest()) == audit.verdict.state_hash {
+            Ok(s)
+        } else {
+            Err("the revealed state is not the one its commit named".into())
+        }
+    });
     let state = match parsed {
         Ok(s) => s,
         Err(why) => {

@@ -73,10 +73,7 @@ impl Validator {
         }
         let history = match std::fs::read(&history_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                format!(
-                    "{} is not a validator history: {e}",
-                    history_path.display()
-                )
+                format!("{} is not a validator history: {e}", history_path.display())
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => History::new(),
             Err(e) => return Err(format!("reading {}: {e}", history_path.display())),
@@ -108,7 +105,9 @@ impl Validator {
         // Copies among this round's commits (the first committer is credited) and of
         // last round's updates (stale). Last round's updates take ids of their own so
         // a node repeating its own update is found too.
-        let history_id = |n: &NodeId| NodeId(*blake3::hash(&[b"previous".as_slice(), n.as_bytes()].concat()).as_bytes());
+        let history_id = |n: &NodeId| {
+            NodeId(*blake3::hash(&[b"previous".as_slice(), n.as_bytes()].concat()).as_bytes())
+        };
         let mut candidates: Vec<Candidate> = previous
             .iter()
             .enumerate()
@@ -119,13 +118,17 @@ impl Validator {
             })
             .collect();
         let base = candidates.len() as u64;
-        candidates.extend(commits.iter().zip(updates).enumerate().map(|(k, (j, u))| {
-            Candidate {
-                node: j.node,
-                order: base + k as u64,
-                update: u,
-            }
-        }));
+        candidates.extend(
+            commits
+                .iter()
+                .zip(updates)
+                .enumerate()
+                .map(|(k, (j, u))| Candidate {
+                    node: j.node,
+                    order: base + k as u64,
+                    update: u,
+                }),
+        );
         let old: std::collections::BTreeSet<NodeId> =
             previous.iter().map(|(n, _)| history_id(n)).collect();
         let mut copy_of = std::collections::BTreeMap::new();
@@ -168,7 +171,13 @@ impl Validator {
             .map(|x| x + (1 << 44))
             .collect();
         let mut sampler = Sampler::new(self.spec.seed);
-        let random = sequences(&mut sampler, &self.data, &self.windows, &random_samples, device);
+        let random = sequences(
+            &mut sampler,
+            &self.data,
+            &self.windows,
+            &random_samples,
+            device,
+        );
         let scorer = self
             .scorer
             .get_or_insert_with(|| Scorer::new(&self.model, self.spec.seq_len, device));
@@ -182,7 +191,13 @@ impl Validator {
                 .into_iter()
                 .map(|x| j.batches[(x / b) as usize] * b + x % b)
                 .collect();
-            let own = sequences(&mut sampler, &self.data, &self.windows, &own_samples, device);
+            let own = sequences(
+                &mut sampler,
+                &self.data,
+                &self.windows,
+                &own_samples,
+                device,
+            );
             let own_before = scorer.losses_at(theta, &[&own])[0];
             let g = scorer.gains(
                 theta,
@@ -320,7 +335,9 @@ pub fn replay(r: Replay) -> Result<String, String> {
         .map_err(|e| format!("the revealed state does not fit: {e}"))?;
     let replayed = decode_for(codec, &blob, params as u64).map_err(|e| e.to_string())?;
     match audit_compare(&submitted, &replayed, &r.cfg) {
-        AuditOutcome::Match { rel_err } => Ok(format!("replay matches, relative error {rel_err:.2e}")),
+        AuditOutcome::Match { rel_err } => {
+            Ok(format!("replay matches, relative error {rel_err:.2e}"))
+        }
         AuditOutcome::Mismatch { rel_err } => Err(format!(
             "replay differs, relative error {rel_err:.3e} over the tolerance {:.0e}",
             r.cfg.audit_tolerance

@@ -522,8 +522,8 @@ impl Runner {
         Some(match action {
             Action::Done => {
                 // The last rounds' audits may still need this node's private state.
-                let until = Instant::now()
-                    + Duration::from_millis(2 * self.spec.round_deadline_ms + 5_000);
+                let until =
+                    Instant::now() + Duration::from_millis(2 * self.spec.round_deadline_ms + 5_000);
                 while Instant::now() < until {
                     match self.hub.state(&self.me) {
                         Ok(v) => match v.audit {
@@ -629,9 +629,7 @@ impl Runner {
                 .iter()
                 .zip(&updates)
                 .find(|((n, _), _)| *n != self.me)
-                .and_then(|(_, blob)| {
-                    tessera_outer::decode_for(codec, blob, self.params).ok()
-                });
+                .and_then(|(_, blob)| tessera_outer::decode_for(codec, blob, self.params).ok());
         }
         next.apply(codec, self.spec.aggregator, &updates)?;
         self.state = next;
@@ -688,17 +686,21 @@ impl Runner {
             return;
         };
         let bytes = state.to_bytes();
-        let result = self.blobs.publish(&bytes).map_err(anyhow::Error::new).and_then(|hash| {
-            let body = RevealBody {
-                run_id: self.spec.run_id.clone(),
-                round,
-                blob_hash: Hash32::from_hex(&hash)?,
-                provider: self.blobs.addr(),
-            };
-            let sent = self.hub.reveal(&body).map_err(anyhow::Error::new);
-            self.blobs.forget(&hash);
-            sent
-        });
+        let result = self
+            .blobs
+            .publish(&bytes)
+            .map_err(anyhow::Error::new)
+            .and_then(|hash| {
+                let body = RevealBody {
+                    run_id: self.spec.run_id.clone(),
+                    round,
+                    blob_hash: Hash32::from_hex(&hash)?,
+                    provider: self.blobs.addr(),
+                };
+                let sent = self.hub.reveal(&body).map_err(anyhow::Error::new);
+                self.blobs.forget(&hash);
+                sent
+            });
         match result {
             Ok(()) => {
                 eprintln!(
@@ -730,15 +732,12 @@ impl Runner {
             earlier: self.earlier.as_deref(),
             committed_before: self.copy_source.as_deref(),
             partner,
-            seed: u64::from_le_bytes(self.me.as_bytes()[..8].try_into().expect("8 bytes"))
-                ^ round,
+            seed: u64::from_le_bytes(self.me.as_bytes()[..8].try_into().expect("8 bytes")) ^ round,
         };
-        let trained = adversary
-            .batches_to_train(&k)
-            .map(|b| {
-                self.worker
-                    .train_round(&self.state, &self.data, &self.windows, &b)
-            });
+        let trained = adversary.batches_to_train(&k).map(|b| {
+            self.worker
+                .train_round(&self.state, &self.data, &self.windows, &b)
+        });
         let decoded = trained
             .as_ref()
             .and_then(|w| tessera_outer::decode_for(codec, &w.blob, self.params).ok());

@@ -546,11 +546,8 @@ impl World {
                     Ok(h) => {
                         // As the hub process does on start: pay any round a crash left
                         // unpaid (none here: payouts follow their round's write at once).
-                        let _ = tessera_hub::engine::pay_rounds(
-                            &mut self.ledger,
-                            &h.state,
-                            self.now,
-                        );
+                        let _ =
+                            tessera_hub::engine::pay_rounds(&mut self.ledger, &h.state, self.now);
                         self.host = Some(h);
                         self.hub_restarts += 1;
                         self.trace(&[0x5ea7, self.now]);

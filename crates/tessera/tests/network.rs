@@ -374,7 +374,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     }
     // A commit for another run or a past round changes nothing.
     let mut summary_before = get(&format!("{url}/summary")).unwrap();
-    let commit = serde_json::json!({"run_id": "other", "round": 0, "commit": {"blob_hash": "0".repeat(64), "tokens": 1, "loss_micro": 1, "theta_hash": "0".repeat(64)}, "provider": "x"});
+    let commit = serde_json::json!({"run_id": "other", "round": 0, "commit": {"blob_hash": "0".repeat(64), "tokens": 1, "loss_micro": 1, "theta_hash": "0".repeat(64), "state_hash": "0".repeat(64)}, "provider": "x"});
     let body = serde_json::to_vec(&commit).unwrap();
     let mut req = http.post(format!("{url}/commit")).body(body.clone());
     for (k, v) in sign(&id, &url, "POST", "/commit", &body) {
@@ -454,7 +454,7 @@ fn commits_are_checked_before_they_count() {
     let commit = |hash: &str, round: u64, run: &str| {
         serde_json::to_vec(&serde_json::json!({
             "run_id": run, "round": round,
-            "commit": {"blob_hash": hash, "tokens": 64, "loss_micro": 1, "theta_hash": theta0},
+            "commit": {"blob_hash": hash, "tokens": 64, "loss_micro": 1, "theta_hash": theta0, "state_hash": "5".repeat(64)},
             "provider": blobs.addr(),
         }))
         .unwrap()
@@ -510,7 +510,7 @@ fn commits_are_checked_before_they_count() {
     // A commit that starts from another θ than the round's.
     let stale = serde_json::to_vec(&serde_json::json!({
         "run_id": "chk", "round": 0,
-        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": "ab".repeat(32)},
+        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": "ab".repeat(32), "state_hash": "5".repeat(64)},
         "provider": blobs.addr(),
     }))
     .unwrap();
@@ -529,7 +529,7 @@ fn commits_are_checked_before_they_count() {
     // Hardening #12: a 60 KB string where a θ hash goes is refused as it parses.
     let long = serde_json::to_vec(&serde_json::json!({
         "run_id": "chk", "round": 0,
-        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": "a".repeat(60_000)},
+        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": "a".repeat(60_000), "state_hash": "5".repeat(64)},
         "provider": blobs.addr(),
     }))
     .unwrap();
@@ -547,7 +547,7 @@ fn commits_are_checked_before_they_count() {
     };
     let aimed = serde_json::to_vec(&serde_json::json!({
         "run_id": "chk", "round": 0,
-        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": theta0},
+        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": theta0, "state_hash": "5".repeat(64)},
         "provider": elsewhere(trap.local_addr().unwrap().to_string()),
     }))
     .unwrap();
@@ -574,7 +574,7 @@ fn commits_are_checked_before_they_count() {
     };
     let hanging = serde_json::to_vec(&serde_json::json!({
         "run_id": "chk", "round": 0,
-        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": theta0},
+        "commit": {"blob_hash": good, "tokens": 64, "loss_micro": 1, "theta_hash": theta0, "state_hash": "5".repeat(64)},
         "provider": ghost,
     }))
     .unwrap();
@@ -971,14 +971,28 @@ fn adversary_run(mode: &str, restart: bool) {
     ledger_cmd(
         &ledger,
         &[
-            "sale", "--buyer", "organiser", "--tokens", "1", "--treasury-tokens", "100",
-            "--proceeds", "test",
+            "sale",
+            "--buyer",
+            "organiser",
+            "--tokens",
+            "1",
+            "--treasury-tokens",
+            "100",
+            "--proceeds",
+            "test",
         ],
     );
     ledger_cmd(
         &ledger,
         &[
-            "fund", "--run", "it", "--model", "nano", "--tokens", "80", "--reward-per-round",
+            "fund",
+            "--run",
+            "it",
+            "--model",
+            "nano",
+            "--tokens",
+            "80",
+            "--reward-per-round",
             "10",
         ],
     );
@@ -990,11 +1004,27 @@ fn adversary_run(mode: &str, restart: bool) {
         let hex = id.public_hex();
         ledger_cmd(
             &ledger,
-            &["sale", "--buyer", &hex, "--tokens", "5", "--proceeds", "test"],
+            &[
+                "sale",
+                "--buyer",
+                &hex,
+                "--tokens",
+                "5",
+                "--proceeds",
+                "test",
+            ],
         );
         ledger_cmd(
             &ledger,
-            &["stake", "--run", "it", "--contributor", &hex, "--tokens", "5"],
+            &[
+                "stake",
+                "--run",
+                "it",
+                "--contributor",
+                &hex,
+                "--tokens",
+                "5",
+            ],
         );
         ids.push(hex);
     }
@@ -1031,11 +1061,16 @@ fn adversary_run(mode: &str, restart: bool) {
             get(&format!("{url}/run")).is_some()
         });
     }
-    wait_for(d, "the run and its audits to finish", Duration::from_secs(300), || {
-        summary().is_some_and(|s| {
-            s["finished"] == true && !s["final_eval"].is_null() && s["audits_open"] == 0
-        })
-    });
+    wait_for(
+        d,
+        "the run and its audits to finish",
+        Duration::from_secs(300),
+        || {
+            summary().is_some_and(|s| {
+                s["finished"] == true && !s["final_eval"].is_null() && s["audits_open"] == 0
+            })
+        },
+    );
     let sum = summary().unwrap();
     assert_eq!(sum["rounds_closed"], 8, "{sum}");
     let logs = || {
@@ -1046,9 +1081,24 @@ fn adversary_run(mode: &str, restart: bool) {
     };
     let adv = &ids[3];
     let v = &sum["verification"][adv.as_str()];
+    let caught = logs()
+        .lines()
+        .filter(|l| l.contains("caught in round") || l.contains("slashed"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("{mode}: adversary {v}\n{caught}");
     // Caught: ejected, none of its pay released, its stake slashed.
-    assert_eq!(v["ejected"], true, "{mode}: the adversary was not ejected: {v}\n{}", logs());
-    assert_eq!(balance(&ledger, adv), "0", "{mode}: the adversary was paid");
+    assert_eq!(
+        v["ejected"],
+        true,
+        "{mode}: the adversary was not ejected: {v}\n{}",
+        logs()
+    );
+    assert_eq!(
+        balance(&ledger, &format!("contributor:{adv}")),
+        "0",
+        "{mode}: the adversary was paid"
+    );
     assert_eq!(
         balance(&ledger, &format!("stake:it:{adv}")),
         "0",
@@ -1059,10 +1109,21 @@ fn adversary_run(mode: &str, restart: bool) {
         let h = &sum["verification"][hex.as_str()];
         assert_eq!(h["ejected"], false, "{mode}: honest {hex} ejected: {h}");
         assert_eq!(h["audits_failed"], 0, "{mode}: honest {hex} failed: {h}");
-        assert_ne!(balance(&ledger, hex), "0", "{mode}: honest {hex} unpaid");
+        assert_ne!(
+            balance(&ledger, &format!("contributor:{hex}")),
+            "0",
+            "{mode}: honest {hex} unpaid"
+        );
         assert_eq!(balance(&ledger, &format!("stake:it:{hex}")), "5");
     }
-    // Every round paid at most once: the ledger's own check, and each payout id once.
+    // Every round paid exactly once, across the restart: each had honest verified work,
+    // so the pool of 8 rounds × 10 is empty (a missed round would leave 10, a second
+    // payment of a round is refused by its id).
+    assert_eq!(
+        balance(&ledger, "pool:it"),
+        "0",
+        "{mode}: a round went unpaid"
+    );
     let verify = Command::new(exe())
         .args(["ledger", "--db", s(&ledger), "verify"])
         .output()
