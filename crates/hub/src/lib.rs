@@ -314,7 +314,10 @@ impl Core {
                     auth.clone(),
                 )))
             }
-            None => None,
+            None => {
+                log("no ledger: this run pays nobody and asks no stake to join");
+                None
+            }
         };
         let validator = Validator::new(
             spec.clone(),
@@ -402,6 +405,9 @@ impl Core {
                 _ => return Err(self.read_only_error().expect("read-only")),
             }
         }
+        if let HubInput::Join { node } = &input {
+            self.check_stake(node)?;
+        }
         let applied = match self.host.input(input, now, &mut self.outer) {
             Ok(a) => a,
             Err(Ok(e)) => {
@@ -443,6 +449,43 @@ impl Core {
             }
         }
         Ok(applied)
+    }
+
+    /// A node that is not a member yet must have the run's `min_stake` staked in the
+    /// hub's ledger (a hub without a ledger pays nobody and asks for no stake).
+    fn check_stake(&self, node: &NodeId) -> Result<(), HubError> {
+        let spec = self.host.state.spec();
+        let (Some(svc), true) = (&self.ledger, spec.min_stake > 0) else {
+            return Ok(());
+        };
+        if self.host.state.coordinator().members.contains_key(node) {
+            return Ok(());
+        }
+        let account = tessera_ledger::Account::Stake {
+            run: spec.run_id.clone(),
+            contributor: node.to_hex(),
+        };
+        let min = u128::from(spec.min_stake) * tessera_ledger::BASE_UNITS_PER_TOKEN;
+        let staked = svc
+            .ledger
+            .lock()
+            .expect("ledger lock")
+            .state()
+            .balance(&account)
+            .unwrap_or(0);
+        if staked < min {
+            return Err(HubError::new(
+                ErrorCode::NoStake,
+                format!(
+                    "run `{}` asks {} token(s) of stake to join; {account} holds {}",
+                    spec.run_id,
+                    spec.min_stake,
+                    tessera_ledger::Amount::checked(staked)
+                        .map_or_else(|| staked.to_string(), |a| a.tokens_string())
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn pay(&self) {

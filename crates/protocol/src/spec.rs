@@ -73,6 +73,10 @@ pub struct RunSpec {
     /// retry, so a node ejected for cheating can't come straight back under a stream
     /// of fresh keys.
     pub joins_per_minute: u32,
+    /// Whole tokens a node must have staked on this run (`stake:RUN:NODE` in the hub's
+    /// ledger) to join it; a node caught cheating loses them. A hub without a ledger
+    /// pays nobody and requires no stake.
+    pub min_stake: u64,
 }
 
 impl Default for RunSpec {
@@ -104,6 +108,7 @@ impl Default for RunSpec {
             missed_rounds_max: 3,
             seed: 0,
             joins_per_minute: 120,
+            min_stake: 1,
         }
     }
 }
@@ -155,6 +160,13 @@ impl RunSpec {
             if value == 0 {
                 return Err(bad(setting, "must be positive"));
             }
+        }
+        // The ledger holds at most 10^18 tokens in all.
+        if self.min_stake > 1_000_000_000_000_000_000 {
+            return Err(bad(
+                "min_stake",
+                format!("{} tokens is more than can exist", self.min_stake),
+            ));
         }
         if self.inner_steps > INNER_STEPS_MAX {
             return Err(bad(

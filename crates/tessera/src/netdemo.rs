@@ -97,18 +97,40 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
             &reward,
         ],
     ] {
-        let out = Command::new(&exe)
-            .arg("ledger")
-            .arg("--db")
-            .arg(&ledger)
-            .args(&args)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "setting up the demo's ledger failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        demo_ledger(&exe, &ledger, &args)?;
+    }
+    // Each node stakes the run's minimum, as a contributor must before joining.
+    let stake = defaults.min_stake.to_string();
+    for i in 0..demo.nodes {
+        let key = dir.join(format!("node{i}.key"));
+        let (id, _) = tessera_protocol::Identity::load_or_create(&key)?;
+        let hex = id.public_hex();
+        demo_ledger(
+            &exe,
+            &ledger,
+            &[
+                "sale",
+                "--buyer",
+                &hex,
+                "--tokens",
+                &stake,
+                "--proceeds",
+                "demo",
+            ],
+        )?;
+        demo_ledger(
+            &exe,
+            &ledger,
+            &[
+                "stake",
+                "--run",
+                "demo",
+                "--contributor",
+                &hex,
+                "--tokens",
+                &stake,
+            ],
+        )?;
     }
     config += &format!("ledger = {ledger:?}\n");
     let config_path = dir.join("run.toml");
@@ -220,6 +242,24 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         }
     }
     print_summary(&summary, &earned, start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs `tessera ledger --db LEDGER ARGS…` for the demo's set-up.
+fn demo_ledger(exe: &Path, ledger: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new(exe)
+        .arg("ledger")
+        .arg("--db")
+        .arg(ledger)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "setting up the demo's ledger ({}) failed: {}",
+            args.first().copied().unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
 }
 

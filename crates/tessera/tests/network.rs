@@ -224,7 +224,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
         d,
         &data,
         &format!(
-            "run_id = \"it\"\nmin_nodes = 3\nrounds = 14\ninner_steps = 2\nround_deadline_ms = 3000\n\
+            "run_id = \"it\"\nmin_nodes = 3\nrounds = 14\ninner_steps = 2\nround_deadline_ms = 3000\nmin_stake = 0\n\
              heartbeat_timeout_ms = 8000\ntopk = 256\nledger = {ledger:?}\n"
         ),
     );
@@ -1032,7 +1032,7 @@ fn adversary_run(mode: &str, restart: bool) {
         d,
         &data,
         &format!(
-            "run_id = \"it\"\nmin_nodes = 3\nrounds = 8\ninner_steps = 2\nround_deadline_ms = 4000\n\
+            "run_id = \"it\"\nmin_nodes = 3\nrounds = 8\ninner_steps = 2\nround_deadline_ms = 4000\nmin_stake = 5\n\
              heartbeat_timeout_ms = 10000\ntopk = 256\nledger = {ledger:?}\n"
         ),
     );
@@ -1043,6 +1043,14 @@ fn adversary_run(mode: &str, restart: bool) {
     wait_for(d, "the hub", Duration::from_secs(30), || {
         get(&format!("{url}/run")).is_some()
     });
+    // A key without the run's stake can't join (nor a cheater's next key for free).
+    let unstaked = tessera_protocol::Identity::generate();
+    let (status, text) = signed(&unstaked, &url, "/node/join", Vec::new());
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("no_stake") && text.contains("5 token"),
+        "{text}"
+    );
     for name in &names[..3] {
         procs.0.push(spawn_node(d, &url, name));
     }
