@@ -65,6 +65,10 @@ pub struct PendingAudit {
     pub deadline_ms: u64,
     /// The node's state arrived and is being replayed.
     pub revealed: bool,
+    /// The replay differed (how): the node must hand in its step trail.
+    pub disputed: Option<String>,
+    /// The step trail arrived and is being refereed.
+    pub trail: bool,
 }
 /// The outer step at a round's close: from the checkpoint `from`, aggregate the accepted
 /// updates (in the given order) and step. Implementations are deterministic: the same
@@ -171,6 +175,18 @@ pub enum HubInput {
     /// An audited node's private state arrived with the digest its commit named; the
     /// driver replays it.
     Revealed {
+        node: NodeId,
+        round: u64,
+    },
+    /// An audit's replay differed from the update by more than the tolerance; the node
+    /// is asked for its step trail before anything is decided.
+    Disputed {
+        node: NodeId,
+        round: u64,
+        detail: String,
+    },
+    /// A disputed node's step trail arrived; the driver referees it.
+    TrailReceived {
         node: NodeId,
         round: u64,
     },
@@ -506,6 +522,8 @@ impl HubState {
                         AUDIT_REVEAL_DEADLINES.saturating_mul(self.spec.round_deadline_ms),
                     ),
                     revealed: false,
+                    disputed: None,
+                    trail: false,
                 },
             );
         }
@@ -569,6 +587,11 @@ impl HubState {
                 .pending_audits
                 .iter()
                 .find(|((_, n), a)| n == node && !a.revealed)
+                .map(|((r, _), _)| *r),
+            dispute: self
+                .pending_audits
+                .iter()
+                .find(|((_, n), a)| n == node && a.disputed.is_some() && !a.trail)
                 .map(|((r, _), _)| *r),
         }
     }
@@ -650,13 +673,37 @@ impl HubState {
                 (Input::Join { node }, None)
             }
             HubInput::Revealed { node, round } => {
-                let audit = self.pending_audits.get_mut(&(round, node)).ok_or_else(|| {
-                    HubError::new(
-                        ErrorCode::NotFound,
-                        format!("no audit of {} in round {round} is open", node.short(12)),
-                    )
-                })?;
+                let audit = self.open_audit(node, round)?;
                 audit.revealed = true;
+                return Ok(applied);
+            }
+            HubInput::Disputed {
+                node,
+                round,
+                detail,
+            } => {
+                let deadline = now_ms.saturating_add(
+                    AUDIT_REVEAL_DEADLINES.saturating_mul(self.spec.round_deadline_ms),
+                );
+                let audit = self.open_audit(node, round)?;
+                applied.effects.push(Effect::Log(format!(
+                    "audit of {} in round {round}: {detail}; asking for its step trail",
+                    node.short(12)
+                )));
+                audit.disputed = Some(detail);
+                audit.trail = false;
+                audit.deadline_ms = deadline;
+                return Ok(applied);
+            }
+            HubInput::TrailReceived { node, round } => {
+                let audit = self.open_audit(node, round)?;
+                if audit.disputed.is_none() {
+                    return Err(HubError::new(
+                        ErrorCode::NotFound,
+                        format!("the audit of round {round} is not disputed"),
+                    ));
+                }
+                audit.trail = true;
                 return Ok(applied);
             }
             HubInput::Eject { node, reason } => {
@@ -758,15 +805,23 @@ impl HubState {
                 let expired = self
                     .pending_audits
                     .iter()
-                    .find(|(_, a)| !a.revealed && now_ms >= a.deadline_ms)
-                    .map(|(k, _)| *k);
-                if let Some((round, node)) = expired {
+                    .find(|(_, a)| {
+                        (!a.revealed || (a.disputed.is_some() && !a.trail))
+                            && now_ms >= a.deadline_ms
+                    })
+                    .map(|(k, a)| (*k, a.revealed));
+                if let Some(((round, node), revealed)) = expired {
+                    let detail = if revealed {
+                        "its step trail was not handed in in time"
+                    } else {
+                        "its private state was not revealed in time"
+                    };
                     return self.apply(
                         HubInput::Audited {
                             node,
                             round,
                             passed: false,
-                            detail: "its private state was not revealed in time".into(),
+                            detail: detail.into(),
                         },
                         now_ms,
                         outer,
@@ -1038,6 +1093,15 @@ impl HubState {
         out
     }
 
+    fn open_audit(&mut self, node: NodeId, round: u64) -> Result<&mut PendingAudit, HubError> {
+        self.pending_audits.get_mut(&(round, node)).ok_or_else(|| {
+            HubError::new(
+                ErrorCode::NotFound,
+                format!("no audit of {} in round {round} is open", node.short(12)),
+            )
+        })
+    }
+
     /// The latest closed round's record (for [`Effect::Pay`], which pays whatever left
     /// escrow).
     fn last_record(&self) -> Arc<RoundRecord> {
@@ -1173,6 +1237,9 @@ impl HubState {
             let judged = (e.accepted + e.refused).max(1);
             e.score_ppm_mean = (score_sum[node] / judged) as u32;
             e.ejected = self.coord.ejected.contains(node);
+        }
+        for node in &self.coord.ejected {
+            out.entry(*node).or_default().ejected = true;
         }
         for ((_, node), a) in &self.audits {
             let e = out.entry(*node).or_default();

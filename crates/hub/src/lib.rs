@@ -995,10 +995,40 @@ async fn reveal(
         }
     };
     hub.input(HubInput::Revealed { node, round }).await?;
+    let job = replay_job(&hub, &audit, state)?;
+    let calls = hub.calls.clone();
+    std::thread::spawn(move || {
+        // A replay that differs is not yet proof: the node's hardware may compute
+        // differently. It is disputed, and refereed step by step.
+        let input = match validator::replay(job) {
+            Ok(detail) => HubInput::Audited {
+                node,
+                round,
+                passed: true,
+                detail,
+            },
+            Err(detail) => HubInput::Disputed {
+                node,
+                round,
+                detail,
+            },
+        };
+        let (tx, _rx) = oneshot::channel();
+        let _ = calls.blocking_send(Call::Input(input, tx));
+    });
+    Ok(Json(Ack {}))
+}
+
+/// What a replay of `audit` needs, with the node's revealed `state`.
+fn replay_job(
+    hub: &Shared,
+    audit: &PendingAudit,
+    state: tessera_train::worker::PrivateState,
+) -> Result<validator::Replay, ApiError> {
     let read = |h: Hash32| {
         read_blob(&hub.blob_dir, h).map_err(|e| api(ErrorCode::Internal, format!("{e:#}")))
     };
-    let job = validator::Replay {
+    Ok(validator::Replay {
         spec: hub.info.spec.clone(),
         model: hub.info.model.clone(),
         data_dir: hub.data_dir.clone(),
@@ -1007,10 +1037,112 @@ async fn reveal(
         state,
         batches: audit.verdict.batches.clone(),
         cfg: tessera_verify::VerifyConfig::default(),
+    })
+}
+
+/// A disputed node's step trail: fetched (its private state again, then its state after
+/// each inner step; each bounded in size and parsed strictly), then refereed on a
+/// thread of its own; the audit's result goes to the engine.
+async fn trail(
+    State(hub): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    signed: Signed,
+) -> Result<Json<Ack>, ApiError> {
+    let node = signed.node;
+    let body: tessera_protocol::wire::TrailBody = signed.json("trail")?;
+    if body.run_id != hub.info.spec.run_id {
+        return Err(api(
+            ErrorCode::WrongRun,
+            format!("trail is for run `{}`", body.run_id.escape_debug()),
+        ));
+    }
+    let round = body.round;
+    let audit = hub
+        .call(|tx| Call::Audit(round, node, tx))
+        .await?
+        .filter(|a| a.disputed.is_some())
+        .ok_or_else(|| {
+            api(
+                ErrorCode::NotFound,
+                format!("no disputed audit of this node in round {round} is open"),
+            )
+        })?;
+    if audit.trail {
+        return Ok(Json(Ack {}));
+    }
+    if body.steps.len() != audit.verdict.batches.len() {
+        return Err(api(
+            ErrorCode::BadRequest,
+            format!(
+                "the trail names {} steps; the round had {}",
+                body.steps.len(),
+                audit.verdict.batches.len()
+            ),
+        ));
+    }
+    let provider = hub
+        .blobs
+        .reachable_at(&body.provider, peer.ip())
+        .map_err(|e| {
+            api(
+                ErrorCode::BlobRefused,
+                format!("trail's provider refused: {e}"),
+            )
+        })?;
+    let _turn = {
+        let mut set = hub.fetching.lock().expect("fetching lock");
+        if !set.insert(node) {
+            return Err(api(
+                ErrorCode::Busy,
+                "a blob of this node is already being fetched; wait for its answer",
+            ));
+        }
+        Fetching {
+            set: hub.fetching.clone(),
+            node,
+        }
+    };
+    let params = hub.info.model.params_total() as usize;
+    let max = 8 + 12 * params as u64;
+    let blobs = hub.blobs.clone();
+    let hashes: Vec<Hash32> = std::iter::once(body.state)
+        .chain(body.steps.clone())
+        .collect();
+    let fetched = tokio::task::spawn_blocking(move || {
+        hashes
+            .iter()
+            .map(|h| {
+                let bytes = blobs.fetch(&h.to_hex(), &[provider.clone()], max);
+                blobs.forget(&h.to_hex());
+                bytes
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+    .map_err(|e| api(ErrorCode::BlobRefused, format!("trail refused: {e}")))?;
+    let state = tessera_train::worker::PrivateState::from_bytes(&fetched[0], params)
+        .and_then(|s| {
+            if Hash32(s.digest()) == audit.verdict.state_hash {
+                Ok(s)
+            } else {
+                Err("the trail's private state is not the one its commit named".into())
+            }
+        })
+        .map_err(|e| api(ErrorCode::BadRequest, e))?;
+    let steps = fetched[1..]
+        .iter()
+        .map(|b| tessera_train::worker::StepState::from_bytes(b, params))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| api(ErrorCode::BadRequest, format!("a trail step: {e}")))?;
+    hub.input(HubInput::TrailReceived { node, round }).await?;
+    let job = validator::Referee {
+        replay: replay_job(&hub, &audit, state)?,
+        trail: steps,
     };
     let calls = hub.calls.clone();
     std::thread::spawn(move || {
-        let (passed, detail) = match validator::replay(job) {
+        let (passed, detail) = match validator::referee(job) {
             Ok(d) => (true, d),
             Err(d) => (false, d),
         };
@@ -1081,6 +1213,7 @@ fn router(hub: Shared) -> Router {
         .route("/rounds/{round}", get(round))
         .route("/theta", post(theta))
         .route("/reveal", post(reveal))
+        .route("/trail", post(trail))
         .route("/metrics", get(metrics))
         .route("/summary", get(summary))
         .layer(DefaultBodyLimit::max(CONTROL_BODY_BYTES_MAX))

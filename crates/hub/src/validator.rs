@@ -30,7 +30,7 @@ use tessera_train::data::{Dataset, Windows};
 use tessera_train::rng::SplitMix64;
 use tessera_train::trainer::Sampler;
 use tessera_train::validate::{held_out, sequences, Scorer};
-use tessera_train::worker::{PrivateState, Worker};
+use tessera_train::worker::{PrivateState, StepState, Worker};
 use tessera_verify::{
     audit_compare, audit_picks, find_copies, judge, norm, settle, AuditOutcome, Candidate,
     Evidence, Flag, History, VerifyConfig,
@@ -341,6 +341,125 @@ pub fn replay(r: Replay) -> Result<String, String> {
         AuditOutcome::Mismatch { rel_err } => Err(format!(
             "replay differs, relative error {rel_err:.3e} over the tolerance {:.0e}",
             r.cfg.audit_tolerance
+        )),
+    }
+}
+
+/// A disputed audit, gathered by the driver: what [`replay`] had, and the node's state
+/// after each inner step.
+pub struct Referee {
+    pub replay: Replay,
+    pub trail: Vec<StepState>,
+}
+
+/// ‖a − b‖ / ‖scale‖ (0 when the scale is 0 and a equals b).
+fn rel(a: &[f32], b: &[f32], scale: f64) -> f64 {
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    if scale > 0.0 {
+        d / scale
+    } else if d == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The refereed replay of a disputed round: every inner step is recomputed alone from
+/// the node's own state before it and compared with the node's state after it, and the
+/// update from the node's last state. An honest node on other hardware drifts by its
+/// arithmetic across steps, so a whole-round replay may differ, yet each of its steps
+/// follows from the one before within the tolerance: it passes. A node that skipped,
+/// faked or changed work has a first step that does not follow (or an update that
+/// does not follow from its last step): that step is named and the audit fails.
+/// `Ok(detail)` passes, `Err(detail)` fails.
+pub fn referee(r: Referee) -> Result<String, String> {
+    let Replay {
+        spec,
+        model,
+        data_dir,
+        checkpoint,
+        submitted,
+        state,
+        batches,
+        cfg,
+    } = r.replay;
+    let params = model.params_total() as usize;
+    let outer = OuterState::from_bytes(
+        &checkpoint,
+        params,
+        spec.effective_outer_lr(),
+        spec.outer_momentum,
+    )
+    .map_err(|e| format!("the round's checkpoint does not load: {e}"))?;
+    if r.trail.len() != batches.len() {
+        return Err(format!(
+            "refereed replay: the trail has {} steps, the round {}",
+            r.trail.len(),
+            batches.len()
+        ));
+    }
+    let data = Dataset::open(&data_dir).map_err(|e| format!("opening the data: {e:#}"))?;
+    let windows = Windows::new(&data.train, spec.seq_len);
+    let codec = spec.codec()?;
+    let mut worker = Worker::new(spec.clone(), &model, Device::Cpu)?;
+    let mut from = StepState {
+        adam_step: state.adam_step,
+        adam_m: state.adam_m.clone(),
+        adam_v: state.adam_v.clone(),
+        theta: outer.theta.clone(),
+    };
+    let mut worst = 0f64;
+    for (h, (theirs, &batch)) in r.trail.iter().zip(&batches).enumerate() {
+        let mine = worker
+            .step_from(outer.round, h, &from, batch, &data, &windows)
+            .map_err(|e| format!("refereed replay: {e}"))?;
+        // θ is compared relative to the step's own change, the moments to their size.
+        let err = rel(
+            &mine.theta,
+            &theirs.theta,
+            norm(
+                &mine
+                    .theta
+                    .iter()
+                    .zip(&from.theta)
+                    .map(|(a, b)| a - b)
+                    .collect::<Vec<_>>(),
+            ),
+        )
+        .max(rel(&mine.adam_m, &theirs.adam_m, norm(&mine.adam_m)))
+        .max(rel(&mine.adam_v, &theirs.adam_v, norm(&mine.adam_v)));
+        if mine.adam_step != theirs.adam_step || !(err <= cfg.audit_tolerance) {
+            return Err(format!(
+                "refereed replay: inner step {} of {} does not follow from the node's own \
+                 state before it (relative error {err:.3e}, tolerance {:.0e})",
+                h + 1,
+                batches.len(),
+                cfg.audit_tolerance
+            ));
+        }
+        worst = worst.max(err);
+        from = theirs.clone();
+    }
+    let submitted = decode_for(codec, &submitted, params as u64)
+        .map_err(|e| format!("the committed update does not decode: {e}"))?;
+    let last = r.trail.last().ok_or("refereed replay: an empty trail")?;
+    let blob = worker.encode_from(&outer.theta, last, &state.residual);
+    let from_last = decode_for(codec, &blob, params as u64).map_err(|e| e.to_string())?;
+    match audit_compare(&submitted, &from_last, &cfg) {
+        AuditOutcome::Match { rel_err } => Ok(format!(
+            "refereed replay passed: each of the {} steps follows from the node's state \
+             before it (largest relative error {worst:.2e}) and the update from its last \
+             (relative error {rel_err:.2e})",
+            batches.len()
+        )),
+        AuditOutcome::Mismatch { rel_err } => Err(format!(
+            "refereed replay: the update does not follow from the node's last step \
+             (relative error {rel_err:.3e})"
         )),
     }
 }

@@ -232,6 +232,7 @@ mod tests {
             closed_rounds: closed,
             checkpoint: Hash32::of(b"ckpt"),
             audit: None,
+            dispute: None,
         }
     }
 

@@ -87,6 +87,7 @@ pub trait HubApi {
     fn commit(&self, body: &CommitBody) -> Result<(), ApiFailure>;
     fn theta(&self, report: &ThetaReport) -> Result<ThetaReply, ApiFailure>;
     fn reveal(&self, body: &RevealBody) -> Result<(), ApiFailure>;
+    fn trail(&self, body: &tessera_protocol::wire::TrailBody) -> Result<(), ApiFailure>;
 }
 
 /// The hub's API over signed HTTP. Every reply must carry the hub's signature (for
@@ -225,6 +226,11 @@ impl HubApi for HttpHub {
     fn reveal(&self, body: &RevealBody) -> Result<(), ApiFailure> {
         let bytes = self.post("/reveal", body)?;
         self.json::<Ack>(bytes, "reveal reply").map(drop)
+    }
+
+    fn trail(&self, body: &tessera_protocol::wire::TrailBody) -> Result<(), ApiFailure> {
+        let bytes = self.post("/trail", body)?;
+        self.json::<Ack>(bytes, "trail reply").map(drop)
     }
 }
 
@@ -454,6 +460,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         adversary: opts.adversary,
         revealable: BTreeMap::new(),
         revealed: BTreeMap::new(),
+        trailed: BTreeMap::new(),
         earlier: None,
         copy_source: None,
     };
@@ -496,9 +503,12 @@ struct Runner {
     params: u64,
     update_max: u64,
     adversary: Option<Adversary>,
-    /// The private state this node started each of its last rounds from, kept until
-    /// the round's audit window has passed (an audit asks for it).
-    revealable: BTreeMap<u64, PrivateState>,
+    /// What this node started each of its last rounds from (θ, its private state, its
+    /// batches), kept for audits: the hub asks for the state, and in a dispute for the
+    /// state after every step, which the node recomputes from these.
+    revealable: BTreeMap<u64, (OuterState, PrivateState, Vec<u64>)>,
+    /// When each disputed round's trail was last sent.
+    trailed: BTreeMap<u64, Instant>,
     /// When each round's state was last sent: sent again if the hub still asks after
     /// [`REVEAL_AGAIN`] (a restarted hub forgets a replay in flight).
     revealed: BTreeMap<u64, Instant>,
@@ -526,9 +536,16 @@ impl Runner {
                     Instant::now() + Duration::from_millis(2 * self.spec.round_deadline_ms + 5_000);
                 while Instant::now() < until {
                     match self.hub.state(&self.me) {
-                        Ok(v) => match v.audit {
-                            Some(round) => self.reveal(round),
-                            None => break,
+                        Ok(v) => match (v.audit, v.dispute) {
+                            (None, None) => break,
+                            (audit, dispute) => {
+                                if let Some(round) = audit {
+                                    self.reveal(round);
+                                }
+                                if let Some(round) = dispute {
+                                    self.send_trail(round);
+                                }
+                            }
                         },
                         Err(_) => {}
                     }
@@ -560,6 +577,9 @@ impl Runner {
                 Ok(v) => {
                     if let Some(round) = v.audit {
                         self.reveal(round);
+                    }
+                    if let Some(round) = v.dispute {
+                        self.send_trail(round);
                     }
                     Outcome::View(v)
                 }
@@ -677,7 +697,7 @@ impl Runner {
         {
             return;
         }
-        let Some(state) = self.revealable.get(&round) else {
+        let Some((_, state, _)) = self.revealable.get(&round) else {
             eprintln!(
                 "node {}: the hub audits round {round}, whose state this node no longer holds",
                 self.tag
@@ -710,6 +730,74 @@ impl Runner {
                 self.revealed.insert(round, Instant::now());
             }
             Err(e) => eprintln!("node {}: revealing round {round} failed: {e:#}", self.tag),
+        }
+    }
+
+    /// Recomputes a disputed round from what it started from and sends the hub its
+    /// state after every inner step, with its private state again, once (again after
+    /// [`REVEAL_AGAIN`] if the hub still asks).
+    fn send_trail(&mut self, round: u64) {
+        if self
+            .trailed
+            .get(&round)
+            .is_some_and(|at| at.elapsed() < REVEAL_AGAIN)
+        {
+            return;
+        }
+        self.trailed.insert(round, Instant::now());
+        let Some((outer, before, batches)) = self.revealable.get(&round).cloned() else {
+            eprintln!(
+                "node {}: the hub disputes round {round}, whose state this node no longer holds",
+                self.tag
+            );
+            return;
+        };
+        eprintln!(
+            "node {}: the replay of round {round} differed; sending the state after each step",
+            self.tag
+        );
+        // The trail reuses this node's trainer: keep its own state around it.
+        let carried = self.worker.private_state();
+        let steps = self
+            .worker
+            .trail(&outer, &before, &self.data, &self.windows, &batches);
+        if let Err(e) = self.worker.restore(&carried) {
+            eprintln!("node {}: restoring its state failed: {e}", self.tag);
+        }
+        let steps = match steps {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("node {}: recomputing round {round} failed: {e}", self.tag);
+                return;
+            }
+        };
+        let blobs: Vec<Vec<u8>> = std::iter::once(before.to_bytes())
+            .chain(steps.iter().map(|s| s.to_bytes()))
+            .collect();
+        let result = (|| -> Result<()> {
+            let mut hashes = Vec::new();
+            for b in &blobs {
+                hashes.push(Hash32::from_hex(&self.blobs.publish(b)?)?);
+            }
+            let body = tessera_protocol::wire::TrailBody {
+                run_id: self.spec.run_id.clone(),
+                round,
+                state: hashes[0],
+                steps: hashes[1..].to_vec(),
+                provider: self.blobs.addr(),
+            };
+            let sent = self.hub.trail(&body).map_err(anyhow::Error::new);
+            for h in &hashes {
+                self.blobs.forget(&h.to_hex());
+            }
+            sent
+        })();
+        match result {
+            Ok(()) => eprintln!("node {}: sent the step trail of round {round}", self.tag),
+            Err(e) => eprintln!(
+                "node {}: sending the trail of round {round} failed: {e:#}",
+                self.tag
+            ),
         }
     }
 
@@ -770,7 +858,8 @@ impl Runner {
     fn train(&mut self, round: u64, batches: &[u64]) -> Outcome {
         let before = self.worker.private_state();
         let state_hash = Hash32(before.digest());
-        self.revealable.insert(round, before);
+        self.revealable
+            .insert(round, (self.state.clone(), before, batches.to_vec()));
         while self.revealable.len() > REVEALABLE_ROUNDS {
             self.revealable.pop_first();
         }

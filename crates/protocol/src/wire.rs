@@ -85,7 +85,8 @@ pub struct Commit {
 /// replies were signed; 2 added the signed audience, `protocol` itself, the
 /// `busy` and `read_only` error codes and [`Summary::read_only`]; 3 added verified
 /// work: [`Commit::state_hash`], [`RoundRecord::verdicts`] and `refused`,
-/// [`StateView::audit`], `POST /reveal` and the `ejected` error code.
+/// [`StateView::audit`] and `dispute`, `POST /reveal` and `POST /trail`, and the
+/// `ejected`, `too_many_joins` and `no_stake` error codes.
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Reads only the protocol version of a `GET /run` reply, so a node can refuse a hub
@@ -160,6 +161,11 @@ pub struct StateView {
     /// private state it committed to for that round (`POST /reveal`).
     #[serde(default)]
     pub audit: Option<u64>,
+    /// A round of the asking node's whose replay differed from its update: the node
+    /// must hand in its state after every inner step (`POST /trail`) for a refereed
+    /// replay of each step alone, before anything is slashed.
+    #[serde(default)]
+    pub dispute: Option<u64>,
 }
 
 impl StateView {
@@ -224,6 +230,20 @@ pub struct Verdict {
     pub blob_hash: Hash32,
     pub state_hash: Hash32,
     pub batches: Vec<u64>,
+}
+
+/// `POST /trail`: a disputed node's state after each inner step of a round (blobs of
+/// `StepState` bytes), with the private state it started from again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrailBody {
+    pub run_id: String,
+    pub round: u64,
+    /// blake3 of the private state blob (as `POST /reveal`).
+    pub state: Hash32,
+    /// blake3 of the state blob after each inner step, in order.
+    pub steps: Vec<Hash32>,
+    pub provider: PeerAddr,
 }
 
 /// `POST /reveal`: an audited node's private state for a round, published as a blob.

@@ -752,6 +752,8 @@ impl World {
             HubInput::Revealed { .. } => 8,
             HubInput::Audited { .. } => 9,
             HubInput::Eject { .. } => 10,
+            HubInput::Disputed { .. } => 11,
+            HubInput::TrailReceived { .. } => 12,
         };
         let round = self.round_now();
         let host = self.host.as_mut().expect("called only while the hub is up");

@@ -84,53 +84,93 @@ impl PrivateState {
     }
 }
 
+/// Writes a step count and three parameter-sized vectors as little-endian bytes.
+fn vectors_to_bytes(step: u64, parts: [&[f32]; 3]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 4 * parts.iter().map(|p| p.len()).sum::<usize>());
+    out.extend_from_slice(&step.to_le_bytes());
+    for part in parts {
+        for v in part {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Parses [`vectors_to_bytes`] for `params` elements each: exactly that length, every
+/// value finite, and the second vector (second moments) non-negative.
+fn vectors_from_bytes(bytes: &[u8], params: usize) -> Result<(u64, [Vec<f32>; 3]), String> {
+    let expected = params
+        .checked_mul(12)
+        .and_then(|n| n.checked_add(8))
+        .ok_or("a state that large can't exist")?;
+    if bytes.len() != expected {
+        return Err(format!(
+            "a state of {params} parameters is {expected} bytes, not {}",
+            bytes.len()
+        ));
+    }
+    let step = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let floats = |k: usize| -> Result<Vec<f32>, String> {
+        let start = 8 + 4 * params * k;
+        bytes[start..start + 4 * params]
+            .chunks_exact(4)
+            .map(|c| {
+                let v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+                if !v.is_finite() || (k == 1 && v < 0.0) {
+                    return Err(format!("state value {v} is not allowed"));
+                }
+                Ok(v)
+            })
+            .collect()
+    };
+    Ok((step, [floats(0)?, floats(1)?, floats(2)?]))
+}
+
 impl PrivateState {
     /// The one byte form an audited node reveals: the step (u64 little-endian), then
     /// the first moments, the second moments and the residual as little-endian f32,
     /// `params` each.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + 4 * 3 * self.residual.len());
-        out.extend_from_slice(&self.adam_step.to_le_bytes());
-        for part in [&self.adam_m, &self.adam_v, &self.residual] {
-            for v in part.iter() {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        out
+        vectors_to_bytes(self.adam_step, [&self.adam_m, &self.adam_v, &self.residual])
     }
 
     /// Parses [`PrivateState::to_bytes`] for a model of `params` parameters: exactly
     /// that length, and every value finite (second moments also non-negative).
     pub fn from_bytes(bytes: &[u8], params: usize) -> Result<PrivateState, String> {
-        let expected = params
-            .checked_mul(12)
-            .and_then(|n| n.checked_add(8))
-            .ok_or("a state that large can't exist")?;
-        if bytes.len() != expected {
-            return Err(format!(
-                "a private state of {params} parameters is {expected} bytes, not {}",
-                bytes.len()
-            ));
-        }
-        let adam_step = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        let floats = |k: usize| -> Result<Vec<f32>, String> {
-            let start = 8 + 4 * params * k;
-            bytes[start..start + 4 * params]
-                .chunks_exact(4)
-                .map(|c| {
-                    let v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-                    if !v.is_finite() || (k == 1 && v < 0.0) {
-                        return Err(format!("private state value {v} is not allowed"));
-                    }
-                    Ok(v)
-                })
-                .collect()
-        };
+        let (adam_step, [adam_m, adam_v, residual]) = vectors_from_bytes(bytes, params)?;
         Ok(PrivateState {
             adam_step,
-            adam_m: floats(0)?,
-            adam_v: floats(1)?,
-            residual: floats(2)?,
+            adam_m,
+            adam_v,
+            residual,
+        })
+    }
+}
+
+/// The replica after one inner step: what a node hands in, step by step, when a replay
+/// of its round differs from its update (a refereed replay checks each step alone).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepState {
+    pub adam_step: u64,
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+    pub theta: Vec<f32>,
+}
+
+impl StepState {
+    /// The step, first moments, second moments and θ, as [`PrivateState::to_bytes`].
+    pub fn to_bytes(&self) -> Vec<u8> {
+        vectors_to_bytes(self.adam_step, [&self.adam_m, &self.adam_v, &self.theta])
+    }
+
+    /// Parses [`StepState::to_bytes`] strictly, as [`PrivateState::from_bytes`].
+    pub fn from_bytes(bytes: &[u8], params: usize) -> Result<StepState, String> {
+        let (adam_step, [adam_m, adam_v, theta]) = vectors_from_bytes(bytes, params)?;
+        Ok(StepState {
+            adam_step,
+            adam_m,
+            adam_v,
+            theta,
         })
     }
 }
@@ -186,27 +226,9 @@ impl Worker {
     ) -> RoundWork {
         let start = std::time::Instant::now();
         load_flat(&self.model, &state.theta);
-        let b = self.spec.batch_size as u64;
-        let total_steps = self.spec.total_steps();
         let mut loss_sum = 0.0;
         for (h, &batch_index) in batches.iter().enumerate() {
-            let batch = self.sampler.batch(
-                data,
-                windows,
-                batch_index * b,
-                b as usize,
-                self.model.device(),
-            );
-            let step = state.round * self.spec.inner_steps + h as u64;
-            let lr = lr_at(step, self.spec.lr, self.spec.warmup_steps, total_steps, 0.1);
-            loss_sum += f64::try_from(train_step(
-                &self.model,
-                &mut self.optim,
-                &batch,
-                lr,
-                self.spec.grad_clip,
-            ))
-            .unwrap_or(f64::NAN);
+            loss_sum += self.inner_step(state.round, h, batch_index, data, windows);
         }
         let local = flatten(&self.model);
         let delta: Vec<f32> = state.theta.iter().zip(&local).map(|(t, l)| t - l).collect();
@@ -216,6 +238,100 @@ impl Worker {
             tokens: batches.len() as u64 * self.spec.tokens_per_batch(),
             mean_loss: loss_sum / batches.len().max(1) as f64,
             train_seconds: start.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// [`Worker::train_round`] from the carried state `before`, also returning the
+    /// replica after every inner step: what a node hands in when a replay of its round
+    /// is disputed. This worker's own state is replaced.
+    pub fn trail(
+        &mut self,
+        state: &OuterState,
+        before: &PrivateState,
+        data: &Dataset,
+        windows: &Windows,
+        batches: &[u64],
+    ) -> Result<Vec<StepState>, StateShapeError> {
+        self.restore(before)?;
+        load_flat(&self.model, &state.theta);
+        let mut out = Vec::with_capacity(batches.len());
+        for (h, &batch) in batches.iter().enumerate() {
+            self.inner_step(state.round, h, batch, data, windows);
+            out.push(self.step_state());
+        }
+        Ok(out)
+    }
+
+    /// One inner step checked alone: from `from` (the replica after step `h − 1`, or
+    /// θ and the carried state for `h = 0`), trains the `h`-th batch of round `round`
+    /// and returns the replica after it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_from(
+        &mut self,
+        round: u64,
+        h: usize,
+        from: &StepState,
+        batch: u64,
+        data: &Dataset,
+        windows: &Windows,
+    ) -> Result<StepState, StateShapeError> {
+        self.restore(&PrivateState {
+            adam_step: from.adam_step,
+            adam_m: from.adam_m.clone(),
+            adam_v: from.adam_v.clone(),
+            residual: vec![0.0; self.residual.len()],
+        })?;
+        load_flat(&self.model, &from.theta);
+        self.inner_step(round, h, batch, data, windows);
+        Ok(self.step_state())
+    }
+
+    /// The update a node's last step gives: θ of the round minus θ after the last step,
+    /// encoded with the residual it carried into the round.
+    pub fn encode_from(&self, theta: &[f32], last: &StepState, residual: &[f32]) -> Vec<u8> {
+        let delta: Vec<f32> = theta.iter().zip(&last.theta).map(|(t, l)| t - l).collect();
+        let mut residual = residual.to_vec();
+        encode(self.codec, &delta, &mut residual, self.spec.ef_decay)
+    }
+
+    /// The `h`-th inner step of round `round` on batch `batch`; returns its loss.
+    fn inner_step(
+        &mut self,
+        round: u64,
+        h: usize,
+        batch: u64,
+        data: &Dataset,
+        windows: &Windows,
+    ) -> f64 {
+        let b = self.spec.batch_size as u64;
+        let tokens = self
+            .sampler
+            .batch(data, windows, batch * b, b as usize, self.model.device());
+        let step = round * self.spec.inner_steps + h as u64;
+        let lr = lr_at(
+            step,
+            self.spec.lr,
+            self.spec.warmup_steps,
+            self.spec.total_steps(),
+            0.1,
+        );
+        f64::try_from(train_step(
+            &self.model,
+            &mut self.optim,
+            &tokens,
+            lr,
+            self.spec.grad_clip,
+        ))
+        .unwrap_or(f64::NAN)
+    }
+
+    fn step_state(&self) -> StepState {
+        let p = self.private_state();
+        StepState {
+            adam_step: p.adam_step,
+            adam_m: p.adam_m,
+            adam_v: p.adam_v,
+            theta: flatten(&self.model),
         }
     }
 
