@@ -529,6 +529,13 @@ impl HubState {
         }
     }
 
+    /// Counts every member as seen at `now_ms`: after the hub itself stalled (a long
+    /// round close), so that its stall is not taken for the members' silence. Heartbeat
+    /// times are not durable, so this changes nothing stored.
+    pub fn refresh_members(&mut self, now_ms: u64) {
+        self.coord.refresh_members(now_ms);
+    }
+
     pub fn spec(&self) -> &RunSpec {
         &self.spec
     }

@@ -190,6 +190,8 @@ struct Core {
     probed_ms: u64,
 }
 
+/// An input that takes longer than this refreshes members' last-seen times.
+const HUB_STALL_MS: u64 = 1000;
 /// How often a read-only hub checks whether it can write again.
 const WRITE_PROBE_EVERY_MS: u64 = 2000;
 /// What a probe writes: room for a round's facts and records, if not a checkpoint
@@ -409,6 +411,18 @@ impl Core {
             self.check_stake(node)?;
         }
         let applied = match self.host.input(input, now, &mut self.outer) {
+            Ok(a) => {
+                // A long input (a round close judges every update) held up the
+                // heartbeats queued behind it: that stall is the hub's, not the members'.
+                let done = now_ms();
+                if done.saturating_sub(now) > HUB_STALL_MS {
+                    self.host.state.refresh_members(done);
+                }
+                Ok(a)
+            }
+            Err(e) => Err(e),
+        };
+        let applied = match applied {
             Ok(a) => a,
             Err(Ok(e)) => {
                 if e.code == ErrorCode::Internal {

@@ -102,6 +102,7 @@ impl Validator {
         updates: &[Vec<f32>],
         previous: &[(NodeId, Vec<f32>)],
     ) -> Result<Vec<Verdict>, String> {
+        let started = std::time::Instant::now();
         // Copies among this round's commits (the first committer is credited) and of
         // last round's updates (stale). Last round's updates take ids of their own so
         // a node repeating its own update is found too.
@@ -218,6 +219,11 @@ impl Validator {
             });
         }
         let judged = judge(&evidence, &self.history, &self.cfg);
+        eprintln!(
+            "hub: round {round}: judged {} update(s) in {} ms",
+            commits.len(),
+            started.elapsed().as_millis()
+        );
         let picks = audit_picks(seed, &judged, &self.history, &self.cfg);
         // Audits are decided after the round closes, so the history is settled as if
         // the picks pass (spending their credit and starting their evidence afresh): one
