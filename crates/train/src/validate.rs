@@ -10,7 +10,11 @@
 //! assigned sequences against random training sequences it says whether Δ was trained
 //! on the data the node was given: training lowers the loss on the sequences trained
 //! more than on others, so an honest node's own-data indicator (own gain − random gain)
-//! is positive and a node that trained elsewhere, or not at all, has none.
+//! is positive and a node that trained elsewhere, or not at all, has none. On 2
+//! sequences of each that difference is about as large as its noise;
+//! `tessera experiment byzantine` therefore scores every update on its own sequences
+//! and on other nodes' and fits how easy each set is to improve and how good each
+//! update is, so the margin compares like with like.
 //!
 //! Scoring is forward passes only, on a few sequences (a validator subsamples), so it
 //! costs a small fraction of the training it checks. [`Scorer`] counts its FLOPs with
