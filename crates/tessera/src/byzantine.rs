@@ -547,10 +547,10 @@ fn cross_evidence(gains: &[Vec<(usize, f64)>]) -> Vec<(f64, f64, f64)> {
     let mut alpha = vec![0.0; m];
     let mut beta = vec![0.0; m];
     for _ in 0..50 {
-        for u in 0..m {
+        for (u, b) in beta.iter_mut().enumerate() {
             let (sum, count) =
                 off_diagonal(u).fold((0.0, 0usize), |(a, c), &(s, g)| (a + g - alpha[s], c + 1));
-            beta[u] = if count > 0 { sum / count as f64 } else { 0.0 };
+            *b = if count > 0 { sum / count as f64 } else { 0.0 };
         }
         let mut sums = vec![(0.0, 0usize); m];
         for u in (0..m).filter(|&u| inlier[u]) {
@@ -929,6 +929,7 @@ fn run_row(
         let share_lr = outer_lr / m.max(1) as f32;
         // Tensors are not `Sync`; each job gets shallow clones (read only, shared
         // storage) of the sets it is scored on.
+        #[allow(clippy::type_complexity)]
         let score_jobs: Vec<(&[f32], Vec<(usize, Tensor)>)> = committed
             .iter()
             .enumerate()
