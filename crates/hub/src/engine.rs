@@ -348,16 +348,20 @@ pub fn ddp_bytes_per_node(steps: u64, m: u64, params: u64) -> u64 {
 }
 
 /// The ledger request that pays a closed round (one id per round, so it is paid once):
-/// each accepted node's tokens × its verdict's score, leaving out nodes ejected since
-/// (their escrow is forfeited). `None` when no one is left to pay.
+/// each accepted node's tokens × its verdict's score, and in full each node whose update
+/// was refused on a measurement (norm or gain) and whose replay then matched (`cleared`:
+/// its own work on its own data, left out of θ only because the round could not wait
+/// for the replay), leaving out nodes ejected since (their escrow is forfeited). `None`
+/// when no one is left to pay.
 pub fn payout_request(
     run_id: &str,
     rec: &RoundRecord,
     ejected: &std::collections::BTreeSet<NodeId>,
+    cleared: &std::collections::BTreeSet<NodeId>,
 ) -> Option<tessera_ledger::Request> {
     let scores: BTreeMap<NodeId, u32> =
         rec.verdicts.iter().map(|v| (v.node, v.score_ppm)).collect();
-    let work: Vec<tessera_ledger::Work> = rec
+    let mut work: Vec<tessera_ledger::Work> = rec
         .work
         .iter()
         .filter(|(node, _)| !ejected.contains(node))
@@ -368,6 +372,16 @@ pub fn payout_request(
         })
         .filter(|w| w.score_ppm > 0)
         .collect();
+    work.extend(
+        rec.verdicts
+            .iter()
+            .filter(|v| !v.accepted && cleared.contains(&v.node) && !ejected.contains(&v.node))
+            .map(|v| tessera_ledger::Work {
+                contributor: v.node.to_hex(),
+                tokens: v.tokens,
+                score_ppm: 1_000_000,
+            }),
+    );
     if work.is_empty() {
         return None;
     }
@@ -453,7 +467,26 @@ impl HubState {
         self.rounds
             .values()
             .filter(|r| unpaid(r.round) && self.releasable_pay(r.round))
-            .filter_map(|r| payout_request(&self.spec.run_id, r, &self.coord.ejected))
+            .filter_map(|r| {
+                payout_request(&self.spec.run_id, r, &self.coord.ejected, &self.cleared(r))
+            })
+            .collect()
+    }
+
+    /// Nodes of round `rec` whose update was refused on a measurement only (norm or
+    /// gain) and whose replay audit passed.
+    fn cleared(&self, rec: &RoundRecord) -> std::collections::BTreeSet<NodeId> {
+        let measured =
+            |f: &String| f.starts_with("norm_high") || f.starts_with("norm_low") || f == "harmful";
+        rec.verdicts
+            .iter()
+            .filter(|v| !v.accepted && !v.flags.is_empty() && v.flags.iter().all(measured))
+            .filter(|v| {
+                self.audits
+                    .get(&(rec.round, v.node))
+                    .is_some_and(|a| a.passed)
+            })
+            .map(|v| v.node)
             .collect()
     }
 

@@ -6,8 +6,9 @@
 //! committed updates in commit order (blob files the commit handler stored), last
 //! round's accepted updates (a stale update copies one), the checkpoint θ the round
 //! trained from, each node's assigned batches, and losses it measures itself on a few
-//! sequences — held-out validation windows, a subsample of the node's own batches and
-//! random training samples, drawn by a seed derived from the round's commits. The
+//! sequences of each node's batches, drawn by a seed derived from the round's commits
+//! and scored across nodes exactly as `tessera experiment byzantine` scores
+//! (`tessera_train::validate::own_set`, `scored_sets`, `tessera_verify::cross_evidence`). The
 //! decision is `tessera_verify`'s: the same [`VerifyConfig`] as `tessera experiment
 //! byzantine`. What a validator carries from round to round ([`History`]: each node's
 //! accumulated own-data evidence, the audit credit) only aims audits; it is kept in
@@ -22,26 +23,22 @@
 use std::path::PathBuf;
 
 use tch::Device;
+use tch::Tensor;
 use tessera_model::LlamaConfig;
 use tessera_outer::{decode_for, OuterState};
 use tessera_protocol::wire::Verdict;
 use tessera_protocol::{NodeId, RunSpec};
 use tessera_train::data::{Dataset, Windows};
 use tessera_train::rng::SplitMix64;
-use tessera_train::trainer::Sampler;
-use tessera_train::validate::{held_out, sequences, Scorer};
+use tessera_train::validate::{own_set, scored_sets, Scorer};
 use tessera_train::worker::{PrivateState, StepState, Worker};
 use tessera_verify::{
-    audit_compare, audit_picks, find_copies, judge, norm, settle, AuditOutcome, Candidate,
+    audit_compare, audit_picks, copies_in_round, cross_evidence, judge, norm, settle, AuditOutcome,
     Evidence, Flag, History, VerifyConfig,
 };
 
 use crate::engine::Judging;
 
-/// Sequences of each kind an update is scored on (held-out, own, random).
-pub const SCORE_SEQUENCES: usize = 2;
-/// Validation tokens the held-out sequences are drawn from.
-const HELD_OUT_TOKENS_MAX: usize = 1 << 16;
 /// The history file in the state directory.
 pub const HISTORY_FILE: &str = "validator.json";
 
@@ -51,7 +48,6 @@ pub struct Validator {
     model: LlamaConfig,
     data: Dataset,
     windows: Windows,
-    val: Vec<Vec<i64>>,
     scorer: Option<Scorer>,
     cfg: VerifyConfig,
     history: History,
@@ -67,10 +63,6 @@ impl Validator {
         history_path: PathBuf,
     ) -> Result<Validator, String> {
         let windows = Windows::new(&data.train, spec.seq_len);
-        let val = data.validation_windows(spec.seq_len, HELD_OUT_TOKENS_MAX);
-        if val.is_empty() {
-            return Err("the data set has no validation windows to score updates on".into());
-        }
         let history = match std::fs::read(&history_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 format!("{} is not a validator history: {e}", history_path.display())
@@ -83,7 +75,6 @@ impl Validator {
             model,
             data,
             windows,
-            val,
             scorer: None,
             cfg,
             history,
@@ -104,120 +95,72 @@ impl Validator {
     ) -> Result<Vec<Verdict>, String> {
         let started = std::time::Instant::now();
         // Copies among this round's commits (the first committer is credited) and of
-        // last round's updates (stale). Last round's updates take ids of their own so
-        // a node repeating its own update is found too.
-        let history_id = |n: &NodeId| {
-            NodeId(*blake3::hash(&[b"previous".as_slice(), n.as_bytes()].concat()).as_bytes())
-        };
-        let mut candidates: Vec<Candidate> = previous
+        // last round's updates (stale).
+        let previous_refs: Vec<(NodeId, &[f32])> =
+            previous.iter().map(|(n, u)| (*n, u.as_slice())).collect();
+        let committed_refs: Vec<(NodeId, &[f32])> = commits
             .iter()
-            .enumerate()
-            .map(|(k, (n, u))| Candidate {
-                node: history_id(n),
-                order: k as u64,
-                update: u,
-            })
+            .zip(updates)
+            .map(|(c, u)| (c.node, u.as_slice()))
             .collect();
-        let base = candidates.len() as u64;
-        candidates.extend(
-            commits
-                .iter()
-                .zip(updates)
-                .enumerate()
-                .map(|(k, (j, u))| Candidate {
-                    node: j.node,
-                    order: base + k as u64,
-                    update: u,
-                }),
-        );
-        let old: std::collections::BTreeSet<NodeId> =
-            previous.iter().map(|(n, _)| history_id(n)).collect();
-        let mut copy_of = std::collections::BTreeMap::new();
-        let mut stale = std::collections::BTreeSet::new();
-        for f in find_copies(&candidates, &self.cfg) {
-            if old.contains(&f.copier) {
-                continue;
-            }
-            if old.contains(&f.original) {
-                stale.insert(f.copier);
-            } else {
-                copy_of.insert(f.copier, f.original);
-            }
-        }
+        let copies = copies_in_round(&previous_refs, &committed_refs, &self.cfg);
 
-        // Scoring: the round's seed comes from its commits, which nobody knows before
-        // they close.
+        // Scoring, as `tessera experiment byzantine` scores: each node's set sampled
+        // from its assigned batches by the round's seed (which nobody knows before the
+        // commits close); the loss at θ on every set once; each update on its own set
+        // and the next ones, at its share of the outer step; the cross fit separates
+        // its gain on data it was not assigned from its own-data margin.
         let seed = round_seed(round, commits);
         let mut rng = SplitMix64::new(u64::from_le_bytes(seed[..8].try_into().expect("8")));
         let device = Device::Cpu;
-        let b = self.spec.batch_size as u64;
-        let pick = |rng: &mut SplitMix64, range: u64| -> Vec<u64> {
-            let mut out: Vec<u64> = Vec::with_capacity(SCORE_SEQUENCES);
-            while out.len() < SCORE_SEQUENCES.min(range as usize) {
-                let x = rng.below(range);
-                if !out.contains(&x) {
-                    out.push(x);
-                }
-            }
-            out
-        };
-        let val: Vec<Vec<i64>> = pick(&mut rng, self.val.len() as u64)
-            .into_iter()
-            .map(|i| self.val[i as usize].clone())
+        let sets: Vec<Tensor> = commits
+            .iter()
+            .map(|c| {
+                own_set(
+                    &mut rng,
+                    &c.batches,
+                    self.spec.batch_size as u64,
+                    self.spec.seq_len,
+                    self.spec.seed,
+                    &self.data,
+                    &self.windows,
+                    device,
+                )
+            })
             .collect();
-        let heldout = held_out(&val, device);
-        // Random samples far beyond any batch the run assigns.
-        let random_samples: Vec<u64> = pick(&mut rng, 1 << 40)
-            .into_iter()
-            .map(|x| x + (1 << 44))
-            .collect();
-        let mut sampler = Sampler::new(self.spec.seed);
-        let random = sequences(
-            &mut sampler,
-            &self.data,
-            &self.windows,
-            &random_samples,
-            device,
-        );
         let scorer = self
             .scorer
             .get_or_insert_with(|| Scorer::new(&self.model, self.spec.seq_len, device));
-        let before = scorer.losses_at(theta, &[&heldout, &random]);
-        // Each update is scored at its share of the outer step.
-        let share_lr = self.spec.effective_outer_lr() / commits.len().max(1) as f32;
-        let mut evidence = Vec::with_capacity(commits.len());
-        for (j, u) in commits.iter().zip(updates) {
-            let h = j.batches.len() as u64;
-            let own_samples: Vec<u64> = pick(&mut rng, h * b)
-                .into_iter()
-                .map(|x| j.batches[(x / b) as usize] * b + x % b)
-                .collect();
-            let own = sequences(
-                &mut sampler,
-                &self.data,
-                &self.windows,
-                &own_samples,
-                device,
-            );
-            let own_before = scorer.losses_at(theta, &[&own])[0];
-            let g = scorer.gains(
-                theta,
-                &[before[0], own_before, before[1]],
-                u,
-                share_lr,
-                &[&heldout, &own, &random],
-            );
-            evidence.push(Evidence {
-                node: j.node,
-                tokens: j.commit.tokens,
+        let set_refs: Vec<&Tensor> = sets.iter().collect();
+        let before = scorer.losses_at(theta, &set_refs);
+        let m = commits.len();
+        let share_lr = self.spec.effective_outer_lr() / m.max(1) as f32;
+        let gains: Vec<Vec<(usize, f64)>> = updates
+            .iter()
+            .enumerate()
+            .map(|(u, update)| {
+                let scored = scored_sets(u, m);
+                let tensors: Vec<&Tensor> = scored.iter().map(|&k| &sets[k]).collect();
+                let b: Vec<f64> = scored.iter().map(|&k| before[k]).collect();
+                let g = scorer.gains(theta, &b, update, share_lr, &tensors);
+                scored.into_iter().zip(g).collect()
+            })
+            .collect();
+        let evidence: Vec<Evidence> = commits
+            .iter()
+            .zip(updates)
+            .zip(cross_evidence(&gains))
+            .map(|((c, u), (elsewhere, own, expected))| Evidence {
+                node: c.node,
+                tokens: c.commit.tokens,
                 norm: norm(u),
-                gain_heldout: g[0],
-                gain_own: g[1],
-                gain_random: g[2],
-                stale: stale.contains(&j.node),
-                copy_of: copy_of.get(&j.node).copied(),
-            });
-        }
+                gain_heldout: elsewhere,
+                gain_own: own,
+                gain_random: expected,
+                stale: copies.stale.contains(&c.node),
+                copy_of: copies.copy_of.get(&c.node).copied(),
+            })
+            .collect();
         let judged = judge(&evidence, &self.history, &self.cfg);
         eprintln!(
             "hub: round {round}: judged {} update(s) in {} ms",
@@ -257,6 +200,7 @@ impl Validator {
                 gain_heldout_micro: micro(e.gain_heldout),
                 own_margin_micro: micro(e.gain_own - e.gain_random),
                 audited: picks.contains(&c.node),
+                tokens: c.commit.tokens,
                 blob_hash: c.commit.blob_hash,
                 state_hash: c.commit.state_hash,
                 batches: c.batches.clone(),

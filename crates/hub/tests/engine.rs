@@ -416,3 +416,259 @@ fn a_failed_write_or_outer_step_leaves_the_engine_as_the_store_has_it() {
     .unwrap();
     assert_eq!(host.state.coordinator().closed_rounds, 1);
 }
+
+/// A validator stand-in: node 3's updates are refused for their norm and audited, node
+/// 2's are accepted and audited, everyone else's accepted at full score.
+struct Judging;
+
+impl OuterStep for Judging {
+    fn step(
+        &mut self,
+        round: u64,
+        from: Hash32,
+        accepted: &[(NodeId, Hash32)],
+    ) -> Result<StepOutcome, String> {
+        HashStep.step(round, from, accepted)
+    }
+
+    fn judge(
+        &mut self,
+        _round: u64,
+        _from: Hash32,
+        commits: &[tessera_hub::engine::Judging],
+        _previous: &[(NodeId, Hash32)],
+    ) -> Result<Vec<tessera_protocol::wire::Verdict>, String> {
+        Ok(commits
+            .iter()
+            .map(|c| {
+                let refused = c.node == id(3);
+                tessera_protocol::wire::Verdict {
+                    node: c.node,
+                    accepted: !refused,
+                    score_ppm: if refused { 0 } else { 1_000_000 },
+                    flags: if refused {
+                        vec!["norm_low 0.010".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    norm_ratio_ppm: 1_000_000,
+                    gain_heldout_micro: 0,
+                    own_margin_micro: 0,
+                    audited: c.node == id(2) || refused,
+                    tokens: c.commit.tokens,
+                    blob_hash: c.commit.blob_hash,
+                    state_hash: c.commit.state_hash,
+                    batches: c.batches.clone(),
+                }
+            })
+            .collect())
+    }
+}
+
+fn paid_nodes(req: &tessera_ledger::Request) -> Vec<String> {
+    match &req.op {
+        tessera_ledger::Operation::Payout { work, .. } => {
+            work.iter().map(|w| w.contributor.clone()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Story (#9): pay went out as each round closed, to every commit that decoded. Now a
+/// round's pay waits in escrow until its audit window has passed and its audits are
+/// decided; a refused update whose replay matches is paid in full; a node that fails
+/// an audit is ejected, forfeits everything unreleased and is slashed once.
+#[test]
+fn pay_waits_in_escrow_for_audits_and_a_failed_audit_forfeits_it() {
+    let mut hub = fresh(3).with_verify(tessera_verify::VerifyConfig {
+        escrow_rounds: 1,
+        ..tessera_verify::VerifyConfig::default()
+    });
+    let mut outer = Judging;
+    for n in 1..=3 {
+        hub.apply(HubInput::Join { node: id(n) }, 0, &mut outer)
+            .unwrap();
+    }
+    let round = |hub: &mut HubState, outer: &mut Judging, r: u8, now: u64| {
+        for n in 1..=3u8 {
+            if hub.coordinator().members.contains_key(&id(n)) {
+                let b = body(hub, id(n), &[r, n]);
+                hub.apply(
+                    HubInput::Commit {
+                        node: id(n),
+                        body: b,
+                    },
+                    now,
+                    outer,
+                )
+                .unwrap();
+            }
+        }
+    };
+    round(&mut hub, &mut outer, 0, 10);
+    let rec = hub.round_record(0).unwrap();
+    assert_eq!(rec.refused, vec![id(3)], "{rec:?}");
+    assert!(rec.accepted.iter().all(|(n, _)| *n != id(3)));
+    assert_eq!(hub.pending_audits().len(), 2);
+    // The node must reveal: its view says which round.
+    assert_eq!(hub.view(&id(2)).audit, Some(0));
+    // Nothing is paid while the window is open or an audit of the round is pending.
+    assert!(hub.payouts(|_| true).is_empty());
+    round(&mut hub, &mut outer, 1, 20);
+    round(&mut hub, &mut outer, 2, 30);
+    assert!(
+        hub.payouts(|_| true).is_empty(),
+        "round 0's audits are still open"
+    );
+    // Node 3's refused update replays exactly: it is paid for round 0 after all.
+    hub.apply(
+        HubInput::Audited {
+            node: id(3),
+            round: 0,
+            passed: true,
+            detail: "replay matches".into(),
+        },
+        40,
+        &mut outer,
+    )
+    .unwrap();
+    // Node 2 fails its audit of round 0: ejected, slashed, its escrow forfeited.
+    let applied = hub
+        .apply(
+            HubInput::Audited {
+                node: id(2),
+                round: 0,
+                passed: false,
+                detail: "replay differs".into(),
+            },
+            41,
+            &mut outer,
+        )
+        .unwrap();
+    assert!(applied
+        .effects
+        .iter()
+        .any(|e| matches!(e, tessera_hub::engine::Effect::Slash { node, .. } if *node == id(2))));
+    assert!(hub.coordinator().ejected.contains(&id(2)));
+    assert_eq!(
+        hub.apply(HubInput::Join { node: id(2) }, 42, &mut outer)
+            .err()
+            .map(|e| e.code),
+        Some(ErrorCode::Ejected)
+    );
+    // Round 0 waits while an audit that could still eject one of its nodes is open
+    // within its window (node 3's of round 1).
+    assert!(hub.payouts(|_| true).iter().all(|r| !r.id.ends_with(":0")));
+    hub.apply(
+        HubInput::Audited {
+            node: id(3),
+            round: 1,
+            passed: true,
+            detail: "replay matches".into(),
+        },
+        43,
+        &mut outer,
+    )
+    .unwrap();
+    // Round 0 pays nodes 1 and 3 (cleared), not 2; later rounds whose audits are still
+    // open wait.
+    let payouts = hub.payouts(|_| true);
+    let round0 = payouts
+        .iter()
+        .find(|r| r.id.ends_with(":0"))
+        .expect("round 0 left escrow");
+    let mut who = paid_nodes(round0);
+    who.sort();
+    assert_eq!(who, vec![id(1).to_hex(), id(3).to_hex()]);
+    assert!(payouts
+        .iter()
+        .all(|r| !paid_nodes(r).contains(&id(2).to_hex())));
+    // A pending audit past its deadline fails by itself (the node never revealed).
+    let deadline = hub
+        .pending_audits()
+        .values()
+        .map(|a| a.deadline_ms)
+        .min()
+        .unwrap();
+    let applied = hub.apply(HubInput::Tick, deadline, &mut outer).unwrap();
+    assert!(
+        applied
+            .effects
+            .iter()
+            .any(|e| matches!(e, tessera_hub::engine::Effect::Slash { .. })),
+        "{:?}",
+        applied.effects
+    );
+}
+
+/// Slashing goes through the ledger once per ejected node, however often the hub pays
+/// (after a restart, every ejected node is slashed again by the same request id).
+#[test]
+fn an_ejected_node_is_slashed_exactly_once() {
+    use tessera_ledger::{Ledger, MemoryStore, Operation, Request, Signer};
+    let mut ledger =
+        Ledger::open(MemoryStore::new(tessera_ledger::LedgerConfig::default())).unwrap();
+    let submit = |ledger: &mut Ledger<MemoryStore>, id: &str, op: Operation| {
+        ledger
+            .submit(
+                &Request {
+                    id: id.into(),
+                    signer: Signer::Organiser,
+                    op,
+                },
+                0,
+            )
+            .unwrap();
+    };
+    submit(
+        &mut ledger,
+        "sale",
+        Operation::Sale {
+            buyer: id(2).to_hex(),
+            tokens: tessera_ledger::Amount(10 * tessera_ledger::BASE_UNITS_PER_TOKEN),
+            treasury_tokens: tessera_ledger::Amount(100 * tessera_ledger::BASE_UNITS_PER_TOKEN),
+            proceeds: "test".into(),
+        },
+    );
+    submit(
+        &mut ledger,
+        "fund",
+        Operation::Fund {
+            run: "t".into(),
+            model: "m".into(),
+            amount: tessera_ledger::Amount(100 * tessera_ledger::BASE_UNITS_PER_TOKEN),
+            reward_per_round: tessera_ledger::Amount(tessera_ledger::BASE_UNITS_PER_TOKEN),
+        },
+    );
+    submit(
+        &mut ledger,
+        "stake",
+        Operation::Stake {
+            run: "t".into(),
+            contributor: id(2).to_hex(),
+            amount: tessera_ledger::Amount(5 * tessera_ledger::BASE_UNITS_PER_TOKEN),
+        },
+    );
+    let mut hub = fresh(1);
+    let mut outer = Judging;
+    hub.apply(HubInput::Join { node: id(2) }, 0, &mut outer)
+        .unwrap();
+    hub.apply(
+        HubInput::Eject {
+            node: id(2),
+            reason: "resent another member's update".into(),
+        },
+        1,
+        &mut outer,
+    )
+    .unwrap();
+    let first = tessera_hub::engine::pay_rounds(&mut ledger, &hub, 2);
+    assert!(first.iter().any(|l| l.starts_with("slashed")), "{first:?}");
+    let stake = tessera_ledger::Account::Stake {
+        run: "t".into(),
+        contributor: id(2).to_hex(),
+    };
+    assert_eq!(ledger.state().balance(&stake).unwrap_or(0), 0);
+    let again = tessera_hub::engine::pay_rounds(&mut ledger, &hub, 3);
+    assert!(!again.iter().any(|l| l.contains("slash")), "{again:?}");
+}

@@ -225,6 +225,8 @@ pub struct Verdict {
     pub own_margin_micro: i64,
     /// Picked for a replay audit.
     pub audited: bool,
+    /// The tokens the commit claimed.
+    pub tokens: u64,
     /// What the node committed: its update, the private state it started from, and
     /// the batches it was assigned (what an audit replays).
     pub blob_hash: Hash32,

@@ -49,26 +49,16 @@ use tessera_train::data::{token_byte_lengths, Windows};
 use tessera_train::diloco::load_flat;
 use tessera_train::eval::evaluate_windows;
 use tessera_train::rng::{permutation, SplitMix64};
-use tessera_train::trainer::Sampler;
-use tessera_train::validate::{sequences, training_flops, Scorer};
+use tessera_train::validate::{own_set, scored_sets, training_flops, Scorer};
 use tessera_train::worker::{initial_state, OuterState, PrivateState, Worker};
 use tessera_train::Dataset;
 use tessera_verify::{
-    audit_compare, audit_picks, clipped_mean, find_copies, judge, norm, settle, AuditOutcome,
-    Candidate, Escrow, Evidence, Flag, History, VerifyConfig,
+    audit_compare, audit_picks, clipped_mean, copies_in_round, cross_evidence, judge, norm, settle,
+    AuditOutcome, Escrow, Evidence, Flag, History, VerifyConfig,
 };
 
 use crate::RuntimeArgs;
 
-/// Sequences of a node's assigned batches in its scoring set: few and short, because
-/// scoring must stay a small fraction of the training it checks (see `cross_evidence`).
-const SCORE_SEQUENCES: usize = 2;
-/// Tokens scored of each sequence (at most the run's sequence length).
-const SCORE_TOKENS: usize = 64;
-/// Other nodes' sets each update is scored on besides its own. With 8 nodes an update
-/// costs 5 sets of 2 × 64 tokens forward, plus its share of the losses at θ: about 5%
-/// of the 5 × 8 × 128 tokens of training it checks.
-const SCORE_OTHER_SETS: usize = 4;
 /// Offset of the batches `wrong-data` trains on: far beyond any batch a run assigns.
 const UNASSIGNED_BATCH_OFFSET: u64 = 1 << 32;
 /// Validation tokens the final bits-per-byte figure is measured on (as `diloco`).
@@ -462,32 +452,9 @@ struct Committed {
     digest: [u8; 32],
 }
 
-/// The median of `values` (the mean of the middle two for an even count); NaN for none.
-fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 fn node_id(i: usize) -> NodeId {
     let identity = Identity::from_secret([i as u8; 32]);
     NodeId::from_hex(&identity.public_hex()).expect("a public key is a node id")
-}
-
-/// An id for last round's update of `node` among this round's copy candidates: it
-/// must never equal a real node's id, so findings against it read as staleness.
-fn history_id(node: NodeId) -> NodeId {
-    NodeId(blake3::derive_key(
-        "tessera byzantine previous-round candidate",
-        node.as_bytes(),
-    ))
 }
 
 /// The round's public randomness, known only once its commits closed: it orders the
@@ -497,91 +464,6 @@ fn round_seed(seed: u64, round: u64) -> [u8; 32] {
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     bytes[8..].copy_from_slice(&round.to_le_bytes());
     blake3::derive_key("tessera byzantine round seed", &bytes)
-}
-
-/// The validator's scoring of a round: the gain of every update on sequences of its
-/// own assignment and on those of the next [`SCORE_OTHER_SETS`] nodes in commit order
-/// (cyclically), each a set of [`SCORE_SEQUENCES`] sequences of [`SCORE_TOKENS`]
-/// tokens. The loss at θ on every set is computed once and shared.
-///
-/// Read the gains `D[s][u]` of update `u` on set `s` as `m + α_s + β_u`, plus an own-data
-/// effect where `s = u`: `α_s`, how much set `s` gains from any update; `β_u`, how good
-/// update `u` is. The gain on data the node was not assigned is `m + β_u`, its mean
-/// gain on the other sets once their `α` is taken off, comparable across updates
-/// although each was scored on other sets; what the update would gain on its own set
-/// had it not trained on it is `m + α_u + β_u`, and the own-data margin is `D[u][u]` less
-/// that. Both differences cancel what a single comparison of own against random data
-/// cannot (how easy a set is to improve, how good an update is generally) and leave the
-/// effect of having trained on the set: in the first full run, where own and random
-/// data were compared directly on 2 sequences each, that effect was about one standard
-/// deviation of the noise.
-///
-/// The effects are fitted by alternating means (least squares on the cells scored),
-/// leaving out of the set effects the updates whose median gain is an outlier of the
-/// round (beyond 3 spreads), because the updates scored on a set may include crafted
-/// ones. With a plain median of the raw gains on each set instead, a sign-flipped update
-/// dragged its sets' `α` by the size of an honest gain, which spread every update's
-/// gain elsewhere so much that noise and sign flips were no longer outliers.
-///
-/// Returns, per update: the gain elsewhere, the gain on its own set, and the expected
-/// gain there.
-fn cross_evidence(gains: &[Vec<(usize, f64)>]) -> Vec<(f64, f64, f64)> {
-    let m = gains.len();
-    let off_diagonal = |u: usize| gains[u].iter().filter(move |(s, _)| *s != u);
-    let first: Vec<f64> = (0..m)
-        .map(|u| median(&mut off_diagonal(u).map(|(_, g)| *g).collect::<Vec<_>>()))
-        .collect();
-    let finite: Vec<f64> = first.iter().copied().filter(|x| x.is_finite()).collect();
-    let center = median(&mut finite.clone());
-    let spread = 1.4826
-        * median(
-            &mut finite
-                .iter()
-                .map(|x| (x - center).abs())
-                .collect::<Vec<_>>(),
-        );
-    let inlier: Vec<bool> = first
-        .iter()
-        .map(|f| f.is_finite() && (f - center).abs() <= 3.0 * spread)
-        .collect();
-    let mut alpha = vec![0.0; m];
-    let mut beta = vec![0.0; m];
-    for _ in 0..50 {
-        for (u, b) in beta.iter_mut().enumerate() {
-            let (sum, count) =
-                off_diagonal(u).fold((0.0, 0usize), |(a, c), &(s, g)| (a + g - alpha[s], c + 1));
-            *b = if count > 0 { sum / count as f64 } else { 0.0 };
-        }
-        let mut sums = vec![(0.0, 0usize); m];
-        for u in (0..m).filter(|&u| inlier[u]) {
-            for &(s, g) in off_diagonal(u) {
-                sums[s].0 += g - beta[u];
-                sums[s].1 += 1;
-            }
-        }
-        let fitted: Vec<Option<f64>> = sums
-            .iter()
-            .map(|&(a, c)| (c > 0).then(|| a / c as f64))
-            .collect();
-        let known: Vec<f64> = fitted.iter().flatten().copied().collect();
-        let mean = known.iter().sum::<f64>() / known.len().max(1) as f64;
-        // A set no inlier update was scored on has no effect to fit.
-        alpha = fitted.iter().map(|a| a.map_or(0.0, |a| a - mean)).collect();
-    }
-    (0..m)
-        .map(|u| {
-            let own = gains[u]
-                .iter()
-                .find(|(s, _)| *s == u)
-                .map_or(f64::NAN, |(_, g)| *g);
-            let elsewhere = if off_diagonal(u).next().is_some() {
-                beta[u]
-            } else {
-                own
-            };
-            (elsewhere, own, elsewhere + alpha[u])
-        })
-        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -640,7 +522,6 @@ fn run_row(
     let (mut audits, mut audits_failed, mut judged_total) = (0u64, 0u64, 0u64);
     let (mut training_flops_total, mut replay_flops) = (0u64, 0u64);
     let (mut rounds_trained, mut rounds_memoized) = (0u64, 0u64);
-    let score_tokens = SCORE_TOKENS.min(spec.seq_len);
 
     for round in 0..spec.rounds {
         let seed = round_seed(spec.seed, round);
@@ -863,37 +744,13 @@ fn run_row(
 
         // The validator. Copies of this round's earlier commits, and of last round's
         // updates (stale), by commit order.
-        let mut candidates: Vec<Candidate> = previous
+        let previous_refs: Vec<(NodeId, &[f32])> =
+            previous.iter().map(|(n, u)| (*n, u.as_slice())).collect();
+        let committed_refs: Vec<(NodeId, &[f32])> = committed
             .iter()
-            .enumerate()
-            .map(|(k, (id, u))| Candidate {
-                node: history_id(*id),
-                order: k as u64,
-                update: u,
-            })
+            .map(|c| (nodes[c.node].id, c.update.as_slice()))
             .collect();
-        let history_len = candidates.len() as u64;
-        candidates.extend(committed.iter().enumerate().map(|(pos, c)| Candidate {
-            node: nodes[c.node].id,
-            order: history_len + pos as u64,
-            update: &c.update,
-        }));
-        let history_ids: BTreeMap<NodeId, NodeId> = previous
-            .iter()
-            .map(|(id, _)| (history_id(*id), *id))
-            .collect();
-        let mut copy_of: BTreeMap<NodeId, NodeId> = BTreeMap::new();
-        let mut stale: BTreeMap<NodeId, bool> = BTreeMap::new();
-        for f in find_copies(&candidates, &s.verify) {
-            if history_ids.contains_key(&f.copier) {
-                continue;
-            }
-            if history_ids.contains_key(&f.original) {
-                stale.insert(f.copier, true);
-            } else {
-                copy_of.insert(f.copier, f.original);
-            }
-        }
+        let copies = copies_in_round(&previous_refs, &committed_refs, &s.verify);
 
         // Scoring (see `cross_evidence`): each node's own set, sampled from its
         // assigned batches; the loss at θ on every set once; each update on its own
@@ -902,26 +759,20 @@ fn run_row(
         let own_sets: Vec<Tensor> = committed
             .iter()
             .map(|c| {
-                let first = assigned(nodes[c.node].slot)[0] * b;
-                let mut picks: Vec<u64> = Vec::with_capacity(SCORE_SEQUENCES);
-                let range = h * b;
-                while picks.len() < SCORE_SEQUENCES.min(range as usize) {
-                    let x = first + rng.below(range);
-                    if !picks.contains(&x) {
-                        picks.push(x);
-                    }
-                }
-                let mut sampler = Sampler::new(spec.seed);
-                sequences(&mut sampler, data, windows, &picks, s.device).narrow(
-                    1,
-                    0,
-                    score_tokens as i64 + 1,
+                own_set(
+                    &mut rng,
+                    &assigned(nodes[c.node].slot),
+                    b,
+                    spec.seq_len,
+                    spec.seed,
+                    data,
+                    windows,
+                    s.device,
                 )
             })
             .collect();
         let set_refs: Vec<&Tensor> = own_sets.iter().collect();
         let before_losses = scorers[0].losses_at(&state.theta, &set_refs);
-        let others = SCORE_OTHER_SETS.min(m.saturating_sub(1));
         // Each update is scored at its share of the outer step, outer lr ÷ updates in
         // the round (the aggregate averages them): a single update taken at the full
         // outer lr overshoots, and in the first full run every honest update of rounds
@@ -934,11 +785,9 @@ fn run_row(
             .iter()
             .enumerate()
             .map(|(u, c)| {
-                let sets = (0..=others)
-                    .map(|k| {
-                        let set = (u + k) % m;
-                        (set, own_sets[set].shallow_clone())
-                    })
+                let sets = scored_sets(u, m)
+                    .into_iter()
+                    .map(|set| (set, own_sets[set].shallow_clone()))
                     .collect();
                 (c.update.as_slice(), sets)
             })
@@ -964,8 +813,8 @@ fn run_row(
                     gain_heldout: elsewhere,
                     gain_own: own,
                     gain_random: expected,
-                    stale: stale.get(&id).copied().unwrap_or(false),
-                    copy_of: copy_of.get(&id).copied(),
+                    stale: copies.stale.contains(&id),
+                    copy_of: copies.copy_of.get(&id).copied(),
                 }
             })
             .collect();
@@ -1238,47 +1087,11 @@ mod tests {
         assert!(none.is_empty());
     }
 
-    /// Gains built as `m + α_s + β_u` plus an own-data effect, each update scored on its
-    /// own set and the next 4, with update 6 sign-flipped (its gains negated): the fit
-    /// recovers every honest update's gain elsewhere and own-data margin exactly, and
-    /// the flipped one stays an outlier instead of spreading the others.
     #[test]
-    fn cross_evidence_separates_set_update_and_own_effects() {
-        let m = 8;
-        let alpha = [0.01, -0.02, 0.03, 0.0, -0.01, 0.02, -0.03, 0.005];
-        let beta = [0.001, -0.002, 0.0, 0.003, -0.001, 0.002, 0.0, -0.003];
-        let own = 0.01;
-        let gains: Vec<Vec<(usize, f64)>> = (0..m)
-            .map(|u| {
-                (0..=4)
-                    .map(|k| {
-                        let s = (u + k) % m;
-                        let g = 0.05 + alpha[s] + beta[u] + if s == u { own } else { 0.0 };
-                        (s, if u == 6 { -g } else { g })
-                    })
-                    .collect()
-            })
-            .collect();
-        let ev = cross_evidence(&gains);
-        for u in (0..m).filter(|&u| u != 6) {
-            let (elsewhere, g_own, expected) = ev[u];
-            // Up to the constant the medians leave (the same for every update).
-            let c = ev[0].0 - (0.05 + beta[0]);
-            assert!(
-                (elsewhere - (0.05 + beta[u]) - c).abs() < 1e-9,
-                "{u}: {ev:?}"
-            );
-            assert!((g_own - expected - own).abs() < 1e-9, "{u}: {ev:?}");
-        }
-        assert!(ev[6].0 < -0.04, "{:?}", ev[6]);
-    }
-
-    #[test]
-    fn node_ids_are_distinct_and_never_a_history_candidate() {
+    fn node_ids_are_distinct() {
         let ids: Vec<NodeId> = (0..8).map(node_id).collect();
         for (i, a) in ids.iter().enumerate() {
             assert!(ids[i + 1..].iter().all(|b| a != b));
-            assert!(ids.iter().all(|b| history_id(*a) != *b));
         }
         assert_ne!(round_seed(0, 1), round_seed(1, 0));
     }

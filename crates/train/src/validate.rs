@@ -29,6 +29,7 @@ use tessera_model::{Llama, LlamaConfig};
 
 use crate::data::{Dataset, Windows};
 use crate::diloco::load_flat;
+use crate::rng::SplitMix64;
 use crate::trainer::Sampler;
 
 /// A model replica for scoring, with a count of the FLOPs it spent.
@@ -148,4 +149,49 @@ pub fn held_out(windows: &[Vec<i64>], device: Device) -> Tensor {
     Tensor::from_slice(&flat)
         .view([windows.len() as i64, width])
         .to_device(device)
+}
+
+/// Sequences of a node's assigned batches in its scoring set: few and short, because
+/// scoring must stay a small fraction of the training it checks.
+pub const SCORE_SEQUENCES: usize = 2;
+/// Tokens scored of each sequence (at most the run's sequence length).
+pub const SCORE_TOKENS: usize = 64;
+/// Other nodes' sets each update is scored on besides its own. With 8 nodes an update
+/// costs 5 sets of 2 × 64 tokens forward, plus its share of the losses at θ: about 5%
+/// of the 5 × 8 × 128 tokens of training it checks.
+pub const SCORE_OTHER_SETS: usize = 4;
+
+/// A node's scoring set: [`SCORE_SEQUENCES`] distinct samples drawn by `rng` among the
+/// samples of its assigned `batches` (batch `b` is samples `b·B .. (b+1)·B` of the
+/// run's data order), the first [`SCORE_TOKENS`] tokens of each (at most `seq_len`).
+#[allow(clippy::too_many_arguments)]
+pub fn own_set(
+    rng: &mut SplitMix64,
+    batches: &[u64],
+    batch_size: u64,
+    seq_len: usize,
+    seed: u64,
+    data: &Dataset,
+    windows: &Windows,
+    device: Device,
+) -> Tensor {
+    let range = batches.len() as u64 * batch_size;
+    let mut picks: Vec<u64> = Vec::with_capacity(SCORE_SEQUENCES);
+    while picks.len() < SCORE_SEQUENCES.min(range as usize) {
+        let x = rng.below(range);
+        let sample = batches[(x / batch_size) as usize] * batch_size + x % batch_size;
+        if !picks.contains(&sample) {
+            picks.push(sample);
+        }
+    }
+    let mut sampler = Sampler::new(seed);
+    let tokens = SCORE_TOKENS.min(seq_len) as i64 + 1;
+    sequences(&mut sampler, data, windows, &picks, device).narrow(1, 0, tokens)
+}
+
+/// The sets update `u` of a round of `m` is scored on: its own, then the next
+/// [`SCORE_OTHER_SETS`] in commit order, cyclically.
+pub fn scored_sets(u: usize, m: usize) -> Vec<usize> {
+    let others = SCORE_OTHER_SETS.min(m.saturating_sub(1));
+    (0..=others).map(|k| (u + k) % m).collect()
 }

@@ -226,3 +226,58 @@ mod tests {
         assert!(find_copies(&cands, &VerifyConfig::default()).is_empty());
     }
 }
+
+/// What [`copies_in_round`] found: this round's copies (copier → original) and the
+/// updates that repeat one of last round's (stale).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoundCopies {
+    pub copy_of: std::collections::BTreeMap<NodeId, NodeId>,
+    pub stale: std::collections::BTreeSet<NodeId>,
+}
+
+/// The id a last-round update takes among the candidates, so that a node repeating its
+/// own earlier update is found too (it never equals a node's own id).
+fn previous_id(node: &NodeId) -> NodeId {
+    NodeId(blake3::derive_key(
+        "tessera previous-round copy candidate",
+        node.as_bytes(),
+    ))
+}
+
+/// Copies among a round's commits (`committed`, in commit order; the first committer is
+/// credited) and of last round's accepted updates (`previous`: a stale update).
+pub fn copies_in_round(
+    previous: &[(NodeId, &[f32])],
+    committed: &[(NodeId, &[f32])],
+    cfg: &VerifyConfig,
+) -> RoundCopies {
+    let mut candidates: Vec<Candidate> = previous
+        .iter()
+        .enumerate()
+        .map(|(k, (n, u))| Candidate {
+            node: previous_id(n),
+            order: k as u64,
+            update: u,
+        })
+        .collect();
+    let base = candidates.len() as u64;
+    candidates.extend(committed.iter().enumerate().map(|(k, (n, u))| Candidate {
+        node: *n,
+        order: base + k as u64,
+        update: u,
+    }));
+    let old: std::collections::BTreeSet<NodeId> =
+        previous.iter().map(|(n, _)| previous_id(n)).collect();
+    let mut found = RoundCopies::default();
+    for f in find_copies(&candidates, cfg) {
+        if old.contains(&f.copier) {
+            continue;
+        }
+        if old.contains(&f.original) {
+            found.stale.insert(f.copier);
+        } else {
+            found.copy_of.insert(f.copier, f.original);
+        }
+    }
+    found
+}

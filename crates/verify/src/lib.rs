@@ -19,11 +19,13 @@
 
 mod audit;
 mod copies;
+mod cross;
 mod escrow;
 mod judge;
 
 pub use audit::{audit_compare, audit_picks, audits_due, settle, AuditOutcome};
-pub use copies::{find_copies, Candidate, CopyFinding};
+pub use copies::{copies_in_round, find_copies, Candidate, CopyFinding, RoundCopies};
+pub use cross::cross_evidence;
 pub use escrow::{Escrow, EscrowError};
 pub use judge::{judge, Evidence, Flag, History, Judgement, NodeRecord};
 
@@ -115,6 +117,16 @@ pub fn norm(update: &[f32]) -> f64 {
         .map(|&v| f64::from(v) * f64::from(v))
         .sum::<f64>()
         .sqrt()
+}
+
+/// The median of `values`, NaN for none (for fits where an empty set must not pass for
+/// a zero).
+pub(crate) fn median_or_nan(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        f64::NAN
+    } else {
+        median(values)
+    }
 }
 
 /// The median of `values` (the mean of the middle two for an even count); 0 for none.
