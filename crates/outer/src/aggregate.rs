@@ -29,12 +29,14 @@ pub enum Aggregator {
 
 impl Aggregator {
     /// The name a run file uses for this aggregator. Parameters are not part of the
-    /// name: any `TrimmedMean` is `trimmed_mean`, although only `trim: 1` parses back.
+    /// name: any `TrimmedMean` is `trimmed_mean`, although only `trim: 1` parses back;
+    /// `NormClip` at factor 1 is `clipped_mean`, at any other factor `norm_clip`.
     pub fn name(&self) -> &'static str {
         match self {
             Aggregator::Mean => "mean",
             Aggregator::Median => "median",
             Aggregator::TrimmedMean { .. } => "trimmed_mean",
+            Aggregator::NormClip { factor } if *factor == 1.0 => "clipped_mean",
             Aggregator::NormClip { .. } => "norm_clip",
         }
     }
@@ -42,7 +44,8 @@ impl Aggregator {
 
 /// A run file's aggregator name, with the parameters runs have always used:
 /// `trimmed_mean` drops one value at each end, `norm_clip` clips at twice the median
-/// norm.
+/// norm, `clipped_mean` at the median norm (what the validator aggregates accepted
+/// updates with: `tessera_verify::clipped_mean`).
 impl FromStr for Aggregator {
     type Err = UnknownName;
 
@@ -52,11 +55,12 @@ impl FromStr for Aggregator {
             "median" => Aggregator::Median,
             "trimmed_mean" => Aggregator::TrimmedMean { trim: 1 },
             "norm_clip" => Aggregator::NormClip { factor: 2.0 },
+            "clipped_mean" => Aggregator::NormClip { factor: 1.0 },
             other => {
                 return Err(UnknownName {
                     what: "aggregator",
                     name: other.to_string(),
-                    expected: "mean, median, trimmed_mean or norm_clip",
+                    expected: "mean, median, trimmed_mean, norm_clip or clipped_mean",
                 })
             }
         })
@@ -186,6 +190,7 @@ mod tests {
             ("median", Aggregator::Median),
             ("trimmed_mean", Aggregator::TrimmedMean { trim: 1 }),
             ("norm_clip", Aggregator::NormClip { factor: 2.0 }),
+            ("clipped_mean", Aggregator::NormClip { factor: 1.0 }),
         ] {
             assert_eq!(name.parse::<Aggregator>(), Ok(agg));
             assert_eq!(agg.name(), name);
@@ -193,7 +198,7 @@ mod tests {
         let err = "trimmed-mean".parse::<Aggregator>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown aggregator `trimmed-mean`; expected mean, median, trimmed_mean or norm_clip"
+            "unknown aggregator `trimmed-mean`; expected mean, median, trimmed_mean, norm_clip or clipped_mean"
         );
         assert_eq!(Aggregator::TrimmedMean { trim: 3 }.name(), "trimmed_mean");
     }

@@ -58,7 +58,8 @@ pub struct RunSpec {
     pub topk_bits: u8,
     /// Rank of each 1024 × 256 block's update under `lowrank`.
     pub rank: u32,
-    /// `mean`, `median`, `trimmed_mean` or `norm_clip`.
+    /// `clipped_mean` (each update clipped to the round's median norm, then averaged),
+    /// `mean`, `median`, `trimmed_mean` or `norm_clip` (clipped to twice the median).
     #[serde(with = "aggregator_name")]
     pub aggregator: Aggregator,
     /// A round closes when every member committed or at this deadline.
@@ -102,7 +103,8 @@ impl Default for RunSpec {
             topk: 44,
             topk_bits: 4,
             rank: 4,
-            aggregator: Aggregator::Mean,
+            // The validator's clipped mean (measured: docs/results.md, DiLoCo).
+            aggregator: Aggregator::NormClip { factor: 1.0 },
             round_deadline_ms: 120_000,
             heartbeat_timeout_ms: 15_000,
             missed_rounds_max: 3,
