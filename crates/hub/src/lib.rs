@@ -1126,7 +1126,7 @@ async fn trail(
         hashes
             .iter()
             .map(|h| {
-                let bytes = blobs.fetch(&h.to_hex(), &[provider.clone()], max);
+                let bytes = blobs.fetch(&h.to_hex(), std::slice::from_ref(&provider), max);
                 blobs.forget(&h.to_hex());
                 bytes
             })

@@ -383,7 +383,9 @@ pub fn referee(r: Referee) -> Result<String, String> {
         )
         .max(rel(&mine.adam_m, &theirs.adam_m, norm(&mine.adam_m)))
         .max(rel(&mine.adam_v, &theirs.adam_v, norm(&mine.adam_v)));
-        if mine.adam_step != theirs.adam_step || !(err <= cfg.audit_tolerance) {
+        // A NaN error is a failure too.
+        let within = err.is_finite() && err <= cfg.audit_tolerance;
+        if mine.adam_step != theirs.adam_step || !within {
             return Err(format!(
                 "refereed replay: inner step {} of {} does not follow from the node's own \
                  state before it (relative error {err:.3e}, tolerance {:.0e})",

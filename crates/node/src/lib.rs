@@ -535,19 +535,16 @@ impl Runner {
                 let until =
                     Instant::now() + Duration::from_millis(2 * self.spec.round_deadline_ms + 5_000);
                 while Instant::now() < until {
-                    match self.hub.state(&self.me) {
-                        Ok(v) => match (v.audit, v.dispute) {
-                            (None, None) => break,
-                            (audit, dispute) => {
-                                if let Some(round) = audit {
-                                    self.reveal(round);
-                                }
-                                if let Some(round) = dispute {
-                                    self.send_trail(round);
-                                }
-                            }
-                        },
-                        Err(_) => {}
+                    if let Ok(v) = self.hub.state(&self.me) {
+                        if v.audit.is_none() && v.dispute.is_none() {
+                            break;
+                        }
+                        if let Some(round) = v.audit {
+                            self.reveal(round);
+                        }
+                        if let Some(round) = v.dispute {
+                            self.send_trail(round);
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 }
