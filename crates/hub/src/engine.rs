@@ -102,7 +102,8 @@ pub trait OuterStep {
 struct RoundJudge<'a> {
     outer: &'a mut dyn OuterStep,
     from: Hash32,
-    previous: Vec<(NodeId, Hash32)>,
+    /// The last closed round, whose accepted updates a stale one repeats.
+    previous: Option<Arc<RoundRecord>>,
     verdicts: Option<Result<Vec<Verdict>, String>>,
 }
 
@@ -118,7 +119,12 @@ impl Judge for RoundJudge<'_> {
             .collect();
         let result = self
             .outer
-            .judge(round, self.from, &inputs, &self.previous)
+            .judge(
+                round,
+                self.from,
+                &inputs,
+                self.previous.as_ref().map_or(&[][..], |r| &r.accepted),
+            )
             .and_then(|v| {
                 let same =
                     v.len() == inputs.len() && v.iter().zip(&inputs).all(|(v, j)| v.node == j.node);
@@ -874,14 +880,11 @@ impl HubState {
                 return Ok(applied);
             }
         };
+        // O(1) per input: the last record is shared, its accepted list read only if a
+        // round closes.
         let mut judge = RoundJudge {
             from: self.checkpoint(),
-            previous: self
-                .rounds
-                .values()
-                .next_back()
-                .map(|r| r.accepted.clone())
-                .unwrap_or_default(),
+            previous: self.rounds.values().next_back().cloned(),
             outer,
             verdicts: None,
         };
