@@ -709,6 +709,23 @@ struct Fetching {
     node: NodeId,
 }
 
+impl Fetching {
+    /// Takes `node`'s turn to have a blob fetched, or refuses while one is in flight.
+    fn claim(hub: &Shared, node: NodeId) -> Result<Fetching, ApiError> {
+        let mut set = hub.fetching.lock().expect("fetching lock");
+        if !set.insert(node) {
+            return Err(api(
+                ErrorCode::Busy,
+                "a blob of this node is already being fetched; wait for its answer",
+            ));
+        }
+        Ok(Fetching {
+            set: hub.fetching.clone(),
+            node,
+        })
+    }
+}
+
 impl Drop for Fetching {
     fn drop(&mut self) {
         self.set.lock().expect("fetching lock").remove(&self.node);
@@ -851,19 +868,7 @@ async fn commit(
                 format!("commit's provider refused: {e}"),
             )
         })?;
-    let _turn = {
-        let mut set = hub.fetching.lock().expect("fetching lock");
-        if !set.insert(node) {
-            return Err(api(
-                ErrorCode::Busy,
-                "a commit of this node is already being fetched; wait for its answer",
-            ));
-        }
-        Fetching {
-            set: hub.fetching.clone(),
-            node,
-        }
-    };
+    let _turn = Fetching::claim(&hub, node)?;
     let _permit = tokio::time::timeout(COMMIT_FETCH_WAIT, hub.fetch_permits.acquire())
         .await
         .map_err(|_| {
@@ -930,22 +935,8 @@ async fn reveal(
 ) -> Result<Json<Ack>, ApiError> {
     let node = signed.node;
     let body: RevealBody = signed.json("reveal")?;
-    if body.run_id != hub.info.spec.run_id {
-        return Err(api(
-            ErrorCode::WrongRun,
-            format!("reveal is for run `{}`", body.run_id.escape_debug()),
-        ));
-    }
     let round = body.round;
-    let audit = hub
-        .call(|tx| Call::Audit(round, node, tx))
-        .await?
-        .ok_or_else(|| {
-            api(
-                ErrorCode::NotFound,
-                format!("no audit of this node in round {round} is open"),
-            )
-        })?;
+    let audit = open_audit(&hub, "reveal", &body.run_id, round, node, false).await?;
     if audit.revealed {
         return Ok(Json(Ack {}));
     }
@@ -958,19 +949,7 @@ async fn reveal(
                 format!("reveal's provider refused: {e}"),
             )
         })?;
-    let _turn = {
-        let mut set = hub.fetching.lock().expect("fetching lock");
-        if !set.insert(node) {
-            return Err(api(
-                ErrorCode::Busy,
-                "a blob of this node is already being fetched; wait for its answer",
-            ));
-        }
-        Fetching {
-            set: hub.fetching.clone(),
-            node,
-        }
-    };
+    let _turn = Fetching::claim(&hub, node)?;
     let params = hub.info.model.params_total() as usize;
     let max = 8 + 12 * params as u64;
     let blobs = hub.blobs.clone();
@@ -1033,6 +1012,36 @@ async fn reveal(
     Ok(Json(Ack {}))
 }
 
+/// The audit of `node` in `round` a reveal (or, `disputed`, a trail) answers: refused
+/// for another run, or when no such audit is open.
+async fn open_audit(
+    hub: &Shared,
+    what: &str,
+    run_id: &str,
+    round: u64,
+    node: NodeId,
+    disputed: bool,
+) -> Result<PendingAudit, ApiError> {
+    if run_id != hub.info.spec.run_id {
+        return Err(api(
+            ErrorCode::WrongRun,
+            format!("{what} is for run `{}`", run_id.escape_debug()),
+        ));
+    }
+    hub.call(|tx| Call::Audit(round, node, tx))
+        .await?
+        .filter(|a| !disputed || a.disputed.is_some())
+        .ok_or_else(|| {
+            api(
+                ErrorCode::NotFound,
+                format!(
+                    "no {}audit of this node in round {round} is open",
+                    if disputed { "disputed " } else { "" }
+                ),
+            )
+        })
+}
+
 /// What a replay of `audit` needs, with the node's revealed `state`.
 fn replay_job(
     hub: &Shared,
@@ -1064,23 +1073,8 @@ async fn trail(
 ) -> Result<Json<Ack>, ApiError> {
     let node = signed.node;
     let body: tessera_protocol::wire::TrailBody = signed.json("trail")?;
-    if body.run_id != hub.info.spec.run_id {
-        return Err(api(
-            ErrorCode::WrongRun,
-            format!("trail is for run `{}`", body.run_id.escape_debug()),
-        ));
-    }
     let round = body.round;
-    let audit = hub
-        .call(|tx| Call::Audit(round, node, tx))
-        .await?
-        .filter(|a| a.disputed.is_some())
-        .ok_or_else(|| {
-            api(
-                ErrorCode::NotFound,
-                format!("no disputed audit of this node in round {round} is open"),
-            )
-        })?;
+    let audit = open_audit(&hub, "trail", &body.run_id, round, node, true).await?;
     if audit.trail {
         return Ok(Json(Ack {}));
     }
@@ -1103,19 +1097,7 @@ async fn trail(
                 format!("trail's provider refused: {e}"),
             )
         })?;
-    let _turn = {
-        let mut set = hub.fetching.lock().expect("fetching lock");
-        if !set.insert(node) {
-            return Err(api(
-                ErrorCode::Busy,
-                "a blob of this node is already being fetched; wait for its answer",
-            ));
-        }
-        Fetching {
-            set: hub.fetching.clone(),
-            node,
-        }
-    };
+    let _turn = Fetching::claim(&hub, node)?;
     let params = hub.info.model.params_total() as usize;
     let max = 8 + 12 * params as u64;
     let blobs = hub.blobs.clone();
