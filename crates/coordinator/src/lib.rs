@@ -461,7 +461,8 @@ impl Coordinator {
         now_ms: u64,
         judge: &mut dyn Judge,
     ) -> Result<Vec<Event>, CoordError> {
-        if self.phase == Phase::Finished && input != Input::Tick {
+        // A cheater is ejected even after the run's end: audits settle after it.
+        if self.phase == Phase::Finished && !matches!(input, Input::Tick | Input::Eject { .. }) {
             return Err(CoordError::Finished);
         }
         let mut events = Vec::new();

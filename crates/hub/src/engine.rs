@@ -709,6 +709,7 @@ impl HubState {
     ) -> Result<Applied, HubError> {
         let mut applied = Applied::default();
         let mut audit_failed = None;
+        let mut failed_audit = None;
         let mut new_member = false;
         let (coord_input, fact) = match input {
             HubInput::Join { node } => {
@@ -770,27 +771,11 @@ impl HubState {
                 passed,
                 detail,
             } => {
-                let Some(done) = self.pending_audits.remove(&(round, node)) else {
+                if !self.pending_audits.contains_key(&(round, node)) {
                     return Err(HubError::new(
                         ErrorCode::NotFound,
                         format!("no audit of {} in round {round} is open", node.short(12)),
                     ));
-                };
-                // What the audit kept past its round's release goes now.
-                if round + 2 < self.coord.closed_rounds {
-                    let still: Vec<Hash32> = self
-                        .pending_audits
-                        .values()
-                        .flat_map(|a| [a.checkpoint, a.verdict.blob_hash])
-                        .chain([self.checkpoint0])
-                        .collect();
-                    let gone: Vec<Hash32> = [done.checkpoint, done.verdict.blob_hash]
-                        .into_iter()
-                        .filter(|h| !still.contains(h))
-                        .collect();
-                    if !gone.is_empty() {
-                        applied.effects.push(Effect::Release(gone));
-                    }
                 }
                 let rec = AuditRecord {
                     round,
@@ -798,18 +783,13 @@ impl HubState {
                     passed,
                     detail,
                 };
-                self.audits.insert((round, node), rec.clone());
-                applied.change.audits.push(rec.clone());
                 if passed {
-                    applied.effects.push(Effect::Log(format!(
-                        "audit of {} in round {round} passed ({})",
-                        node.short(12),
-                        rec.detail
-                    )));
-                    applied.effects.push(Effect::Pay(self.last_record()));
+                    self.record_audit(rec, &mut applied);
                     return Ok(applied);
                 }
-                audit_failed = Some(rec);
+                // Recorded once the coordinator has taken the ejection.
+                audit_failed = Some(rec.clone());
+                failed_audit = Some(rec);
                 (Input::Eject { node }, None)
             }
             HubInput::Leave { node } => (Input::Leave { node }, None),
@@ -902,6 +882,9 @@ impl HubState {
             None => Vec::new(),
         };
         let outer = judge.outer;
+        if let Some(rec) = failed_audit {
+            self.record_audit(rec, &mut applied);
+        }
         if new_member {
             self.joins.push_back(now_ms);
         }
@@ -1134,6 +1117,40 @@ impl HubState {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Closes the pending audit `rec` decides: records it, releases what it alone kept
+    /// past its round's release, and (passed) logs it and pays what it held back.
+    fn record_audit(&mut self, rec: AuditRecord, applied: &mut Applied) {
+        let (round, node) = (rec.round, rec.node);
+        let Some(done) = self.pending_audits.remove(&(round, node)) else {
+            return;
+        };
+        if round + 2 < self.coord.closed_rounds {
+            let still: Vec<Hash32> = self
+                .pending_audits
+                .values()
+                .flat_map(|a| [a.checkpoint, a.verdict.blob_hash])
+                .chain([self.checkpoint0])
+                .collect();
+            let gone: Vec<Hash32> = [done.checkpoint, done.verdict.blob_hash]
+                .into_iter()
+                .filter(|h| !still.contains(h))
+                .collect();
+            if !gone.is_empty() {
+                applied.effects.push(Effect::Release(gone));
+            }
+        }
+        self.audits.insert((round, node), rec.clone());
+        applied.change.audits.push(rec.clone());
+        if rec.passed {
+            applied.effects.push(Effect::Log(format!(
+                "audit of {} in round {round} passed ({})",
+                node.short(12),
+                rec.detail
+            )));
+            applied.effects.push(Effect::Pay(self.last_record()));
+        }
     }
 
     fn open_audit(&mut self, node: NodeId, round: u64) -> Result<&mut PendingAudit, HubError> {

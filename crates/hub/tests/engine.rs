@@ -672,3 +672,60 @@ fn an_ejected_node_is_slashed_exactly_once() {
     let again = tessera_hub::engine::pay_rounds(&mut ledger, &hub, 3);
     assert!(!again.iter().any(|l| l.contains("slash")), "{again:?}");
 }
+
+/// Story (#9): audits settle after a run's last round, and a failed one after the end
+/// was refused as `finished`, leaving the cheater unejected and its audit half-recorded
+/// in memory. It ejects (and slashes) after the end too, and a refused input changes
+/// nothing.
+#[test]
+fn an_audit_that_fails_after_the_run_ended_still_ejects() {
+    let mut hub = fresh(2);
+    let mut outer = Judging;
+    for n in 1..=2 {
+        hub.apply(HubInput::Join { node: id(n) }, 0, &mut outer)
+            .unwrap();
+    }
+    for r in 0..4u8 {
+        for n in 1..=2u8 {
+            if hub.coordinator().members.contains_key(&id(n)) && hub.view(&id(n)).round().is_some()
+            {
+                let b = body(&hub, id(n), &[r, n]);
+                hub.apply(
+                    HubInput::Commit {
+                        node: id(n),
+                        body: b,
+                    },
+                    10 + u64::from(r),
+                    &mut outer,
+                )
+                .unwrap();
+            }
+        }
+    }
+    assert!(hub.is_finished());
+    let (round, node) = *hub
+        .pending_audits()
+        .keys()
+        .find(|(_, n)| *n == id(2))
+        .expect("node 2 is audited");
+    let before = hub.audits().len();
+    let applied = hub
+        .apply(
+            HubInput::Audited {
+                node,
+                round,
+                passed: false,
+                detail: "replay differs".into(),
+            },
+            100,
+            &mut outer,
+        )
+        .unwrap();
+    assert!(hub.coordinator().ejected.contains(&id(2)));
+    assert_eq!(hub.audits().len(), before + 1);
+    assert!(applied
+        .effects
+        .iter()
+        .any(|e| matches!(e, tessera_hub::engine::Effect::Slash { .. })));
+    assert!(hub.pending_audits().keys().all(|(_, n)| *n != id(2)));
+}

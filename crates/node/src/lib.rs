@@ -255,7 +255,7 @@ fn check_file_name(name: &str) -> Result<()> {
 
 /// Downloads the run's data set into `dir` (skipping files already there) and opens it,
 /// which verifies every shard against the manifest.
-fn fetch_data(hub: &dyn HubApi, info: &RunInfo, dir: &Path) -> Result<Dataset> {
+pub fn fetch_data(hub: &dyn HubApi, info: &RunInfo, dir: &Path) -> Result<Dataset> {
     std::fs::create_dir_all(dir)?;
     for file in &info.data_files {
         check_file_name(file)?;
@@ -522,8 +522,10 @@ struct Runner {
 /// Rounds of private state a node keeps for audits: the hub asks for a round's state
 /// right after it closes, before the node's next round.
 const REVEALABLE_ROUNDS: usize = 2;
-/// How long a node waits before sending a state the hub still asks for again.
-const REVEAL_AGAIN: Duration = Duration::from_secs(10);
+/// How long a node waits before sending a state the hub still asks for again (a hub
+/// restarted meanwhile forgot the replay in flight). Well inside the hub's reveal
+/// window of two round deadlines, so an honest node is never late for it.
+const REVEAL_AGAIN: Duration = Duration::from_secs(2);
 
 impl Runner {
     /// Carries out one action; `None` when the run is over.

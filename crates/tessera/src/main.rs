@@ -12,6 +12,7 @@ mod ledger_cli;
 mod netdemo;
 mod progress;
 mod sim;
+mod validator_cli;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,9 @@ enum Command {
     },
     /// Run a contributor node against a hub.
     Node(NodeArgs),
+    /// Judge every round of a hub's run again from public data and report whether the
+    /// hub's verdicts agree (start it with the run).
+    Validator(validator_cli::ValidatorArgs),
     /// Simulate a run of thousands of nodes on virtual time over the real engines, with
     /// seeded faults; the same seed gives the same trace hash.
     Sim(sim::SimArgs),
@@ -344,6 +348,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Experiment(ExperimentCommand::Diloco(args)) => experiment::diloco(args),
         Command::Experiment(ExperimentCommand::Byzantine(args)) => byzantine::run(args),
         Command::Sim(args) => sim::run_cli(args),
+        Command::Validator(args) => validator_cli::run(args),
         Command::Hub { config } => {
             let config = tessera_hub::HubConfig::load(&config)?;
             tokio::runtime::Runtime::new()?.block_on(tessera_hub::serve(config))

@@ -1043,6 +1043,31 @@ fn adversary_run(mode: &str, restart: bool) {
     wait_for(d, "the hub", Duration::from_secs(30), || {
         get(&format!("{url}/run")).is_some()
     });
+    // An independent validator follows the run from its start and judges every round
+    // again from public data (the restart run is left out: a restarted hub no longer
+    // serves the refused blobs of the round before it).
+    let hub_key = tessera_protocol::Identity::load(&d.join("hub").join("hub.key"))
+        .unwrap()
+        .public_hex();
+    let validator = (!restart).then(|| {
+        let (key, dir) = (d.join("val.key"), d.join("val"));
+        spawn(
+            &[
+                "validator",
+                "--hub",
+                &url,
+                "--hub-key",
+                &hub_key,
+                "--key",
+                s(&key),
+                "--dir",
+                s(&dir),
+                "--device",
+                "cpu",
+            ],
+            &d.join("validator.log"),
+        )
+    });
     // A key without the run's stake can't join (nor a cheater's next key for free).
     let unstaked = tessera_protocol::Identity::generate();
     let (status, text) = signed(&unstaked, &url, "/node/join", Vec::new());
@@ -1123,6 +1148,25 @@ fn adversary_run(mode: &str, restart: bool) {
             "{mode}: honest {hex} unpaid"
         );
         assert_eq!(balance(&ledger, &format!("stake:it:{hex}")), "5");
+    }
+    if let Some(mut v) = validator {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = v.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode}: the validator did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let log = std::fs::read_to_string(d.join("validator.log")).unwrap();
+        assert!(status.success(), "{mode}: validator failed:\n{log}");
+        assert!(
+            log.contains("8 round(s) agree with the hub's verdicts, 0 differ"),
+            "{mode}:\n{log}"
+        );
     }
     // Every round paid exactly once, across the restart: each had honest verified work,
     // so the pool of 8 rounds × 10 is empty (a missed round would leave 10, a second
