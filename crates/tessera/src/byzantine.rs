@@ -53,8 +53,8 @@ use tessera_train::validate::{own_set, scored_sets, training_flops, Scorer};
 use tessera_train::worker::{initial_state, OuterState, PrivateState, Worker};
 use tessera_train::Dataset;
 use tessera_verify::{
-    audit_compare, audit_picks, clipped_mean, copies_in_round, cross_evidence, judge, norm, settle,
-    AuditOutcome, Escrow, Evidence, Flag, History, VerifyConfig,
+    audit_compare, audit_picks, copies_in_round, cross_evidence, judge, norm, settle, AuditOutcome,
+    Escrow, Evidence, Flag, History, VerifyConfig,
 };
 
 use crate::RuntimeArgs;
@@ -105,6 +105,14 @@ pub struct ByzantineArgs {
     /// JSON object per line.
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// How accepted updates are combined: `clipped_mean` (the run default), `mean`,
+    /// `median`, `trimmed_mean` or `norm_clip`.
+    #[arg(long, default_value = "clipped_mean")]
+    aggregator: tessera_outer::Aggregator,
+    /// Accept every update unjudged (no refusals, audits or ejections): to measure what
+    /// the aggregator alone does under attack.
+    #[arg(long)]
+    no_validator: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -162,6 +170,8 @@ struct Setup {
     device: Device,
     threads: usize,
     verify: VerifyConfig,
+    aggregator: tessera_outer::Aggregator,
+    no_validator: bool,
 }
 
 pub fn run(args: ByzantineArgs) -> Result<()> {
@@ -228,6 +238,8 @@ pub fn run(args: ByzantineArgs) -> Result<()> {
                 })?
             }
         },
+        aggregator: args.aggregator,
+        no_validator: args.no_validator,
     };
 
     let m = args.workers;
@@ -819,12 +831,23 @@ fn run_row(
             })
             .collect();
         let mut judgements = judge(&evidence, &history, &s.verify);
+        if s.no_validator {
+            for j in &mut judgements {
+                j.accepted = true;
+                j.score = 1.0;
+                j.flags.clear();
+            }
+        }
         judged_total += judgements.len() as u64;
 
         // Replay audits: the audited node reveals the state it committed to. A replay
         // of an update trained as assigned is answered by the memo (the same inputs);
         // the FLOPs are counted all the same.
-        let picks = audit_picks(seed, &judgements, &history, &s.verify);
+        let picks = if s.no_validator {
+            Vec::new()
+        } else {
+            audit_picks(seed, &judgements, &history, &s.verify)
+        };
         let audit_jobs: Vec<(usize, &Committed, Vec<u64>, Option<Trained>)> = picks
             .iter()
             .map(|id| {
@@ -927,8 +950,8 @@ fn run_row(
             .collect();
         accepted.sort_by_key(|(slot, _)| *slot);
         if !accepted.is_empty() {
-            let refs: Vec<&[f32]> = accepted.iter().map(|(_, u)| *u).collect();
-            let g = clipped_mean(&refs);
+            let owned: Vec<Vec<f32>> = accepted.iter().map(|(_, u)| u.to_vec()).collect();
+            let g = tessera_outer::aggregate::aggregate(s.aggregator, &owned);
             state.outer.step(&mut state.theta, &g);
         }
         state.round += 1;
