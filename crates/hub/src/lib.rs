@@ -940,40 +940,17 @@ async fn reveal(
     if audit.revealed {
         return Ok(Json(Ack {}));
     }
-    let provider = hub
-        .blobs
-        .reachable_at(&body.provider, peer.ip())
-        .map_err(|e| {
-            api(
-                ErrorCode::BlobRefused,
-                format!("reveal's provider refused: {e}"),
-            )
-        })?;
-    let _turn = Fetching::claim(&hub, node)?;
+    let fetched = fetch_states(
+        &hub,
+        peer,
+        node,
+        &body.provider,
+        vec![body.blob_hash],
+        "reveal",
+    )
+    .await?;
     let params = hub.info.model.params_total() as usize;
-    let max = 8 + 12 * params as u64;
-    let blobs = hub.blobs.clone();
-    let hash = body.blob_hash;
-    let state = tokio::task::spawn_blocking(move || {
-        let bytes = blobs.fetch(&hash.to_hex(), &[provider], max);
-        blobs.forget(&hash.to_hex());
-        bytes
-    })
-    .await
-    .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
-    .map_err(|e| {
-        api(
-            ErrorCode::BlobRefused,
-            format!("revealed state refused: {e}"),
-        )
-    })?;
-    let parsed = tessera_train::worker::PrivateState::from_bytes(&state, params).and_then(|s| {
-        if Hash32(s.digest()) == audit.verdict.state_hash {
-            Ok(s)
-        } else {
-            Err("the revealed state is not the one its commit named".into())
-        }
-    });
+    let parsed = committed_state(&fetched[0], params, &audit);
     let state = match parsed {
         Ok(s) => s,
         Err(why) => {
@@ -1042,6 +1019,56 @@ async fn open_audit(
         })
 }
 
+/// Fetches the state blobs `hashes` a node names for an audit: only from its own
+/// addresses at the request's IP, one fetch per node at a time, each bounded to a
+/// state's exact size and dropped from the hub's store once read (nothing is kept).
+async fn fetch_states(
+    hub: &Shared,
+    peer: SocketAddr,
+    node: NodeId,
+    provider: &tessera_blobs::PeerAddr,
+    hashes: Vec<Hash32>,
+    what: &str,
+) -> Result<Vec<Vec<u8>>, ApiError> {
+    let provider = hub.blobs.reachable_at(provider, peer.ip()).map_err(|e| {
+        api(
+            ErrorCode::BlobRefused,
+            format!("{what}'s provider refused: {e}"),
+        )
+    })?;
+    let _turn = Fetching::claim(hub, node)?;
+    let max = 8 + 12 * hub.info.model.params_total();
+    let blobs = hub.blobs.clone();
+    tokio::task::spawn_blocking(move || {
+        hashes
+            .iter()
+            .map(|h| {
+                let bytes = blobs.fetch(&h.to_hex(), std::slice::from_ref(&provider), max);
+                blobs.forget(&h.to_hex());
+                bytes
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+    .map_err(|e| api(ErrorCode::BlobRefused, format!("{what} refused: {e}")))
+}
+
+/// The private state in `bytes`, if it parses strictly and is the one the audited
+/// commit named.
+fn committed_state(
+    bytes: &[u8],
+    params: usize,
+    audit: &PendingAudit,
+) -> Result<tessera_train::worker::PrivateState, String> {
+    let s = tessera_train::worker::PrivateState::from_bytes(bytes, params)?;
+    if Hash32(s.digest()) == audit.verdict.state_hash {
+        Ok(s)
+    } else {
+        Err("the revealed state is not the one its commit named".into())
+    }
+}
+
 /// What a replay of `audit` needs, with the node's revealed `state`.
 fn replay_job(
     hub: &Shared,
@@ -1088,44 +1115,13 @@ async fn trail(
             ),
         ));
     }
-    let provider = hub
-        .blobs
-        .reachable_at(&body.provider, peer.ip())
-        .map_err(|e| {
-            api(
-                ErrorCode::BlobRefused,
-                format!("trail's provider refused: {e}"),
-            )
-        })?;
-    let _turn = Fetching::claim(&hub, node)?;
-    let params = hub.info.model.params_total() as usize;
-    let max = 8 + 12 * params as u64;
-    let blobs = hub.blobs.clone();
     let hashes: Vec<Hash32> = std::iter::once(body.state)
-        .chain(body.steps.clone())
+        .chain(body.steps.iter().copied())
         .collect();
-    let fetched = tokio::task::spawn_blocking(move || {
-        hashes
-            .iter()
-            .map(|h| {
-                let bytes = blobs.fetch(&h.to_hex(), std::slice::from_ref(&provider), max);
-                blobs.forget(&h.to_hex());
-                bytes
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
-    .map_err(|e| api(ErrorCode::BlobRefused, format!("trail refused: {e}")))?;
-    let state = tessera_train::worker::PrivateState::from_bytes(&fetched[0], params)
-        .and_then(|s| {
-            if Hash32(s.digest()) == audit.verdict.state_hash {
-                Ok(s)
-            } else {
-                Err("the trail's private state is not the one its commit named".into())
-            }
-        })
-        .map_err(|e| api(ErrorCode::BadRequest, e))?;
+    let fetched = fetch_states(&hub, peer, node, &body.provider, hashes, "trail").await?;
+    let params = hub.info.model.params_total() as usize;
+    let state =
+        committed_state(&fetched[0], params, &audit).map_err(|e| api(ErrorCode::BadRequest, e))?;
     let steps = fetched[1..]
         .iter()
         .map(|b| tessera_train::worker::StepState::from_bytes(b, params))
