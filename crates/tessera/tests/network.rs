@@ -1172,7 +1172,10 @@ fn adversary_run(mode: &str, restart: bool) {
                 "{mode}:\n{log}"
             );
         } else {
-            assert!(log.contains("fetching blob"), "{mode}: validator failed:\n{log}");
+            assert!(
+                log.contains("fetching blob"),
+                "{mode}: validator failed:\n{log}"
+            );
             eprintln!("{mode}: the validator fell behind the hub's blobs:\n{log}");
         }
     }
