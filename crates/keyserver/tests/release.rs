@@ -1,0 +1,257 @@
+//! Key release: a fresh quote that passes the policy and binds the node key, HPKE key,
+//! run and nonce gets the keys, sealed to the HPKE key; a reused nonce, a quote
+//! replayed for another node key, run or nonce, a bad signature, an unnamed test root
+//! or a debug TD gets nothing, and every outcome is journaled.
+
+use tessera_attest::provider::{now_unix, QuoteProvider, TestProvider};
+use tessera_attest::Policy;
+use tessera_keyserver::{
+    request_signing_bytes, HpkeKeyPair, KeyServer, ReleaseRequest, NONCE_TTL_SECS,
+};
+use tessera_protocol::Identity;
+
+const RUN: &str = "private-run";
+
+fn keys() -> tessera_seal::SealKeys {
+    let text = format!(
+        r#"{{"format_version":1,"dataset_id":"{}","manifest_id":"{}","keys":[{{"index":0,"key_hex":"{}"}},{{"index":1,"key_hex":"{}"}}]}}"#,
+        "11".repeat(32),
+        "22".repeat(32),
+        "aa".repeat(32),
+        "bb".repeat(32)
+    );
+    tessera_seal::SealKeys::parse(&text).unwrap()
+}
+
+fn policy(p: &TestProvider) -> Policy {
+    Policy::from_toml(&format!(
+        "types = [\"tdx\"]\ntdx_mrtd = [\"{}\"]\ntest_roots = [\"{}\"]\n",
+        p.mr_td_hex(),
+        p.root_hash()
+    ))
+    .unwrap()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server: KeyServer,
+    provider: TestProvider,
+    now: u64,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_unix();
+    let provider = TestProvider::new(&[3; 32], now - 60, 86_400, false).unwrap();
+    let server = KeyServer::new(
+        RUN.into(),
+        policy(&provider),
+        keys(),
+        &dir.path().join("journal.db"),
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        server,
+        provider,
+        now,
+    }
+}
+
+/// A request as an honest node makes it, with the binding over `bind_*`.
+fn request(
+    f: &Fixture,
+    id: &Identity,
+    hpke: &HpkeKeyPair,
+    nonce: &str,
+    run: &str,
+    provider: &dyn QuoteProvider,
+) -> ReleaseRequest {
+    let n: [u8; 32] = hex::decode(nonce).unwrap().try_into().unwrap();
+    let pk: [u8; 32] = hex::decode(id.public_hex()).unwrap().try_into().unwrap();
+    let rd = tessera_attest::binding::report_data(&pk, &hpke.public(), &n, run);
+    let evidence = provider.evidence(&rd).unwrap();
+    let items = vec![0, 1];
+    let signed = request_signing_bytes(run, &n, &hpke.public(), &evidence.quote, &items);
+    let _ = f;
+    ReleaseRequest {
+        run_id: run.into(),
+        node_key: id.public_hex(),
+        hpke_key: hex::encode(hpke.public()),
+        nonce: nonce.into(),
+        items,
+        evidence,
+        signature: id.sign(&signed),
+    }
+}
+
+#[test]
+fn an_attested_node_gets_its_keys_sealed_to_its_hpke_key() {
+    let f = fixture();
+    let id = Identity::generate();
+    let hpke = HpkeKeyPair::generate();
+    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
+    let reply = f.server.release(&req, f.now).unwrap();
+    let n: [u8; 32] = hex::decode(&nonce).unwrap().try_into().unwrap();
+    let released = hpke.open(&reply, RUN, &n).unwrap();
+    assert_eq!(released.keys.len(), 2);
+    assert_eq!(released.keys[0].key, "aa".repeat(32));
+    assert_eq!(released.keys[1].key, "bb".repeat(32));
+    // Another HPKE key cannot open it.
+    assert!(HpkeKeyPair::generate().open(&reply, RUN, &n).is_err());
+    let journal = f.server.journal_entries().unwrap();
+    assert_eq!(journal.len(), 2);
+    assert!(journal
+        .iter()
+        .all(|e| e.outcome == "released" && e.node_key == id.public_hex()));
+    assert_eq!(journal[0].quote_hash, req.evidence.quote_hash());
+}
+
+#[test]
+fn a_nonce_serves_once_and_expires() {
+    let f = fixture();
+    let id = Identity::generate();
+    let hpke = HpkeKeyPair::generate();
+    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
+    f.server.release(&req, f.now).unwrap();
+    let again = f.server.release(&req, f.now).unwrap_err();
+    assert_eq!(again.rule, "nonce", "{again}");
+    // Expired.
+    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
+    let late = f.server.release(&req, f.now + NONCE_TTL_SECS + 1).unwrap_err();
+    assert_eq!(late.rule, "nonce", "{late}");
+    // Never issued.
+    let req = request(&f, &id, &hpke, &"77".repeat(32), RUN, &f.provider);
+    assert_eq!(f.server.release(&req, f.now).unwrap_err().rule, "nonce");
+}
+
+#[test]
+fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
+    let f = fixture();
+    let honest = Identity::generate();
+    let hpke = HpkeKeyPair::generate();
+    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let good = request(&f, &honest, &hpke, &nonce, RUN, &f.provider);
+
+    // The same quote, now presented by another node key (re-signed by it), with a
+    // fresh nonce: the report_data binds the honest key and the old nonce.
+    let thief = Identity::generate();
+    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let mut stolen = good.clone();
+    stolen.node_key = thief.public_hex();
+    stolen.nonce = fresh.clone();
+    let n: [u8; 32] = hex::decode(&fresh).unwrap().try_into().unwrap();
+    stolen.signature = thief.sign(&request_signing_bytes(
+        RUN,
+        &n,
+        &hpke.public(),
+        &stolen.evidence.quote,
+        &stolen.items,
+    ));
+    assert_eq!(f.server.release(&stolen, f.now).unwrap_err().rule, "report_data");
+
+    // Same node, the attacker's own HPKE key swapped in (to read the keys).
+    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let mine = request(&f, &honest, &hpke, &fresh, RUN, &f.provider);
+    let mut swapped = mine.clone();
+    let attacker_hpke = HpkeKeyPair::generate();
+    swapped.hpke_key = hex::encode(attacker_hpke.public());
+    let n: [u8; 32] = hex::decode(&fresh).unwrap().try_into().unwrap();
+    swapped.signature = honest.sign(&request_signing_bytes(
+        RUN,
+        &n,
+        &attacker_hpke.public(),
+        &swapped.evidence.quote,
+        &swapped.items,
+    ));
+    assert_eq!(f.server.release(&swapped, f.now).unwrap_err().rule, "report_data");
+
+    // A quote bound to another run: refused for the run id before anything else when
+    // presented to this run's server under the other run's name...
+    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let other_run = request(&f, &honest, &hpke, &fresh, "other-run", &f.provider);
+    assert_eq!(f.server.release(&other_run, f.now).unwrap_err().rule, "run");
+    // ...and for its binding when the run id is rewritten (and re-signed).
+    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let mut rewritten = request(&f, &honest, &hpke, &fresh, "other-run", &f.provider);
+    rewritten.run_id = RUN.into();
+    let n: [u8; 32] = hex::decode(&fresh).unwrap().try_into().unwrap();
+    rewritten.signature = honest.sign(&request_signing_bytes(
+        RUN,
+        &n,
+        &hpke.public(),
+        &rewritten.evidence.quote,
+        &rewritten.items,
+    ));
+    assert_eq!(f.server.release(&rewritten, f.now).unwrap_err().rule, "report_data");
+
+    // A request not signed by the node key it names.
+    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let mut forged = request(&f, &honest, &hpke, &fresh, RUN, &f.provider);
+    forged.signature = thief.sign(b"something else");
+    assert_eq!(f.server.release(&forged, f.now).unwrap_err().rule, "signature");
+
+    // Nothing was released; every refusal is journaled with its rule.
+    let journal = f.server.journal_entries().unwrap();
+    assert!(journal.iter().all(|e| e.outcome != "released"), "{journal:?}");
+    assert_eq!(journal.len(), 5);
+}
+
+#[test]
+fn unattested_debug_and_foreign_quotes_get_nothing() {
+    let f = fixture();
+    let id = Identity::generate();
+    let hpke = HpkeKeyPair::generate();
+    // A debug TD from the same test PKI.
+    let dbg = TestProvider::new(&[3; 32], f.now - 60, 86_400, true).unwrap();
+    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let r = f
+        .server
+        .release(&request(&f, &id, &hpke, &nonce, RUN, &dbg), f.now)
+        .unwrap_err();
+    assert_eq!(r.rule, "allow_debug", "{r}");
+    // A test PKI the policy does not name.
+    let other = TestProvider::new(&[4; 32], f.now - 60, 86_400, false).unwrap();
+    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let r = f
+        .server
+        .release(&request(&f, &id, &hpke, &nonce, RUN, &other), f.now)
+        .unwrap_err();
+    assert_eq!(r.rule, "root", "{r}");
+    // Items outside the data set, or named twice.
+    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let mut req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
+    req.items = vec![0, 0];
+    assert_eq!(f.server.release(&req, f.now).unwrap_err().rule, "items");
+}
+
+#[test]
+fn the_journal_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let now = now_unix();
+    let provider = TestProvider::new(&[3; 32], now - 60, 86_400, false).unwrap();
+    {
+        let server = KeyServer::new(RUN.into(), policy(&provider), keys(), &path).unwrap();
+        let f = Fixture {
+            _dir: tempfile::tempdir().unwrap(),
+            server,
+            provider: TestProvider::new(&[3; 32], now - 60, 86_400, false).unwrap(),
+            now,
+        };
+        let id = Identity::generate();
+        let hpke = HpkeKeyPair::generate();
+        let nonce = f.server.issue_nonce(now).unwrap().nonce;
+        f.server
+            .release(&request(&f, &id, &hpke, &nonce, RUN, &f.provider), now)
+            .unwrap();
+    }
+    let entries = tessera_keyserver::Journal::open(&path)
+        .unwrap()
+        .entries()
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+}
