@@ -39,7 +39,7 @@ for t in "${targets[@]}"; do
     # JSON targets get JSON's syntax and boundary numbers as a dictionary.
     dict=()
     case $t in
-    wire_bodies | run_spec | ledger_request | data_manifest | model_config | safetensors)
+    wire_bodies | run_spec | ledger_request | data_manifest | sealed_manifest | model_config | safetensors)
         dict=(-dict=fuzz/dict/json.dict)
         ;;
     esac

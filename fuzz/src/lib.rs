@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod model;
 pub mod outer;
 pub mod protocol;
+pub mod seal;
 
 /// Elements of a `nano` update (131,392): the shape the update targets decode at.
 pub fn nano_params() -> u64 {
@@ -50,6 +51,8 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("ledger_request", ledger::request),
     ("data_manifest", data::manifest),
     ("data_shard", data::shard),
+    ("sealed_manifest", seal::manifest),
+    ("sealed_item", seal::item),
     ("safetensors", model::safetensors),
     ("model_config", model::config),
 ];

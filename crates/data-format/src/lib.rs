@@ -17,6 +17,8 @@
 use serde::{Deserialize, Serialize};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The tokenizer of a prepared data set (Hugging Face `tokenizer.json`, byte-level BPE).
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The manifest format this version reads and writes.
 pub const MANIFEST_VERSION: u32 = 1;
 /// The largest vocabulary: token ids are u32.

@@ -1,6 +1,6 @@
 //! `run.toml`: what a run organiser writes to start a hub. Two kinds of keys: where the
 //! hub runs (`data`, `state_dir`, `listen`, `blob_bind`, `ledger`, `organiser`,
-//! `tls_cert`, `tls_key`) and the
+//! `tls_cert`, `tls_key`, `attest`, `tee_policy`) and the
 //! run's settings, which are the keys of [`RunSpec`] with its defaults (the measured
 //! best; see `tessera_protocol::spec`). Only `run_id`, `data` and `state_dir` are
 //! required; an unknown key is an error that names it.
@@ -40,6 +40,29 @@ pub struct Deployment {
     /// The PEM private key of `tls_cert`.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// How the hub attests for a sealed data set's keys: `configfs` (inside a TDX or
+    /// SEV-SNP guest) or `test:SEED_FILE` (the test PKI; only a key server whose policy
+    /// names that test root accepts it).
+    #[serde(default)]
+    pub attest: Option<String>,
+    /// The attestation policy of a private run (`[tee_policy]`, see
+    /// `tessera_attest::policy`): what the run's key server accepts
+    /// (`tessera keys serve --config run.toml`).
+    #[serde(default)]
+    pub tee_policy: Option<toml::Table>,
+}
+
+impl Deployment {
+    /// The run's attestation policy, checked.
+    pub fn policy(&self) -> Result<Option<tessera_attest::Policy>> {
+        self.tee_policy
+            .as_ref()
+            .map(|t| {
+                let text = toml::to_string(t)?;
+                Ok(tessera_attest::Policy::from_toml(&text)?)
+            })
+            .transpose()
+    }
 }
 
 fn d_listen() -> String {
@@ -58,6 +81,8 @@ const DEPLOYMENT_KEYS: &[&str] = &[
     "organiser",
     "tls_cert",
     "tls_key",
+    "attest",
+    "tee_policy",
 ];
 
 /// A hub's whole configuration.
@@ -86,6 +111,19 @@ impl HubConfig {
             bail!("missing `run_id`");
         }
         let deployment: Deployment = toml::Value::Table(deployment).try_into()?;
+        deployment.policy()?;
+        // A sealed data set implies a private run: members must attest.
+        if deployment.data.join(tessera_seal::SEALED_MANIFEST_FILE).exists() {
+            match table.get("tee").and_then(|v| v.as_str()) {
+                None => {
+                    table.insert("tee".into(), toml::Value::String("required".into()));
+                }
+                Some("required") => {}
+                Some(other) => bail!(
+                    "`data` is a sealed data set, so `tee` must be \"required\", not \"{other}\""
+                ),
+            }
+        }
         if deployment.tls_cert.is_some() != deployment.tls_key.is_some() {
             bail!("`tls_cert` and `tls_key` go together: give both to serve HTTPS, or neither");
         }

@@ -181,6 +181,8 @@ struct Core {
     blob_dir: PathBuf,
     ledger: Option<Arc<tessera_net::LedgerService>>,
     info: Arc<RunInfo>,
+    /// The run's data set, opened once (a private run's plaintext is only in memory).
+    data: Arc<Dataset>,
     auth: Arc<ServerAuth>,
     started_ms: u64,
     calls: mpsc::Sender<Call>,
@@ -213,6 +215,69 @@ fn log(line: &str) {
     eprintln!("hub: {}", line.escape_debug());
 }
 
+/// Opens the run's data set: a prepared one from disk, or a sealed one (`sealed.json`)
+/// whose keys the hub gets from the run's key server by attesting like any member; its
+/// plaintext then lives only in memory. Returns the data, the bytes of the manifest
+/// nodes check, and the files nodes fetch.
+fn open_data(
+    dep: &config::Deployment,
+    spec: &RunSpec,
+    key: &tessera_protocol::Identity,
+) -> Result<(Dataset, Vec<u8>, Vec<String>)> {
+    let sealed_path = dep.data.join(tessera_seal::SEALED_MANIFEST_FILE);
+    if !sealed_path.exists() {
+        if spec.tee == tessera_protocol::TeeMode::Required && !spec.key_server.is_empty() {
+            bail!(
+                "run setting `key_server`: {} is not a sealed data set (no {}); seal it with `tessera data seal`",
+                dep.data.display(),
+                tessera_seal::SEALED_MANIFEST_FILE
+            );
+        }
+        let data = Dataset::open(&dep.data)
+            .with_context(|| format!("opening data set {}", dep.data.display()))?;
+        let manifest_bytes = std::fs::read(dep.data.join(MANIFEST_FILE))?;
+        let files = data.files();
+        return Ok((data, manifest_bytes, files));
+    }
+    let text = std::fs::read_to_string(&sealed_path)
+        .with_context(|| format!("reading {}", sealed_path.display()))?;
+    let manifest = tessera_seal::SealedManifest::parse(&text)
+        .with_context(|| format!("{} is not a sealed manifest", sealed_path.display()))?;
+    if spec.tee != tessera_protocol::TeeMode::Required {
+        bail!(
+            "{} is a sealed data set: the run must set `tee = \"required\"` and `key_server`",
+            dep.data.display()
+        );
+    }
+    let attest = dep.attest.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} is sealed: the hub needs its plaintext to evaluate and audit, so it attests like a member; \
+             set `attest` in the run file (`configfs` inside a TDX/SEV-SNP guest)",
+            dep.data.display()
+        )
+    })?;
+    let provider = tessera_attest::provider::from_spec(attest)?;
+    log(&format!(
+        "sealed data set: attesting with {} to {}",
+        provider.describe(),
+        spec.key_server
+    ));
+    let plain = tessera_keyserver::open_sealed(
+        &dep.data,
+        &manifest,
+        &spec.key_server,
+        &spec.run_id,
+        key,
+        provider.as_ref(),
+    )
+    .context("getting the sealed data set's keys")?;
+    let data = Dataset::from_sealed(&manifest, plain)?;
+    let files = std::iter::once(tessera_seal::SEALED_MANIFEST_FILE.to_string())
+        .chain(manifest.items.iter().map(|i| i.file.clone()))
+        .collect();
+    Ok((data, text.into_bytes(), files))
+}
+
 impl Core {
     fn open(config: HubConfig, calls: mpsc::Sender<Call>) -> Result<Core> {
         let dep = &config.deployment;
@@ -221,9 +286,16 @@ impl Core {
             .with_context(|| format!("creating {}", dep.state_dir.display()))?;
         let blob_dir = dep.state_dir.join("blobs");
         std::fs::create_dir_all(&blob_dir)?;
-        let data = Dataset::open(&dep.data)
-            .with_context(|| format!("opening data set {}", dep.data.display()))?;
-        let manifest_bytes = std::fs::read(dep.data.join(MANIFEST_FILE))?;
+        // The hub's own key signs every reply; nodes pin it (`--hub-key`). In a private
+        // run it is also the key the hub attests with for the data's keys.
+        let key_path = dep.state_dir.join(HUB_KEY_FILE);
+        let (key, created) = tessera_protocol::Identity::load_or_create(&key_path)
+            .with_context(|| format!("the hub's key {}", key_path.display()))?;
+        if created {
+            log(&format!("created the hub's key {}", key_path.display()));
+        }
+        let (data, manifest_bytes, data_files) = open_data(dep, &spec, &key)?;
+        let data = Arc::new(data);
         let model = Preset::by_name(&spec.preset)?.config_for_vocab(data.manifest.vocab_size);
         if spec.seq_len > model.max_position_embeddings {
             bail!(
@@ -253,7 +325,7 @@ impl Core {
             spec: spec.clone(),
             model: model.clone(),
             data_manifest: Hash32::of(&manifest_bytes),
-            data_files: data.files(),
+            data_files,
             hub_blobs: blobs.addr(),
         });
         // θ₀ is a pure function of the run's seed.
@@ -290,13 +362,6 @@ impl Core {
         for hash in serve_again {
             blobs.publish(&read_blob(&blob_dir, hash)?)?;
         }
-        // The hub's own key signs every reply; nodes pin it (`--hub-key`).
-        let key_path = dep.state_dir.join(HUB_KEY_FILE);
-        let (key, created) = tessera_protocol::Identity::load_or_create(&key_path)
-            .with_context(|| format!("the hub's key {}", key_path.display()))?;
-        if created {
-            log(&format!("created the hub's key {}", key_path.display()));
-        }
         let auth = Arc::new(ServerAuth::new(key, &spec.run_id)?);
         eprintln!(
             "hub: key {} (nodes may pin it with --hub-key)",
@@ -324,7 +389,7 @@ impl Core {
         let validator = Validator::new(
             spec.clone(),
             model.clone(),
-            data,
+            data.clone(),
             host.state.verify_config().clone(),
             dep.state_dir.join(validator::HISTORY_FILE),
         )
@@ -345,6 +410,7 @@ impl Core {
             blob_dir,
             ledger,
             info,
+            data,
             auth,
             started_ms: now_ms(),
             calls,
@@ -516,14 +582,13 @@ impl Core {
     /// Writes the final model as a Hugging Face checkpoint and evaluates it, on a thread
     /// of its own; the result comes back as an input.
     fn finish(&self, checkpoint: Hash32) {
-        let data_dir = self.config.deployment.data.clone();
+        let data = self.data.clone();
         let dir = self.config.deployment.state_dir.join("final");
         let path = self.blob_dir.join(checkpoint.to_hex());
         let info = self.info.clone();
         let calls = self.calls.clone();
         std::thread::spawn(move || {
             let result = (|| -> Result<FinalEval> {
-                let data = Dataset::open(&data_dir)?;
                 let spec = &info.spec;
                 let bytes = std::fs::read(&path)?;
                 let state = OuterState::from_bytes(
@@ -688,6 +753,7 @@ struct Shared {
     calls: mpsc::Sender<Call>,
     info: Arc<RunInfo>,
     data_dir: PathBuf,
+    data: Arc<Dataset>,
     blobs: Arc<dyn BlobTransport>,
     blob_dir: PathBuf,
     auth: Arc<ServerAuth>,
@@ -1081,7 +1147,7 @@ fn replay_job(
     Ok(validator::Replay {
         spec: hub.info.spec.clone(),
         model: hub.info.model.clone(),
-        data_dir: hub.data_dir.clone(),
+        data: hub.data.clone(),
         checkpoint: read(audit.checkpoint)?,
         submitted: read(audit.verdict.blob_hash)?,
         state,
@@ -1233,6 +1299,7 @@ pub async fn serve(config: HubConfig) -> Result<()> {
         calls: tx.clone(),
         info: core.info.clone(),
         data_dir: core.config.deployment.data.clone(),
+        data: core.data.clone(),
         blobs: core.blobs.clone(),
         blob_dir: core.blob_dir.clone(),
         auth: core.auth.clone(),

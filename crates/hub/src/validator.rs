@@ -28,6 +28,7 @@ use tessera_model::LlamaConfig;
 use tessera_outer::{decode_for, OuterState};
 use tessera_protocol::wire::Verdict;
 use tessera_protocol::{NodeId, RunSpec};
+use std::sync::Arc;
 use tessera_train::data::{Dataset, Windows};
 use tessera_train::rng::SplitMix64;
 use tessera_train::validate::{own_set, scored_sets, Scorer};
@@ -46,7 +47,7 @@ pub const HISTORY_FILE: &str = "validator.json";
 pub struct Validator {
     spec: RunSpec,
     model: LlamaConfig,
-    data: Dataset,
+    data: Arc<Dataset>,
     windows: Windows,
     scorer: Option<Scorer>,
     cfg: VerifyConfig,
@@ -58,7 +59,7 @@ impl Validator {
     pub fn new(
         spec: RunSpec,
         model: LlamaConfig,
-        data: Dataset,
+        data: Arc<Dataset>,
         cfg: VerifyConfig,
         history_path: PathBuf,
     ) -> Result<Validator, String> {
@@ -252,7 +253,8 @@ pub fn round_seed(round: u64, commits: &[Judging]) -> [u8; 32] {
 pub struct Replay {
     pub spec: RunSpec,
     pub model: LlamaConfig,
-    pub data_dir: PathBuf,
+    /// The run's data set (opened once: a private run's plaintext lives only in memory).
+    pub data: Arc<Dataset>,
     /// The checkpoint the round trained from.
     pub checkpoint: Vec<u8>,
     /// The update the node committed.
@@ -274,14 +276,14 @@ pub fn replay(r: Replay) -> Result<String, String> {
         r.spec.outer_momentum,
     )
     .map_err(|e| format!("the round's checkpoint does not load: {e}"))?;
-    let data = Dataset::open(&r.data_dir).map_err(|e| format!("opening the data: {e:#}"))?;
+    let data = &r.data;
     let windows = Windows::new(&data.train, r.spec.seq_len);
     let codec = r.spec.codec()?;
     let submitted = decode_for(codec, &r.submitted, params as u64)
         .map_err(|e| format!("the committed update does not decode: {e}"))?;
     let mut worker = Worker::new(r.spec.clone(), &r.model, Device::Cpu)?;
     let blob = worker
-        .replay(&state, &r.state, &data, &windows, &r.batches)
+        .replay(&state, &r.state, data, &windows, &r.batches)
         .map_err(|e| format!("the revealed state does not fit: {e}"))?;
     let replayed = decode_for(codec, &blob, params as u64).map_err(|e| e.to_string())?;
     match audit_compare(&submitted, &replayed, &r.cfg) {
@@ -331,7 +333,7 @@ pub fn referee(r: Referee) -> Result<String, String> {
     let Replay {
         spec,
         model,
-        data_dir,
+        data,
         checkpoint,
         submitted,
         state,
@@ -353,7 +355,6 @@ pub fn referee(r: Referee) -> Result<String, String> {
             batches.len()
         ));
     }
-    let data = Dataset::open(&data_dir).map_err(|e| format!("opening the data: {e:#}"))?;
     let windows = Windows::new(&data.train, spec.seq_len);
     let codec = spec.codec()?;
     let mut worker = Worker::new(spec.clone(), &model, Device::Cpu)?;
@@ -366,7 +367,7 @@ pub fn referee(r: Referee) -> Result<String, String> {
     let mut worst = 0f64;
     for (h, (theirs, &batch)) in r.trail.iter().zip(&batches).enumerate() {
         let mine = worker
-            .step_from(outer.round, h, &from, batch, &data, &windows)
+            .step_from(outer.round, h, &from, batch, data.as_ref(), &windows)
             .map_err(|e| format!("refereed replay: {e}"))?;
         // θ is compared relative to the step's own change, the moments to their size.
         let err = rel(

@@ -59,6 +59,10 @@ pub struct NodeOptions {
     /// Cheat in this way: **a test tool** for verification
     /// (`tessera_train::adversary`); `None` in every real node.
     pub adversary: Option<Adversary>,
+    /// How this node attests for a private run's data keys: `configfs` (inside a TDX or
+    /// SEV-SNP guest) or `test:SEED_FILE` (the test PKI). `None`: the node cannot
+    /// train on sealed data.
+    pub attest: Option<String>,
 }
 
 /// Context under which the blob endpoint's key is derived from the node key.
@@ -256,6 +260,35 @@ fn check_file_name(name: &str) -> Result<()> {
 /// Downloads the run's data set into `dir` (skipping files already there) and opens it,
 /// which verifies every shard against the manifest.
 pub fn fetch_data(hub: &dyn HubApi, info: &RunInfo, dir: &Path) -> Result<Dataset> {
+    fetch_data_as(hub, info, dir, None)
+}
+
+/// Why a node cannot train on a run's sealed data: said before it joins.
+pub fn private_run_refusal(info: &RunInfo, attest: Option<&str>) -> Option<String> {
+    let sealed = info
+        .data_files
+        .iter()
+        .any(|f| f == tessera_seal::SEALED_MANIFEST_FILE);
+    (sealed && attest.is_none()).then(|| {
+        format!(
+            "run `{}` trains on a sealed (private) data set: its keys are released only to nodes \
+             that attest, by a hardware quote, that they run an allow-listed build in a TEE \
+             (tee = required, key server {}). This node has no quote provider: run it inside a \
+             TDX or SEV-SNP confidential VM with `--attest configfs`.",
+            info.spec.run_id, info.spec.key_server
+        )
+    })
+}
+
+/// Fetches the run's data set into `dir` (files already there are kept). A sealed data
+/// set's files are ciphertext; its keys come from the run's key server for the quote
+/// `access` makes, and its plaintext is opened in memory only, never written.
+pub fn fetch_data_as(
+    hub: &dyn HubApi,
+    info: &RunInfo,
+    dir: &Path,
+    access: Option<(&Identity, &dyn tessera_attest::provider::QuoteProvider)>,
+) -> Result<Dataset> {
     std::fs::create_dir_all(dir)?;
     for file in &info.data_files {
         check_file_name(file)?;
@@ -272,14 +305,40 @@ pub fn fetch_data(hub: &dyn HubApi, info: &RunInfo, dir: &Path) -> Result<Datase
                 .with_context(|| format!("renaming {} into place", tmp.display()))?;
         }
     }
-    let manifest = std::fs::read(dir.join(tessera_train::data::MANIFEST_FILE))?;
+    let sealed = info
+        .data_files
+        .iter()
+        .any(|f| f == tessera_seal::SEALED_MANIFEST_FILE);
+    let manifest_file = if sealed {
+        tessera_seal::SEALED_MANIFEST_FILE
+    } else {
+        tessera_train::data::MANIFEST_FILE
+    };
+    let manifest = std::fs::read(dir.join(manifest_file))?;
     if Hash32::of(&manifest) != info.data_manifest {
         bail!(
             "the data manifest does not match the run's; delete {} and retry",
             dir.display()
         );
     }
-    Ok(Dataset::open(dir)?)
+    if !sealed {
+        return Ok(Dataset::open(dir)?);
+    }
+    let Some((identity, provider)) = access else {
+        bail!(private_run_refusal(info, None).unwrap_or_default());
+    };
+    let text = String::from_utf8(manifest).context("the sealed manifest is not UTF-8")?;
+    let sealed_manifest = tessera_seal::SealedManifest::parse(&text)?;
+    let plain = tessera_keyserver::open_sealed(
+        dir,
+        &sealed_manifest,
+        &info.spec.key_server,
+        &info.spec.run_id,
+        identity,
+        provider,
+    )
+    .context("getting the sealed data set's keys from the run's key server")?;
+    Ok(Dataset::from_sealed(&sealed_manifest, plain)?)
 }
 
 /// The model the hub names must be the run's preset sized to the data set's
@@ -393,7 +452,18 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     let spec = info.spec.clone();
     let me = NodeId::from_hex(&opts.identity.public_hex()).expect("our own key is canonical");
     let tag = me.short(12);
-    let data = fetch_data(hub.as_ref(), &info, &opts.cache_dir.join(&spec.run_id))?;
+    if let Some(why) = private_run_refusal(&info, opts.attest.as_deref()) {
+        bail!(why);
+    }
+    let provider = opts
+        .attest
+        .as_deref()
+        .map(tessera_attest::provider::from_spec)
+        .transpose()?;
+    let access = provider
+        .as_deref()
+        .map(|p| (&opts.identity, p));
+    let data = fetch_data_as(hub.as_ref(), &info, &opts.cache_dir.join(&spec.run_id), access)?;
     check_model(&info, data.manifest.vocab_size)?;
     let windows = Windows::new(&data.train, spec.seq_len);
     let worker = Worker::new(spec.clone(), &info.model, opts.device).map_err(anyhow::Error::msg)?;

@@ -78,6 +78,23 @@ pub struct RunSpec {
     /// ledger) to join it; a node caught cheating loses them. A hub without a ledger
     /// pays nobody and requires no stake.
     pub min_stake: u64,
+    /// `off`, `optional` or `required`: whether members must prove by a hardware quote
+    /// that they run an allow-listed build in a TEE. A run on a sealed data set is
+    /// `required` (the hub sets it when its data is sealed).
+    pub tee: TeeMode,
+    /// A private run's key server (the data owner's `tessera keys serve`), where an
+    /// attested member gets the sealed data set's keys. Empty for a public run.
+    pub key_server: String,
+}
+
+/// Whether a run's members attest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TeeMode {
+    #[default]
+    Off,
+    Optional,
+    Required,
 }
 
 impl Default for RunSpec {
@@ -111,6 +128,8 @@ impl Default for RunSpec {
             seed: 0,
             joins_per_minute: 120,
             min_stake: 1,
+            tee: TeeMode::Off,
+            key_server: String::new(),
         }
     }
 }
@@ -164,6 +183,20 @@ impl RunSpec {
             }
         }
         // The ledger holds at most 10^18 tokens in all.
+        if self.tee == TeeMode::Required && self.key_server.is_empty() {
+            return Err(bad(
+                "key_server",
+                "a run with `tee = \"required\"` names the key server that releases its data keys",
+            ));
+        }
+        if !self.key_server.is_empty()
+            && !(self.key_server.starts_with("http://") || self.key_server.starts_with("https://"))
+        {
+            return Err(bad(
+                "key_server",
+                format!("`{}` is not an http:// or https:// URL", self.key_server),
+            ));
+        }
         if self.min_stake > 1_000_000_000_000_000_000 {
             return Err(bad(
                 "min_stake",

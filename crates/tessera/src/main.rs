@@ -3,6 +3,7 @@
 //!
 //! Exit codes: 0 success, 1 an error (printed with its cause chain), 2 bad usage.
 
+mod attest_cli;
 mod bench;
 mod bench_ledger;
 mod byzantine;
@@ -11,6 +12,7 @@ mod experiment;
 mod ledger_cli;
 mod netdemo;
 mod progress;
+mod seal_cli;
 mod sim;
 mod validator_cli;
 
@@ -80,6 +82,12 @@ enum Command {
     },
     /// The token ledger: sales, run funding, payouts, stake, revenue, Merkle proofs.
     Ledger(ledger_cli::LedgerArgs),
+    /// TEE evidence: verify TDX quotes and SEV-SNP reports offline; make a test PKI.
+    #[command(subcommand)]
+    Attest(attest_cli::AttestCommand),
+    /// The data owner's key server: releases a sealed data set's keys to attested nodes.
+    #[command(subcommand)]
+    Keys(attest_cli::KeysCommand),
 }
 
 #[derive(Subcommand)]
@@ -112,6 +120,19 @@ enum DataCommand {
         /// Maximum tokens per shard file.
         #[arg(long, default_value_t = 1 << 24)]
         shard_tokens: usize,
+    },
+    /// Encrypt a prepared data set for a private run: per-item keys (to the data
+    /// owner's key server), ciphertext and a public manifest (what the hub publishes).
+    Seal {
+        /// A data set from `tessera data prepare`.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where the sealed data set goes (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Where the keys go (mode 0600; refuses to overwrite). Keep them secret.
+        #[arg(long)]
+        keys: PathBuf,
     },
 }
 
@@ -269,6 +290,11 @@ struct NodeArgs {
     /// stake slashed; never use it in a run you care about.
     #[arg(long, value_name = "MODE")]
     adversary: Option<tessera_train::adversary::Adversary>,
+    /// How this node attests for a private run's data keys: `configfs` inside a TDX
+    /// or SEV-SNP confidential VM (collateral from $TESSERA_PCCS_URL or Intel's PCS),
+    /// `configfs:PCCS_URL`, or `test:SEED_FILE` (the test PKI, for tests and local demos).
+    #[arg(long, value_name = "PROVIDER")]
+    attest: Option<String>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -334,6 +360,9 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Data(DataCommand::Seal { data, out, keys }) => seal_cli::seal(&data, &out, &keys),
+        Command::Attest(c) => attest_cli::attest(c),
+        Command::Keys(c) => attest_cli::keys(c),
         Command::Train(args) => {
             let summary = run_train(&args)?;
             print_train_summary(&summary);
@@ -379,6 +408,7 @@ fn run(cli: Cli) -> Result<()> {
                 bandwidth_mbps: args.bandwidth_mbps,
                 blob_bind: args.blob_bind,
                 adversary: args.adversary,
+                attest: args.attest,
             })
         }
         Command::Keygen { out } => {

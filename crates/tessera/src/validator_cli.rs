@@ -46,6 +46,11 @@ pub struct ValidatorArgs {
     /// How long to wait for a round to close before giving up, in seconds.
     #[arg(long, default_value_t = 900)]
     round_timeout: u64,
+    /// How this validator attests for a private run's data keys (`configfs`,
+    /// `configfs:PCCS_URL` or `test:SEED_FILE`): it judges on the plaintext, so it is
+    /// an attested key recipient like a member.
+    #[arg(long, value_name = "PROVIDER")]
+    attest: Option<String>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -75,14 +80,23 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
         None => None,
     };
     let auth = Arc::new(ClientAuth::new(hub_key));
-    let hub = HttpHub::new(&args.hub, identity, auth, Duration::from_secs(60), None)?;
+    let hub = HttpHub::new(&args.hub, identity.clone(), auth, Duration::from_secs(60), None)?;
     let info = hub.run_info().context("reading the run from the hub")?;
     info.spec
         .validate()
         .context("the hub's run settings are not valid")?;
     let spec = info.spec.clone();
     let dir = args.dir.join(&spec.run_id);
-    let data = tessera_node::fetch_data(&hub, &info, &dir)?;
+    if let Some(why) = tessera_node::private_run_refusal(&info, args.attest.as_deref()) {
+        bail!(why);
+    }
+    let provider = args
+        .attest
+        .as_deref()
+        .map(tessera_attest::provider::from_spec)
+        .transpose()?;
+    let access = provider.as_deref().map(|p| (&identity, p));
+    let data = Arc::new(tessera_node::fetch_data_as(&hub, &info, &dir, access)?);
     let params = info.model.params_total();
     let codec = spec.codec().map_err(anyhow::Error::msg)?;
     let max = codec.max_encoded_bytes(params as usize) as u64;

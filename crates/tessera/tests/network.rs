@@ -1216,3 +1216,184 @@ fn adversaries_are_caught_unpaid_and_slashed() {
         adversary_run(mode, restart);
     }
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A private run: the data set is sealed, its keys held by the data owner's key
+/// server. The hub and two nodes attest (the test PKI, named by the run's policy) and
+/// train on the plaintext in memory; a node without attestation and a node whose
+/// quotes chain to another test root get no key and stop with the reason. No
+/// plaintext shard reaches any node's disk, and the journal lists every release.
+#[test]
+fn a_private_run_trains_on_sealed_data_only_in_attested_nodes() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = tiny_data(d);
+    let sealed = d.join("sealed");
+    let owner_keys = d.join("owner.keys");
+    let out = Command::new(exe())
+        .args(["data", "seal", "--data", s(&data), "--out", s(&sealed), "--keys", s(&owner_keys)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A test PKI, and the policy lines that accept it.
+    let seed = d.join("pki.seed");
+    let out = Command::new(exe())
+        .args(["attest", "test-pki", "--out", s(&seed)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let policy = String::from_utf8(out.stdout).unwrap();
+    let other_seed = d.join("other.seed");
+    assert!(Command::new(exe())
+        .args(["attest", "test-pki", "--out", s(&other_seed)])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let keys_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let attest = format!("test:{}", s(&seed));
+    let (url, config) = run_file(
+        d,
+        &sealed,
+        &format!(
+            "run_id = \"private\"\nmin_nodes = 2\nrounds = 2\ninner_steps = 1\n\
+             round_deadline_ms = 30000\ntopk = 64\nkey_server = \"http://127.0.0.1:{keys_port}\"\n\
+             attest = {attest:?}\n[tee_policy]\n{policy}"
+        ),
+    );
+    let journal = d.join("journal.db");
+    let mut procs = Procs(Vec::new());
+    procs.0.push(spawn(
+        &[
+            "keys",
+            "serve",
+            "--keys",
+            s(&owner_keys),
+            "--config",
+            s(&config),
+            "--journal",
+            s(&journal),
+            "--listen",
+            &format!("127.0.0.1:{keys_port}"),
+        ],
+        &d.join("keys.log"),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    procs
+        .0
+        .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
+    wait_for(d, "the private hub", Duration::from_secs(60), || {
+        get(&format!("{url}/summary")).is_some()
+    });
+    // A node that cannot attest is told why and stops before joining.
+    let mut plain = spawn_node(d, &url, "unattested");
+    assert!(!plain.wait().unwrap().success());
+    let log = std::fs::read_to_string(d.join("unattested.log")).unwrap();
+    assert!(log.contains("sealed") && log.contains("--attest"), "{log}");
+    // A node whose quotes chain to a root the policy does not name gets no key.
+    let mut foreign = spawn_node_with(
+        d,
+        &url,
+        "foreign",
+        &["--attest", &format!("test:{}", s(&other_seed))],
+    );
+    assert!(!foreign.wait().unwrap().success());
+    let log = std::fs::read_to_string(d.join("foreign.log")).unwrap();
+    assert!(log.contains("refused (root)"), "{log}");
+    // Two attested nodes train the run to its end.
+    for name in ["a", "b"] {
+        procs
+            .0
+            .push(spawn_node_with(d, &url, name, &["--attest", &attest]));
+    }
+    wait_for(d, "the private run", Duration::from_secs(240), || {
+        get(&format!("{url}/summary"))
+            .is_some_and(|s| s["finished"] == true && s["rounds_closed"] == 2)
+    });
+    let summary = get(&format!("{url}/summary")).unwrap();
+    for name in ["a", "b"] {
+        let id = tessera_protocol::Identity::load(&d.join(format!("{name}.key"))).unwrap();
+        let node = &summary["nodes"][id.public_hex()];
+        assert!(node["rounds_committed"].as_u64().unwrap() >= 1, "{summary}");
+    }
+    // No node wrote a plaintext shard: every file under the nodes' cache (and their
+    // logs) is scanned for 32-byte windows of every plaintext item.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    let mut plaintexts = vec![std::fs::read(data.join("tokenizer.json")).unwrap()];
+    for part in ["train", "val"] {
+        for e in manifest[part].as_array().unwrap() {
+            plaintexts.push(std::fs::read(data.join(e["file"].as_str().unwrap())).unwrap());
+        }
+    }
+    let mut written = files_under(&d.join("cache"));
+    assert!(!written.is_empty());
+    for name in ["a", "b", "unattested", "foreign"] {
+        written.push(d.join(format!("{name}.log")));
+    }
+    for file in &written {
+        let bytes = std::fs::read(file).unwrap();
+        for p in &plaintexts {
+            for at in [40, p.len() / 2, p.len() - 32] {
+                let window = &p[at..at + 32];
+                assert!(
+                    !bytes.windows(32).any(|w| w == window),
+                    "{} holds plaintext",
+                    file.display()
+                );
+            }
+        }
+    }
+    // The journal: every item released to the hub and to each attested node, one
+    // refusal for the foreign root, nothing for the unattested node.
+    let out = Command::new(exe())
+        .args(["keys", "journal", "--journal", s(&journal), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let items = plaintexts.len();
+    let hub_key = tessera_protocol::Identity::load(&d.join("hub").join("hub.key"))
+        .unwrap()
+        .public_hex();
+    for key in [
+        hub_key,
+        tessera_protocol::Identity::load(&d.join("a.key")).unwrap().public_hex(),
+        tessera_protocol::Identity::load(&d.join("b.key")).unwrap().public_hex(),
+    ] {
+        let released = entries
+            .iter()
+            .filter(|e| e["node_key"] == key.as_str() && e["outcome"] == "released")
+            .count();
+        assert_eq!(released, items, "{entries:?}");
+    }
+    let foreign_key = tessera_protocol::Identity::load(&d.join("foreign.key"))
+        .unwrap()
+        .public_hex();
+    assert!(entries
+        .iter()
+        .any(|e| e["node_key"] == foreign_key.as_str() && e["outcome"] == "root"));
+    let released: usize = entries.iter().filter(|e| e["outcome"] == "released").count();
+    assert_eq!(released, 3 * items, "{entries:?}");
+}

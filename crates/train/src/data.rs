@@ -28,10 +28,8 @@ use tokenizers::{AddedToken, DecoderWrapper, Tokenizer};
 // keep working.
 use tessera_data_format::{hash_hex, ShardError, MANIFEST_VERSION};
 pub use tessera_data_format::{
-    is_plain_file_name, Manifest, ShardEntry, SourceEntry, MANIFEST_FILE,
+    is_plain_file_name, Manifest, ShardEntry, SourceEntry, MANIFEST_FILE, TOKENIZER_FILE,
 };
-
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 /// Why a data set could not be prepared or opened.
@@ -380,10 +378,39 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
     Ok(manifest)
 }
 
-/// A memory-mapped, verified token shard.
+/// Where a shard's bytes live.
+enum ShardBytes {
+    /// A prepared shard file, mapped read-only.
+    Mapped(memmap2::Mmap),
+    /// A decrypted sealed shard, in memory only (its plaintext is never on disk).
+    Owned(Vec<u8>),
+}
+
+impl ShardBytes {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            ShardBytes::Mapped(map) => map,
+            ShardBytes::Owned(bytes) => bytes,
+        }
+    }
+}
+
+// Not derived: a derived `Debug` of owned bytes would print a private shard's tokens
+// into any log that shows a `Dataset`.
+impl std::fmt::Debug for ShardBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShardBytes::Mapped(map) => write!(f, "Mapped({} bytes)", map.len()),
+            ShardBytes::Owned(bytes) => write!(f, "Owned({} bytes)", bytes.len()),
+        }
+    }
+}
+
+/// A verified token shard: memory-mapped from a prepared data set, or held in memory
+/// when it was decrypted from a sealed one.
 #[derive(Debug)]
 pub struct Shard {
-    map: memmap2::Mmap,
+    bytes: ShardBytes,
     token_bytes: usize,
     len: usize,
 }
@@ -396,10 +423,34 @@ impl Shard {
         // place (writes go to a temporary file and are renamed), so the mapping's bytes
         // do not change under us.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-        let header = tessera_data_format::check_shard(&map, entry, vocab)
+        Shard::checked(ShardBytes::Mapped(map), path, entry, vocab)
+    }
+
+    /// A shard from bytes in memory, with the checks of [`Shard::open`]. Errors name
+    /// `entry.file`.
+    pub fn from_bytes(
+        bytes: Vec<u8>,
+        entry: &ShardEntry,
+        vocab: usize,
+    ) -> Result<Shard, DataError> {
+        Shard::checked(
+            ShardBytes::Owned(bytes),
+            Path::new(&entry.file),
+            entry,
+            vocab,
+        )
+    }
+
+    fn checked(
+        bytes: ShardBytes,
+        path: &Path,
+        entry: &ShardEntry,
+        vocab: usize,
+    ) -> Result<Shard, DataError> {
+        let header = tessera_data_format::check_shard(bytes.bytes(), entry, vocab)
             .map_err(|e| shard_error(path, e))?;
         Ok(Shard {
-            map,
+            bytes,
             token_bytes: header.token_bytes,
             len: header.tokens as usize,
         })
@@ -420,7 +471,7 @@ impl Shard {
             "token index {index} out of range {}",
             self.len
         );
-        tessera_data_format::token_at(&self.map, self.token_bytes, index)
+        tessera_data_format::token_at(self.bytes.bytes(), self.token_bytes, index)
     }
 
     /// Appends tokens `start..start + count` to `out`.
@@ -432,6 +483,8 @@ impl Shard {
 /// A prepared data set opened for reading.
 #[derive(Debug)]
 pub struct Dataset {
+    /// The directory [`Dataset::open`] read; empty for a data set built in memory by
+    /// [`Dataset::from_sealed`]. Nothing in the workspace reads it.
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub tokenizer_json: String,
@@ -478,6 +531,96 @@ impl Dataset {
             train,
             val,
             manifest,
+        })
+    }
+
+    /// A data set from the decrypted items of a sealed one (see `tessera-seal`):
+    /// `plaintexts[i]` is item `i` as `tessera_seal::open_item` returned it. Nothing is
+    /// read from or written to disk. The plaintext [`Manifest`] is rebuilt in memory:
+    /// shards are named by their sealed file names (which errors name), their hashes
+    /// are of the plaintexts given, and it lists no sources (sealing does not publish
+    /// them). Every shard then gets the checks of [`Dataset::open`] (header, token
+    /// count against the sealed manifest, token range), and each item's length must be
+    /// the sealed manifest's, so items passed out of order are refused where their
+    /// sizes differ. `dir` is empty.
+    pub fn from_sealed(
+        sealed: &tessera_seal::SealedManifest,
+        plaintexts: Vec<Vec<u8>>,
+    ) -> Result<Dataset, DataError> {
+        use tessera_seal::Role;
+        if plaintexts.len() != sealed.items.len() {
+            return Err(DataError::Manifest {
+                path: PathBuf::from(tessera_seal::SEALED_MANIFEST_FILE),
+                message: format!(
+                    "{} decrypted items for the {} items it lists",
+                    plaintexts.len(),
+                    sealed.items.len()
+                ),
+            });
+        }
+        let mut tokenizer_bytes = None;
+        let mut train = Vec::new();
+        let mut val = Vec::new();
+        let mut manifest = Manifest {
+            format_version: MANIFEST_VERSION,
+            tokenizer_blake3: String::new(),
+            vocab_size: sealed.vocab_size,
+            end_of_text_id: sealed.end_of_text_id,
+            token_bytes: sealed.token_bytes,
+            train_text_bytes: sealed.train_text_bytes,
+            val_text_bytes: sealed.val_text_bytes,
+            sources: vec![],
+            train: vec![],
+            val: vec![],
+        };
+        for (item, bytes) in sealed.items.iter().zip(plaintexts) {
+            let path = PathBuf::from(&item.file);
+            if bytes.len() as u64 != item.plaintext_bytes {
+                return Err(DataError::ShardLength {
+                    path,
+                    expected: item.plaintext_bytes,
+                    actual: bytes.len() as u64,
+                });
+            }
+            let entry = ShardEntry {
+                file: item.file.clone(),
+                tokens: item.tokens,
+                blake3: hash_hex(&bytes),
+            };
+            match item.role {
+                Role::Tokenizer => {
+                    manifest.tokenizer_blake3 = entry.blake3;
+                    tokenizer_bytes = Some((bytes, path));
+                }
+                Role::Train => {
+                    train.push(Shard::from_bytes(bytes, &entry, sealed.vocab_size)?);
+                    manifest.train.push(entry);
+                }
+                Role::Val => {
+                    val.push(Shard::from_bytes(bytes, &entry, sealed.vocab_size)?);
+                    manifest.val.push(entry);
+                }
+            }
+        }
+        // `SealedManifest::parse` puts the tokenizer at item 0; a manifest built by
+        // hand may not have.
+        let Some((bytes, path)) = tokenizer_bytes else {
+            return Err(DataError::MissingTokenizer {
+                path: PathBuf::from(tessera_seal::SEALED_MANIFEST_FILE),
+            });
+        };
+        let tokenizer_json = String::from_utf8(bytes).map_err(|e| DataError::Tokenizer {
+            path: path.clone(),
+            message: format!("not UTF-8 at byte {}", e.utf8_error().valid_up_to()),
+        })?;
+        let tokenizer = load_tokenizer_json(&tokenizer_json, &path)?;
+        Ok(Dataset {
+            dir: PathBuf::new(),
+            manifest,
+            tokenizer_json,
+            tokenizer,
+            train,
+            val,
         })
     }
 }
@@ -628,6 +771,85 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, DataError::NotUtf8 { offset: 6, .. }), "{err}");
         assert!(err.to_string().contains("bad.txt"));
+    }
+
+    /// Seals a prepared data set, opens every item in memory as a node would, and
+    /// checks that the data set built from the plaintexts is the one on disk.
+    #[test]
+    fn a_sealed_data_set_opens_to_the_same_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        prepared(dir.path());
+        let data = dir.path().join("data");
+        let (sealed, keys) = tessera_seal::seal_dataset(&data, &dir.path().join("sealed")).unwrap();
+        let open = |index: u32| {
+            let item = &sealed.items[index as usize];
+            let ciphertext = std::fs::read(dir.path().join("sealed").join(&item.file)).unwrap();
+            tessera_seal::open_item(&sealed, index, keys.key(index).unwrap(), &ciphertext).unwrap()
+        };
+        let plaintexts: Vec<Vec<u8>> = (0..sealed.items.len() as u32).map(open).collect();
+        let from_disk = Dataset::open(&data).unwrap();
+        let from_sealed = Dataset::from_sealed(&sealed, plaintexts.clone()).unwrap();
+        let tokens = |shards: &[Shard]| -> Vec<Vec<u32>> {
+            shards
+                .iter()
+                .map(|s| (0..s.len()).map(|i| s.get(i)).collect())
+                .collect()
+        };
+        assert!(from_disk.train.len() > 1);
+        assert_eq!(tokens(&from_sealed.train), tokens(&from_disk.train));
+        assert_eq!(tokens(&from_sealed.val), tokens(&from_disk.val));
+        assert_eq!(from_sealed.tokenizer_json, from_disk.tokenizer_json);
+        let (a, b) = (&from_sealed.manifest, &from_disk.manifest);
+        assert_eq!(a.tokenizer_blake3, b.tokenizer_blake3);
+        assert_eq!(
+            (
+                a.vocab_size,
+                a.end_of_text_id,
+                a.token_bytes,
+                a.train_text_bytes,
+                a.val_text_bytes
+            ),
+            (
+                b.vocab_size,
+                b.end_of_text_id,
+                b.token_bytes,
+                b.train_text_bytes,
+                b.val_text_bytes
+            )
+        );
+        let hashes = |m: &Manifest| -> Vec<(u64, String)> {
+            m.train
+                .iter()
+                .chain(&m.val)
+                .map(|e| (e.tokens, e.blake3.clone()))
+                .collect()
+        };
+        assert_eq!(hashes(a), hashes(b));
+        assert!(a.sources.is_empty(), "sealing publishes no sources");
+        assert_eq!(from_sealed.dir, PathBuf::new());
+        assert_eq!(
+            from_sealed.validation_windows(16, 1000),
+            from_disk.validation_windows(16, 1000)
+        );
+        let shown = format!("{:?}", from_sealed.train[0]);
+        assert!(shown.contains("Owned(") && shown.len() < 200, "{shown}");
+
+        // Items out of order or missing are refused.
+        let mut swapped = plaintexts.clone();
+        swapped.swap(0, 1);
+        let err = Dataset::from_sealed(&sealed, swapped).unwrap_err();
+        assert!(matches!(err, DataError::ShardLength { .. }), "{err}");
+        let err = Dataset::from_sealed(&sealed, plaintexts[1..].to_vec()).unwrap_err();
+        assert!(matches!(err, DataError::Manifest { .. }), "{err}");
+        // A shard whose tokens the sealed manifest miscounts is refused by name.
+        let mut miscounted = sealed.clone();
+        miscounted.items[1].tokens -= 1;
+        miscounted.items[1].plaintext_bytes -= u64::from(sealed.token_bytes);
+        let mut short = plaintexts.clone();
+        let len = short[1].len() - sealed.token_bytes as usize;
+        short[1].truncate(len);
+        let err = Dataset::from_sealed(&miscounted, short).unwrap_err();
+        assert!(err.to_string().contains(&sealed.items[1].file), "{err}");
     }
 
     #[test]

@@ -461,6 +461,32 @@ fn shards() -> Files {
     ]
 }
 
+fn sealed_manifests() -> Files {
+    let m = tessera_fuzz::seal::item_manifest(32 + 2 * 3, b"").expect("a sealed manifest");
+    vec![("manifest".into(), m.to_json().into_bytes())]
+}
+
+/// Shards sealed as item 1 under `seal::KEY`: empty, small, and one past a chunk.
+fn sealed_items() -> Files {
+    [("empty", 0u32), ("small", 6), ("two-chunks", 33_000)]
+        .into_iter()
+        .map(|(name, n)| {
+            let tokens: Vec<u32> = (0..n).map(|i| i * 7 % 2048).collect();
+            let plaintext = encode_shard(&tokens, 2);
+            let m = tessera_fuzz::seal::item_manifest(plaintext.len() as u64, b"")
+                .expect("a sealed manifest");
+            let sealed = tessera_seal::seal_item(
+                &m,
+                1,
+                &tessera_fuzz::seal::KEY,
+                [1, 2, 3, 4, 5, 6, 7],
+                &plaintext,
+            );
+            (name.to_string(), sealed)
+        })
+        .collect()
+}
+
 fn safetensors_files() -> Files {
     let f32s: Vec<u8> = noise(64, 3).iter().flat_map(|v| v.to_le_bytes()).collect();
     let bf16s: Vec<u8> = noise(32, 4)
@@ -527,6 +553,8 @@ fn seeds() -> Vec<(&'static str, Files)> {
         ("ledger_request", ledger_requests()),
         ("data_manifest", manifests()),
         ("data_shard", shards()),
+        ("sealed_manifest", sealed_manifests()),
+        ("sealed_item", sealed_items()),
         ("safetensors", safetensors_files()),
         ("model_config", configs()),
     ]);
