@@ -24,7 +24,10 @@ pub fn manifest(data: &[u8]) {
         assert!(is_plain_file_name(&item.file));
         assert!(names.insert(item.file.as_str()), "{} twice", item.file);
         // The sizes a node allocates by are consistent and bounded.
-        assert_eq!(sealed_len(item.plaintext_bytes), Some(item.ciphertext_bytes));
+        assert_eq!(
+            sealed_len(item.plaintext_bytes),
+            Some(item.ciphertext_bytes)
+        );
         assert!(item.ciphertext_bytes <= ITEM_CIPHERTEXT_BYTES_MAX);
         if item.role != Role::Tokenizer {
             assert_eq!(

@@ -119,8 +119,8 @@ impl Collateral {
 fn pem_to_der(pem: &[u8]) -> Result<Vec<u8>, String> {
     use der::Decode;
     let text = std::str::from_utf8(pem).map_err(|_| "PEM is not UTF-8".to_string())?;
-    let (_label, der) = der::pem::decode_vec(text.as_bytes())
-        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let (_label, der) =
+        der::pem::decode_vec(text.as_bytes()).map_err(|e| format!("not a PEM certificate: {e}"))?;
     x509_cert::Certificate::from_der(&der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
     Ok(der)
 }

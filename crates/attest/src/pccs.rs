@@ -87,10 +87,19 @@ pub fn fetch_tdx_collateral(base: &str, quote: &[u8]) -> Result<dcap_qvl::QuoteC
     let fmspc = hex::encode_upper(dcap_qvl::intel::quote_fmspc(&parsed)?);
     let ca = dcap_qvl::intel::quote_ca(&parsed)?.as_id_str();
     let c = client()?;
-    let crl = get(&c, &format!("{base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der"))?;
+    let crl = get(
+        &c,
+        &format!("{base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der"),
+    )?;
     let pck_crl_issuer_chain = header(&crl, &["SGX-PCK-CRL-Issuer-Chain"])?;
-    let tcb = get(&c, &format!("{base}/tdx/certification/v4/tcb?fmspc={fmspc}"))?;
-    let tcb_info_issuer_chain = header(&tcb, &["SGX-TCB-Info-Issuer-Chain", "TCB-Info-Issuer-Chain"])?;
+    let tcb = get(
+        &c,
+        &format!("{base}/tdx/certification/v4/tcb?fmspc={fmspc}"),
+    )?;
+    let tcb_info_issuer_chain = header(
+        &tcb,
+        &["SGX-TCB-Info-Issuer-Chain", "TCB-Info-Issuer-Chain"],
+    )?;
     let tcb_resp: TcbInfoResponse =
         serde_json::from_slice(&tcb.body).context("TCB info response is not JSON")?;
     let qe = get(&c, &format!("{base}/tdx/certification/v4/qe/identity"))?;

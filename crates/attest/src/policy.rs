@@ -141,7 +141,11 @@ impl Policy {
                 "`types` allows snp but `snp_measurement` lists no measurement".into(),
             ));
         }
-        if let Some(s) = self.tcb_status.iter().find(|s| !KNOWN_STATUSES.contains(&s.as_str())) {
+        if let Some(s) = self
+            .tcb_status
+            .iter()
+            .find(|s| !KNOWN_STATUSES.contains(&s.as_str()))
+        {
             return Err(PolicyError(format!(
                 "`tcb_status` entry `{s}` is not a TCB status (one of {KNOWN_STATUSES:?})"
             )));
@@ -151,7 +155,10 @@ impl Policy {
 
     /// The test roots' names as verdicts carry them (`test:<hex>`).
     pub fn test_root_names(&self) -> Vec<String> {
-        self.test_roots.iter().map(|r| format!("test:{r}")).collect()
+        self.test_roots
+            .iter()
+            .map(|r| format!("test:{r}"))
+            .collect()
     }
 
     /// Applies every rule to a verified quote, the first failure named.

@@ -155,7 +155,12 @@ pub const TEST_PKI_NOT_AFTER: u64 = 4_102_444_800;
 
 impl TestProvider {
     /// A provider from a 32-byte seed; collateral issued `issued` and valid for `valid_secs`.
-    pub fn new(seed: &[u8; 32], issued: u64, valid_secs: u64, debug: bool) -> anyhow::Result<TestProvider> {
+    pub fn new(
+        seed: &[u8; 32],
+        issued: u64,
+        valid_secs: u64,
+        debug: bool,
+    ) -> anyhow::Result<TestProvider> {
         let pki = TestPki::generate(seed, TEST_PKI_NOT_BEFORE, TEST_PKI_NOT_AFTER)?;
         let collateral = pki.collateral(issued, issued + valid_secs)?;
         let td = TestTd {
@@ -163,7 +168,11 @@ impl TestProvider {
             debug,
             ..TestTd::default()
         };
-        Ok(TestProvider { pki, td, collateral })
+        Ok(TestProvider {
+            pki,
+            td,
+            collateral,
+        })
     }
 
     /// Reads the seed (64 hex characters) from a file, collateral issued now for a day.

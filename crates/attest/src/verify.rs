@@ -99,7 +99,10 @@ pub enum Refusal {
     #[error("policy `tee`: {tee} is not among the allowed TEEs {allowed:?}")]
     TeeNotAllowed { tee: TeeKind, allowed: Vec<String> },
     #[error("policy `tcb_status`: TCB status {status} is not among {allowed:?}")]
-    TcbStatus { status: String, allowed: Vec<String> },
+    TcbStatus {
+        status: String,
+        allowed: Vec<String>,
+    },
     #[error("policy `allow_debug`: the guest is debuggable (its memory is readable by the host)")]
     Debug,
     #[error("policy `{rule}`: {value} is not allow-listed")]
@@ -309,7 +312,9 @@ fn check_tdx_layout(q: &[u8], signed: usize) -> Result<(), Refusal> {
     }
     let chain_len = u32_at(c + 2)?;
     if cert_len != 450 + qe_auth_len + 6 + chain_len {
-        return Err(bad("the certification data length does not match its contents"));
+        return Err(bad(
+            "the certification data length does not match its contents",
+        ));
     }
     let d = c + 6;
     let end = d + chain_len;
@@ -512,7 +517,9 @@ fn amd_ca_pems(root: &str) -> Vec<(&'static str, Vec<u8>)> {
         .into_iter()
         .filter_map(|(n, pem)| {
             let text = std::str::from_utf8(pem).ok()?;
-            der::pem::decode_vec(text.as_bytes()).ok().map(|(_, d)| (n, d))
+            der::pem::decode_vec(text.as_bytes())
+                .ok()
+                .map(|(_, d)| (n, d))
         })
         .collect()
 }

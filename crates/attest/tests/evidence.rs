@@ -42,19 +42,33 @@ fn snp() -> Evidence {
 
 #[test]
 fn shipped_tdx_quotes_verify_at_their_pinned_times() {
-    let v = verify(&tdx(TDX_QUOTE, TDX_COLLATERAL), AT_TDX, &Roots::production()).unwrap();
+    let v = verify(
+        &tdx(TDX_QUOTE, TDX_COLLATERAL),
+        AT_TDX,
+        &Roots::production(),
+    )
+    .unwrap();
     assert_eq!(v.tee, TeeKind::Tdx);
     assert_eq!(v.root, "intel-sgx-root");
     assert_eq!(v.tcb_status, "UpToDate");
     assert!(!v.debug);
     tessera_attest::policy::check_tcb_only(&v).unwrap();
-    let v = verify(&tdx(TD15EX_QUOTE, TD15EX_COLLATERAL), AT_TD15EX, &Roots::production()).unwrap();
+    let v = verify(
+        &tdx(TD15EX_QUOTE, TD15EX_COLLATERAL),
+        AT_TD15EX,
+        &Roots::production(),
+    )
+    .unwrap();
     assert_eq!(v.root, "intel-sgx-root");
     // The outdated sample: its collateral carries a newer PCK chain than the one the
     // quote embeds; Tessera verifies a quote against its own embedded chain, whose TCB
     // matches no level of this TCB info, so it is refused.
-    let r = verify(&tdx(OUTDATED_QUOTE, OUTDATED_COLLATERAL), AT_OUTDATED, &Roots::production())
-        .unwrap_err();
+    let r = verify(
+        &tdx(OUTDATED_QUOTE, OUTDATED_COLLATERAL),
+        AT_OUTDATED,
+        &Roots::production(),
+    )
+    .unwrap_err();
     assert_eq!(r.rule(), "signature", "{r}");
 }
 
@@ -106,8 +120,16 @@ fn every_signed_byte_of_the_snp_report_flipped_is_refused() {
     assert!(accepted.is_empty(), "flips accepted at {accepted:?}");
     // The reserved tail of the signature field carries nothing, and is refused too:
     // a report must re-encode to the same bytes.
-    let tail = accepted_flips(&e, AT_TDX, SNP_SIGNED_BYTES + 144..e.quote.len(), &Roots::production());
-    assert!(tail.is_empty(), "reserved signature bytes accepted at {tail:?}");
+    let tail = accepted_flips(
+        &e,
+        AT_TDX,
+        SNP_SIGNED_BYTES + 144..e.quote.len(),
+        &Roots::production(),
+    );
+    assert!(
+        tail.is_empty(),
+        "reserved signature bytes accepted at {tail:?}"
+    );
 }
 
 #[test]
@@ -117,13 +139,19 @@ fn trailing_bytes_and_truncation_are_refused() {
     e.quote.push(0);
     assert!(verify(&e, AT_TDX, &Roots::production()).is_ok());
     e.quote.push(1);
-    assert!(matches!(verify(&e, AT_TDX, &Roots::production()), Err(Refusal::Malformed(_))));
+    assert!(matches!(
+        verify(&e, AT_TDX, &Roots::production()),
+        Err(Refusal::Malformed(_))
+    ));
     let mut e = tdx(TDX_QUOTE, TDX_COLLATERAL);
     e.quote.truncate(1000);
     assert!(verify(&e, AT_TDX, &Roots::production()).is_err());
     let mut e = snp();
     e.quote.pop();
-    assert!(matches!(verify(&e, AT_TDX, &Roots::production()), Err(Refusal::Malformed(_))));
+    assert!(matches!(
+        verify(&e, AT_TDX, &Roots::production()),
+        Err(Refusal::Malformed(_))
+    ));
 }
 
 #[test]
@@ -171,7 +199,10 @@ fn policies_refuse_by_rule() {
     // A wrong measurement.
     let other = sample_policy(&"ab".repeat(48), &"cd".repeat(48));
     assert_eq!(other.check(&v, AT_TDX).unwrap_err().rule(), "tdx_mrtd");
-    assert_eq!(other.check(&s, AT_TDX).unwrap_err().rule(), "snp_measurement");
+    assert_eq!(
+        other.check(&s, AT_TDX).unwrap_err().rule(),
+        "snp_measurement"
+    );
     // TEE type not allowed.
     let tdx_only = Policy {
         types: vec![TeeKind::Tdx],

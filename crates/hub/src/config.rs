@@ -113,7 +113,11 @@ impl HubConfig {
         let deployment: Deployment = toml::Value::Table(deployment).try_into()?;
         deployment.policy()?;
         // A sealed data set implies a private run: members must attest.
-        if deployment.data.join(tessera_seal::SEALED_MANIFEST_FILE).exists() {
+        if deployment
+            .data
+            .join(tessera_seal::SEALED_MANIFEST_FILE)
+            .exists()
+        {
             match table.get("tee").and_then(|v| v.as_str()) {
                 None => {
                     table.insert("tee".into(), toml::Value::String("required".into()));

@@ -22,13 +22,13 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
 use tch::Device;
 use tch::Tensor;
 use tessera_model::LlamaConfig;
 use tessera_outer::{decode_for, OuterState};
 use tessera_protocol::wire::Verdict;
 use tessera_protocol::{NodeId, RunSpec};
-use std::sync::Arc;
 use tessera_train::data::{Dataset, Windows};
 use tessera_train::rng::SplitMix64;
 use tessera_train::validate::{own_set, scored_sets, Scorer};

@@ -28,12 +28,14 @@ async fn release(State(s): State<Arc<KeyServer>>, body: axum::body::Bytes) -> Re
     // refusal naming what was wrong rather than axum's generic rejection.
     let req: ReleaseRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return Refused {
-            status: 400,
-            rule: "malformed".into(),
-            message: format!("not a release request: {e}"),
+        Err(e) => {
+            return Refused {
+                status: 400,
+                rule: "malformed".into(),
+                message: format!("not a release request: {e}"),
+            }
+            .into_response()
         }
-        .into_response(),
     };
     let res = tokio::task::spawn_blocking(move || s.release(&req, now_unix())).await;
     match res {

@@ -136,7 +136,13 @@ fn hex32(field: &str, s: &str) -> Result<[u8; 32], Refused> {
     hex::decode(s)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| Refused::new(400, "malformed", format!("`{field}` is not 32 bytes of hex")))
+        .ok_or_else(|| {
+            Refused::new(
+                400,
+                "malformed",
+                format!("`{field}` is not 32 bytes of hex"),
+            )
+        })
 }
 
 /// One journaled release or refusal.
@@ -304,7 +310,13 @@ impl KeyServer {
             .lock()
             .expect("journal lock")
             .append(&entries)
-            .map_err(|e| Refused::new(500, "journal", format!("the journal could not be written: {e}")))?;
+            .map_err(|e| {
+                Refused::new(
+                    500,
+                    "journal",
+                    format!("the journal could not be written: {e}"),
+                )
+            })?;
         result
     }
 
@@ -334,7 +346,10 @@ impl KeyServer {
             return Err(Refused::new(
                 403,
                 "run",
-                format!("this key server serves run `{}`, not `{}`", self.run_id, req.run_id),
+                format!(
+                    "this key server serves run `{}`, not `{}`",
+                    self.run_id, req.run_id
+                ),
             ));
         }
         let node_key = hex32("node_key", &req.node_key)?;
@@ -347,12 +362,18 @@ impl KeyServer {
             .and_then(|b| <[u8; 64]>::try_from(b).ok())
             .map(|b| ed25519_dalek::Signature::from_bytes(&b))
             .ok_or_else(|| Refused::new(400, "malformed", "`signature` is not 64 bytes of hex"))?;
-        let signed =
-            request_signing_bytes(&req.run_id, &nonce, &hpke_key, &req.evidence.quote, &req.items);
+        let signed = request_signing_bytes(
+            &req.run_id,
+            &nonce,
+            &hpke_key,
+            &req.evidence.quote,
+            &req.items,
+        );
         verifying.verify_strict(&signed, &sig).map_err(|_| {
             Refused::new(403, "signature", "the request is not signed by `node_key`")
         })?;
-        let expected = tessera_attest::binding::report_data(&node_key, &hpke_key, &nonce, &req.run_id);
+        let expected =
+            tessera_attest::binding::report_data(&node_key, &hpke_key, &nonce, &req.run_id);
         let verdict = tessera_attest::appraise(&req.evidence, now, &self.policy, &expected)
             .map_err(|r| Refused::new(403, r.rule(), r.to_string()))?;
         debug_assert_eq!(verdict.quote_hash, quote_hash);
@@ -384,7 +405,11 @@ impl KeyServer {
             .iter()
             .map(|&i| {
                 if !seen.insert(i) {
-                    return Err(Refused::new(400, "items", format!("item {i} is named twice")));
+                    return Err(Refused::new(
+                        400,
+                        "items",
+                        format!("item {i} is named twice"),
+                    ));
                 }
                 self.keys
                     .key(i)
@@ -392,7 +417,9 @@ impl KeyServer {
                         index: i,
                         key: hex::encode(k),
                     })
-                    .ok_or_else(|| Refused::new(404, "items", format!("no item {i} in this data set")))
+                    .ok_or_else(|| {
+                        Refused::new(404, "items", format!("no item {i} in this data set"))
+                    })
             })
             .collect()
     }
@@ -402,12 +429,7 @@ fn info(run_id: &str) -> Vec<u8> {
     [RELEASE_INFO_TAG, run_id.as_bytes()].concat()
 }
 
-fn seal_to(
-    pk: &[u8; 32],
-    info: &[u8],
-    plaintext: &[u8],
-    aad: &[u8],
-) -> Result<(Vec<u8>, Vec<u8>)> {
+fn seal_to(pk: &[u8; 32], info: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     use hpke::{Deserializable, Serializable};
     let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(pk)
         .map_err(|e| anyhow!("not an X25519 public key: {e:?}"))?;
@@ -445,7 +467,12 @@ impl HpkeKeyPair {
         self.public
     }
 
-    pub fn open(&self, reply: &ReleaseReply, run_id: &str, nonce: &[u8; 32]) -> Result<ReleasedKeys> {
+    pub fn open(
+        &self,
+        reply: &ReleaseReply,
+        run_id: &str,
+        nonce: &[u8; 32],
+    ) -> Result<ReleasedKeys> {
         use hpke::Deserializable;
         let enc = hex::decode(&reply.enc).context("`enc` is not hex")?;
         let ct = hex::decode(&reply.ciphertext).context("`ciphertext` is not hex")?;
@@ -483,7 +510,8 @@ pub fn request_keys(
     let pk = hex32("node_key", &identity.public_hex()).map_err(|e| anyhow!("{e}"))?;
     let rd = tessera_attest::binding::report_data(&pk, &hpke.public(), &nonce_bytes, run_id);
     let evidence = provider.evidence(&rd)?;
-    let signed = request_signing_bytes(run_id, &nonce_bytes, &hpke.public(), &evidence.quote, items);
+    let signed =
+        request_signing_bytes(run_id, &nonce_bytes, &hpke.public(), &evidence.quote, items);
     let req = ReleaseRequest {
         run_id: run_id.to_string(),
         node_key: hex::encode(pk),
@@ -493,8 +521,12 @@ pub fn request_keys(
         evidence,
         signature: identity.sign(&signed),
     };
-    let reply: ReleaseReply =
-        read_reply(client.post(format!("{base}/v1/release")).json(&req).send()?)?;
+    let reply: ReleaseReply = read_reply(
+        client
+            .post(format!("{base}/v1/release"))
+            .json(&req)
+            .send()?,
+    )?;
     let released = hpke.open(&reply, run_id, &nonce_bytes)?;
     let mut out = Vec::with_capacity(items.len());
     for &i in items {
@@ -516,7 +548,10 @@ fn read_reply<T: serde::de::DeserializeOwned>(resp: reqwest::blocking::Response)
         if let Ok(r) = serde_json::from_slice::<Refused>(&body) {
             bail!(r);
         }
-        bail!("key server answered HTTP {status}: {}", String::from_utf8_lossy(&body));
+        bail!(
+            "key server answered HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
     serde_json::from_slice(&body).context("key server reply is not the expected JSON")
 }

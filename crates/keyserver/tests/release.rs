@@ -121,7 +121,10 @@ fn a_nonce_serves_once_and_expires() {
     // Expired.
     let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
     let req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
-    let late = f.server.release(&req, f.now + NONCE_TTL_SECS + 1).unwrap_err();
+    let late = f
+        .server
+        .release(&req, f.now + NONCE_TTL_SECS + 1)
+        .unwrap_err();
     assert_eq!(late.rule, "nonce", "{late}");
     // Never issued.
     let req = request(&f, &id, &hpke, &"77".repeat(32), RUN, &f.provider);
@@ -151,7 +154,10 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
         &stolen.evidence.quote,
         &stolen.items,
     ));
-    assert_eq!(f.server.release(&stolen, f.now).unwrap_err().rule, "report_data");
+    assert_eq!(
+        f.server.release(&stolen, f.now).unwrap_err().rule,
+        "report_data"
+    );
 
     // Same node, the attacker's own HPKE key swapped in (to read the keys).
     let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
@@ -167,7 +173,10 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
         &swapped.evidence.quote,
         &swapped.items,
     ));
-    assert_eq!(f.server.release(&swapped, f.now).unwrap_err().rule, "report_data");
+    assert_eq!(
+        f.server.release(&swapped, f.now).unwrap_err().rule,
+        "report_data"
+    );
 
     // A quote bound to another run: refused for the run id before anything else when
     // presented to this run's server under the other run's name...
@@ -186,17 +195,26 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
         &rewritten.evidence.quote,
         &rewritten.items,
     ));
-    assert_eq!(f.server.release(&rewritten, f.now).unwrap_err().rule, "report_data");
+    assert_eq!(
+        f.server.release(&rewritten, f.now).unwrap_err().rule,
+        "report_data"
+    );
 
     // A request not signed by the node key it names.
     let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
     let mut forged = request(&f, &honest, &hpke, &fresh, RUN, &f.provider);
     forged.signature = thief.sign(b"something else");
-    assert_eq!(f.server.release(&forged, f.now).unwrap_err().rule, "signature");
+    assert_eq!(
+        f.server.release(&forged, f.now).unwrap_err().rule,
+        "signature"
+    );
 
     // Nothing was released; every refusal is journaled with its rule.
     let journal = f.server.journal_entries().unwrap();
-    assert!(journal.iter().all(|e| e.outcome != "released"), "{journal:?}");
+    assert!(
+        journal.iter().all(|e| e.outcome != "released"),
+        "{journal:?}"
+    );
     assert_eq!(journal.len(), 5);
 }
 

@@ -460,10 +460,13 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         .as_deref()
         .map(tessera_attest::provider::from_spec)
         .transpose()?;
-    let access = provider
-        .as_deref()
-        .map(|p| (&opts.identity, p));
-    let data = fetch_data_as(hub.as_ref(), &info, &opts.cache_dir.join(&spec.run_id), access)?;
+    let access = provider.as_deref().map(|p| (&opts.identity, p));
+    let data = fetch_data_as(
+        hub.as_ref(),
+        &info,
+        &opts.cache_dir.join(&spec.run_id),
+        access,
+    )?;
     check_model(&info, data.manifest.vocab_size)?;
     let windows = Windows::new(&data.train, spec.seq_len);
     let worker = Worker::new(spec.clone(), &info.model, opts.device).map_err(anyhow::Error::msg)?;

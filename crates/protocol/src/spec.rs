@@ -189,9 +189,10 @@ impl RunSpec {
                 "a run with `tee = \"required\"` names the key server that releases its data keys",
             ));
         }
-        if !self.key_server.is_empty()
-            && !(self.key_server.starts_with("http://") || self.key_server.starts_with("https://"))
-        {
+        let web = ["http://", "https://"]
+            .iter()
+            .any(|p| self.key_server.starts_with(p));
+        if !self.key_server.is_empty() && !web {
             return Err(bad(
                 "key_server",
                 format!("`{}` is not an http:// or https:// URL", self.key_server),

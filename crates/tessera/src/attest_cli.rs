@@ -82,7 +82,11 @@ pub fn parse_time(text: &str) -> Result<u64> {
         return u64::try_from(t.timestamp()).context("--at: before 1970");
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        let t = d.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
+        let t = d
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp();
         return u64::try_from(t).context("--at: before 1970");
     }
     bail!("--at `{text}` is neither unix seconds nor ISO 8601 (e.g. 2025-06-20T00:00:00Z)")
@@ -127,7 +131,14 @@ pub fn attest(c: AttestCommand) -> Result<()> {
             policy,
             tee,
             json,
-        } => verify(&quote, &collateral, &at, policy.as_deref(), tee.as_deref(), json),
+        } => verify(
+            &quote,
+            &collateral,
+            &at,
+            policy.as_deref(),
+            tee.as_deref(),
+            json,
+        ),
         AttestCommand::TestPki { out } => test_pki(&out),
     }
 }
@@ -174,7 +185,10 @@ fn verify(
     } else {
         match &result {
             Ok(v) => {
-                println!("valid: {} evidence, root {}, TCB {}", v.tee, v.root, v.tcb_status);
+                println!(
+                    "valid: {} evidence, root {}, TCB {}",
+                    v.tee, v.root, v.tcb_status
+                );
                 if !v.advisories.is_empty() {
                     println!("  advisories: {}", v.advisories.join(", "));
                 }
@@ -198,7 +212,11 @@ fn verify(
                 println!("  report_data: {}", v.report_data);
                 println!(
                     "  checked at {at} against {}",
-                    if policy.is_some() { "the policy" } else { "authenticity and TCB only" }
+                    if policy.is_some() {
+                        "the policy"
+                    } else {
+                        "authenticity and TCB only"
+                    }
                 );
             }
             Err(r) => println!("refused ({}): {r}", r.rule()),
@@ -218,7 +236,10 @@ fn test_pki(out: &Path) -> Result<()> {
     rand_fill(&mut seed);
     write_secret(out, hex::encode(seed).as_bytes())?;
     let provider = tessera_attest::provider::TestProvider::from_seed_file(out)?;
-    println!("# A policy that accepts quotes from test PKI {} (tests and local demos only)", out.display());
+    println!(
+        "# A policy that accepts quotes from test PKI {} (tests and local demos only)",
+        out.display()
+    );
     println!("{}", test_policy_toml(&provider));
     Ok(())
 }
@@ -285,7 +306,10 @@ pub fn keys(c: KeysCommand) -> Result<()> {
                         .ok_or_else(|| anyhow::anyhow!("{}: no `run_id`", c.display()))?
                         .to_string();
                     if table.get("tee_policy").is_none() {
-                        bail!("{}: no `[tee_policy]` table: a key server needs a policy", c.display());
+                        bail!(
+                            "{}: no `[tee_policy]` table: a key server needs a policy",
+                            c.display()
+                        );
                     }
                     (run, read_policy(&c)?)
                 }
@@ -321,10 +345,19 @@ pub fn keys(c: KeysCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
                 for e in &entries {
-                    let what = e.item.map(|i| format!("item {i}")).unwrap_or_else(|| "-".into());
+                    let what = e
+                        .item
+                        .map(|i| format!("item {i}"))
+                        .unwrap_or_else(|| "-".into());
                     println!(
                         "{} run {} node {} {} {} quote {} {}",
-                        e.at, e.run_id, e.node_key, what, e.outcome, &e.quote_hash[..16.min(e.quote_hash.len())], e.message
+                        e.at,
+                        e.run_id,
+                        e.node_key,
+                        what,
+                        e.outcome,
+                        &e.quote_hash[..16.min(e.quote_hash.len())],
+                        e.message
                     );
                 }
                 println!("{} entries", entries.len());

@@ -39,6 +39,11 @@ pub struct DemoArgs {
     dir: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A private run (decentralized demo): the corpus is sealed, and a key server
+    /// releases its keys only to nodes that attest (with the test PKI here; with
+    /// `--attest configfs` inside a TDX or SEV-SNP guest).
+    #[arg(long, conflicts_with = "single")]
+    private: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -79,6 +84,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             inner_steps: args.inner_steps.unwrap_or(defaults.inner_steps),
             codec: args.codec.unwrap_or(defaults.codec),
             seed: args.seed,
+            private: args.private,
         };
         return crate::netdemo::run(&args.dir, &demo);
     }

@@ -33,10 +33,85 @@ pub struct NetDemo {
     pub inner_steps: u64,
     pub codec: tessera_outer::CodecKind,
     pub seed: u64,
+    /// A private run: the corpus sealed, its keys served by a key server to nodes that
+    /// attest with the test PKI (what a TDX/SEV-SNP guest does with `--attest configfs`).
+    pub private: bool,
+}
+
+/// What a private demo adds: the sealed data, the key server and its journal.
+struct Private {
+    sealed: std::path::PathBuf,
+    keys_url: String,
+    keys_listen: String,
+    owner_keys: std::path::PathBuf,
+    journal: std::path::PathBuf,
+    attest: String,
+    policy: String,
+}
+
+/// Seals the prepared corpus (afresh), makes a test PKI and its policy.
+fn private_setup(exe: &Path, dir: &Path, data: &Path) -> Result<Private> {
+    let sealed = dir.join("sealed");
+    let owner_keys = dir.join("owner.keys");
+    let seed = dir.join("test-pki.seed");
+    let journal = dir.join("keys-journal.db");
+    for p in [&owner_keys, &seed, &journal] {
+        let _ = std::fs::remove_file(p);
+    }
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.join(format!("keys-journal.db{suffix}")));
+    }
+    if sealed.exists() {
+        std::fs::remove_dir_all(&sealed)?;
+    }
+    let run = |args: &[&str]| -> Result<String> {
+        let out = Command::new(exe).args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "tessera {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let p = |x: &Path| x.to_string_lossy().into_owned();
+    run(&[
+        "data",
+        "seal",
+        "--data",
+        &p(data),
+        "--out",
+        &p(&sealed),
+        "--keys",
+        &p(&owner_keys),
+    ])?;
+    let policy = run(&["attest", "test-pki", "--out", &p(&seed)])?;
+    let port = free_port()?;
+    eprintln!(
+        "private run: the corpus is sealed in {}; its keys go only to nodes whose quotes pass \
+         the run's policy (here: the test PKI, as a TDX guest's quotes would)",
+        sealed.display()
+    );
+    Ok(Private {
+        sealed,
+        keys_url: format!("http://127.0.0.1:{port}"),
+        keys_listen: format!("127.0.0.1:{port}"),
+        owner_keys,
+        journal,
+        attest: format!("test:{}", p(&seed)),
+        policy,
+    })
 }
 
 pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
     let data = crate::demo::bundled_data(dir)?;
+    let exe = std::env::current_exe()?;
+    let private = demo
+        .private
+        .then(|| private_setup(&exe, dir, &data))
+        .transpose()?;
+    let data = private.as_ref().map_or(data, |p| p.sealed.clone());
     let hub_dir = dir.join("hub");
     if hub_dir.exists() {
         std::fs::remove_dir_all(&hub_dir)
@@ -63,7 +138,6 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
     if demo.codec != defaults.codec {
         config += &format!("codec = \"{}\"\n", demo.codec);
     }
-    let exe = std::env::current_exe()?;
     // A ledger whose pool pays every round, so the demo shows what each node earned
     // for verified work.
     let ledger = dir.join("ledger.db");
@@ -133,12 +207,33 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         )?;
     }
     config += &format!("ledger = {ledger:?}\n");
+    if let Some(p) = &private {
+        config += &format!(
+            "key_server = {:?}\nattest = {:?}\n[tee_policy]\n{}",
+            p.keys_url, p.attest, p.policy
+        );
+    }
     let config_path = dir.join("run.toml");
     std::fs::write(&config_path, config)?;
     let log = |name: &str| -> Result<Stdio> {
         Ok(std::fs::File::create(dir.join(format!("{name}.log")))?.into())
     };
     let mut children = Children(Vec::new());
+    if let Some(p) = &private {
+        let keys = Command::new(&exe)
+            .args(["keys", "serve", "--config"])
+            .arg(&config_path)
+            .arg("--keys")
+            .arg(&p.owner_keys)
+            .arg("--journal")
+            .arg(&p.journal)
+            .args(["--listen", &p.keys_listen])
+            .stdout(log("keys")?)
+            .stderr(log("keys")?)
+            .spawn()?;
+        children.0.push(("keys".into(), keys));
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let hub = Command::new(&exe)
         .arg("hub")
         .arg("--config")
@@ -170,19 +265,37 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         demo.nodes,
         dir.display()
     );
+    if private.is_some() {
+        // A node that cannot attest asks too, and is told why it cannot take part.
+        let out = Command::new(&exe)
+            .args(["node", "--hub", &url, "--hub-key", &hub_key])
+            .args(["--threads", "1", "--device", "cpu"])
+            .arg("--key")
+            .arg(dir.join("unattested.key"))
+            .arg("--cache")
+            .arg(dir.join("node-cache-unattested"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let why = text.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+        eprintln!(
+            "a node without attestation: {}",
+            why.trim_start_matches("error: ")
+        );
+    }
     for i in 0..demo.nodes {
         let name = format!("node{i}");
         let key = dir.join(format!("{name}.key"));
-        let child = Command::new(&exe)
-            .args(["node", "--hub", &url, "--hub-key", &hub_key])
+        let mut cmd = Command::new(&exe);
+        cmd.args(["node", "--hub", &url, "--hub-key", &hub_key])
             .args(["--threads", "1", "--device", "cpu"])
             .arg("--key")
             .arg(&key)
             .arg("--cache")
-            .arg(dir.join("node-cache"))
-            .stdout(log(&name)?)
-            .stderr(log(&name)?)
-            .spawn()?;
+            .arg(dir.join("node-cache"));
+        if let Some(p) = &private {
+            cmd.args(["--attest", &p.attest]);
+        }
+        let child = cmd.stdout(log(&name)?).stderr(log(&name)?).spawn()?;
         children.0.push((name, child));
     }
     let mut last = u64::MAX;
@@ -242,6 +355,36 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         }
     }
     print_summary(&summary, &earned, start.elapsed().as_secs_f64());
+    if let Some(p) = &private {
+        let journal = tessera_keyserver::Journal::open(&p.journal)?.entries()?;
+        let mut by_node = std::collections::BTreeMap::<String, (usize, usize)>::new();
+        for e in &journal {
+            let slot = by_node.entry(e.node_key[..12].to_string()).or_default();
+            if e.outcome == "released" {
+                slot.0 += 1;
+            } else {
+                slot.1 += 1;
+            }
+        }
+        println!(
+            "key server journal ({}): {} entries",
+            p.journal.display(),
+            journal.len()
+        );
+        for (node, (released, refused)) in by_node {
+            let who = if node == hub_key[..12] {
+                " (the hub)"
+            } else {
+                ""
+            };
+            println!("  {node}{who}: {released} item keys released, {refused} refusals");
+        }
+        println!(
+            "plaintext lived only in the attested processes' memory; the nodes' cache holds \
+             ciphertext ({})",
+            dir.join("node-cache").display()
+        );
+    }
     Ok(())
 }
 

@@ -80,7 +80,13 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
         None => None,
     };
     let auth = Arc::new(ClientAuth::new(hub_key));
-    let hub = HttpHub::new(&args.hub, identity.clone(), auth, Duration::from_secs(60), None)?;
+    let hub = HttpHub::new(
+        &args.hub,
+        identity.clone(),
+        auth,
+        Duration::from_secs(60),
+        None,
+    )?;
     let info = hub.run_info().context("reading the run from the hub")?;
     info.spec
         .validate()

@@ -1248,17 +1248,34 @@ fn a_private_run_trains_on_sealed_data_only_in_attested_nodes() {
     let sealed = d.join("sealed");
     let owner_keys = d.join("owner.keys");
     let out = Command::new(exe())
-        .args(["data", "seal", "--data", s(&data), "--out", s(&sealed), "--keys", s(&owner_keys)])
+        .args([
+            "data",
+            "seal",
+            "--data",
+            s(&data),
+            "--out",
+            s(&sealed),
+            "--keys",
+            s(&owner_keys),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A test PKI, and the policy lines that accept it.
     let seed = d.join("pki.seed");
     let out = Command::new(exe())
         .args(["attest", "test-pki", "--out", s(&seed)])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let policy = String::from_utf8(out.stdout).unwrap();
     let other_seed = d.join("other.seed");
     assert!(Command::new(exe())
@@ -1379,8 +1396,12 @@ fn a_private_run_trains_on_sealed_data_only_in_attested_nodes() {
         .public_hex();
     for key in [
         hub_key,
-        tessera_protocol::Identity::load(&d.join("a.key")).unwrap().public_hex(),
-        tessera_protocol::Identity::load(&d.join("b.key")).unwrap().public_hex(),
+        tessera_protocol::Identity::load(&d.join("a.key"))
+            .unwrap()
+            .public_hex(),
+        tessera_protocol::Identity::load(&d.join("b.key"))
+            .unwrap()
+            .public_hex(),
     ] {
         let released = entries
             .iter()
@@ -1394,6 +1415,9 @@ fn a_private_run_trains_on_sealed_data_only_in_attested_nodes() {
     assert!(entries
         .iter()
         .any(|e| e["node_key"] == foreign_key.as_str() && e["outcome"] == "root"));
-    let released: usize = entries.iter().filter(|e| e["outcome"] == "released").count();
+    let released: usize = entries
+        .iter()
+        .filter(|e| e["outcome"] == "released")
+        .count();
     assert_eq!(released, 3 * items, "{entries:?}");
 }
