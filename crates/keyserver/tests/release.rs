@@ -273,3 +273,48 @@ fn the_journal_survives_a_restart() {
         .unwrap();
     assert_eq!(entries.len(), 2);
 }
+
+#[test]
+fn release_cost_is_measured() {
+    // Not a timing assertion: prints the cost of a whole release over HTTP (nonce,
+    // quote from the test provider, verification, HPKE, journal write with fsync) for
+    // docs/results.md (`cargo test --release -p tessera-keyserver --test release --
+    // --nocapture cost`).
+    let f = fixture();
+    let server = std::sync::Arc::new(f.server);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let s = server.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(tessera_keyserver::serve(s, &addr.to_string()))
+            .unwrap();
+    });
+    let url = format!("http://{addr}");
+    let id = Identity::generate();
+    let mut ok = false;
+    for _ in 0..50 {
+        if tessera_keyserver::request_keys(&url, RUN, &id, &f.provider, &[0, 1]).is_ok() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ok, "the key server did not answer");
+    let n = 20;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let (_, keys) =
+            tessera_keyserver::request_keys(&url, RUN, &id, &f.provider, &[0, 1]).unwrap();
+        assert_eq!(keys.len(), 2);
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3 / n as f64;
+    let quote = std::time::Instant::now();
+    for _ in 0..n {
+        f.provider.evidence(&[0; 64]).unwrap();
+    }
+    let quote_ms = quote.elapsed().as_secs_f64() * 1e3 / n as f64;
+    println!("release cost: {ms:.2} ms per release over HTTP, of which {quote_ms:.2} ms making the test quote");
+}

@@ -32,6 +32,23 @@ pub enum AttestCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Ask this machine's quote provider for a quote (to check a TDX or SEV-SNP guest
+    /// and read its measurements for a run's policy); writes the quote and its
+    /// collateral, which `attest verify` checks.
+    Quote {
+        /// `configfs`, `configfs:PCCS_URL` or `test:SEED_FILE`.
+        #[arg(long)]
+        attest: String,
+        /// 64 bytes of report_data (hex); zeros by default.
+        #[arg(long)]
+        report_data: Option<String>,
+        /// Where the quote goes (raw bytes).
+        #[arg(long)]
+        out: PathBuf,
+        /// Where its collateral goes (JSON for TDX, the VCEK's DER for SNP).
+        #[arg(long)]
+        collateral_out: PathBuf,
+    },
     /// Write a new test PKI seed (a secret of tests and local demos) and print the
     /// policy that accepts its quotes. Never name a test root in a production policy.
     TestPki {
@@ -140,6 +157,39 @@ pub fn attest(c: AttestCommand) -> Result<()> {
             json,
         ),
         AttestCommand::TestPki { out } => test_pki(&out),
+        AttestCommand::Quote {
+            attest,
+            report_data,
+            out,
+            collateral_out,
+        } => {
+            let mut rd = [0u8; 64];
+            if let Some(h) = report_data {
+                let b = hex::decode(&h).context("--report-data is not hex")?;
+                if b.len() != 64 {
+                    bail!("--report-data is {} bytes, not 64", b.len());
+                }
+                rd.copy_from_slice(&b);
+            }
+            let provider = tessera_attest::provider::from_spec(&attest)?;
+            let e = provider.evidence(&rd)?;
+            std::fs::write(&out, &e.quote).with_context(|| format!("writing {}", out.display()))?;
+            let c = match &e.collateral {
+                Collateral::Tdx(c) => serde_json::to_vec_pretty(c)?,
+                Collateral::Snp { vcek_der } => vcek_der.clone(),
+            };
+            std::fs::write(&collateral_out, c)
+                .with_context(|| format!("writing {}", collateral_out.display()))?;
+            println!(
+                "{} quote from {}: {} ({} bytes), collateral {}",
+                e.tee(),
+                provider.describe(),
+                out.display(),
+                e.quote.len(),
+                collateral_out.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -510,3 +510,139 @@ fn sim_reports_its_shape_and_replays() {
     assert!(fails(&["sim", "--churn", "2"]).contains("--churn"));
     assert!(fails(&["sim", "--nodes", "100000"]).contains("--nodes"));
 }
+
+/// Runs a command that must exit 1 with its refusal on stdout, and returns stdout.
+fn refused(args: &[&str]) -> String {
+    let out = tessera(args);
+    assert_eq!(out.status.code(), Some(1), "tessera {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn attest_verify_checks_real_evidence_offline_and_names_refusals() {
+    let t = concat!(env!("CARGO_MANIFEST_DIR"), "/../attest/testdata");
+    let quote = format!("{t}/tdx_quote");
+    let collateral = format!("{t}/tdx_quote_collateral.json");
+    let out = ok(&[
+        "attest",
+        "verify",
+        "--quote",
+        &quote,
+        "--collateral",
+        &collateral,
+        "--at",
+        "2025-06-20T00:00:00Z",
+    ]);
+    assert!(
+        out.contains("valid: tdx evidence, root intel-sgx-root, TCB UpToDate"),
+        "{out}"
+    );
+    // The SEV-SNP sample (hex) with its VCEK, in JSON, at unix seconds.
+    let out = ok(&[
+        "attest",
+        "verify",
+        "--quote",
+        &format!("{t}/report_milan.hex"),
+        "--collateral",
+        &format!("{t}/vcek_milan.der"),
+        "--at",
+        "1750377600",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["verdict"]["root"], "amd-milan");
+    // Expired collateral: exit 1, the rule named.
+    let out = refused(&[
+        "attest",
+        "verify",
+        "--quote",
+        &quote,
+        "--collateral",
+        &collateral,
+        "--at",
+        "2025-08-20",
+    ]);
+    assert!(out.contains("refused (collateral_time)"), "{out}");
+    // A policy that allow-lists another MRTD.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("types = [\"tdx\"]\ntdx_mrtd = [\"{}\"]\n", "ab".repeat(48)),
+    )
+    .unwrap();
+    let out = refused(&[
+        "attest",
+        "verify",
+        "--quote",
+        &quote,
+        "--collateral",
+        &collateral,
+        "--at",
+        "2025-06-20T00:00:00Z",
+        "--policy",
+        s(&policy),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["refusal"]["rule"], "tdx_mrtd", "{v}");
+    // Bad input is named.
+    let e = fails(&[
+        "attest",
+        "verify",
+        "--quote",
+        &quote,
+        "--collateral",
+        &collateral,
+        "--at",
+        "soon",
+    ]);
+    assert!(e.contains("--at"), "{e}");
+    // A test PKI's quote verifies under the policy it prints, and is refused without it.
+    let seed = dir.path().join("pki.seed");
+    let policy_text = ok(&["attest", "test-pki", "--out", s(&seed)]);
+    std::fs::write(&policy, &policy_text).unwrap();
+    let (q, c) = (dir.path().join("q.bin"), dir.path().join("c.json"));
+    ok(&[
+        "attest",
+        "quote",
+        "--attest",
+        &format!("test:{}", s(&seed)),
+        "--out",
+        s(&q),
+        "--collateral-out",
+        s(&c),
+    ]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let out = ok(&[
+        "attest",
+        "verify",
+        "--quote",
+        s(&q),
+        "--collateral",
+        s(&c),
+        "--at",
+        &now,
+        "--policy",
+        s(&policy),
+    ]);
+    assert!(out.contains("root test:"), "{out}");
+    let out = refused(&[
+        "attest",
+        "verify",
+        "--quote",
+        s(&q),
+        "--collateral",
+        s(&c),
+        "--at",
+        &now,
+    ]);
+    assert!(out.contains("refused (root)"), "{out}");
+    let e = fails(&["attest", "test-pki", "--out", s(&seed)]);
+    assert!(e.contains("exists"), "{e}");
+}
