@@ -127,6 +127,7 @@ fn pem_to_der(pem: &[u8]) -> Result<Vec<u8>, String> {
 
 /// A quote and its collateral, as a node sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Evidence {
     /// The quote (TDX) or attestation report (SNP), hex on the wire.
     #[serde(with = "hex::serde")]

@@ -5,10 +5,10 @@
 //! ```toml
 //! types = ["tdx", "snp"]
 //! tdx_mrtd = ["<96 hex chars>"]                 # allow-listed TD firmware measurements
-//! tdx_rtmr = [["*", "*", "*", "<96 hex>"]]     # each entry: RTMR0-3, "*" matches any
+//! tdx_rtmr = [["*", "<96 hex>", "<96 hex>", "*"]]  # RTMR0-3, "*" matches any; RTMR1, RTMR2 required
 //! snp_measurement = ["<96 hex chars>"]
 //! tcb_status = ["UpToDate", "SWHardeningNeeded"]
-//! snp_min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }
+//! snp_min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }   # required with snp
 //! allow_debug = false
 //! max_collateral_age_secs = 2592000             # 30 days
 //! test_roots = []                               # blake3 hex of a test root; never in production
@@ -50,7 +50,8 @@ pub struct Policy {
     /// Allow-listed MRTDs (hex, 48 bytes). Required when `types` holds tdx.
     #[serde(default)]
     pub tdx_mrtd: Vec<String>,
-    /// Allow-listed RTMR sets: four hex values or `*`. Empty: any RTMRs.
+    /// Allow-listed RTMR sets: four hex values or `*`; each set names RTMR1 and RTMR2.
+    /// Required when `types` holds tdx.
     #[serde(default)]
     pub tdx_rtmr: Vec<[String; 4]>,
     /// Allow-listed SNP launch measurements (hex, 48 bytes). Required when `types`
@@ -61,6 +62,7 @@ pub struct Policy {
     #[serde(default = "default_statuses")]
     pub tcb_status: Vec<String>,
     /// The lowest SNP TCB accepted (and the VCEK must be issued for the reported TCB).
+    /// Required when `types` holds snp.
     #[serde(default)]
     pub snp_min_tcb: Option<SnpTcb>,
     /// Debuggable guests keep nothing confidential: refused unless this is true.
@@ -130,15 +132,40 @@ impl Policy {
         }
         for r in &self.test_roots {
             check_hex("test_roots", r, 32)?;
+            if r.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(PolicyError(format!(
+                    "`test_roots` entry `{r}` is not lowercase hex"
+                )));
+            }
         }
         if self.types.contains(&TeeKind::Tdx) && self.tdx_mrtd.is_empty() {
             return Err(PolicyError(
                 "`types` allows tdx but `tdx_mrtd` lists no measurement".into(),
             ));
         }
+        // MRTD measures only the TD firmware, which every TD on that firmware shares:
+        // the kernel, initrd and command line (RTMR1, RTMR2) must be pinned too.
+        if self.types.contains(&TeeKind::Tdx)
+            && (self.tdx_rtmr.is_empty()
+                || self
+                    .tdx_rtmr
+                    .iter()
+                    .any(|set| set[1] == "*" || set[2] == "*"))
+        {
+            return Err(PolicyError(
+                "`types` allows tdx: `tdx_rtmr` must list at least one set, each naming RTMR1 and RTMR2 \
+                 (kernel, initrd and command line); MRTD alone admits any software on that firmware"
+                    .into(),
+            ));
+        }
         if self.types.contains(&TeeKind::Snp) && self.snp_measurement.is_empty() {
             return Err(PolicyError(
                 "`types` allows snp but `snp_measurement` lists no measurement".into(),
+            ));
+        }
+        if self.types.contains(&TeeKind::Snp) && self.snp_min_tcb.is_none() {
+            return Err(PolicyError(
+                "`types` allows snp but `snp_min_tcb` sets no TCB floor".into(),
             ));
         }
         if let Some(s) = self
@@ -192,12 +219,11 @@ impl Policy {
                         value: mr_td.clone(),
                     });
                 }
-                let rtmr_ok = self.tdx_rtmr.is_empty()
-                    || self.tdx_rtmr.iter().any(|set| {
-                        set.iter()
-                            .zip(rtmr)
-                            .all(|(want, got)| want == "*" || want.eq_ignore_ascii_case(got))
-                    });
+                let rtmr_ok = self.tdx_rtmr.iter().any(|set| {
+                    set.iter()
+                        .zip(rtmr)
+                        .all(|(want, got)| want == "*" || want.eq_ignore_ascii_case(got))
+                });
                 if !rtmr_ok {
                     return Err(Refusal::Measurement {
                         rule: "tdx_rtmr",
@@ -217,8 +243,17 @@ impl Policy {
             Measurements::Snp {
                 measurement,
                 reported_tcb,
+                vmpl,
                 ..
             } => {
+                // A report requested from a less privileged level (a guest OS under a
+                // paravisor) does not speak for the whole VM.
+                if *vmpl != 0 {
+                    return Err(Refusal::Measurement {
+                        rule: "snp_vmpl",
+                        value: vmpl.to_string(),
+                    });
+                }
                 if v.tcb_status != "VcekMatches" {
                     return Err(Refusal::TcbStatus {
                         status: v.tcb_status.clone(),

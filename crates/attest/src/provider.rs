@@ -193,6 +193,18 @@ impl TestProvider {
     pub fn mr_td_hex(&self) -> String {
         hex::encode(self.td.mr_td)
     }
+
+    /// The `[tee_policy]` body that accepts this provider's quotes: its MRTD, its
+    /// RTMR1 and RTMR2, and its test root. Tests and local demos only.
+    pub fn policy_toml(&self) -> String {
+        format!(
+            "types = [\"tdx\"]\ntdx_mrtd = [\"{}\"]\ntdx_rtmr = [[\"*\", \"{}\", \"{}\", \"*\"]]\ntest_roots = [\"{}\"]\n",
+            self.mr_td_hex(),
+            hex::encode(self.td.rtmr[1]),
+            hex::encode(self.td.rtmr[2]),
+            self.root_hash()
+        )
+    }
 }
 
 pub fn parse_seed(text: &str) -> Option<[u8; 32]> {

@@ -5,6 +5,9 @@
 use crate::evidence::{Collateral, Evidence, TeeKind, QUOTE_MAX_BYTES};
 use serde::{Deserialize, Serialize};
 
+/// Zero bytes allowed after a TDX quote's end (quote buffers come padded).
+pub const PADDING_MAX: usize = 1024;
+
 /// An SEV-SNP attestation report is exactly this long.
 pub const SNP_REPORT_BYTES: usize = 1184;
 /// The signed part of an SNP report: bytes 0..0x2A0; the signature follows.
@@ -319,9 +322,9 @@ fn check_tdx_layout(q: &[u8], signed: usize) -> Result<(), Refusal> {
     let d = c + 6;
     let end = d + chain_len;
     let chain = q.get(d..end).ok_or_else(|| bad("truncated"))?;
-    // Quote buffers come zero-padded (the shipped samples carry 70 zero bytes): padding
-    // is allowed, anything else after the quote is not.
-    if q[end..].iter().any(|&b| b != 0) {
+    // Quote buffers come zero-padded (the shipped samples carry 70 zero bytes): up to
+    // PADDING_MAX zero bytes are allowed, anything else after the quote is not.
+    if q.len() - end > PADDING_MAX || q[end..].iter().any(|&b| b != 0) {
         return Err(bad("bytes after the end of the quote are not zero padding"));
     }
     let ders = pem_blocks(chain).ok_or_else(|| bad("the PCK chain is not PEM"))?;

@@ -143,6 +143,18 @@ fn trailing_bytes_and_truncation_are_refused() {
         verify(&e, AT_TDX, &Roots::production()),
         Err(Refusal::Malformed(_))
     ));
+    // Padding is bounded, so one quote cannot take any number of hashes.
+    let mut e = tdx(TDX_QUOTE, TDX_COLLATERAL);
+    e.quote
+        .extend(vec![0u8; tessera_attest::verify::PADDING_MAX]);
+    assert!(matches!(
+        verify(&e, AT_TDX, &Roots::production()),
+        Err(Refusal::Malformed(_))
+    ));
+    // Evidence on the wire refuses unknown fields.
+    let mut json = serde_json::to_value(snp()).unwrap();
+    json["extra"] = serde_json::json!(1);
+    assert!(serde_json::from_value::<Evidence>(json).is_err());
     let mut e = tdx(TDX_QUOTE, TDX_COLLATERAL);
     e.quote.truncate(1000);
     assert!(verify(&e, AT_TDX, &Roots::production()).is_err());
@@ -174,9 +186,15 @@ fn collateral_of_another_platform_is_refused() {
     assert!(verify(&e, AT_OUTDATED, &Roots::production()).is_err());
 }
 
-fn sample_policy(mr_td: &str, snp_m: &str) -> Policy {
+fn sample_policy(tdx: &tessera_attest::Verdict, snp_m: &str) -> Policy {
+    let tessera_attest::verify::Measurements::Tdx { mr_td, rtmr, .. } = &tdx.measurements else {
+        panic!("not TDX")
+    };
     Policy::from_toml(&format!(
-        "tdx_mrtd = [\"{mr_td}\"]\nsnp_measurement = [\"{snp_m}\"]\nmax_collateral_age_secs = 864000\n"
+        "tdx_mrtd = [\"{mr_td}\"]\ntdx_rtmr = [[\"*\", \"{}\", \"{}\", \"*\"]]\n\
+         snp_measurement = [\"{snp_m}\"]\nsnp_min_tcb = {{ bootloader = 0, tee = 0, snp = 0, microcode = 0 }}\n\
+         max_collateral_age_secs = 864000\n",
+        rtmr[1], rtmr[2]
     ))
     .unwrap()
 }
@@ -193,11 +211,15 @@ fn policies_refuse_by_rule() {
     let e = tdx(TDX_QUOTE, TDX_COLLATERAL);
     let v = verify(&e, AT_TDX, &Roots::production()).unwrap();
     let s = verify(&snp(), AT_TDX, &Roots::production()).unwrap();
-    let good = sample_policy(&measurement_of(&v), &measurement_of(&s));
+    let good = sample_policy(&v, &measurement_of(&s));
     good.check(&v, AT_TDX).unwrap();
     good.check(&s, AT_TDX).unwrap();
     // A wrong measurement.
-    let other = sample_policy(&"ab".repeat(48), &"cd".repeat(48));
+    let other = Policy {
+        tdx_mrtd: vec!["ab".repeat(48)],
+        snp_measurement: vec!["cd".repeat(48)],
+        ..good.clone()
+    };
     assert_eq!(other.check(&v, AT_TDX).unwrap_err().rule(), "tdx_mrtd");
     assert_eq!(
         other.check(&s, AT_TDX).unwrap_err().rule(),
@@ -246,23 +268,40 @@ fn policies_that_admit_any_build_are_refused() {
     assert!(e.to_string().contains("tdx_mrtd"), "{e}");
     let e = Policy::from_toml("types = [\"tdx\"]\ntdx_mrtd = [\"00\"]\n").unwrap_err();
     assert!(e.to_string().contains("48 bytes"), "{e}");
+    // MRTD alone admits any kernel on that firmware; RTMR1 and RTMR2 are required.
+    let mrtd = "00".repeat(48);
+    let e =
+        Policy::from_toml(&format!("types = [\"tdx\"]\ntdx_mrtd = [\"{mrtd}\"]\n")).unwrap_err();
+    assert!(e.to_string().contains("tdx_rtmr"), "{e}");
+    let e = Policy::from_toml(&format!(
+        "types = [\"tdx\"]\ntdx_mrtd = [\"{mrtd}\"]\ntdx_rtmr = [[\"*\", \"*\", \"*\", \"*\"]]\n"
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("RTMR1"), "{e}");
+    // SNP needs a TCB floor; test roots are lowercase hex.
+    let e = Policy::from_toml(&format!(
+        "types = [\"snp\"]\nsnp_measurement = [\"{mrtd}\"]\n"
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("snp_min_tcb"), "{e}");
+    let e = Policy::from_toml(&format!(
+        "types = [\"tdx\"]\ntdx_mrtd = [\"{mrtd}\"]\ntdx_rtmr = [[\"*\", \"{mrtd}\", \"{mrtd}\", \"*\"]]\ntest_roots = [\"{}\"]\n",
+        "AB".repeat(32)
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("lowercase"), "{e}");
     let e = Policy::from_toml("typos = 1\n").unwrap_err();
     assert!(e.to_string().contains("typos"), "{e}");
     let e = Policy::from_toml(&format!(
-        "types = [\"tdx\"]\ntdx_mrtd = [\"{}\"]\ntcb_status = [\"Fine\"]\n",
-        "00".repeat(48)
+        "types = [\"tdx\"]\ntdx_mrtd = [\"{mrtd}\"]\ntdx_rtmr = [[\"*\", \"{mrtd}\", \"{mrtd}\", \"*\"]]\n\
+         tcb_status = [\"Fine\"]\n"
     ))
     .unwrap_err();
     assert!(e.to_string().contains("Fine"), "{e}");
 }
 
 fn test_policy(p: &TestProvider) -> Policy {
-    Policy::from_toml(&format!(
-        "types = [\"tdx\"]\ntdx_mrtd = [\"{}\"]\ntest_roots = [\"{}\"]\n",
-        p.mr_td_hex(),
-        p.root_hash()
-    ))
-    .unwrap()
+    Policy::from_toml(&p.policy_toml()).unwrap()
 }
 
 #[test]

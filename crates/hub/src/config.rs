@@ -195,3 +195,40 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod private_run_tests {
+    use super::*;
+
+    fn run_file(data: &Path, extra: &str) -> String {
+        format!(
+            "run_id = \"p\"\ndata = {data:?}\nstate_dir = \"s\"\nkey_server = \"http://127.0.0.1:7100\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn sealed_data_makes_a_run_private_and_bad_policies_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(tessera_seal::SEALED_MANIFEST_FILE), "{}").unwrap();
+        let c = HubConfig::parse(&run_file(dir.path(), "")).unwrap();
+        assert_eq!(c.spec.tee, tessera_protocol::TeeMode::Required);
+        let e = HubConfig::parse(&run_file(dir.path(), "tee = \"off\"\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("sealed"), "{e:#}");
+        // A policy that would admit any build is refused when the file is read.
+        let e = HubConfig::parse(&run_file(dir.path(), "[tee_policy]\ntypes = [\"tdx\"]\n"))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("tdx_mrtd"), "{e:#}");
+        let z = "00".repeat(48);
+        let good = format!(
+            "[tee_policy]\ntypes = [\"tdx\"]\ntdx_mrtd = [\"{z}\"]\ntdx_rtmr = [[\"*\", \"{z}\", \"{z}\", \"*\"]]\n"
+        );
+        let c = HubConfig::parse(&run_file(dir.path(), &good)).unwrap();
+        assert_eq!(c.deployment.policy().unwrap().unwrap().tdx_mrtd.len(), 1);
+        // Required without a key server is refused by name.
+        let e = HubConfig::parse(&format!(
+            "run_id = \"p\"\ndata = \"d\"\nstate_dir = \"s\"\ntee = \"required\"\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("key_server"), "{e:#}");
+    }
+}

@@ -55,7 +55,7 @@ fn a_differing_replay_is_refereed_step_by_step_before_anything_is_slashed() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
     let data_dir = data(dir.path());
-    let data = Dataset::open(&data_dir).unwrap();
+    let data = std::sync::Arc::new(Dataset::open(&data_dir).unwrap());
     let spec = RunSpec {
         run_id: "referee".into(),
         preset: "nano".into(),
@@ -102,7 +102,7 @@ fn a_differing_replay_is_refereed_step_by_step_before_anything_is_slashed() {
     let job = |submitted: Vec<u8>| Replay {
         spec: spec.clone(),
         model: model.clone(),
-        data_dir: data_dir.clone(),
+        data: data.clone(),
         checkpoint: outer.to_bytes(),
         submitted,
         state: before.clone(),

@@ -1,12 +1,15 @@
-//! The key server's HTTP API (axum): `POST /v1/nonce`, `POST /v1/release`,
-//! `GET /v1/journal`.
+//! The key server's HTTP API (axum): `POST /v1/nonce`, `POST /v1/release`. The
+//! journal is read from its file by the data owner (`tessera keys journal`), not
+//! served: it names every member, and serving it let anyone make the server build
+//! replies as large as the journal.
 
 use crate::{now_unix, KeyServer, Refused, ReleaseRequest, BODY_MAX};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 impl IntoResponse for Refused {
@@ -16,8 +19,11 @@ impl IntoResponse for Refused {
     }
 }
 
-async fn nonce(State(s): State<Arc<KeyServer>>) -> Response {
-    match s.issue_nonce(now_unix()) {
+async fn nonce(
+    State(s): State<Arc<KeyServer>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    match s.issue_nonce(now_unix(), peer.ip()) {
         Ok(n) => Json(n).into_response(),
         Err(r) => r.into_response(),
     }
@@ -41,17 +47,13 @@ async fn release(State(s): State<Arc<KeyServer>>, body: axum::body::Bytes) -> Re
     match res {
         Ok(Ok(reply)) => Json(reply).into_response(),
         Ok(Err(r)) => {
-            eprintln!("keys: refused ({}): {}", r.rule, r.message);
+            // Bounded and escaped; nonce refusals (the cheap ones) are only counted.
+            if r.rule != "nonce" {
+                let message: String = r.message.chars().take(200).collect();
+                eprintln!("keys: refused ({}): {}", r.rule, message.escape_debug());
+            }
             r.into_response()
         }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
-
-async fn journal(State(s): State<Arc<KeyServer>>) -> Response {
-    match tokio::task::spawn_blocking(move || s.journal_entries()).await {
-        Ok(Ok(entries)) => Json(entries).into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
@@ -60,7 +62,6 @@ pub fn router(server: Arc<KeyServer>) -> Router {
     Router::new()
         .route("/v1/nonce", post(nonce))
         .route("/v1/release", post(release))
-        .route("/v1/journal", get(journal))
         .layer(DefaultBodyLimit::max(BODY_MAX))
         .with_state(server)
 }
@@ -71,6 +72,10 @@ pub async fn serve(server: Arc<KeyServer>, listen: &str) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
     eprintln!("keys: serving on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(server)).await?;
+    axum::serve(
+        listener,
+        router(server).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
     Ok(())
 }

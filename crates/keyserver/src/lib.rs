@@ -29,6 +29,9 @@ use tessera_attest::{Evidence, Policy};
 pub const NONCE_TTL_SECS: u64 = 120;
 /// Outstanding nonces; past this, nonce requests are refused until some expire.
 pub const NONCES_MAX: usize = 4096;
+/// Outstanding nonces per requesting address: one address cannot take the whole table
+/// and lock every node out (it could: 4,092 nonces in 2 s from one loop).
+pub const NONCES_PER_ADDRESS_MAX: usize = 16;
 /// The largest request body (a quote with its collateral is ~25 KiB).
 pub const BODY_MAX: usize = 512 * 1024;
 /// The largest number of items one request may name.
@@ -228,7 +231,11 @@ pub struct KeyServer {
     run_id: String,
     policy: Policy,
     keys: tessera_seal::SealKeys,
-    nonces: Mutex<HashMap<[u8; 32], u64>>,
+    /// Outstanding nonces: expiry and the address that asked.
+    nonces: Mutex<HashMap<[u8; 32], (u64, std::net::IpAddr)>>,
+    /// Requests refused before a nonce was spent (unknown, used or expired nonce):
+    /// counted, not journaled, so that nobody can grow the journal without a nonce.
+    unjournaled_refusals: std::sync::atomic::AtomicU64,
     journal: Mutex<Journal>,
 }
 
@@ -245,6 +252,7 @@ impl KeyServer {
             policy,
             keys,
             nonces: Mutex::new(HashMap::new()),
+            unjournaled_refusals: Default::default(),
             journal: Mutex::new(Journal::open(journal)?),
         })
     }
@@ -253,10 +261,26 @@ impl KeyServer {
         self.journal.lock().expect("journal lock").entries()
     }
 
-    /// A fresh nonce, valid for [`NONCE_TTL_SECS`].
-    pub fn issue_nonce(&self, now: u64) -> Result<NonceReply, Refused> {
+    /// Requests refused for their nonce before anything was checked (not journaled).
+    pub fn unjournaled_refusals(&self) -> u64 {
+        self.unjournaled_refusals
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A fresh nonce for `from`, valid for [`NONCE_TTL_SECS`]; at most
+    /// [`NONCES_PER_ADDRESS_MAX`] outstanding per address and [`NONCES_MAX`] in all.
+    pub fn issue_nonce(&self, now: u64, from: std::net::IpAddr) -> Result<NonceReply, Refused> {
         let mut nonces = self.nonces.lock().expect("nonce lock");
-        nonces.retain(|_, exp| *exp >= now);
+        nonces.retain(|_, (exp, _)| *exp >= now);
+        if nonces.values().filter(|(_, ip)| *ip == from).count() >= NONCES_PER_ADDRESS_MAX {
+            return Err(Refused::new(
+                429,
+                "busy",
+                format!(
+                    "{NONCES_PER_ADDRESS_MAX} nonces are outstanding for this address; use one or wait {NONCE_TTL_SECS} s"
+                ),
+            ));
+        }
         if nonces.len() >= NONCES_MAX {
             return Err(Refused::new(
                 429,
@@ -267,7 +291,7 @@ impl KeyServer {
         let mut nonce = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
         let expires = now + NONCE_TTL_SECS;
-        nonces.insert(nonce, expires);
+        nonces.insert(nonce, (expires, from));
         Ok(NonceReply {
             nonce: hex::encode(nonce),
             expires_unix: expires,
@@ -279,6 +303,11 @@ impl KeyServer {
     pub fn release(&self, req: &ReleaseRequest, now: u64) -> Result<ReleaseReply, Refused> {
         let quote_hash = req.evidence.quote_hash();
         let result = self.check_and_seal(req, now, &quote_hash);
+        if matches!(&result, Err(r) if r.rule == "nonce") {
+            self.unjournaled_refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return result;
+        }
         let entries: Vec<JournalEntry> = match &result {
             Ok(_) => req
                 .items
@@ -328,7 +357,12 @@ impl KeyServer {
     ) -> Result<ReleaseReply, Refused> {
         let nonce = hex32("nonce", &req.nonce)?;
         // Spent first: whatever happens below, this nonce never serves again.
-        let expires = self.nonces.lock().expect("nonce lock").remove(&nonce);
+        let expires = self
+            .nonces
+            .lock()
+            .expect("nonce lock")
+            .remove(&nonce)
+            .map(|(exp, _)| exp);
         match expires {
             None => {
                 return Err(Refused::new(
@@ -348,13 +382,13 @@ impl KeyServer {
                 "run",
                 format!(
                     "this key server serves run `{}`, not `{}`",
-                    self.run_id, req.run_id
+                    self.run_id,
+                    req.run_id.chars().take(64).collect::<String>()
                 ),
             ));
         }
         let node_key = hex32("node_key", &req.node_key)?;
         let hpke_key = hex32("hpke_key", &req.hpke_key)?;
-        let items = self.check_items(&req.items)?;
         let verifying = ed25519_dalek::VerifyingKey::from_bytes(&node_key)
             .map_err(|_| Refused::new(400, "malformed", "`node_key` is not an ed25519 key"))?;
         let sig = hex::decode(&req.signature)
@@ -372,6 +406,7 @@ impl KeyServer {
         verifying.verify_strict(&signed, &sig).map_err(|_| {
             Refused::new(403, "signature", "the request is not signed by `node_key`")
         })?;
+        let items = self.check_items(&req.items)?;
         let expected =
             tessera_attest::binding::report_data(&node_key, &hpke_key, &nonce, &req.run_id);
         let verdict = tessera_attest::appraise(&req.evidence, now, &self.policy, &expected)

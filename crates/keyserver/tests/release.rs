@@ -11,6 +11,7 @@ use tessera_keyserver::{
 use tessera_protocol::Identity;
 
 const RUN: &str = "private-run";
+const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 fn keys() -> tessera_seal::SealKeys {
     let text = format!(
@@ -24,12 +25,7 @@ fn keys() -> tessera_seal::SealKeys {
 }
 
 fn policy(p: &TestProvider) -> Policy {
-    Policy::from_toml(&format!(
-        "types = [\"tdx\"]\ntdx_mrtd = [\"{}\"]\ntest_roots = [\"{}\"]\n",
-        p.mr_td_hex(),
-        p.root_hash()
-    ))
-    .unwrap()
+    Policy::from_toml(&p.policy_toml()).unwrap()
 }
 
 struct Fixture {
@@ -90,7 +86,7 @@ fn an_attested_node_gets_its_keys_sealed_to_its_hpke_key() {
     let f = fixture();
     let id = Identity::generate();
     let hpke = HpkeKeyPair::generate();
-    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
     let reply = f.server.release(&req, f.now).unwrap();
     let n: [u8; 32] = hex::decode(&nonce).unwrap().try_into().unwrap();
@@ -113,13 +109,13 @@ fn a_nonce_serves_once_and_expires() {
     let f = fixture();
     let id = Identity::generate();
     let hpke = HpkeKeyPair::generate();
-    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
     f.server.release(&req, f.now).unwrap();
     let again = f.server.release(&req, f.now).unwrap_err();
     assert_eq!(again.rule, "nonce", "{again}");
     // Expired.
-    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
     let late = f
         .server
@@ -129,6 +125,36 @@ fn a_nonce_serves_once_and_expires() {
     // Never issued.
     let req = request(&f, &id, &hpke, &"77".repeat(32), RUN, &f.provider);
     assert_eq!(f.server.release(&req, f.now).unwrap_err().rule, "nonce");
+    // Nonce refusals are counted, not journaled: nobody grows the journal without
+    // spending a nonce.
+    assert_eq!(f.server.unjournaled_refusals(), 3);
+    assert_eq!(f.server.journal_entries().unwrap().len(), 2);
+}
+
+#[test]
+fn one_address_cannot_take_every_nonce() {
+    let f = fixture();
+    let attacker = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 9));
+    let mut taken = 0;
+    while f.server.issue_nonce(f.now, attacker).is_ok() {
+        taken += 1;
+        assert!(taken <= tessera_keyserver::NONCES_PER_ADDRESS_MAX);
+    }
+    assert_eq!(taken, tessera_keyserver::NONCES_PER_ADDRESS_MAX);
+    let r = f.server.issue_nonce(f.now, attacker).unwrap_err();
+    assert_eq!((r.status, r.rule.as_str()), (429, "busy"));
+    // An honest node elsewhere still gets one and its keys.
+    let id = Identity::generate();
+    let hpke = HpkeKeyPair::generate();
+    let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
+    f.server
+        .release(&request(&f, &id, &hpke, &nonce, RUN, &f.provider), f.now)
+        .unwrap();
+    // Expired nonces free the attacker's share again.
+    assert!(f
+        .server
+        .issue_nonce(f.now + NONCE_TTL_SECS + 1, attacker)
+        .is_ok());
 }
 
 #[test]
@@ -136,13 +162,13 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
     let f = fixture();
     let honest = Identity::generate();
     let hpke = HpkeKeyPair::generate();
-    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let good = request(&f, &honest, &hpke, &nonce, RUN, &f.provider);
 
     // The same quote, now presented by another node key (re-signed by it), with a
     // fresh nonce: the report_data binds the honest key and the old nonce.
     let thief = Identity::generate();
-    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let fresh = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let mut stolen = good.clone();
     stolen.node_key = thief.public_hex();
     stolen.nonce = fresh.clone();
@@ -160,7 +186,7 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
     );
 
     // Same node, the attacker's own HPKE key swapped in (to read the keys).
-    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let fresh = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let mine = request(&f, &honest, &hpke, &fresh, RUN, &f.provider);
     let mut swapped = mine.clone();
     let attacker_hpke = HpkeKeyPair::generate();
@@ -180,11 +206,11 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
 
     // A quote bound to another run: refused for the run id before anything else when
     // presented to this run's server under the other run's name...
-    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let fresh = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let other_run = request(&f, &honest, &hpke, &fresh, "other-run", &f.provider);
     assert_eq!(f.server.release(&other_run, f.now).unwrap_err().rule, "run");
     // ...and for its binding when the run id is rewritten (and re-signed).
-    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let fresh = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let mut rewritten = request(&f, &honest, &hpke, &fresh, "other-run", &f.provider);
     rewritten.run_id = RUN.into();
     let n: [u8; 32] = hex::decode(&fresh).unwrap().try_into().unwrap();
@@ -201,7 +227,7 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
     );
 
     // A request not signed by the node key it names.
-    let fresh = f.server.issue_nonce(f.now).unwrap().nonce;
+    let fresh = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let mut forged = request(&f, &honest, &hpke, &fresh, RUN, &f.provider);
     forged.signature = thief.sign(b"something else");
     assert_eq!(
@@ -225,7 +251,7 @@ fn unattested_debug_and_foreign_quotes_get_nothing() {
     let hpke = HpkeKeyPair::generate();
     // A debug TD from the same test PKI.
     let dbg = TestProvider::new(&[3; 32], f.now - 60, 86_400, true).unwrap();
-    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let r = f
         .server
         .release(&request(&f, &id, &hpke, &nonce, RUN, &dbg), f.now)
@@ -233,17 +259,33 @@ fn unattested_debug_and_foreign_quotes_get_nothing() {
     assert_eq!(r.rule, "allow_debug", "{r}");
     // A test PKI the policy does not name.
     let other = TestProvider::new(&[4; 32], f.now - 60, 86_400, false).unwrap();
-    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let r = f
         .server
         .release(&request(&f, &id, &hpke, &nonce, RUN, &other), f.now)
         .unwrap_err();
     assert_eq!(r.rule, "root", "{r}");
     // Items outside the data set, or named twice.
-    let nonce = f.server.issue_nonce(f.now).unwrap().nonce;
+    let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let mut req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
     req.items = vec![0, 0];
-    assert_eq!(f.server.release(&req, f.now).unwrap_err().rule, "items");
+    // Changed items break the signature (checked first)...
+    assert_eq!(f.server.release(&req, f.now).unwrap_err().rule, "signature");
+    // ...and, re-signed, are refused for what they name.
+    for items in [vec![0, 0], vec![7], vec![]] {
+        let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
+        let mut req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
+        let n: [u8; 32] = hex::decode(&nonce).unwrap().try_into().unwrap();
+        req.items = items;
+        req.signature = id.sign(&request_signing_bytes(
+            RUN,
+            &n,
+            &hpke.public(),
+            &req.evidence.quote,
+            &req.items,
+        ));
+        assert_eq!(f.server.release(&req, f.now).unwrap_err().rule, "items");
+    }
 }
 
 #[test]
@@ -262,7 +304,7 @@ fn the_journal_survives_a_restart() {
         };
         let id = Identity::generate();
         let hpke = HpkeKeyPair::generate();
-        let nonce = f.server.issue_nonce(now).unwrap().nonce;
+        let nonce = f.server.issue_nonce(now, LOCAL).unwrap().nonce;
         f.server
             .release(&request(&f, &id, &hpke, &nonce, RUN, &f.provider), now)
             .unwrap();
@@ -280,6 +322,9 @@ fn release_cost_is_measured() {
     // quote from the test provider, verification, HPKE, journal write with fsync) for
     // docs/results.md (`cargo test --release -p tessera-keyserver --test release --
     // --nocapture cost`).
+    // With the workspace's features, reqwest needs the process's TLS provider (the
+    // binary installs it in main).
+    tessera_net::install_tls_provider();
     let f = fixture();
     let server = std::sync::Arc::new(f.server);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

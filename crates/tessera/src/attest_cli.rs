@@ -296,11 +296,7 @@ fn test_pki(out: &Path) -> Result<()> {
 
 /// The `[tee_policy]` body that accepts the test provider's quotes.
 pub fn test_policy_toml(p: &tessera_attest::provider::TestProvider) -> String {
-    format!(
-        "types = [\"tdx\"]\ntdx_mrtd = [\"{}\"]\ntest_roots = [\"{}\"]\n",
-        p.mr_td_hex(),
-        p.root_hash()
-    )
+    p.policy_toml()
 }
 
 fn rand_fill(buf: &mut [u8]) {

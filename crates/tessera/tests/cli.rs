@@ -569,7 +569,10 @@ fn attest_verify_checks_real_evidence_offline_and_names_refusals() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(
         &policy,
-        format!("types = [\"tdx\"]\ntdx_mrtd = [\"{}\"]\n", "ab".repeat(48)),
+        format!(
+            "types = [\"tdx\"]\ntdx_mrtd = [\"{ab}\"]\ntdx_rtmr = [[\"*\", \"{ab}\", \"{ab}\", \"*\"]]\n",
+            ab = "ab".repeat(48)
+        ),
     )
     .unwrap();
     let out = refused(&[
