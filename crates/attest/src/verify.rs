@@ -352,7 +352,7 @@ fn pem_blocks(text: &[u8]) -> Option<Vec<Vec<u8>>> {
     const END: &str = "-----END CERTIFICATE-----";
     while let Some(i) = rest.find(BEGIN) {
         let j = rest[i..].find(END)? + i + END.len();
-        let (_, der) = der::pem::decode_vec(rest[i..j].as_bytes()).ok()?;
+        let (_, der) = der::pem::decode_vec(&rest.as_bytes()[i..j]).ok()?;
         out.push(der);
         rest = &rest[j..];
     }

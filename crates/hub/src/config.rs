@@ -225,9 +225,9 @@ mod private_run_tests {
         let c = HubConfig::parse(&run_file(dir.path(), &good)).unwrap();
         assert_eq!(c.deployment.policy().unwrap().unwrap().tdx_mrtd.len(), 1);
         // Required without a key server is refused by name.
-        let e = HubConfig::parse(&format!(
-            "run_id = \"p\"\ndata = \"d\"\nstate_dir = \"s\"\ntee = \"required\"\n"
-        ))
+        let e = HubConfig::parse(
+            "run_id = \"p\"\ndata = \"d\"\nstate_dir = \"s\"\ntee = \"required\"\n",
+        )
         .unwrap_err();
         assert!(format!("{e:#}").contains("key_server"), "{e:#}");
     }

@@ -526,6 +526,9 @@ impl HpkeKeyPair {
     }
 }
 
+/// An item's index and its key, as a node holds them after a release.
+pub type ItemSecret = (u32, [u8; 32]);
+
 /// The node's side: attest through `provider` and fetch the keys of `items`.
 /// Returns `(index, key)` pairs, checked to be the items asked for.
 pub fn request_keys(
@@ -534,7 +537,7 @@ pub fn request_keys(
     identity: &tessera_protocol::Identity,
     provider: &dyn tessera_attest::provider::QuoteProvider,
     items: &[u32],
-) -> Result<(ReleasedKeys, Vec<(u32, [u8; 32])>)> {
+) -> Result<(ReleasedKeys, Vec<ItemSecret>)> {
     let client = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
         .build()?;

@@ -207,6 +207,8 @@ fn wire() -> Files {
                 deadline_ms: 120_000,
                 closed_rounds: 2,
                 checkpoint: Hash32::of(b"ckpt"),
+                audit: Some(1),
+                dispute: None,
             }),
         ),
         (
@@ -221,6 +223,8 @@ fn wire() -> Files {
                 theta_before: Hash32::of(b"a"),
                 theta_after: Hash32::of(b"b"),
                 checkpoint: Hash32::of(b"c"),
+                refused: vec![],
+                verdicts: vec![],
             }),
         ),
         (
@@ -251,7 +255,6 @@ fn wire() -> Files {
                 members: 1,
                 params: 131_392,
                 theta_hash: Hash32::of(b"t"),
-                state_hash: Hash32::of(b"s"),
                 divergent_reports: 0,
                 nodes,
                 ddp_bytes_per_node: 1 << 20,
@@ -261,6 +264,8 @@ fn wire() -> Files {
                 }),
                 final_checkpoint: Some("final".into()),
                 read_only: None,
+                verification: Default::default(),
+                audits_open: 0,
             }),
         ),
         (
