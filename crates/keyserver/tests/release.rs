@@ -81,6 +81,18 @@ fn request(
     }
 }
 
+/// Re-signs `req` as `id` after it was changed (what an attacker holding `id` can do).
+fn resign(req: &mut ReleaseRequest, id: &Identity, hpke_key: &[u8; 32]) {
+    let n: [u8; 32] = hex::decode(&req.nonce).unwrap().try_into().unwrap();
+    req.signature = id.sign(&request_signing_bytes(
+        &req.run_id,
+        &n,
+        hpke_key,
+        &req.evidence.quote,
+        &req.items,
+    ));
+}
+
 #[test]
 fn an_attested_node_gets_its_keys_sealed_to_its_hpke_key() {
     let f = fixture();
@@ -172,14 +184,7 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
     let mut stolen = good.clone();
     stolen.node_key = thief.public_hex();
     stolen.nonce = fresh.clone();
-    let n: [u8; 32] = hex::decode(&fresh).unwrap().try_into().unwrap();
-    stolen.signature = thief.sign(&request_signing_bytes(
-        RUN,
-        &n,
-        &hpke.public(),
-        &stolen.evidence.quote,
-        &stolen.items,
-    ));
+    resign(&mut stolen, &thief, &hpke.public());
     assert_eq!(
         f.server.release(&stolen, f.now).unwrap_err().rule,
         "report_data"
@@ -191,14 +196,7 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
     let mut swapped = mine.clone();
     let attacker_hpke = HpkeKeyPair::generate();
     swapped.hpke_key = hex::encode(attacker_hpke.public());
-    let n: [u8; 32] = hex::decode(&fresh).unwrap().try_into().unwrap();
-    swapped.signature = honest.sign(&request_signing_bytes(
-        RUN,
-        &n,
-        &attacker_hpke.public(),
-        &swapped.evidence.quote,
-        &swapped.items,
-    ));
+    resign(&mut swapped, &honest, &attacker_hpke.public());
     assert_eq!(
         f.server.release(&swapped, f.now).unwrap_err().rule,
         "report_data"
@@ -213,14 +211,7 @@ fn a_quote_replayed_for_another_key_run_or_nonce_is_refused() {
     let fresh = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
     let mut rewritten = request(&f, &honest, &hpke, &fresh, "other-run", &f.provider);
     rewritten.run_id = RUN.into();
-    let n: [u8; 32] = hex::decode(&fresh).unwrap().try_into().unwrap();
-    rewritten.signature = honest.sign(&request_signing_bytes(
-        RUN,
-        &n,
-        &hpke.public(),
-        &rewritten.evidence.quote,
-        &rewritten.items,
-    ));
+    resign(&mut rewritten, &honest, &hpke.public());
     assert_eq!(
         f.server.release(&rewritten, f.now).unwrap_err().rule,
         "report_data"
@@ -275,15 +266,8 @@ fn unattested_debug_and_foreign_quotes_get_nothing() {
     for items in [vec![0, 0], vec![7], vec![]] {
         let nonce = f.server.issue_nonce(f.now, LOCAL).unwrap().nonce;
         let mut req = request(&f, &id, &hpke, &nonce, RUN, &f.provider);
-        let n: [u8; 32] = hex::decode(&nonce).unwrap().try_into().unwrap();
         req.items = items;
-        req.signature = id.sign(&request_signing_bytes(
-            RUN,
-            &n,
-            &hpke.public(),
-            &req.evidence.quote,
-            &req.items,
-        ));
+        resign(&mut req, &id, &hpke.public());
         assert_eq!(f.server.release(&req, f.now).unwrap_err().rule, "items");
     }
 }

@@ -280,6 +280,18 @@ pub fn private_run_refusal(info: &RunInfo, attest: Option<&str>) -> Option<Strin
     })
 }
 
+/// The quote provider `attest` names (`configfs`, `test:SEED_FILE`), or the reason
+/// this process cannot take part in a private run without one.
+pub fn quote_provider(
+    info: &RunInfo,
+    attest: Option<&str>,
+) -> Result<Option<Box<dyn tessera_attest::provider::QuoteProvider>>> {
+    if let Some(why) = private_run_refusal(info, attest) {
+        bail!(why);
+    }
+    attest.map(tessera_attest::provider::from_spec).transpose()
+}
+
 /// Fetches the run's data set into `dir` (files already there are kept). A sealed data
 /// set's files are ciphertext; its keys come from the run's key server for the quote
 /// `access` makes, and its plaintext is opened in memory only, never written.
@@ -452,14 +464,7 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     let spec = info.spec.clone();
     let me = NodeId::from_hex(&opts.identity.public_hex()).expect("our own key is canonical");
     let tag = me.short(12);
-    if let Some(why) = private_run_refusal(&info, opts.attest.as_deref()) {
-        bail!(why);
-    }
-    let provider = opts
-        .attest
-        .as_deref()
-        .map(tessera_attest::provider::from_spec)
-        .transpose()?;
+    let provider = quote_provider(&info, opts.attest.as_deref())?;
     let access = provider.as_deref().map(|p| (&opts.identity, p));
     let data = fetch_data_as(
         hub.as_ref(),

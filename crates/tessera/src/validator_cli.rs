@@ -93,14 +93,7 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
         .context("the hub's run settings are not valid")?;
     let spec = info.spec.clone();
     let dir = args.dir.join(&spec.run_id);
-    if let Some(why) = tessera_node::private_run_refusal(&info, args.attest.as_deref()) {
-        bail!(why);
-    }
-    let provider = args
-        .attest
-        .as_deref()
-        .map(tessera_attest::provider::from_spec)
-        .transpose()?;
+    let provider = tessera_node::quote_provider(&info, args.attest.as_deref())?;
     let access = provider.as_deref().map(|p| (&identity, p));
     let data = Arc::new(tessera_node::fetch_data_as(&hub, &info, &dir, access)?);
     let params = info.model.params_total();
