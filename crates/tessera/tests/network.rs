@@ -1348,11 +1348,13 @@ fn a_private_run_trains_on_sealed_data_only_in_attested_nodes() {
         get(&format!("{url}/summary"))
             .is_some_and(|s| s["finished"] == true && s["rounds_closed"] == 2)
     });
+    // Both attested nodes contributed: the hub's own verdicts accepted their commits
+    // (a node's reported statistics can lag its last heartbeat when a run is this short).
     let summary = get(&format!("{url}/summary")).unwrap();
     for name in ["a", "b"] {
         let id = tessera_protocol::Identity::load(&d.join(format!("{name}.key"))).unwrap();
-        let node = &summary["nodes"][id.public_hex()];
-        assert!(node["rounds_committed"].as_u64().unwrap() >= 1, "{summary}");
+        let v = &summary["verification"][id.public_hex()];
+        assert!(v["accepted"].as_u64().unwrap_or(0) >= 1, "{summary}");
     }
     // No node wrote a plaintext shard: every file under the nodes' cache (and their
     // logs) is scanned for 32-byte windows of every plaintext item.
