@@ -232,7 +232,16 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
             .stderr(log("keys")?)
             .spawn()?;
         children.0.push(("keys".into(), keys));
-        std::thread::sleep(Duration::from_millis(500));
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&p.keys_listen).is_err() {
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "the key server did not start; see {}",
+                    dir.join("keys.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let hub = Command::new(&exe)
         .arg("hub")

@@ -1316,7 +1316,9 @@ fn a_private_run_trains_on_sealed_data_only_in_attested_nodes() {
         ],
         &d.join("keys.log"),
     ));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(d, "the key server", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(("127.0.0.1", keys_port)).is_ok()
+    });
     procs
         .0
         .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
