@@ -9,13 +9,12 @@
 //!   but only against the test root: a verifier accepts them only when its policy
 //!   names that root's hash (`test_roots`), which no production policy does.
 
-use crate::evidence::{Collateral, Evidence, TeeKind};
+use crate::evidence::{Collateral, Evidence};
 use crate::testpki::{TestPki, TestTd};
 use std::path::{Path, PathBuf};
 
 /// Produces evidence with the given report_data.
 pub trait QuoteProvider: Send + Sync {
-    fn tee(&self) -> TeeKind;
     fn evidence(&self, report_data: &[u8; 64]) -> anyhow::Result<Evidence>;
     /// For logs: what this provider is.
     fn describe(&self) -> String;
@@ -96,14 +95,6 @@ fn read_trim(p: &Path) -> anyhow::Result<String> {
 }
 
 impl QuoteProvider for ConfigfsTsm {
-    fn tee(&self) -> TeeKind {
-        if Path::new("/dev/sev-guest").exists() {
-            TeeKind::Snp
-        } else {
-            TeeKind::Tdx
-        }
-    }
-
     fn evidence(&self, report_data: &[u8; 64]) -> anyhow::Result<Evidence> {
         let (provider, outblob, auxblob) = self.raw_report(report_data)?;
         match provider.as_str() {
@@ -220,10 +211,6 @@ pub fn now_unix() -> u64 {
 }
 
 impl QuoteProvider for TestProvider {
-    fn tee(&self) -> TeeKind {
-        TeeKind::Tdx
-    }
-
     fn evidence(&self, report_data: &[u8; 64]) -> anyhow::Result<Evidence> {
         let td = TestTd {
             report_data: *report_data,

@@ -272,10 +272,7 @@ fn open_data(
     )
     .context("getting the sealed data set's keys")?;
     let data = Dataset::from_sealed(&manifest, plain)?;
-    let files = std::iter::once(tessera_seal::SEALED_MANIFEST_FILE.to_string())
-        .chain(manifest.items.iter().map(|i| i.file.clone()))
-        .collect();
-    Ok((data, text.into_bytes(), files))
+    Ok((data, text.into_bytes(), manifest.files()))
 }
 
 impl Core {

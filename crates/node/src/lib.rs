@@ -263,13 +263,16 @@ pub fn fetch_data(hub: &dyn HubApi, info: &RunInfo, dir: &Path) -> Result<Datase
     fetch_data_as(hub, info, dir, None)
 }
 
+/// Whether the run trains on a sealed (private) data set.
+fn is_sealed(info: &RunInfo) -> bool {
+    info.data_files
+        .iter()
+        .any(|f| f == tessera_seal::SEALED_MANIFEST_FILE)
+}
+
 /// Why a node cannot train on a run's sealed data: said before it joins.
 pub fn private_run_refusal(info: &RunInfo, attest: Option<&str>) -> Option<String> {
-    let sealed = info
-        .data_files
-        .iter()
-        .any(|f| f == tessera_seal::SEALED_MANIFEST_FILE);
-    (sealed && attest.is_none()).then(|| {
+    (is_sealed(info) && attest.is_none()).then(|| {
         format!(
             "run `{}` trains on a sealed (private) data set: its keys are released only to nodes \
              that attest, by a hardware quote, that they run an allow-listed build in a TEE \
@@ -317,10 +320,7 @@ pub fn fetch_data_as(
                 .with_context(|| format!("renaming {} into place", tmp.display()))?;
         }
     }
-    let sealed = info
-        .data_files
-        .iter()
-        .any(|f| f == tessera_seal::SEALED_MANIFEST_FILE);
+    let sealed = is_sealed(info);
     let manifest_file = if sealed {
         tessera_seal::SEALED_MANIFEST_FILE
     } else {

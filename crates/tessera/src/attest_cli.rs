@@ -109,12 +109,24 @@ pub fn parse_time(text: &str) -> Result<u64> {
     bail!("--at `{text}` is neither unix seconds nor ISO 8601 (e.g. 2025-06-20T00:00:00Z)")
 }
 
+/// Reads a file of at most `max` bytes, checking its size before reading it.
+fn read_bounded(path: &Path, max: usize, what: &str) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > max as u64 {
+        bail!(
+            "{} is {len} bytes, larger than any {what} ({max})",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
 /// Reads a quote file: raw bytes, or hex text (with optional whitespace).
 pub fn read_quote(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if bytes.len() > 4 * tessera_attest::evidence::QUOTE_MAX_BYTES {
-        bail!("{} is larger than any quote", path.display());
-    }
+    // Hex text takes twice the bytes, plus whitespace.
+    let bytes = read_bounded(path, 4 * tessera_attest::evidence::QUOTE_MAX_BYTES, "quote")?;
     let text: Vec<u8> = bytes
         .iter()
         .copied()
@@ -209,8 +221,11 @@ fn verify(
             anyhow::anyhow!("the quote is neither a TDX quote (v4/v5) nor an SNP report (1184 bytes); give --tee")
         })?,
     };
-    let cbytes =
-        std::fs::read(collateral).with_context(|| format!("reading {}", collateral.display()))?;
+    let cbytes = read_bounded(
+        collateral,
+        tessera_attest::evidence::COLLATERAL_MAX_BYTES,
+        "collateral",
+    )?;
     let collateral = Collateral::from_file_bytes(tee, &cbytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", collateral.display()))?;
     let evidence = Evidence { quote, collateral };
@@ -283,28 +298,15 @@ fn test_pki(out: &Path) -> Result<()> {
         bail!("{} exists; refusing to overwrite it", out.display());
     }
     let mut seed = [0u8; 32];
-    rand_fill(&mut seed);
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
     write_secret(out, hex::encode(seed).as_bytes())?;
     let provider = tessera_attest::provider::TestProvider::from_seed_file(out)?;
     println!(
         "# A policy that accepts quotes from test PKI {} (tests and local demos only)",
         out.display()
     );
-    println!("{}", test_policy_toml(&provider));
+    println!("{}", provider.policy_toml());
     Ok(())
-}
-
-/// The `[tee_policy]` body that accepts the test provider's quotes.
-pub fn test_policy_toml(p: &tessera_attest::provider::TestProvider) -> String {
-    p.policy_toml()
-}
-
-fn rand_fill(buf: &mut [u8]) {
-    let f = std::fs::File::open("/dev/urandom").and_then(|mut f| {
-        use std::io::Read;
-        f.read_exact(buf)
-    });
-    f.expect("reading /dev/urandom");
 }
 
 /// Writes a secret file with mode 0600, refusing to overwrite.

@@ -648,4 +648,18 @@ fn attest_verify_checks_real_evidence_offline_and_names_refusals() {
     assert!(out.contains("refused (root)"), "{out}");
     let e = fails(&["attest", "test-pki", "--out", s(&seed)]);
     assert!(e.contains("exists"), "{e}");
+    // An oversized quote file is refused by its size, before it is read.
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![0u8; 1 << 20]).unwrap();
+    let e = fails(&[
+        "attest",
+        "verify",
+        "--quote",
+        s(&big),
+        "--collateral",
+        &collateral,
+        "--at",
+        "0",
+    ]);
+    assert!(e.contains("larger than any quote"), "{e}");
 }
