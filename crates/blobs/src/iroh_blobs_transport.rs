@@ -15,7 +15,11 @@ use std::time::Duration;
 use bao_tree::io::BaoContentItem;
 use iroh::endpoint::presets;
 use iroh::protocol::Router;
-use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
+use iroh::{Endpoint, EndpointAddr, RelayConfig, RelayMap, RelayMode, RelayUrl, SecretKey};
+use iroh_relay::tls::CaTlsConfig;
+use iroh_relay::RelayQuicConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use iroh_blobs::get::request::{get_blob, GetBlobItem};
 use iroh_blobs::provider::events::{EventMask, EventSender, ProviderMessage, ThrottleMode};
 use iroh_blobs::store::mem::{MemStore, Options};
@@ -24,7 +28,8 @@ use iroh_blobs::{BlobsProtocol, Hash, ALPN};
 use n0_future::StreamExt;
 
 use crate::{
-    check_hash, hash_of, BlobError, BlobTransport, Pacer, PeerAddr, Traffic, PEER_ADDR_BYTES_MAX,
+    check_hash, hash_of, BlobError, BlobTransport, Pacer, PathTraffic, PeerAddr, RelayInfo, Traffic,
+    PEER_ADDR_BYTES_MAX,
 };
 
 /// How an [`IrohBlobs`] binds and behaves.
@@ -43,6 +48,8 @@ pub struct IrohOptions {
     pub connect_timeout: Duration,
     /// Head start each peer in a fetch's list gets before the next one is tried too.
     pub stagger: Duration,
+    /// The run's relays; none keeps the endpoint direct-only (loopback runs, tests).
+    pub relays: Vec<RelayInfo>,
 }
 
 impl IrohOptions {
@@ -55,8 +62,45 @@ impl IrohOptions {
             fetch_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
             stagger: Duration::from_millis(500),
+            relays: Vec::new(),
         }
     }
+}
+
+/// How long binding waits for the endpoint to reach a relay, so that the first
+/// address it hands out already names one. A relay that is down doesn't stop the
+/// endpoint: it goes on without and keeps trying.
+const RELAY_WAIT: Duration = Duration::from_secs(10);
+
+/// The relay map and the TLS roots for a run's relays: the web PKI's, plus any
+/// certificate the run names for a relay of its own.
+fn relay_setup(relays: &[RelayInfo]) -> Result<(RelayMap, CaTlsConfig), BlobError> {
+    if relays.len() > tessera_protocol::limits::RELAYS_MAX {
+        return Err(BlobError::BadAddr(format!(
+            "{} relays, more than {}",
+            relays.len(),
+            tessera_protocol::limits::RELAYS_MAX
+        )));
+    }
+    let map = RelayMap::empty();
+    let mut extra: Vec<CertificateDer<'static>> = Vec::new();
+    for r in relays {
+        r.check().map_err(BlobError::BadAddr)?;
+        let url: RelayUrl = r
+            .url
+            .parse()
+            .map_err(|e| BlobError::BadAddr(format!("relay url `{}`: {e}", r.url)))?;
+        let quic = r.quic_port.map(RelayQuicConfig::new);
+        map.insert(url.clone(), Arc::new(RelayConfig::new(url, quic)));
+        if let Some(pem) = &r.cert_pem {
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                extra.push(cert.map_err(|e| {
+                    BlobError::BadAddr(format!("relay {} certificate: {e}", r.url))
+                })?);
+            }
+        }
+    }
+    Ok((map, CaTlsConfig::embedded().with_extra_roots(extra)))
 }
 
 /// The iroh-blobs data plane.
@@ -68,6 +112,9 @@ pub struct IrohBlobs {
     sent: Arc<AtomicU64>,
     received: AtomicU64,
     download: Option<Pacer>,
+    fetches_direct: AtomicU64,
+    fetches_relayed: AtomicU64,
+    relays: Vec<RelayUrl>,
     fetch_timeout: Duration,
     connect_timeout: Duration,
     stagger: Duration,
@@ -144,11 +191,20 @@ impl IrohBlobs {
             .map_err(transport)?;
         let sent = Arc::new(AtomicU64::new(0));
         let upload = opts.bandwidth_mbps.map(|m| Arc::new(Pacer::new(m)));
+        let (relay_map, roots) = relay_setup(&opts.relays)?;
+        let relays: Vec<RelayUrl> = relay_map.urls();
         let (endpoint, store, router) = block_on(&rt, async {
-            // Minimal preset: a crypto provider and nothing else — no relays, no address
-            // lookup; the crate is built without the port mapper.
+            // Minimal preset: a crypto provider and nothing else — no address lookup
+            // (peers' addresses come with their commits); the crate is built without
+            // the port mapper. Relays only when the run names some.
+            let relay_mode = if relays.is_empty() {
+                RelayMode::Disabled
+            } else {
+                RelayMode::Custom(relay_map)
+            };
             let mut builder = Endpoint::builder(presets::Minimal)
-                .relay_mode(RelayMode::Disabled)
+                .relay_mode(relay_mode)
+                .ca_tls_config(roots)
                 .clear_ip_transports()
                 .bind_addr(opts.bind)
                 .map_err(transport)?;
@@ -156,6 +212,9 @@ impl IrohBlobs {
                 builder = builder.secret_key(SecretKey::from_bytes(&key));
             }
             let endpoint = builder.bind().await.map_err(transport)?;
+            if !relays.is_empty() {
+                let _ = tokio::time::timeout(RELAY_WAIT, endpoint.online()).await;
+            }
             let store = MemStore::new_with_opts(Options {
                 gc_config: Some(GcConfig {
                     interval: Duration::from_secs(2),
@@ -176,6 +235,9 @@ impl IrohBlobs {
             sent,
             received: AtomicU64::new(0),
             download: opts.bandwidth_mbps.map(Pacer::new),
+            fetches_direct: AtomicU64::new(0),
+            fetches_relayed: AtomicU64::new(0),
+            relays,
             fetch_timeout: opts.fetch_timeout,
             connect_timeout: opts.connect_timeout,
             stagger: opts.stagger,
@@ -237,6 +299,21 @@ impl IrohBlobs {
                 None => return Err(transport("stream ended early")),
             }
         };
+        // Which way the bytes came: summed over the connection's paths.
+        let (mut direct, mut relayed) = (0u64, 0u64);
+        for path in conn.paths().iter() {
+            let rx = path.stats().udp_rx.bytes;
+            if path.is_relay() {
+                relayed += rx;
+            } else {
+                direct += rx;
+            }
+        }
+        if relayed > direct {
+            self.fetches_relayed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.fetches_direct.fetch_add(1, Ordering::Relaxed);
+        }
         conn.close(0u32.into(), b"done");
         Ok((data, stats.total_bytes_read()))
     }
@@ -274,7 +351,10 @@ impl BlobTransport for IrohBlobs {
     }
 
     /// Story (hardening #14): the hub dialled whatever addresses a commit named, so
-    /// any member could make it send QUIC packets to any host and port.
+    /// any member could make it send QUIC packets to any host and port. Relays are
+    /// kept only when they are this transport's own (the run's): a node behind a NAT
+    /// lists no address at the IP it connects from until address discovery tells it
+    /// its public one, and the relay is how it is reached meanwhile.
     fn reachable_at(&self, addr: &PeerAddr, ip: std::net::IpAddr) -> Result<PeerAddr, BlobError> {
         let parsed = parse_addr(addr)?;
         let kept: Vec<std::net::SocketAddr> = parsed
@@ -283,14 +363,23 @@ impl BlobTransport for IrohBlobs {
             .take(PEER_DIRECT_ADDRS_MAX)
             .copied()
             .collect();
-        if kept.is_empty() {
+        let relays: Vec<RelayUrl> = parsed
+            .relay_urls()
+            .filter(|u| self.relays.contains(u))
+            .cloned()
+            .collect();
+        if kept.is_empty() && relays.is_empty() {
             return Err(BlobError::BadAddr(format!(
-                "the endpoint lists no address at {ip}, the address its owner connects from"
+                "the endpoint lists no address at {ip}, the address its owner connects from, \
+                 and none of the run's relays"
             )));
         }
         let mut cut = EndpointAddr::new(parsed.id);
         for a in kept {
             cut = cut.with_ip_addr(a);
+        }
+        for u in relays {
+            cut = cut.with_relay_url(u);
         }
         Ok(PeerAddr(
             serde_json::to_string(&cut).expect("address serialises"),
@@ -370,9 +459,18 @@ impl BlobTransport for IrohBlobs {
     }
 
     fn traffic(&self) -> Traffic {
+        let m = &self.endpoint.metrics().socket;
         Traffic {
             sent: self.sent.load(Ordering::Relaxed),
             received: self.received.load(Ordering::Relaxed),
+            paths: PathTraffic {
+                direct_sent: m.send_ipv4.get() + m.send_ipv6.get(),
+                direct_received: m.recv_data_ipv4.get() + m.recv_data_ipv6.get(),
+                relay_sent: m.send_relay.get(),
+                relay_received: m.recv_data_relay.get(),
+                fetches_direct: self.fetches_direct.load(Ordering::Relaxed),
+                fetches_relayed: self.fetches_relayed.load(Ordering::Relaxed),
+            },
         }
     }
 }

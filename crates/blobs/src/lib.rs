@@ -8,9 +8,12 @@
 //!
 //! - [`IrohBlobs`]: iroh endpoints and the iroh-blobs protocol. Every transfer is
 //!   verified while it streams (BLAKE3 verified streaming), so a peer cannot feed a
-//!   node anything but the bytes of the hash it asked for. For local and test runs the
-//!   endpoint uses the `Minimal` preset: no relays, no address lookup, no port mapper,
-//!   bound to the address given (loopback in tests) — nothing leaves the machine.
+//!   node anything but the bytes of the hash it asked for. The endpoint uses the
+//!   `Minimal` preset: no address lookup, no port mapper, bound to the address given.
+//!   Relays are used only when the run names some ([`RelayInfo`]); then a peer behind
+//!   a NAT is reached through the relay first, and directly once hole punching finds
+//!   a path. Loopback runs and tests name none, and nothing leaves the machine.
+//! - [`RelayServer`]: a run's relay, iroh's own relay server (`iroh-relay`).
 //! - [`MemoryBlobs`]: an in-process twin over a shared map, for tests of the layers
 //!   above and for the contract tests that both implementations must pass.
 //!
@@ -24,14 +27,19 @@ use serde::{Deserialize, Serialize};
 
 mod iroh_blobs_transport;
 mod memory;
+mod relay;
 
 pub use iroh_blobs_transport::{IrohBlobs, IrohOptions};
 pub use memory::{MemoryBlobs, MemoryNetwork};
+pub use relay::{self_signed, RelayServer, RelayServerOptions, RelayStats, RelayTls};
 
 pub use tessera_protocol::limits::PEER_ADDR_BYTES_MAX;
 
 /// Where a blob can be fetched from (the wire type lives in `tessera_protocol`).
 pub use tessera_protocol::PeerAddr;
+
+/// A run's relay, as nodes are told of it, and blob traffic split by path.
+pub use tessera_protocol::{PathTraffic, RelayInfo};
 
 /// Bytes this transport has moved for blobs, both directions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +48,8 @@ pub struct Traffic {
     pub sent: u64,
     /// Bytes read while fetching blobs from peers (payload and verification hashes).
     pub received: u64,
+    /// Bytes on the wire by path (direct or relayed); zero for the memory twin.
+    pub paths: PathTraffic,
 }
 
 /// Why a blob could not be published or fetched.

@@ -158,6 +158,7 @@ impl BlobTransport for MemoryBlobs {
         Traffic {
             sent: self.sent.load(Ordering::Relaxed),
             received: self.received.load(Ordering::Relaxed),
+            ..Traffic::default()
         }
     }
 }

@@ -17,4 +17,4 @@ pub mod wire;
 pub use identity::{Identity, IdentityError, PublicKeyHex};
 pub use ids::{Hash32, IdError, NodeId};
 pub use spec::{RunSpec, SpecError, TeeMode};
-pub use wire::{ErrorBody, ErrorCode, PeerAddr, Phase};
+pub use wire::{ErrorBody, ErrorCode, PathTraffic, PeerAddr, Phase, RelayInfo};

@@ -40,6 +40,16 @@ pub const DATA_FILE_BYTES_MAX: usize = 1 << 30;
 /// socket addresses fit in a few hundred bytes).
 pub const PEER_ADDR_BYTES_MAX: usize = 4096;
 
+/// Most relays a run advertises (a few regions' worth; each is dialled by every node).
+pub const RELAYS_MAX: usize = 8;
+
+/// Longest relay URL in a run's info.
+pub const RELAY_URL_BYTES_MAX: usize = 256;
+
+/// Largest relay certificate (PEM) a run's info carries: one self-signed certificate
+/// or a short chain.
+pub const RELAY_CERT_PEM_BYTES_MAX: usize = 8192;
+
 /// Most members a run admits (a run's `max_nodes` is at most this). The hub's
 /// per-input cost is logarithmic in the members and the simulator checks runs of
 /// 10,000 nodes; past that the all-to-all exchange, not the hub, is the limit

@@ -87,7 +87,7 @@ pub struct Commit {
 /// work: [`Commit::state_hash`], [`RoundRecord::verdicts`] and `refused`,
 /// [`StateView::audit`] and `dispute`, `POST /reveal` and `POST /trail`, and the
 /// `ejected`, `too_many_joins` and `no_stake` error codes.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Reads only the protocol version of a `GET /run` reply, so a node can refuse a hub
 /// of another version before parsing a body it may not understand.
@@ -117,6 +117,77 @@ pub struct RunInfo {
     pub data_files: Vec<String>,
     /// The hub's blob endpoint: checkpoints, and every accepted update.
     pub hub_blobs: PeerAddr,
+    /// The run's relays (iroh relay servers, `tessera relay`): how peers behind NATs
+    /// reach each other when no direct path can be made. Empty on loopback runs.
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
+}
+
+/// One relay of a run, as the hub advertises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayInfo {
+    /// What peers dial: `https://HOST[:PORT]` (or `http://` on a test network).
+    pub url: String,
+    /// The relay's UDP port for QUIC address discovery (how a node behind a NAT learns
+    /// its public address, which hole punching needs); none disables discovery.
+    #[serde(default)]
+    pub quic_port: Option<u16>,
+    /// A PEM certificate to trust for this relay's TLS (a relay with a self-signed
+    /// certificate, e.g. one addressed by IP); absent, the web PKI roots are used.
+    #[serde(default)]
+    pub cert_pem: Option<String>,
+}
+
+impl RelayInfo {
+    /// Checks what a node is told before it dials anything: the URL's scheme and
+    /// length, and the certificate's size.
+    pub fn check(&self) -> Result<(), String> {
+        if self.url.len() > crate::limits::RELAY_URL_BYTES_MAX {
+            return Err(format!(
+                "relay url is {} bytes, more than {}",
+                self.url.len(),
+                crate::limits::RELAY_URL_BYTES_MAX
+            ));
+        }
+        let rest = self
+            .url
+            .strip_prefix("https://")
+            .or_else(|| self.url.strip_prefix("http://"))
+            .ok_or_else(|| format!("relay url `{}` is not http(s)://", self.url.escape_debug()))?;
+        let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == '@') {
+            return Err(format!("relay url `{}` names no plain host", self.url.escape_debug()));
+        }
+        if self.quic_port == Some(0) {
+            return Err("relay quic_port 0".into());
+        }
+        if let Some(pem) = &self.cert_pem {
+            if pem.len() > crate::limits::RELAY_CERT_PEM_BYTES_MAX {
+                return Err(format!(
+                    "relay certificate is {} bytes, more than {}",
+                    pem.len(),
+                    crate::limits::RELAY_CERT_PEM_BYTES_MAX
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Blob traffic split by the path it took: direct (UDP between the peers, after hole
+/// punching where there is a NAT) or through a relay. Bytes are counted on the wire
+/// (QUIC packets, both blobs and their acknowledgements); a fetch counts as relayed
+/// when most of its received bytes came through a relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathTraffic {
+    pub direct_sent: u64,
+    pub direct_received: u64,
+    pub relay_sent: u64,
+    pub relay_received: u64,
+    pub fetches_direct: u64,
+    pub fetches_relayed: u64,
 }
 
 /// `POST /commit`: the commit bound to the run and round, and where its blob is.
@@ -140,6 +211,9 @@ pub struct NodeStats {
     pub wall_seconds: f64,
     pub last_loss: f64,
     pub rounds_committed: u64,
+    /// The same blob traffic split into direct and relayed paths.
+    #[serde(default)]
+    pub paths: PathTraffic,
 }
 
 /// `GET /state?node=ID`: what a node polls. Constant size whatever the number of
