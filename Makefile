@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 BIN := target/release/tessera
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build demo test lint ci clean fuzz
+.PHONY: setup build demo test lint ci clean fuzz nettools
 
 $(STAMP): python/requirements.txt
 	python3 -m venv $(VENV)
@@ -25,7 +25,20 @@ build: setup
 demo: build
 	$(BIN) demo
 
-test: build
+# The emulated-internet test (crates/tessera/tests/internet.rs) builds network
+# namespaces with iproute2 and nftables; as root, install them if missing.
+nettools:
+	@if ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v tc >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing iproute2 and nftables for the emulated-internet test"; \
+	    apt-get install -y -qq iproute2 nftables >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq iproute2 nftables >/dev/null; }; \
+	  else \
+	    echo "make: iproute2/nftables missing and not installable here: the emulated-internet test will say so"; \
+	  fi; \
+	fi
+
+test: build nettools
 	cargo test $(CARGO_FLAGS) --workspace
 
 lint: setup

@@ -1,6 +1,6 @@
 //! `run.toml`: what a run organiser writes to start a hub. Two kinds of keys: where the
 //! hub runs (`data`, `state_dir`, `listen`, `blob_bind`, `ledger`, `organiser`,
-//! `tls_cert`, `tls_key`, `attest`, `tee_policy`) and the
+//! `tls_cert`, `tls_key`, `attest`, `tee_policy`, `relays`) and the
 //! run's settings, which are the keys of [`RunSpec`] with its defaults (the measured
 //! best; see `tessera_protocol::spec`). Only `run_id`, `data` and `state_dir` are
 //! required; an unknown key is an error that names it.
@@ -50,6 +50,88 @@ pub struct Deployment {
     /// (`tessera keys serve --config run.toml`).
     #[serde(default)]
     pub tee_policy: Option<toml::Table>,
+    /// The run's relays (`[[relays]]`): the hub advertises them in its run info, and
+    /// every endpoint of the run (hub, nodes, validators) uses them to reach peers
+    /// behind NATs. `tessera relay serve --config run.toml` runs one.
+    #[serde(default)]
+    pub relays: Vec<RelayEntry>,
+}
+
+/// One `[[relays]]` entry: what nodes are told (`url`, `quic_port`, `ca_cert`), and
+/// how `tessera relay serve` runs it (the `*_bind` keys, `tls_cert`, `tls_key`,
+/// `client_rx_bytes_per_second`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayEntry {
+    /// What peers dial: `https://HOST:PORT`, HOST a name the certificate is for, or an
+    /// IP address for a certificate from `tessera relay cert`.
+    pub url: String,
+    /// UDP port of the relay's QUIC address discovery (`quic_bind`'s port when the
+    /// relay is reached at the same port); none turns discovery off, and with it hole
+    /// punching for nodes behind NATs.
+    #[serde(default)]
+    pub quic_port: Option<u16>,
+    /// A PEM certificate nodes trust for this relay (the CA `tessera relay cert`
+    /// writes); absent, the relay needs a certificate from a public CA.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// Plain HTTP (captive-portal probes).
+    #[serde(default = "d_relay_http")]
+    pub http_bind: std::net::SocketAddr,
+    /// HTTPS: the relay protocol.
+    #[serde(default = "d_relay_https")]
+    pub https_bind: std::net::SocketAddr,
+    /// UDP: QUIC address discovery; none serves no discovery.
+    #[serde(default)]
+    pub quic_bind: Option<std::net::SocketAddr>,
+    /// The relay's certificate chain and key (PEM).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Most bytes per second the relay reads from one client.
+    #[serde(default)]
+    pub client_rx_bytes_per_second: Option<u32>,
+}
+
+fn d_relay_http() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 3340))
+}
+fn d_relay_https() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 3341))
+}
+
+impl RelayEntry {
+    /// What nodes are told of this relay, with its CA certificate read.
+    pub fn info(&self) -> Result<tessera_protocol::RelayInfo> {
+        let cert_pem = match &self.ca_cert {
+            Some(p) => {
+                let meta = std::fs::metadata(&p)
+                    .with_context(|| format!("relay {}: reading `ca_cert` {}", self.url, p.display()))?;
+                if meta.len() > tessera_protocol::limits::RELAY_CERT_PEM_BYTES_MAX as u64 {
+                    bail!(
+                        "relay {}: `ca_cert` {} is {} bytes, more than {}",
+                        self.url,
+                        p.display(),
+                        meta.len(),
+                        tessera_protocol::limits::RELAY_CERT_PEM_BYTES_MAX
+                    );
+                }
+                Some(std::fs::read_to_string(&p).with_context(|| {
+                    format!("relay {}: reading `ca_cert` {}", self.url, p.display())
+                })?)
+            }
+            None => None,
+        };
+        let info = tessera_protocol::RelayInfo {
+            url: self.url.clone(),
+            quic_port: self.quic_port,
+            cert_pem,
+        };
+        info.check()
+            .map_err(|e| anyhow::anyhow!("`[[relays]]` entry: {e}"))?;
+        Ok(info)
+    }
 }
 
 impl Deployment {
@@ -83,6 +165,7 @@ const DEPLOYMENT_KEYS: &[&str] = &[
     "tls_key",
     "attest",
     "tee_policy",
+    "relays",
 ];
 
 /// A hub's whole configuration.
@@ -131,6 +214,25 @@ impl HubConfig {
         if deployment.tls_cert.is_some() != deployment.tls_key.is_some() {
             bail!("`tls_cert` and `tls_key` go together: give both to serve HTTPS, or neither");
         }
+        if deployment.relays.len() > tessera_protocol::limits::RELAYS_MAX {
+            bail!(
+                "`relays`: {} entries, more than {}",
+                deployment.relays.len(),
+                tessera_protocol::limits::RELAYS_MAX
+            );
+        }
+        for r in &deployment.relays {
+            tessera_protocol::RelayInfo {
+                url: r.url.clone(),
+                quic_port: r.quic_port,
+                cert_pem: None,
+            }
+            .check()
+            .map_err(|e| anyhow::anyhow!("`[[relays]]` entry: {e}"))?;
+            if r.tls_cert.is_some() != r.tls_key.is_some() {
+                bail!("relay {}: `tls_cert` and `tls_key` go together", r.url);
+            }
+        }
         let spec: RunSpec = toml::Value::Table(table).try_into()?;
         spec.validate()?;
         Ok(HubConfig { deployment, spec })
@@ -165,6 +267,8 @@ mod tests {
             ("aggregator = \"max\"\n", "max"),
             ("inner_steps = 0\n", "inner_steps"),
             ("tls_cert = \"c.pem\"\n", "tls_key"),
+            ("[[relays]]\nurl = \"ftp://r\"\n", "not http"),
+            ("[[relays]]\nurl = \"https://r\"\ncolour = 1\n", "colour"),
         ] {
             let e = format!(
                 "{:#}",

@@ -310,9 +310,15 @@ impl Core {
                 spec.batch_size
             );
         }
+        let relays = dep
+            .relays
+            .iter()
+            .map(|r| r.info())
+            .collect::<Result<Vec<_>>>()?;
         let blobs: Arc<dyn BlobTransport> = Arc::new(
             IrohBlobs::bind(IrohOptions {
                 bind: dep.blob_bind,
+                relays: relays.clone(),
                 ..IrohOptions::loopback()
             })
             .context("starting the hub's blob endpoint")?,
@@ -324,6 +330,7 @@ impl Core {
             data_manifest: Hash32::of(&manifest_bytes),
             data_files,
             hub_blobs: blobs.addr(),
+            relays,
         });
         // θ₀ is a pure function of the run's seed.
         let theta0 = tessera_train::worker::initial_theta(&model, spec.seed);

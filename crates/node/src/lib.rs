@@ -387,6 +387,34 @@ fn stats(c: &Counters, blobs: &dyn BlobTransport, started: Instant) -> NodeStats
         wall_seconds: started.elapsed().as_secs_f64(),
         last_loss: c.loss_micro.load(Ordering::Relaxed) as f64 / 1e6,
         rounds_committed: c.rounds.load(Ordering::Relaxed),
+        paths: traffic.paths,
+    }
+}
+
+/// Where a node's blob endpoint binds when not told: loopback for a hub on this
+/// machine (tests, local demos: nothing leaves it), every interface otherwise, so
+/// peers and the run's relay can reach it. The port is the system's choice.
+pub fn default_blob_bind(hub_url: &str) -> SocketAddr {
+    let host = hub_url
+        .split_once("://")
+        .map_or(hub_url, |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or("");
+    // Strip a port: `[v6]:port`, `v4:port`, `name:port`.
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], 0))
     }
 }
 
@@ -427,16 +455,6 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         Duration::from_secs(600),
         ca.as_ref(),
     )?);
-    let blobs = Arc::new(
-        IrohBlobs::bind(IrohOptions {
-            bind: opts.blob_bind,
-            secret_key: Some(opts.identity.derive_secret(BLOB_KEY_CONTEXT)),
-            bandwidth_mbps: opts.bandwidth_mbps,
-            fetch_timeout: Duration::from_secs(300),
-            ..IrohOptions::loopback()
-        })
-        .context("starting the blob endpoint")?,
-    );
     let info = hub.run_info().context("reading the run from the hub")?;
     let audience = auth
         .audience()
@@ -464,6 +482,22 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     let spec = info.spec.clone();
     let me = NodeId::from_hex(&opts.identity.public_hex()).expect("our own key is canonical");
     let tag = me.short(12);
+    // Bound once the run is known: its relays are how peers behind NATs reach us.
+    let blobs = Arc::new(
+        IrohBlobs::bind(IrohOptions {
+            bind: opts.blob_bind,
+            secret_key: Some(opts.identity.derive_secret(BLOB_KEY_CONTEXT)),
+            bandwidth_mbps: opts.bandwidth_mbps,
+            fetch_timeout: Duration::from_secs(300),
+            relays: info.relays.clone(),
+            ..IrohOptions::loopback()
+        })
+        .context("starting the blob endpoint (with the run's relays)")?,
+    );
+    if !info.relays.is_empty() {
+        let urls: Vec<&str> = info.relays.iter().map(|r| r.url.as_str()).collect();
+        eprintln!("node {tag}: blob endpoint {} with relays {}", opts.blob_bind, urls.join(", "));
+    }
     let provider = quote_provider(&info, opts.attest.as_deref())?;
     let access = provider.as_deref().map(|p| (&opts.identity, p));
     let data = fetch_data_as(
@@ -999,6 +1033,23 @@ impl Runner {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn blob_bind_follows_the_hub() {
+        for (url, local) in [
+            ("http://127.0.0.1:7000", true),
+            ("http://localhost:7000/", true),
+            ("https://[::1]:7000", true),
+            ("http://127.0.0.1", true),
+            ("http://203.0.113.10:7000", false),
+            ("https://hub.example.org", false),
+            ("https://[2001:db8::1]:443", false),
+        ] {
+            let bind = super::default_blob_bind(url);
+            assert_eq!(bind.ip().is_loopback(), local, "{url}: {bind}");
+            assert_eq!(bind.port(), 0);
+        }
+    }
+
     use super::check_file_name;
 
     /// Story: a hub (or anyone on its plain-HTTP path) could name data files `/abs` or
@@ -1022,6 +1073,7 @@ mod tests {
             data_manifest: tessera_protocol::Hash32::default(),
             data_files: Vec::new(),
             hub_blobs: tessera_protocol::PeerAddr(String::new()),
+            relays: Vec::new(),
         };
         super::check_model(&info, 300).unwrap();
         assert!(

@@ -461,6 +461,33 @@ pub struct ErrorBody {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn relay_info_is_checked_before_it_is_dialled() {
+        let ok = |url: &str| super::RelayInfo {
+            url: url.into(),
+            quic_port: Some(7842),
+            cert_pem: None,
+        };
+        assert!(ok("https://relay.example.org").check().is_ok());
+        assert!(ok("http://203.0.113.11:3340/").check().is_ok());
+        for bad in [
+            "ftp://relay",
+            "relay.example.org",
+            "https://",
+            "https://user@relay",
+            "https://re lay",
+            &format!("https://{}", "a".repeat(300)),
+        ] {
+            assert!(ok(bad).check().is_err(), "{bad}");
+        }
+        let mut zero = ok("https://r");
+        zero.quic_port = Some(0);
+        assert!(zero.check().is_err());
+        let mut big = ok("https://r");
+        big.cert_pem = Some("x".repeat(crate::limits::RELAY_CERT_PEM_BYTES_MAX + 1));
+        assert!(big.check().is_err());
+    }
+
     use super::*;
 
     /// A node reads the hub's protocol version before anything else in its run info;

@@ -14,6 +14,7 @@ mod netdemo;
 mod progress;
 mod seal_cli;
 mod sim;
+mod relay_cli;
 mod validator_cli;
 
 use std::ops::ControlFlow;
@@ -71,6 +72,10 @@ enum Command {
     /// Judge every round of a hub's run again from public data and report whether the
     /// hub's verdicts agree (start it with the run).
     Validator(validator_cli::ValidatorArgs),
+    /// A run's relay, for contributors behind NATs (see README: join a run over the
+    /// internet).
+    #[command(subcommand)]
+    Relay(relay_cli::RelayCommand),
     /// Simulate a run of thousands of nodes on virtual time over the real engines, with
     /// seeded faults; the same seed gives the same trace hash.
     Sim(sim::SimArgs),
@@ -280,10 +285,11 @@ struct NodeArgs {
     /// Limit blob upload and download to this many megabits per second each way.
     #[arg(long)]
     bandwidth_mbps: Option<f64>,
-    /// UDP address of the node's blob endpoint (iroh). Loopback by default; a node
-    /// others must reach over the internet binds e.g. `0.0.0.0:7002`.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    blob_bind: std::net::SocketAddr,
+    /// UDP address of the node's blob endpoint (iroh). Default: loopback when the hub
+    /// is on this machine, every interface (port chosen by the system) otherwise; the
+    /// run's relays reach a node behind a NAT either way.
+    #[arg(long)]
+    blob_bind: Option<std::net::SocketAddr>,
     /// TEST TOOL: cheat on purpose, to see verification catch it. One of zero, noise,
     /// scale:K, sign-flip, copy, copy-noise, stale, wrong-data, lazy[:F], collude
     /// (see `tessera_train::adversary`). A cheating node's pay is forfeited and its
@@ -378,6 +384,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Experiment(ExperimentCommand::Byzantine(args)) => byzantine::run(args),
         Command::Sim(args) => sim::run_cli(args),
         Command::Validator(args) => validator_cli::run(args),
+        Command::Relay(cmd) => relay_cli::run(cmd),
         Command::Hub { config } => {
             let config = tessera_hub::HubConfig::load(&config)?;
             tokio::runtime::Runtime::new()?.block_on(tessera_hub::serve(config))
@@ -398,6 +405,9 @@ fn run(cli: Cli) -> Result<()> {
                     bail!("--bandwidth-mbps must be positive, got {b}");
                 }
             }
+            let blob_bind = args
+                .blob_bind
+                .unwrap_or_else(|| tessera_node::default_blob_bind(&args.hub));
             tessera_node::run(tessera_node::NodeOptions {
                 hub: args.hub,
                 hub_key,
@@ -406,7 +416,7 @@ fn run(cli: Cli) -> Result<()> {
                 cache_dir: args.cache,
                 device,
                 bandwidth_mbps: args.bandwidth_mbps,
-                blob_bind: args.blob_bind,
+                blob_bind,
                 adversary: args.adversary,
                 attest: args.attest,
             })

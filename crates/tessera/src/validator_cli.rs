@@ -99,7 +99,12 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
     let params = info.model.params_total();
     let codec = spec.codec().map_err(anyhow::Error::msg)?;
     let max = codec.max_encoded_bytes(params as usize) as u64;
-    let blobs = IrohBlobs::bind(IrohOptions::loopback()).context("starting a blob endpoint")?;
+    let blobs = IrohBlobs::bind(IrohOptions {
+        bind: tessera_node::default_blob_bind(&args.hub),
+        relays: info.relays.clone(),
+        ..IrohOptions::loopback()
+    })
+    .context("starting a blob endpoint (with the run's relays)")?;
     // Judged from the first round on: the history must be the hub's.
     let history = dir.join(tessera_hub::validator::HISTORY_FILE);
     let _ = std::fs::remove_file(&history);
