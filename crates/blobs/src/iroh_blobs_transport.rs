@@ -16,20 +16,20 @@ use bao_tree::io::BaoContentItem;
 use iroh::endpoint::presets;
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, RelayConfig, RelayMap, RelayMode, RelayUrl, SecretKey};
-use iroh_relay::tls::CaTlsConfig;
-use iroh_relay::RelayQuicConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use iroh_blobs::get::request::{get_blob, GetBlobItem};
 use iroh_blobs::provider::events::{EventMask, EventSender, ProviderMessage, ThrottleMode};
 use iroh_blobs::store::mem::{MemStore, Options};
 use iroh_blobs::store::GcConfig;
 use iroh_blobs::{BlobsProtocol, Hash, ALPN};
+use iroh_relay::tls::CaTlsConfig;
+use iroh_relay::RelayQuicConfig;
 use n0_future::StreamExt;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 use crate::{
-    check_hash, hash_of, BlobError, BlobTransport, Pacer, PathTraffic, PeerAddr, RelayInfo, Traffic,
-    PEER_ADDR_BYTES_MAX,
+    check_hash, hash_of, BlobError, BlobTransport, Pacer, PathTraffic, PeerAddr, RelayInfo,
+    Traffic, PEER_ADDR_BYTES_MAX,
 };
 
 /// How an [`IrohBlobs`] binds and behaves.

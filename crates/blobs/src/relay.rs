@@ -75,7 +75,10 @@ pub fn self_signed(hosts: &[String]) -> Result<(String, String, String), BlobErr
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let gen = |e: rcgen::Error| relay_err("certificate", e);
     if hosts.is_empty() {
-        return Err(relay_err("certificate", "no host name or address to certify"));
+        return Err(relay_err(
+            "certificate",
+            "no host name or address to certify",
+        ));
     }
     let ca_key = KeyPair::generate().map_err(gen)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;

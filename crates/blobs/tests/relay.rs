@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tessera_blobs::{
-    hash_of, self_signed, BlobTransport, IrohBlobs, IrohOptions, PeerAddr, RelayInfo,
-    RelayServer, RelayServerOptions, RelayTls,
+    hash_of, self_signed, BlobTransport, IrohBlobs, IrohOptions, PeerAddr, RelayInfo, RelayServer,
+    RelayServerOptions, RelayTls,
 };
 
 fn loopback(port: u16) -> SocketAddr {
@@ -62,7 +62,10 @@ fn a_blob_moves_through_the_relay() {
     let got = b.fetch(&hash, &[relay_only(&a.addr())], 1 << 20).unwrap();
     assert_eq!(hash_of(&got), hash);
     let (ta, tb) = (a.traffic(), b.traffic());
-    assert!(tb.paths.relay_received > 0, "b received through the relay: {tb:?}");
+    assert!(
+        tb.paths.relay_received > 0,
+        "b received through the relay: {tb:?}"
+    );
     assert!(ta.paths.relay_sent > 0, "a sent through the relay: {ta:?}");
     assert_eq!(tb.paths.fetches_direct + tb.paths.fetches_relayed, 1);
     let s = server.stats();
@@ -78,8 +81,14 @@ fn reachable_at_keeps_only_the_runs_relays() {
     let node = endpoint(vec![info.clone()]);
     let elsewhere: std::net::IpAddr = "198.51.100.7".parse().unwrap();
     let cut = hub.reachable_at(&node.addr(), elsewhere).unwrap();
-    assert!(cut.0.contains(&info.url.trim_end_matches('/').to_string()), "{cut}");
-    assert!(!cut.0.contains("127.0.0.1\""), "no direct address survives: {cut}");
+    assert!(
+        cut.0.contains(&info.url.trim_end_matches('/').to_string()),
+        "{cut}"
+    );
+    assert!(
+        !cut.0.contains("127.0.0.1\""),
+        "no direct address survives: {cut}"
+    );
 
     let mut v: serde_json::Value = serde_json::from_str(&node.addr().0).unwrap();
     for a in v["addrs"].as_array_mut().unwrap() {

@@ -106,8 +106,9 @@ impl RelayEntry {
     pub fn info(&self) -> Result<tessera_protocol::RelayInfo> {
         let cert_pem = match &self.ca_cert {
             Some(p) => {
-                let meta = std::fs::metadata(&p)
-                    .with_context(|| format!("relay {}: reading `ca_cert` {}", self.url, p.display()))?;
+                let meta = std::fs::metadata(p).with_context(|| {
+                    format!("relay {}: reading `ca_cert` {}", self.url, p.display())
+                })?;
                 if meta.len() > tessera_protocol::limits::RELAY_CERT_PEM_BYTES_MAX as u64 {
                     bail!(
                         "relay {}: `ca_cert` {} is {} bytes, more than {}",
@@ -117,7 +118,7 @@ impl RelayEntry {
                         tessera_protocol::limits::RELAY_CERT_PEM_BYTES_MAX
                     );
                 }
-                Some(std::fs::read_to_string(&p).with_context(|| {
+                Some(std::fs::read_to_string(p).with_context(|| {
                     format!("relay {}: reading `ca_cert` {}", self.url, p.display())
                 })?)
             }

@@ -496,7 +496,11 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     );
     if !info.relays.is_empty() {
         let urls: Vec<&str> = info.relays.iter().map(|r| r.url.as_str()).collect();
-        eprintln!("node {tag}: blob endpoint {} with relays {}", opts.blob_bind, urls.join(", "));
+        eprintln!(
+            "node {tag}: blob endpoint {} with relays {}",
+            opts.blob_bind,
+            urls.join(", ")
+        );
     }
     let provider = quote_provider(&info, opts.attest.as_deref())?;
     let access = provider.as_deref().map(|p| (&opts.identity, p));

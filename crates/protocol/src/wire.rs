@@ -156,8 +156,15 @@ impl RelayInfo {
             .or_else(|| self.url.strip_prefix("http://"))
             .ok_or_else(|| format!("relay url `{}` is not http(s)://", self.url.escape_debug()))?;
         let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == '@') {
-            return Err(format!("relay url `{}` names no plain host", self.url.escape_debug()));
+        if host.is_empty()
+            || host
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '@')
+        {
+            return Err(format!(
+                "relay url `{}` names no plain host",
+                self.url.escape_debug()
+            ));
         }
         if self.quic_port == Some(0) {
             return Err("relay quic_port 0".into());

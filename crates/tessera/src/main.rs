@@ -12,9 +12,9 @@ mod experiment;
 mod ledger_cli;
 mod netdemo;
 mod progress;
+mod relay_cli;
 mod seal_cli;
 mod sim;
-mod relay_cli;
 mod validator_cli;
 
 use std::ops::ControlFlow;

@@ -50,9 +50,14 @@ pub fn run(cmd: RelayCommand) -> Result<()> {
 
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
     const PEM_BYTES_MAX: u64 = 1 << 20;
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("reading {what} {}", path.display()))?;
     if meta.len() > PEM_BYTES_MAX {
-        bail!("{what} {} is {} bytes, more than {PEM_BYTES_MAX}", path.display(), meta.len());
+        bail!(
+            "{what} {} is {} bytes, more than {PEM_BYTES_MAX}",
+            path.display(),
+            meta.len()
+        );
     }
     std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
 }

@@ -204,7 +204,16 @@ fn a_run_across_emulated_home_networks() {
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
-    run(&["data", "prepare", "--input", s(&corpus), "--out", s(&data), "--vocab", "300"]);
+    run(&[
+        "data",
+        "prepare",
+        "--input",
+        s(&corpus),
+        "--out",
+        s(&data),
+        "--vocab",
+        "300",
+    ]);
     let certs = d.join("relay");
     run(&["relay", "cert", "--host", RELAY, "--out", s(&certs)]);
     let config = d.join("run.toml");
@@ -233,24 +242,40 @@ fn a_run_across_emulated_home_networks() {
         .collect();
 
     let mut procs = Procs(Vec::new());
-    let relay_args = ["relay", "serve", "--config", s(&config), "--stats-every", "1"];
+    let relay_args = [
+        "relay",
+        "serve",
+        "--config",
+        s(&config),
+        "--stats-every",
+        "1",
+    ];
     procs
         .0
         .push(net.spawn("relay", &relay_args, &d.join("relay-1.log")));
-    procs.0.push(net.spawn(
-        "hub",
-        &["hub", "--config", s(&config)],
-        &d.join("hub.log"),
-    ));
-    wait_for(d, "the hub", Duration::from_secs(60), || net.get("/summary").is_some());
+    procs
+        .0
+        .push(net.spawn("hub", &["hub", "--config", s(&config)], &d.join("hub.log")));
+    wait_for(d, "the hub", Duration::from_secs(60), || {
+        net.get("/summary").is_some()
+    });
     let hub_url = format!("http://{HUB}:7000");
     for k in 1..=3 {
         let key = d.join(format!("n{k}.key"));
         let cache = d.join(format!("cache{k}"));
         // No --blob-bind: a non-loopback hub means every interface and the run's relay.
         let args = [
-            "node", "--hub", &hub_url, "--key", s(&key), "--cache", s(&cache), "--threads", "1",
-            "--device", "cpu",
+            "node",
+            "--hub",
+            &hub_url,
+            "--key",
+            s(&key),
+            "--cache",
+            s(&cache),
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
         ];
         procs
             .0
@@ -278,9 +303,12 @@ fn a_run_across_emulated_home_networks() {
     let _ = procs.0[0].wait();
     let at_kill = closed();
     let h3_at_kill = accepted(&net.get("/summary").unwrap(), &ids[2]);
-    wait_for(d, "3 rounds without the relay", Duration::from_secs(120), || {
-        closed() >= at_kill + 3
-    });
+    wait_for(
+        d,
+        "3 rounds without the relay",
+        Duration::from_secs(120),
+        || closed() >= at_kill + 3,
+    );
     let during = net.get("/summary").unwrap();
     let outage_rounds = during["rounds_closed"].as_u64().unwrap() - at_kill;
     // The round open at the kill may still have had home 3's update.
@@ -323,8 +351,15 @@ fn a_run_across_emulated_home_networks() {
     let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     // Home 3: nothing arrives directly; all its fetches went through the relay.
     let p3 = paths(&ids[2]);
-    assert_eq!(u(&p3["direct_received"]), 0, "UDP is blocked in home 3: {p3}");
-    assert!(u(&p3["fetches_relayed"]) > 0 && u(&p3["fetches_direct"]) == 0, "{p3}");
+    assert_eq!(
+        u(&p3["direct_received"]),
+        0,
+        "UDP is blocked in home 3: {p3}"
+    );
+    assert!(
+        u(&p3["fetches_relayed"]) > 0 && u(&p3["fetches_direct"]) == 0,
+        "{p3}"
+    );
     // Homes 1 and 2: fetches directly after hole punching.
     for id in &ids[..2] {
         let p = paths(id);
@@ -343,11 +378,7 @@ fn a_run_across_emulated_home_networks() {
         "| node | network | accepted | direct sent / received (B) | relayed sent / received (B) | fetches direct / relayed | s per round | utilization |"
     );
     eprintln!("|---|---|---|---|---|---|---|---|");
-    let homes = [
-        "home 1 (NAT)",
-        "home 2 (NAT)",
-        "home 3 (NAT, UDP blocked)",
-    ];
+    let homes = ["home 1 (NAT)", "home 2 (NAT)", "home 3 (NAT, UDP blocked)"];
     for (id, home) in ids.iter().zip(homes) {
         let (n, p) = (node(id), paths(id));
         let train = n["train_seconds"].as_f64().unwrap_or(0.0);

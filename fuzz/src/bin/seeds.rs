@@ -21,8 +21,8 @@ use tessera_model_config::Preset;
 use tessera_outer::{encode, Aggregator, Codec, CodecKind, OuterState};
 use tessera_protocol::auth::{sign_reply, sign_request, verify_request};
 use tessera_protocol::wire::{
-    Ack, Commit, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats, PeerAddr, Phase,
-    RoundRecord, RunInfo, StateView, Summary, ThetaReply, ThetaReport, PROTOCOL_VERSION,
+    Ack, Commit, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats, PathTraffic, PeerAddr,
+    Phase, RelayInfo, RoundRecord, RunInfo, StateView, Summary, ThetaReply, ThetaReport, PROTOCOL_VERSION,
 };
 use tessera_protocol::{Hash32, Identity, NodeId, RunSpec};
 
@@ -183,6 +183,14 @@ fn wire() -> Files {
             wall_seconds: 2.25,
             last_loss: 4.5,
             rounds_committed: 3,
+            paths: PathTraffic {
+                direct_sent: 900,
+                direct_received: 1800,
+                relay_sent: 300,
+                relay_received: 400,
+                fetches_direct: 2,
+                fetches_relayed: 1,
+            },
         },
     );
     let nano = Preset::by_name("nano").unwrap();
@@ -277,6 +285,11 @@ fn wire() -> Files {
                 data_manifest: Hash32::of(b"manifest"),
                 data_files: vec!["manifest.json".into(), "train-00000.bin".into()],
                 hub_blobs: provider,
+                relays: vec![RelayInfo {
+                    url: "https://203.0.113.11:3341".into(),
+                    quic_port: Some(7842),
+                    cert_pem: None,
+                }],
             }),
         ),
     ]
