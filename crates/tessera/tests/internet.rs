@@ -19,20 +19,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{exe, s, tiny_data, wait_for, Procs};
+
 const HUB: &str = "203.0.113.10";
 const RELAY: &str = "203.0.113.11";
 const ROUNDS: u64 = 18;
 
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_tessera")
-}
-
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/internet/netns.sh")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// The emulated internet; torn down (processes in it killed) when dropped.
@@ -80,16 +75,6 @@ impl Drop for Net {
     }
 }
 
-struct Procs(Vec<Child>);
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Builds the emulated internet, or says why it can't be built.
 fn build_net() -> Result<Net, String> {
     let check = Command::new("bash")
@@ -117,29 +102,6 @@ fn build_net() -> Result<Net, String> {
         return Err(String::from_utf8_lossy(&up.stderr).into_owned());
     }
     Ok(net)
-}
-
-/// Waits until `f` holds; on a timeout, fails with the tail of every log in `logs`.
-fn wait_for(logs: &Path, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            let mut tails = String::new();
-            for e in std::fs::read_dir(logs).unwrap().flatten() {
-                if e.path().extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                    let lines: Vec<&str> = text.lines().collect();
-                    tails += &format!(
-                        "\n== {}\n{}",
-                        e.path().display(),
-                        lines[lines.len().saturating_sub(15)..].join("\n")
-                    );
-                }
-            }
-            panic!("timed out waiting for {what}{tails}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// CPU seconds a process has used (user + system), from /proc.
@@ -191,29 +153,12 @@ fn a_run_across_emulated_home_networks() {
     let d = dir.path();
 
     // A tiny data set, the relay's certificate (it is reached by IP), the run file.
-    let corpus = d.join("c.txt");
-    std::fs::write(
-        &corpus,
-        "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day.\n"
-            .repeat(200),
-    )
-    .unwrap();
-    let data = d.join("data");
+    let data = tiny_data(d);
     let run = |args: &[&str]| {
         let out = Command::new(exe()).args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
-    run(&[
-        "data",
-        "prepare",
-        "--input",
-        s(&corpus),
-        "--out",
-        s(&data),
-        "--vocab",
-        "300",
-    ]);
     let certs = d.join("relay");
     run(&["relay", "cert", "--host", RELAY, "--out", s(&certs)]);
     let config = d.join("run.toml");

@@ -7,7 +7,10 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
+use common::{exe, s, tiny_data, wait_for, Procs};
 
 /// The tests here run one at a time. Each picks a free port for its hub by binding and
 /// releasing it; run side by side, two tests once drew the same port, and one test's
@@ -16,20 +19,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Procs(Vec<Child>);
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_tessera")
 }
 
 fn spawn(args: &[&str], log: &Path) -> Child {
@@ -53,28 +42,6 @@ fn get(url: &str) -> Option<serde_json::Value> {
         .ok()
 }
 
-/// Waits until `f` holds; on a timeout, fails with the tail of every log in `logs`.
-fn wait_for(logs: &Path, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            let mut tails = String::new();
-            let mut entries: Vec<_> = std::fs::read_dir(logs).unwrap().flatten().collect();
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                if e.path().extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                    let lines: Vec<&str> = text.lines().collect();
-                    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-                    tails += &format!("\n==== {} ====\n{tail}", e.path().display());
-                }
-            }
-            panic!("timed out waiting for {what}{tails}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The hub's audience (key, run, session), which signed requests name.
 fn audience(url: &str) -> tessera_protocol::auth::Audience {
     serde_json::from_value(get(&format!("{url}/auth")).expect("GET /auth")).unwrap()
@@ -91,42 +58,11 @@ fn sign(
     tessera_protocol::auth::sign_request(id, &audience(url), method, path, now_ms(), body)
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-/// Prepares a tiny data set in `d/data` and returns its path.
-fn tiny_data(d: &Path) -> std::path::PathBuf {
-    let corpus = d.join("c.txt");
-    std::fs::write(
-        &corpus,
-        "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day.\n"
-            .repeat(200),
-    )
-    .unwrap();
-    let data = d.join("data");
-    let out = Command::new(exe())
-        .args([
-            "data",
-            "prepare",
-            "--input",
-            s(&corpus),
-            "--out",
-            s(&data),
-            "--vocab",
-            "300",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    data
 }
 
 /// Starts `tessera node` against `url` with key `d/NAME.key`, logging to `d/NAME.log`.

@@ -1,0 +1,74 @@
+//! Helpers shared by the process-level tests (`network.rs`, `internet.rs`).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// Processes killed (and reaped) when dropped, so a failing test leaves none behind.
+pub struct Procs(pub Vec<Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_tessera")
+}
+
+/// Waits until `f` holds; on a timeout, fails with the tail of every log in `logs`.
+pub fn wait_for(logs: &Path, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > timeout {
+            let mut tails = String::new();
+            let mut entries: Vec<_> = std::fs::read_dir(logs).unwrap().flatten().collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                    tails += &format!("\n==== {} ====\n{tail}", e.path().display());
+                }
+            }
+            panic!("timed out waiting for {what}{tails}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Prepares a tiny data set in `d/data` and returns its path.
+pub fn tiny_data(d: &Path) -> std::path::PathBuf {
+    let corpus = d.join("c.txt");
+    std::fs::write(
+        &corpus,
+        "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day.\n"
+            .repeat(200),
+    )
+    .unwrap();
+    let data = d.join("data");
+    let out = Command::new(exe())
+        .args([
+            "data",
+            "prepare",
+            "--input",
+            s(&corpus),
+            "--out",
+            s(&data),
+            "--vocab",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    data
+}
