@@ -319,6 +319,9 @@ impl IrohBlobs {
     }
 }
 
+/// How long a held connection waits before dialling again after it dropped.
+const HOLD_RETRY: Duration = Duration::from_secs(2);
+
 /// Most direct addresses a peer address keeps when cut down to one IP.
 const PEER_DIRECT_ADDRS_MAX: usize = 8;
 
@@ -452,6 +455,35 @@ impl BlobTransport for IrohBlobs {
         }
         self.publish(&bytes)?;
         Ok(bytes)
+    }
+
+    /// Story (the emulated-internet test): with the relay down, the hub could not
+    /// reach a node behind a NAT whose mapping towards the hub had expired between
+    /// rounds, failed to fetch its audit reveal, and ejected an honest node.
+    fn hold(&self, peer: &PeerAddr) -> Result<(), BlobError> {
+        let addr = parse_addr(peer)?;
+        if addr.id == self.endpoint.id() {
+            return Ok(());
+        }
+        let endpoint = self.endpoint.clone();
+        let connect_timeout = self.connect_timeout;
+        self.rt().spawn(async move {
+            loop {
+                let attempt =
+                    tokio::time::timeout(connect_timeout, endpoint.connect(addr.clone(), ALPN))
+                        .await;
+                if let Ok(Ok(conn)) = attempt {
+                    // iroh keeps every path of an open connection alive (pings every
+                    // 5 s), which keeps the NAT mapping open too.
+                    conn.closed().await;
+                }
+                if endpoint.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(HOLD_RETRY).await;
+            }
+        });
+        Ok(())
     }
 
     fn forget(&self, hash: &str) {

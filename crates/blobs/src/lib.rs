@@ -99,6 +99,16 @@ pub trait BlobTransport: Send + Sync {
 
     /// Blob bytes moved so far.
     fn traffic(&self) -> Traffic;
+
+    /// Keeps a connection to `peer` open for as long as this transport lives,
+    /// reconnecting when it drops. Behind a NAT, the mapping a connection opens expires
+    /// after 30-120 s of silence; held open (with QUIC keep-alives), it lets `peer`
+    /// dial back directly at any time, with or without a relay. A node holds its hub.
+    /// The default does nothing (transports without NATs).
+    fn hold(&self, peer: &PeerAddr) -> Result<(), BlobError> {
+        let _ = peer;
+        Ok(())
+    }
 }
 
 /// Checks that `hash` is a lowercase hex blake3 hash.

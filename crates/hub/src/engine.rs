@@ -30,8 +30,22 @@ use tessera_verify::VerifyConfig;
 /// Closed rounds whose accepted updates a commit may not send again.
 pub const RESENT_ROUNDS_CHECKED: usize = 3;
 /// How long an audited node has to reveal its private state, in round deadlines, from
-/// the round's close (or from a hub restart, which forgets reveals in flight).
+/// the round's close (or from a hub restart, which forgets reveals in flight), beyond
+/// the rounds the run lets a member miss (see [`reveal_window_ms`]).
 pub const AUDIT_REVEAL_DEADLINES: u64 = 2;
+
+/// How long an audited node has to reveal (or to hand in its step trail): two round
+/// deadlines, plus as many as the run lets a member be late before it drops it.
+///
+/// Story (the emulated-internet test): with the run's relay down for three rounds, a
+/// node reachable only through it could not serve its revealed state, and two round
+/// deadlines later the hub ejected an honest node as a cheater. Being unreachable for
+/// as long as the run tolerates lateness now costs the node those rounds, not its stake.
+pub fn reveal_window_ms(spec: &RunSpec) -> u64 {
+    AUDIT_REVEAL_DEADLINES
+        .saturating_add(u64::from(spec.missed_rounds_max))
+        .saturating_mul(spec.round_deadline_ms)
+}
 /// The request id of the slash of an ejected node (one per node and run: exactly once).
 pub fn slash_id(run_id: &str, node: &NodeId) -> String {
     format!("slash:{run_id}:{}", node.to_hex())
@@ -557,9 +571,7 @@ impl HubState {
                 PendingAudit {
                     checkpoint,
                     verdict: v.clone(),
-                    deadline_ms: now_ms.saturating_add(
-                        AUDIT_REVEAL_DEADLINES.saturating_mul(self.spec.round_deadline_ms),
-                    ),
+                    deadline_ms: now_ms.saturating_add(reveal_window_ms(&self.spec)),
                     revealed: false,
                     disputed: None,
                     trail: false,
@@ -729,9 +741,7 @@ impl HubState {
                 round,
                 detail,
             } => {
-                let deadline = now_ms.saturating_add(
-                    AUDIT_REVEAL_DEADLINES.saturating_mul(self.spec.round_deadline_ms),
-                );
+                let deadline = now_ms.saturating_add(reveal_window_ms(&self.spec));
                 let audit = self.open_audit(node, round)?;
                 applied.effects.push(Effect::Log(format!(
                     "audit of {} in round {round}: {detail}; asking for its step trail",

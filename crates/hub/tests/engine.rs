@@ -678,6 +678,54 @@ fn an_ejected_node_is_slashed_exactly_once() {
 /// in memory. It ejects (and slashes) after the end too, and a refused input changes
 /// nothing.
 #[test]
+fn an_unrevealed_audit_fails_only_after_the_reveal_window() {
+    let mut hub = fresh(2);
+    let mut outer = Judging;
+    for n in 1..=2 {
+        hub.apply(HubInput::Join { node: id(n) }, 0, &mut outer)
+            .unwrap();
+    }
+    let close_ms_max = 20;
+    for r in 0..4u8 {
+        for n in 1..=2u8 {
+            if hub.coordinator().members.contains_key(&id(n)) && hub.view(&id(n)).round().is_some()
+            {
+                let b = body(&hub, id(n), &[r, n]);
+                hub.apply(
+                    HubInput::Commit {
+                        node: id(n),
+                        body: b,
+                    },
+                    10 + u64::from(r),
+                    &mut outer,
+                )
+                .unwrap();
+            }
+        }
+    }
+    assert!(hub.is_finished());
+    assert!(!hub.pending_audits().is_empty(), "some update is audited");
+    let spec = spec(2);
+    let window = tessera_hub::engine::reveal_window_ms(&spec);
+    assert_eq!(
+        window,
+        (2 + u64::from(spec.missed_rounds_max)) * spec.round_deadline_ms,
+        "longer than the run lets a member be late"
+    );
+    // Silent for longer than two round deadlines, as behind a dead relay: still open.
+    let silent = 10 + 2 * spec.round_deadline_ms + 1;
+    hub.apply(HubInput::Tick, silent, &mut outer).unwrap();
+    assert!(hub.coordinator().ejected.is_empty());
+    hub.apply(HubInput::Tick, 10 + window - 1, &mut outer)
+        .unwrap();
+    assert!(hub.coordinator().ejected.is_empty());
+    // Past the window, an audit nobody answered fails.
+    hub.apply(HubInput::Tick, close_ms_max + window, &mut outer)
+        .unwrap();
+    assert_eq!(hub.coordinator().ejected.len(), 1);
+}
+
+#[test]
 fn an_audit_that_fails_after_the_run_ended_still_ejects() {
     let mut hub = fresh(2);
     let mut outer = Judging;

@@ -495,6 +495,11 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         .context("starting the blob endpoint (with the run's relays)")?,
     );
     if !info.relays.is_empty() {
+        // A held connection to the hub keeps our NAT's mapping open, so the hub can
+        // fetch our updates and revealed states directly even when the relay is gone.
+        blobs
+            .hold(&info.hub_blobs)
+            .context("the hub's blob address in its run info")?;
         let urls: Vec<&str> = info.relays.iter().map(|r| r.url.as_str()).collect();
         eprintln!(
             "node {tag}: blob endpoint {} with relays {}",
