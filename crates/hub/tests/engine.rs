@@ -677,15 +677,13 @@ fn an_ejected_node_is_slashed_exactly_once() {
 /// was refused as `finished`, leaving the cheater unejected and its audit half-recorded
 /// in memory. It ejects (and slashes) after the end too, and a refused input changes
 /// nothing.
-#[test]
-fn an_unrevealed_audit_fails_only_after_the_reveal_window() {
+/// Two nodes run all 4 rounds, round r's commits at 10 + r ms; returns the finished hub
+/// with the audits its closes opened.
+fn finished_run(outer: &mut Judging) -> HubState {
     let mut hub = fresh(2);
-    let mut outer = Judging;
     for n in 1..=2 {
-        hub.apply(HubInput::Join { node: id(n) }, 0, &mut outer)
-            .unwrap();
+        hub.apply(HubInput::Join { node: id(n) }, 0, outer).unwrap();
     }
-    let close_ms_max = 20;
     for r in 0..4u8 {
         for n in 1..=2u8 {
             if hub.coordinator().members.contains_key(&id(n)) && hub.view(&id(n)).round().is_some()
@@ -697,13 +695,21 @@ fn an_unrevealed_audit_fails_only_after_the_reveal_window() {
                         body: b,
                     },
                     10 + u64::from(r),
-                    &mut outer,
+                    outer,
                 )
                 .unwrap();
             }
         }
     }
     assert!(hub.is_finished());
+    hub
+}
+
+#[test]
+fn an_unrevealed_audit_fails_only_after_the_reveal_window() {
+    let mut outer = Judging;
+    let mut hub = finished_run(&mut outer);
+    let close_ms_max = 20;
     assert!(!hub.pending_audits().is_empty(), "some update is audited");
     let spec = spec(2);
     let window = tessera_hub::engine::reveal_window_ms(&spec);
@@ -727,30 +733,8 @@ fn an_unrevealed_audit_fails_only_after_the_reveal_window() {
 
 #[test]
 fn an_audit_that_fails_after_the_run_ended_still_ejects() {
-    let mut hub = fresh(2);
     let mut outer = Judging;
-    for n in 1..=2 {
-        hub.apply(HubInput::Join { node: id(n) }, 0, &mut outer)
-            .unwrap();
-    }
-    for r in 0..4u8 {
-        for n in 1..=2u8 {
-            if hub.coordinator().members.contains_key(&id(n)) && hub.view(&id(n)).round().is_some()
-            {
-                let b = body(&hub, id(n), &[r, n]);
-                hub.apply(
-                    HubInput::Commit {
-                        node: id(n),
-                        body: b,
-                    },
-                    10 + u64::from(r),
-                    &mut outer,
-                )
-                .unwrap();
-            }
-        }
-    }
-    assert!(hub.is_finished());
+    let mut hub = finished_run(&mut outer);
     let (round, node) = *hub
         .pending_audits()
         .keys()

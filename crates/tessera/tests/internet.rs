@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{exe, s, tiny_data, wait_for, Procs};
+use common::{exe, node_args, s, tiny_data, wait_for, Procs};
 
 const HUB: &str = "203.0.113.10";
 const RELAY: &str = "203.0.113.11";
@@ -209,19 +209,7 @@ fn a_run_across_emulated_home_networks() {
         let key = d.join(format!("n{k}.key"));
         let cache = d.join(format!("cache{k}"));
         // No --blob-bind: a non-loopback hub means every interface and the run's relay.
-        let args = [
-            "node",
-            "--hub",
-            &hub_url,
-            "--key",
-            s(&key),
-            "--cache",
-            s(&cache),
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-        ];
+        let args = node_args(&hub_url, &key, &cache);
         procs
             .0
             .push(net.spawn(&format!("h{k}"), &args, &d.join(format!("node{k}.log"))));

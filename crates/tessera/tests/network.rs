@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{exe, s, tiny_data, wait_for, Procs};
+use common::{exe, node_args, s, tiny_data, wait_for, Procs};
 
 /// The tests here run one at a time. Each picks a free port for its hub by binding and
 /// releasing it; run side by side, two tests once drew the same port, and one test's
@@ -74,19 +74,7 @@ fn spawn_node(d: &Path, url: &str, name: &str) -> Child {
 fn spawn_node_with(d: &Path, url: &str, name: &str, extra: &[&str]) -> Child {
     let key = d.join(format!("{name}.key"));
     let cache = d.join("cache");
-    let mut args = vec![
-        "node",
-        "--hub",
-        url,
-        "--key",
-        s(&key),
-        "--cache",
-        s(&cache),
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-    ];
+    let mut args = node_args(url, &key, &cache);
     args.extend_from_slice(extra);
     spawn(&args, &d.join(format!("{name}.log")))
 }

@@ -72,3 +72,21 @@ pub fn tiny_data(d: &Path) -> std::path::PathBuf {
     assert!(out.status.success());
     data
 }
+
+/// `tessera node` against `hub` with identity `key` and data cache `cache`, on one CPU
+/// thread (two nodes share the machine's two cores).
+pub fn node_args<'a>(hub: &'a str, key: &'a Path, cache: &'a Path) -> Vec<&'a str> {
+    vec![
+        "node",
+        "--hub",
+        hub,
+        "--key",
+        s(key),
+        "--cache",
+        s(cache),
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
+}
