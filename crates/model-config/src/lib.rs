@@ -2,6 +2,8 @@
 //! Tessera series, and the arithmetic every planner needs (exact parameter counts,
 //! FLOPs per token, training memory per replica). Nothing here touches a tensor.
 
+pub mod plan;
+
 use serde::{Deserialize, Serialize};
 
 /// The fields of a Hugging Face `LlamaForCausalLM` `config.json` that define the

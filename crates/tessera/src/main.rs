@@ -11,6 +11,7 @@ mod demo;
 mod experiment;
 mod ledger_cli;
 mod netdemo;
+mod plan_cli;
 mod progress;
 mod relay_cli;
 mod seal_cli;
@@ -72,6 +73,8 @@ enum Command {
     /// Judge every round of a hub's run again from public data and report whether the
     /// hub's verdicts agree (start it with the run).
     Validator(validator_cli::ValidatorArgs),
+    /// What a run of a preset would take: layout, memory, traffic, time and cost.
+    Plan(plan_cli::PlanArgs),
     /// A run's relay, for contributors behind NATs (see README: join a run over the
     /// internet).
     #[command(subcommand)]
@@ -385,6 +388,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sim(args) => sim::run_cli(args),
         Command::Validator(args) => validator_cli::run(args),
         Command::Relay(cmd) => relay_cli::run(cmd),
+        Command::Plan(args) => plan_cli::run(args),
         Command::Hub { config } => {
             let config = tessera_hub::HubConfig::load(&config)?;
             tokio::runtime::Runtime::new()?.block_on(tessera_hub::serve(config))

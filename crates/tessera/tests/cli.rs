@@ -663,3 +663,36 @@ fn attest_verify_checks_real_evidence_offline_and_names_refusals() {
     ]);
     assert!(e.contains("larger than any quote"), "{e}");
 }
+
+/// `tessera plan` prints the example as JSON with the keys a script reads.
+#[test]
+fn plan_prints_the_layout_and_cost_as_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "plan",
+            "--preset",
+            "1.4t",
+            "--nodes",
+            "10000",
+            "--gpu",
+            "h100",
+            "--link-mbps",
+            "1000",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plan"]["params"], 1_409_558_470_656u64);
+    assert_eq!(v["plan"]["training_state_bytes"], 12 * 1_409_558_470_656u64);
+    assert_eq!(v["plan"]["stages"], 30);
+    assert!(v["plan"]["cost_usd"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["assumptions"]["mfu"], 0.4);
+    let bad = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["plan", "--preset", "1.4t", "--gpu", "tpu"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown GPU kind `tpu`"));
+}
