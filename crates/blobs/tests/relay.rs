@@ -119,4 +119,27 @@ fn bad_relay_settings_are_refused() {
         o.relays = vec![info];
         assert!(IrohBlobs::bind(o).is_err(), "{what}: {url}");
     }
+    // More relays than a run may name, and a certificate that is not PEM.
+    let relay = |i: usize| RelayInfo {
+        url: format!("https://relay{i}.example.org"),
+        quic_port: Some(7842),
+        cert_pem: None,
+    };
+    let mut o = IrohOptions::loopback();
+    o.relays = (0..=tessera_protocol::limits::RELAYS_MAX)
+        .map(relay)
+        .collect();
+    let e = IrohBlobs::bind(o)
+        .err()
+        .expect("too many relays")
+        .to_string();
+    assert!(e.contains("relays, more than"), "{e}");
+    let mut o = IrohOptions::loopback();
+    o.relays = vec![RelayInfo {
+        cert_pem: Some(
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n".into(),
+        ),
+        ..relay(0)
+    }];
+    assert!(IrohBlobs::bind(o).is_err(), "a broken certificate");
 }
