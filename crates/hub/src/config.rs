@@ -124,6 +124,11 @@ impl RelayEntry {
             }
             None => None,
         };
+        self.checked(cert_pem)
+    }
+
+    /// What nodes are told, with `cert_pem`, checked as a node checks it.
+    fn checked(&self, cert_pem: Option<String>) -> Result<tessera_protocol::RelayInfo> {
         let info = tessera_protocol::RelayInfo {
             url: self.url.clone(),
             quic_port: self.quic_port,
@@ -223,13 +228,7 @@ impl HubConfig {
             );
         }
         for r in &deployment.relays {
-            tessera_protocol::RelayInfo {
-                url: r.url.clone(),
-                quic_port: r.quic_port,
-                cert_pem: None,
-            }
-            .check()
-            .map_err(|e| anyhow::anyhow!("`[[relays]]` entry: {e}"))?;
+            r.checked(None)?;
             if r.tls_cert.is_some() != r.tls_key.is_some() {
                 bail!("relay {}: `tls_cert` and `tls_key` go together", r.url);
             }

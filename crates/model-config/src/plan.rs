@@ -363,6 +363,25 @@ fn check(a: &Assumptions) -> Result<(), String> {
                 .into(),
         );
     }
+    // Bytes per parameter: a few bytes each in practice; bounded so the products with
+    // 1.4t's parameter count stay far from overflow.
+    let per_param = [
+        ("weight_bytes_per_param", a.weight_bytes_per_param),
+        ("grad_bytes_per_param", a.grad_bytes_per_param),
+        ("optimizer_bytes_per_param", a.optimizer_bytes_per_param),
+        ("outer_bytes_per_param", a.outer_bytes_per_param),
+    ];
+    for (name, v) in per_param {
+        if v > 64 {
+            return Err(format!("`{name}` is {v}, more than 64 bytes per parameter"));
+        }
+    }
+    if a.update_bytes_per_param > 64.0 {
+        return Err(format!(
+            "`update_bytes_per_param` is {}, more than 64",
+            a.update_bytes_per_param
+        ));
+    }
     if let Some(p) = a.price_per_gpu_hour_usd {
         if !(p >= 0.0 && p.is_finite()) {
             return Err(format!("`price_per_gpu_hour_usd` must be ≥ 0, got {p}"));

@@ -395,22 +395,20 @@ fn stats(c: &Counters, blobs: &dyn BlobTransport, started: Instant) -> NodeStats
 /// machine (tests, local demos: nothing leaves it), every interface otherwise, so
 /// peers and the run's relay can reach it. The port is the system's choice.
 pub fn default_blob_bind(hub_url: &str) -> SocketAddr {
-    let host = hub_url
-        .split_once("://")
-        .map_or(hub_url, |(_, rest)| rest)
-        .split(['/', '?', '#'])
-        .next()
-        .unwrap_or("");
-    // Strip a port: `[v6]:port`, `v4:port`, `name:port`.
-    let host = if let Some(v6) = host.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    // A URL that does not parse is refused later, when the node dials the hub; until
+    // then nothing is exposed.
+    let loopback = match reqwest::Url::parse(hub_url) {
+        Ok(url) => {
+            // An IPv6 host comes in brackets.
+            let host = url.host_str().unwrap_or("");
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Err(_) => true,
     };
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
     if loopback {
         SocketAddr::from(([127, 0, 0, 1], 0))
     } else {
@@ -1052,6 +1050,8 @@ mod tests {
             ("http://203.0.113.10:7000", false),
             ("https://hub.example.org", false),
             ("https://[2001:db8::1]:443", false),
+            ("http://user@203.0.113.10:7000", false),
+            ("not a url", true),
         ] {
             let bind = super::default_blob_bind(url);
             assert_eq!(bind.ip().is_loopback(), local, "{url}: {bind}");

@@ -145,7 +145,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         "preset", "parameters", "state GiB", "stages", "replicas", "GiB/GPU", "tok/s/rep", "act MB/s",
         "upd MB/mach", "round s", "time", "GPU-hours", "cost USD"
     );
-    for (name, a, p) in &rows {
+    for (name, _, p) in &rows {
         let act_mbs = if p.stages > 1 {
             p.tokens_per_s_replica * p.activation_bytes_per_token_coded / 1e6
         } else {
@@ -172,7 +172,6 @@ pub fn run(args: PlanArgs) -> Result<()> {
             p.cost_usd,
             p.limited_by
         );
-        let _ = a;
     }
     let (_, a, _) = &rows[0];
     println!(
