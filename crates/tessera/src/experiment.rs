@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use tessera_model::Preset;
-use tessera_outer::{Aggregator, CodecKind};
+use tessera_outer::Aggregator;
 use tessera_protocol::RunSpec;
+use tessera_train::anchors::{Format, RunCodecSettings};
 use tessera_train::diloco::{run, ExperimentOptions, Progress};
 
 use crate::RuntimeArgs;
@@ -52,9 +53,12 @@ pub struct DilocoArgs {
     /// How much unsent error-feedback residual carries to the next round (1 = all).
     #[arg(long)]
     ef_decay: Option<f32>,
-    /// Codecs to compare: none, int8, topk, lowrank (comma separated).
+    /// Formats to compare (comma separated): Tessera's codecs none, int8, topk and
+    /// lowrank, and the anchors sparseloco (SparseLoCo's top-k 64/4096 at 2 bits,
+    /// error-feedback decay 0.95, outer lr 1) and intellect-int8 (INTELLECT-1's int8,
+    /// no error feedback); anchors keep their own settings whatever the flags say.
     #[arg(long, default_value = "none,int8,topk", value_delimiter = ',')]
-    codecs: Vec<CodecKind>,
+    codecs: Vec<Format>,
     /// Elements kept per 4096-element chunk by `topk`.
     #[arg(long)]
     topk: Option<u32>,
@@ -69,6 +73,11 @@ pub struct DilocoArgs {
     aggregator: Option<Aggregator>,
     #[arg(long)]
     seed: Option<u64>,
+    /// One-step-delayed outer update: round t's pseudo-gradients are exchanged while
+    /// round t+1's inner steps run, and applied at the end of round t+1 (θ stays the
+    /// same on every node).
+    #[arg(long)]
+    overlap: bool,
     /// Skip the DDP-equivalent baseline (to compare DiLoCo settings among themselves).
     #[arg(long)]
     no_baseline: bool,
@@ -88,15 +97,19 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
     let manifest = tessera_train::Dataset::open(&data)?.manifest;
     let model = Preset::by_name(args.preset.as_deref().unwrap_or(&d.preset))?
         .config_for_vocab(manifest.vocab_size);
-    let (topk, bits, rank) = (
-        args.topk.unwrap_or(d.topk),
-        args.topk_bits.unwrap_or(d.topk_bits),
-        args.rank.unwrap_or(d.rank),
-    );
-    let codecs = args
+    let settings = RunCodecSettings {
+        topk: args.topk.unwrap_or(d.topk),
+        topk_bits: args.topk_bits.unwrap_or(d.topk_bits),
+        rank: args.rank.unwrap_or(d.rank),
+        outer_lr: args.outer_lr.unwrap_or(d.outer_lr),
+        sparse_outer_lr: args.sparse_outer_lr.unwrap_or(d.sparse_outer_lr),
+        outer_momentum: args.outer_momentum.unwrap_or(d.outer_momentum),
+        ef_decay: args.ef_decay.unwrap_or(d.ef_decay),
+    };
+    let rows = args
         .codecs
         .iter()
-        .map(|c| c.codec(topk, bits, rank).map_err(anyhow::Error::msg))
+        .map(|f| f.row(&settings).map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
     let inner_steps = args.inner_steps.unwrap_or(d.inner_steps);
     let opts = ExperimentOptions {
@@ -110,12 +123,9 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
         lr: args.lr.unwrap_or(d.lr),
         warmup_steps: args.warmup_steps.unwrap_or(d.warmup_steps),
         grad_clip: d.grad_clip,
-        outer_lr: args.outer_lr.unwrap_or(d.outer_lr),
-        sparse_outer_lr: args.sparse_outer_lr.unwrap_or(d.sparse_outer_lr),
-        outer_momentum: args.outer_momentum.unwrap_or(d.outer_momentum),
-        ef_decay: args.ef_decay.unwrap_or(d.ef_decay),
         aggregator: args.aggregator.unwrap_or(d.aggregator),
-        codecs,
+        rows,
+        overlap: args.overlap,
         seed: args.seed.unwrap_or(d.seed),
         eval_tokens_max: 1 << 16,
         baseline: !args.no_baseline,

@@ -12,10 +12,27 @@
 //! Communication is counted per node, sent plus received. DDP: a ring all-reduce of the
 //! f32 gradient every step, `2·2(M−1)/M·4N` bytes. DiLoCo with all-to-all exchange:
 //! each node uploads its blob to the `M−1` others and downloads theirs every round.
+//!
+//! Each DiLoCo row is a [`RowSpec`]: a codec with the outer settings it runs with, so
+//! formats published by others (see [`crate::anchors`]) run beside Tessera's own on
+//! the same work.
+//!
+//! **Overlap** (`overlap`): the one-step-delayed outer update. Round `t`'s
+//! pseudo-gradients travel while round `t+1`'s inner steps run, so round `t+1` starts
+//! from θ as it was before round `t`'s aggregate arrived, and the outer step applied at
+//! the end of round `t+1` is round `t`'s aggregate:
+//! `θ_{t+2} = outer(θ_{t+1}, agg_t)`. Every replica applies the same aggregate to the
+//! same θ, so θ stays identical (and bit-deterministic) on every node after each outer
+//! step; this is the delayed variant of Kale, Douillard & Donchev's "Eager updates for
+//! overlapped communication and computation in DiLoCo" (2025) and Psyche's one-step
+//! overlap, not their eager variant, which mixes each worker's own fresh update into its
+//! θ and so lets replicas differ. The last round's aggregate is applied when it arrives,
+//! after the last inner step: a run takes as many outer steps as rounds either way, and
+//! sends the same bytes.
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use tessera_model::{Llama, LlamaConfig};
 
@@ -26,6 +43,18 @@ use crate::outer::{
     aggregate, decode, encode, theta_hash, Aggregator, Codec, CodecError, Nesterov,
 };
 use crate::trainer::{train_step, Sampler, TrainError};
+
+/// One DiLoCo row: a codec and the outer settings it runs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowSpec {
+    /// What tables call the row: the codec's name, or an anchor's name with its codec.
+    pub label: String,
+    pub codec: Codec,
+    pub outer_lr: f32,
+    pub outer_momentum: f32,
+    /// Error-feedback decay (see [`crate::outer::encode`]); 0 turns error feedback off.
+    pub ef_decay: f32,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExperimentOptions {
@@ -41,14 +70,11 @@ pub struct ExperimentOptions {
     pub lr: f64,
     pub warmup_steps: u64,
     pub grad_clip: f64,
-    pub outer_lr: f32,
-    /// Outer learning rate for sparse (`topk`) codecs.
-    pub sparse_outer_lr: f32,
-    pub outer_momentum: f32,
-    /// Error-feedback decay (see [`crate::outer::encode`]).
-    pub ef_decay: f32,
     pub aggregator: Aggregator,
-    pub codecs: Vec<Codec>,
+    /// The DiLoCo rows, run in this order after the baseline.
+    pub rows: Vec<RowSpec>,
+    /// Apply each round's aggregate one round late (see the module docs).
+    pub overlap: bool,
     pub seed: u64,
     pub eval_tokens_max: usize,
     /// Run the DDP-equivalent baseline first (the gaps are relative to it).
@@ -56,7 +82,7 @@ pub struct ExperimentOptions {
 }
 
 /// One line of the comparison.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExperimentRow {
     pub name: String,
     pub val_loss: f64,
@@ -163,8 +189,8 @@ pub fn run(
         base_bpb = baseline.val_bpb;
         rows.push(baseline);
     }
-    for &codec in &opts.codecs {
-        let mut row = diloco(opts, codec, device, &setup, ddp_bytes_per_node, progress)?;
+    for spec in &opts.rows {
+        let mut row = diloco(opts, spec, device, &setup, ddp_bytes_per_node, progress)?;
         row.bpb_gap = (row.val_bpb - base_bpb) / base_bpb;
         rows.push(row);
     }
@@ -219,21 +245,20 @@ fn baseline(
 
 fn diloco(
     opts: &ExperimentOptions,
-    codec: Codec,
+    spec: &RowSpec,
     device: Device,
     s: &Setup,
     ddp_bytes_per_node: u64,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<ExperimentRow, TrainError> {
     let m = opts.workers;
-    let outer_lr = match codec {
-        Codec::TopK { .. } => opts.sparse_outer_lr,
-        _ => opts.outer_lr,
-    };
+    let codec = spec.codec;
     let name = format!(
-        "diloco M={m} H={} {} outer lr {outer_lr}",
+        "diloco M={m} H={} {} outer lr {}{}",
         opts.inner_steps,
-        codec.name()
+        spec.label,
+        spec.outer_lr,
+        if opts.overlap { " overlap" } else { "" }
     );
     progress(Progress::Started { name: &name });
     let start = std::time::Instant::now();
@@ -248,7 +273,9 @@ fn diloco(
     let mut theta = flatten(&workers[0]);
     let n = theta.len();
     let mut residuals = vec![vec![0f32; n]; m];
-    let mut outer = Nesterov::new(n, outer_lr, opts.outer_momentum);
+    let mut outer = Nesterov::new(n, spec.outer_lr, spec.outer_momentum);
+    // Under overlap, the aggregate that arrives during the next round's inner steps.
+    let mut in_flight: Option<Vec<f32>> = None;
     let mut sampler = Sampler::new(opts.seed);
     let global = (m * opts.batch_size) as u64;
     let rounds = opts.total_steps / opts.inner_steps;
@@ -270,7 +297,7 @@ fn diloco(
             }
             let local = flatten(model);
             let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();
-            blobs.push(encode(codec, &delta, &mut residuals[i], opts.ef_decay));
+            blobs.push(encode(codec, &delta, &mut residuals[i], spec.ef_decay));
         }
         // All-to-all: each node uploads its blob to the others and downloads theirs.
         let own = blobs[0].len() as u64;
@@ -289,13 +316,24 @@ fn diloco(
             })
             .collect::<Result<Vec<Vec<f32>>, TrainError>>()?;
         let pseudo_gradient = aggregate(opts.aggregator, &decoded);
-        outer.step(&mut theta, &pseudo_gradient);
+        if opts.overlap {
+            // Round t's aggregate is applied at the end of round t+1.
+            if let Some(late) = in_flight.replace(pseudo_gradient) {
+                outer.step(&mut theta, &late);
+            }
+        } else {
+            outer.step(&mut theta, &pseudo_gradient);
+        }
         progress(Progress::Step {
             name: &name,
             step: (round + 1) * opts.inner_steps,
             total: rounds * opts.inner_steps,
             loss: loss_sum / m as f64,
         });
+    }
+    // The last round's aggregate arrives after the last inner step.
+    if let Some(late) = in_flight.take() {
+        outer.step(&mut theta, &late);
     }
     load_flat(&workers[0], &theta);
     let e = evaluate(&workers[0], s, opts.batch_size);

@@ -10,6 +10,7 @@
 //! node's work. This crate does not talk to the network or pick what data a node gets.
 
 pub mod adversary;
+pub mod anchors;
 pub mod data;
 pub mod diloco;
 pub mod eval;

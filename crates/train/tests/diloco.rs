@@ -7,7 +7,7 @@ use std::path::Path;
 use tch::Device;
 use tessera_model::Preset;
 use tessera_train::data::{prepare, PrepareOptions};
-use tessera_train::diloco::{run, ExperimentOptions};
+use tessera_train::diloco::{run, ExperimentOptions, RowSpec};
 use tessera_train::outer::{Aggregator, Codec};
 
 fn data(dir: &Path) -> std::path::PathBuf {
@@ -45,12 +45,18 @@ fn options(data: std::path::PathBuf, workers: usize, codecs: Vec<Codec>) -> Expe
         lr: 3e-3,
         warmup_steps: 2,
         grad_clip: 1.0,
-        outer_lr: 0.7,
-        sparse_outer_lr: 0.7,
-        outer_momentum: 0.9,
-        ef_decay: 1.0,
         aggregator: Aggregator::Mean,
-        codecs,
+        rows: codecs
+            .into_iter()
+            .map(|codec| RowSpec {
+                label: codec.name(),
+                codec,
+                outer_lr: 0.7,
+                outer_momentum: 0.9,
+                ef_decay: 1.0,
+            })
+            .collect(),
+        overlap: false,
         seed: 3,
         eval_tokens_max: 2048,
         baseline: true,
@@ -62,8 +68,8 @@ fn one_worker_with_unit_outer_step_is_plain_training() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
     let mut opts = options(data(dir.path()), 1, vec![Codec::None]);
-    opts.outer_lr = 1.0;
-    opts.outer_momentum = 0.0;
+    opts.rows[0].outer_lr = 1.0;
+    opts.rows[0].outer_momentum = 0.0;
     let rows = run(&opts, Device::Cpu, &mut |_| {}).unwrap();
     let (base, one) = (&rows[0], &rows[1]);
     assert!(
@@ -111,6 +117,51 @@ fn bytes_follow_codec_sizes_and_runs_are_deterministic() {
             a.theta_hash, b.theta_hash,
             "{} is not deterministic",
             a.name
+        );
+    }
+}
+
+/// The one-step-delayed outer update: with a single round it is the plain run (the
+/// one aggregate is applied when it arrives, after the last inner step); over several
+/// rounds it sends as many blobs (the same bytes for a fixed-size codec), lands
+/// elsewhere, and repeats to the θ hash.
+#[test]
+fn overlap_delays_each_outer_step_by_one_round() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let topk = Codec::TopK {
+        chunk: 64,
+        k: 4,
+        bits: 4,
+    };
+    let mut opts = options(data(dir.path()), 2, vec![Codec::None, topk]);
+    opts.baseline = false;
+    opts.inner_steps = opts.total_steps;
+    let plain = run(&opts, Device::Cpu, &mut |_| {}).unwrap();
+    opts.overlap = true;
+    let late = run(&opts, Device::Cpu, &mut |_| {}).unwrap();
+    for (p, l) in plain.iter().zip(&late) {
+        assert_eq!(p.rounds, 1);
+        assert_eq!(p.theta_hash, l.theta_hash, "one round: {}", l.name);
+    }
+
+    opts.inner_steps = 2;
+    opts.overlap = false;
+    let plain = run(&opts, Device::Cpu, &mut |_| {}).unwrap();
+    opts.overlap = true;
+    let late = run(&opts, Device::Cpu, &mut |_| {}).unwrap();
+    let again = run(&opts, Device::Cpu, &mut |_| {}).unwrap();
+    for ((p, l), a) in plain.iter().zip(&late).zip(&again) {
+        assert_eq!(p.rounds, 3);
+        assert!(l.name.ends_with(" overlap"), "{}", l.name);
+        if l.name.contains(" none ") {
+            assert_eq!(p.bytes_per_node, l.bytes_per_node, "{}", l.name);
+        }
+        assert_ne!(p.theta_hash, l.theta_hash, "{} ignored the delay", l.name);
+        assert_eq!(
+            l.theta_hash, a.theta_hash,
+            "{} is not deterministic",
+            l.name
         );
     }
 }
