@@ -22,6 +22,7 @@ pub mod codec;
 pub mod hash;
 pub mod nesterov;
 mod rng;
+pub mod shard;
 pub mod state;
 
 pub use aggregate::{aggregate, Aggregator};

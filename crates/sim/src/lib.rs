@@ -54,6 +54,35 @@ pub struct SimOptions {
     pub preset: String,
     /// A deliberately broken coordinator (to show the checker catches it).
     pub inject: Option<Fault>,
+    /// How a round's accepted updates reach every node.
+    pub aggregation: Aggregation,
+    /// Fraction of the nodes that publish a wrong shard whenever they aggregate one
+    /// (all of them the same wrong shard: they collude). Only with sharded aggregation.
+    pub liars: f64,
+}
+
+/// How a round's accepted updates reach every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Aggregation {
+    /// Every node fetches every accepted update: O(N) per node.
+    AllToAll,
+    /// `tessera_outer::shard`: each shard of the update is combined by `redundancy`
+    /// aggregators and every node fetches the aggregated shards: O(1) per node.
+    Sharded { redundancy: usize },
+}
+
+impl std::str::FromStr for Aggregation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Aggregation, String> {
+        match s {
+            "all-to-all" => Ok(Aggregation::AllToAll),
+            "sharded" => Ok(Aggregation::Sharded { redundancy: 2 }),
+            _ => Err(format!(
+                "unknown aggregation `{s}`; expected all-to-all or sharded"
+            )),
+        }
+    }
 }
 
 impl SimOptions {
@@ -68,6 +97,8 @@ impl SimOptions {
             faults: false,
             preset: "micro".into(),
             inject: None,
+            aggregation: Aggregation::AllToAll,
+            liars: 0.0,
         }
     }
 
@@ -92,6 +123,12 @@ impl SimOptions {
         if self.preset != "micro" {
             c += &format!(" --preset {}", self.preset);
         }
+        if let Aggregation::Sharded { redundancy } = self.aggregation {
+            c += &format!(" --aggregation sharded --redundancy {redundancy}");
+        }
+        if self.liars > 0.0 {
+            c += &format!(" --liars {}", self.liars);
+        }
         c
     }
 }
@@ -114,6 +151,12 @@ pub struct RoundFigures {
     pub bytes_per_node_max: u64,
     /// Measured CPU time the hub engine spent on the round's inputs (not in the hash).
     pub hub_cpu_ms: f64,
+    /// Sharded aggregation: the round's shards, those recomputed because their
+    /// aggregators disagreed with the hub or were missing, and the aggregators caught
+    /// publishing a wrong shard (zero for all-to-all).
+    pub shards: u64,
+    pub shards_recomputed: u64,
+    pub aggregators_caught: u64,
 }
 
 /// What a simulated run reports.
@@ -134,6 +177,10 @@ pub struct Report {
     pub store_recoveries: u64,
     /// Outer steps actually computed (the rest came from the shared cache).
     pub outer_steps_computed: u64,
+    pub aggregation: Aggregation,
+    /// Nodes that published a wrong shard, and how many of them were ejected for it.
+    pub liars: u64,
+    pub liars_ejected: u64,
     /// The update and checkpoint sizes moved, bytes.
     pub update_bytes: u64,
     pub checkpoint_bytes: u64,

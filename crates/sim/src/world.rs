@@ -14,9 +14,11 @@ use tessera_node::engine::{Action, NodeState, Outcome};
 use tessera_protocol::wire::{Commit, CommitBody, ErrorCode, PeerAddr, RoundRecord, ThetaReport};
 use tessera_protocol::{Hash32, NodeId, RunSpec};
 
+use tessera_outer::shard;
+
 use crate::check::Checker;
 use crate::outer::{initial_state, synthetic_blob, synthetic_update, SimOuter};
-use crate::{Report, RoundFigures, SimOptions};
+use crate::{Aggregation, Report, RoundFigures, SimOptions};
 
 /// A node's request times out after this long without an answer.
 const REQUEST_TIMEOUT_MS: u64 = 5_000;
@@ -130,6 +132,11 @@ enum Ev {
         leave: bool,
     },
     Arrive,
+    /// An aggregator's wrong shard has been compared with the hub's: it is ejected.
+    Caught {
+        node: usize,
+        round: u64,
+    },
 }
 
 struct Scheduled {
@@ -175,6 +182,23 @@ struct SimNode {
     /// Per round: (sent, received) bytes, and whether it fetched the round's updates.
     bytes: Vec<(u64, u64)>,
     fetched: Vec<bool>,
+    /// Publishes a wrong shard whenever it aggregates one.
+    liar: bool,
+}
+
+/// A closed round's sharded aggregation, as the data plane moves it.
+struct ShardRound {
+    /// Encoded size of each shard's piece of one update (and of the aggregated shard).
+    piece_bytes: Vec<u64>,
+    /// The aggregators (node indices) whose published shard is the hub's, per shard;
+    /// nodes fetch from them, and from the hub where there are none.
+    honest: Vec<Vec<usize>>,
+    /// Aggregated bytes each node aggregated itself (it fetches the rest).
+    own: BTreeMap<usize, u64>,
+    /// When every shard can be fetched.
+    ready_at: u64,
+    recomputed: u64,
+    caught: u64,
 }
 
 pub(crate) struct World {
@@ -210,6 +234,10 @@ pub(crate) struct World {
     finished_at: Option<u64>,
     churn_left: u64,
     last_round_seen: Option<u64>,
+    params: usize,
+    by_id: BTreeMap<NodeId, usize>,
+    shard_rounds: BTreeMap<u64, ShardRound>,
+    liars_ejected: u64,
 }
 
 fn node_id(seed: u64, index: usize) -> NodeId {
@@ -334,6 +362,10 @@ impl World {
             finished_at: None,
             churn_left,
             last_round_seen: None,
+            params: params as usize,
+            by_id: BTreeMap::new(),
+            shard_rounds: BTreeMap::new(),
+            liars_ejected: 0,
         };
         w.fetchers = vec![0; w.opts.rounds as usize];
         for _ in 0..w.opts.nodes {
@@ -369,6 +401,8 @@ impl World {
         };
         // Log-uniform 20 Mbit/s to 1 Gbit/s; 125 bytes per ms per Mbit/s.
         let mbps = (self.rng.range(20f64.ln(), 1000f64.ln())).exp();
+        // Drawn only when there are liars, so other runs replay as before.
+        let liar = self.rng.chance(self.opts.liars);
         let node = SimNode {
             id: node_id(self.opts.seed, index),
             engine: NodeState::new(POLL_MS, 1_000),
@@ -382,7 +416,9 @@ impl World {
             evicted: false,
             bytes: vec![(0, 0); self.opts.rounds as usize],
             fetched: vec![false; self.opts.rounds as usize],
+            liar,
         };
+        self.by_id.insert(node.id, index);
         self.nodes.push(node);
         self.schedule(
             start_at,
@@ -575,6 +611,15 @@ impl World {
             Ev::Arrive => {
                 let at = self.now;
                 self.add_node(at);
+            }
+            Ev::Caught { node, round } => {
+                if self.host.is_some() {
+                    let reason = format!("published a wrong aggregated shard of round {round}");
+                    let id = self.nodes[node].id;
+                    if self.hub_input(HubInput::Eject { node: id, reason }).is_ok() {
+                        self.liars_ejected += 1;
+                    }
+                }
             }
         }
         self.check.cheap(self.host.as_ref().map(|h| &h.state));
@@ -803,6 +848,9 @@ impl World {
             self.last_round_seen = current;
         }
         for rec in closed.drain(..) {
+            if let Aggregation::Sharded { redundancy } = self.opts.aggregation {
+                self.shard_round(&rec, redundancy);
+            }
             self.trace(&[0xc1, rec.round, rec.accepted.len() as u64]);
             self.trace.update(rec.theta_after.as_bytes());
             let host = self.host.as_ref().expect("up");
@@ -820,9 +868,130 @@ impl World {
                 bytes_per_node_p99: 0,
                 bytes_per_node_max: 0,
                 hub_cpu_ms: 0.0,
+                shards: 0,
+                shards_recomputed: 0,
+                aggregators_caught: 0,
             });
         }
         Ok(applied.agrees)
+    }
+
+    /// A closed round's sharded aggregation (`tessera_outer::shard`) on the data plane.
+    /// The hub holds every accepted update (its validator scored them), so its record
+    /// names the hash of every aggregated shard. The aggregators drawn for each shard
+    /// fetch that shard's piece of every accepted update from its node, combine them
+    /// and publish; a shard that differs from the hub's is caught when it is reported
+    /// (its aggregator is ejected), and nodes fetch each shard from an aggregator that
+    /// published the hub's, or from the hub where none did.
+    fn shard_round(&mut self, rec: &RoundRecord, redundancy: usize) {
+        let n = rec.accepted.len();
+        if n == 0 {
+            return;
+        }
+        let count = shard::shard_count(n, redundancy, self.params);
+        let layout = shard::ShardLayout::new(self.params, count);
+        let codec = self.spec.codec().expect("default codec");
+        let piece_bytes: Vec<u64> = (0..layout.count())
+            .map(|s| codec.max_encoded_bytes(layout.len(s)) as u64)
+            .collect();
+        let seed = shard::assignment_seed(rec.round, rec.accepted.iter().map(|(_, h)| &h.0));
+        let plan = shard::assign(seed, n, layout.count(), redundancy);
+        let members: Vec<Option<usize>> = rec
+            .accepted
+            .iter()
+            .map(|(id, _)| self.by_id.get(id).copied())
+            .collect();
+        let ri = rec.round as usize;
+        let counted = ri < self.fetchers.len();
+        // Every live accepted node sends its piece of shard `s` to each live aggregator
+        // of `s` but itself: `pieces_out` in all, less what it aggregates itself.
+        let mut pieces_out: u64 = 0;
+        let mut aggregated: BTreeMap<usize, u64> = BTreeMap::new();
+        let (mut honest, mut own) = (Vec::with_capacity(plan.len()), BTreeMap::new());
+        let (mut ready_at, mut recomputed, mut caught) = (self.now, 0, 0);
+        for (s, aggs) in plan.iter().enumerate() {
+            let truth = shard_hash(seed, s, false);
+            let mut reports = Vec::with_capacity(aggs.len());
+            let mut finish = Vec::with_capacity(aggs.len());
+            for &m in aggs {
+                let Some(i) = members[m].filter(|&i| self.nodes[i].alive) else {
+                    reports.push(None);
+                    finish.push(u64::MAX);
+                    continue;
+                };
+                let nd = &self.nodes[i];
+                let got = (n as u64 - 1) * piece_bytes[s];
+                finish.push(self.now + 2 * nd.latency_ms + (got as f64 / nd.bytes_per_ms) as u64);
+                reports.push(Some(shard_hash(seed, s, nd.liar)));
+                pieces_out += piece_bytes[s];
+                *aggregated.entry(i).or_insert(0) += piece_bytes[s];
+                if counted {
+                    self.nodes[i].bytes[ri].1 += got;
+                }
+            }
+            let settled = shard::settle(&reports, true, || truth);
+            if settled.hash != truth {
+                self.check.fail(format!(
+                    "round {}: shard {s} settled on a wrong aggregation",
+                    rec.round
+                ));
+            }
+            recomputed += u64::from(!settled.wrong.is_empty() || !settled.missing.is_empty());
+            let (mut good, mut first) = (Vec::new(), u64::MAX);
+            for (k, &m) in aggs.iter().enumerate() {
+                let (Some(i), Some(_)) = (members[m], reports[k]) else {
+                    continue;
+                };
+                if settled.wrong.contains(&k) {
+                    if !self.nodes[i].liar {
+                        self.check.fail(format!(
+                            "round {}: honest aggregator {i} refused for shard {s}",
+                            rec.round
+                        ));
+                    }
+                    caught += 1;
+                    let round = rec.round;
+                    self.schedule(finish[k], Ev::Caught { node: i, round });
+                } else {
+                    good.push(i);
+                    first = first.min(finish[k]);
+                    *own.entry(i).or_insert(0) += piece_bytes[s];
+                }
+            }
+            for &m in aggs {
+                if let Some(i) = members[m].filter(|&i| self.nodes[i].liar && self.nodes[i].alive) {
+                    if !settled.wrong.iter().any(|&k| members[aggs[k]] == Some(i)) {
+                        self.check.fail(format!(
+                            "round {}: lying aggregator {i} not caught on shard {s}",
+                            rec.round
+                        ));
+                    }
+                }
+            }
+            // With no aggregator holding the hub's shard, the hub serves it at once.
+            ready_at = ready_at.max(if good.is_empty() { self.now } else { first });
+            honest.push(good);
+        }
+        if counted {
+            for &i in members.iter().flatten() {
+                if self.nodes[i].alive {
+                    let local = aggregated.get(&i).copied().unwrap_or(0);
+                    self.nodes[i].bytes[ri].0 += pieces_out - local;
+                }
+            }
+        }
+        self.trace(&[0x5a, rec.round, layout.count() as u64, recomputed, caught]);
+        self.shard_rounds.insert(
+            rec.round,
+            ShardRound {
+                piece_bytes,
+                honest,
+                own,
+                ready_at,
+                recomputed,
+                caught,
+            },
+        );
     }
 
     /// At each round start: churn, and (with faults) partitions and hub crashes.
@@ -905,11 +1074,25 @@ impl World {
                         match self.outer.step_record(from, &rec) {
                             Ok(o) => {
                                 // Accepted lists are in node-id order: a lookup, not a scan per node.
-                                let own =
-                                    rec.accepted.binary_search_by_key(&id, |(n, _)| *n).is_ok();
-                                let fetched = rec.accepted.len() as u64 - u64::from(own);
-                                let bytes = fetched * self.update_bytes;
-                                extra = (bytes as f64 / self.nodes[node].bytes_per_ms) as u64;
+                                let (bytes, wait) = match self.shard_rounds.get(&r) {
+                                    // The aggregated shards, less those it made itself,
+                                    // once they are published.
+                                    Some(sr) => (
+                                        sr.piece_bytes.iter().sum::<u64>()
+                                            - sr.own.get(&node).copied().unwrap_or(0),
+                                        sr.ready_at.saturating_sub(self.now),
+                                    ),
+                                    None => {
+                                        let own = rec
+                                            .accepted
+                                            .binary_search_by_key(&id, |(n, _)| *n)
+                                            .is_ok();
+                                        let fetched = rec.accepted.len() as u64 - u64::from(own);
+                                        (fetched * self.update_bytes, 0)
+                                    }
+                                };
+                                extra =
+                                    wait + (bytes as f64 / self.nodes[node].bytes_per_ms) as u64;
                                 let ri = r as usize;
                                 if ri < self.fetchers.len() && !duplicate {
                                     self.nodes[node].bytes[ri].1 += bytes;
@@ -1023,6 +1206,21 @@ impl World {
             if r >= self.fetchers.len() {
                 continue;
             }
+            if let Some(sr) = self.shard_rounds.get(&rec.round) {
+                // Each aggregated shard is served by the aggregators whose shard is the
+                // hub's, the round's fetchers spread evenly over them (the hub serves a
+                // shard that has none).
+                for (s, honest) in sr.honest.iter().enumerate() {
+                    if honest.is_empty() {
+                        continue;
+                    }
+                    let each = (self.fetchers[r] * sr.piece_bytes[s]).div_ceil(honest.len() as u64);
+                    for &a in honest {
+                        self.nodes[a].bytes[r].0 += each;
+                    }
+                }
+                continue;
+            }
             for (n, _) in &rec.accepted {
                 if let Some(&i) = index.get(n) {
                     let own = u64::from(self.nodes[i].fetched[r]);
@@ -1045,6 +1243,11 @@ impl World {
                 f.bytes_per_node_max = *per.last().expect("not empty");
             }
             f.hub_cpu_ms = self.hub_cpu.get(&f.round).copied().unwrap_or(0.0);
+            if let Some(sr) = self.shard_rounds.get(&f.round) {
+                f.shards = sr.piece_bytes.len() as u64;
+                f.shards_recomputed = sr.recomputed;
+                f.aggregators_caught = sr.caught;
+            }
             for v in [
                 f.round,
                 f.round_ms,
@@ -1055,6 +1258,9 @@ impl World {
                 f.bytes_per_node_mean,
                 f.bytes_per_node_p99,
                 f.bytes_per_node_max,
+                f.shards,
+                f.shards_recomputed,
+                f.aggregators_caught,
             ] {
                 self.trace.update(&v.to_le_bytes());
             }
@@ -1072,10 +1278,27 @@ impl World {
             hub_restarts: self.hub_restarts,
             store_recoveries: self.host.as_ref().map_or(0, |h| h.recoveries),
             outer_steps_computed: self.outer.steps_computed,
+            aggregation: self.opts.aggregation,
+            liars: self.nodes.iter().filter(|n| n.liar).count() as u64,
+            liars_ejected: self.liars_ejected,
             update_bytes: self.update_bytes,
             checkpoint_bytes: self.checkpoint_bytes,
             wall_ms,
             replay: self.opts.command(),
         }
     }
+}
+
+/// The content hash of shard `s` as an honest aggregator publishes it, or as the
+/// colluding liars all publish it.
+fn shard_hash(seed: u64, s: usize, lie: bool) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(if lie {
+        b"sim wrong shard"
+    } else {
+        b"sim true shard "
+    });
+    h.update(&seed.to_le_bytes());
+    h.update(&(s as u64).to_le_bytes());
+    *h.finalize().as_bytes()
 }

@@ -33,6 +33,17 @@ pub struct SimArgs {
     /// The model preset whose update and checkpoint sizes the data plane moves.
     #[arg(long, default_value = "micro")]
     preset: String,
+    /// How accepted updates reach every node: `all-to-all` (every node fetches every
+    /// update) or `sharded` (aggregators per shard; traffic per node independent of N).
+    #[arg(long, default_value = "all-to-all")]
+    aggregation: tessera_sim::Aggregation,
+    /// Aggregators per shard under `--aggregation sharded`.
+    #[arg(long, default_value_t = 2)]
+    redundancy: usize,
+    /// Fraction of the nodes that publish a wrong shard whenever they aggregate one
+    /// (colluding: the same wrong shard). Needs `--aggregation sharded`.
+    #[arg(long, default_value_t = 0.0)]
+    liars: f64,
     #[arg(long)]
     json: bool,
 }
@@ -71,6 +82,24 @@ pub fn run_cli(args: SimArgs) -> Result<()> {
     opts.stragglers = fraction("stragglers", args.stragglers)?;
     opts.faults = args.faults;
     opts.preset = args.preset.clone();
+    opts.liars = fraction("liars", args.liars)?;
+    opts.aggregation = match args.aggregation {
+        tessera_sim::Aggregation::AllToAll => {
+            if opts.liars > 0.0 {
+                bail!("--liars needs --aggregation sharded (only aggregators can lie)");
+            }
+            tessera_sim::Aggregation::AllToAll
+        }
+        tessera_sim::Aggregation::Sharded { .. } => {
+            let max = tessera_outer::shard::REDUNDANCY_MAX;
+            if !(2..=max).contains(&args.redundancy) {
+                bail!("--redundancy must be 2..={max} (a shard needs two aggregators to compare)");
+            }
+            tessera_sim::Aggregation::Sharded {
+                redundancy: args.redundancy,
+            }
+        }
+    };
     if let Some(range) = &args.seeds {
         let range = parse_range(range)?;
         let (mut failed, total) = (0u64, range.end - range.start);
@@ -102,13 +131,27 @@ pub fn run_cli(args: SimArgs) -> Result<()> {
 }
 
 fn print(r: &Report) {
-    println!(
-        "{:>5} {:>9} {:>7} {:>8} {:>5} {:>7} {:>12} {:>12} {:>9}",
-        "round", "time", "members", "accepted", "late", "dropped", "bytes/node", "p99", "hub cpu"
+    let sharded = r.aggregation != tessera_sim::Aggregation::AllToAll;
+    print!(
+        "{:>5} {:>9} {:>7} {:>8} {:>5} {:>7} {:>12} {:>12} {:>12} {:>9}",
+        "round",
+        "time",
+        "members",
+        "accepted",
+        "late",
+        "dropped",
+        "bytes/node",
+        "p99",
+        "max",
+        "hub cpu"
     );
+    if sharded {
+        print!(" {:>6} {:>10} {:>6}", "shards", "recomputed", "caught");
+    }
+    println!();
     for f in &r.rounds {
-        println!(
-            "{:>5} {:>8.1}s {:>7} {:>8} {:>5} {:>7} {:>12} {:>12} {:>7.1}ms",
+        print!(
+            "{:>5} {:>8.1}s {:>7} {:>8} {:>5} {:>7} {:>12} {:>12} {:>12} {:>7.1}ms",
             f.round,
             f.round_ms as f64 / 1e3,
             f.members,
@@ -117,7 +160,21 @@ fn print(r: &Report) {
             f.dropped,
             crate::human_bytes(f.bytes_per_node_mean),
             crate::human_bytes(f.bytes_per_node_p99),
+            crate::human_bytes(f.bytes_per_node_max),
             f.hub_cpu_ms
+        );
+        if sharded {
+            print!(
+                " {:>6} {:>10} {:>6}",
+                f.shards, f.shards_recomputed, f.aggregators_caught
+            );
+        }
+        println!();
+    }
+    if sharded {
+        println!(
+            "sharded aggregation: {} lying nodes, {} ejected for a wrong shard",
+            r.liars, r.liars_ejected
         );
     }
     println!(
