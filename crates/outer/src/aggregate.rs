@@ -67,32 +67,82 @@ impl FromStr for Aggregator {
     }
 }
 
-/// Aggregates `updates` (in a fixed, agreed order) into one.
+/// Aggregates `updates` (in a fixed, agreed order) into one: [`combine`] with the
+/// [`update_scales`] of the whole updates.
 ///
 /// Panics when `updates` is empty or the updates differ in length: callers decode
 /// every update against the same expected length first.
 pub fn aggregate(agg: Aggregator, updates: &[Vec<f32>]) -> Vec<f32> {
+    let refs: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
+    combine(agg, &refs, &update_scales(agg, &refs))
+}
+
+/// What each whole update is multiplied by before it is combined: 1, except under
+/// `NormClip`, where an update longer than `factor` × the round's median norm is scaled
+/// down to it. Norms need whole updates; a shard's aggregator is given these.
+pub fn update_scales(agg: Aggregator, updates: &[&[f32]]) -> Vec<f32> {
+    let m = updates.len();
+    match agg {
+        Aggregator::NormClip { factor } if m > 0 => {
+            let norms: Vec<f32> = updates
+                .iter()
+                .map(|u| u.iter().map(|v| v * v).sum::<f32>().sqrt())
+                .collect();
+            let mut sorted = norms.clone();
+            sorted.sort_by(f32::total_cmp);
+            let limit = factor * sorted[m / 2];
+            norms
+                .iter()
+                .map(|&norm| {
+                    if norm > limit && norm > 0.0 {
+                        limit / norm
+                    } else {
+                        1.0
+                    }
+                })
+                .collect()
+        }
+        _ => vec![1.0; m],
+    }
+}
+
+/// Combines `updates` (in a fixed, agreed order), each multiplied by its `scales`
+/// entry, element by element: element `i` of the result depends only on element `i` of
+/// each update, so the aggregate of a shard's pieces is that shard of the aggregate of
+/// the whole updates, bit for bit (the mean, trimmed mean and median ignore `scales`,
+/// which are 1 for them).
+///
+/// Panics when `updates` is empty, the updates differ in length, or `scales` has
+/// another count.
+pub fn combine(agg: Aggregator, updates: &[&[f32]], scales: &[f32]) -> Vec<f32> {
     assert!(!updates.is_empty(), "aggregate of no updates");
+    assert_eq!(updates.len(), scales.len(), "one scale per update");
     let n = updates[0].len();
     assert!(
         updates.iter().all(|u| u.len() == n),
         "updates differ in length"
     );
     let m = updates.len();
-    let mean_of = |us: &[Vec<f32>]| {
+    let mean_of = |scaled: bool| {
         let mut out = vec![0f32; n];
-        for u in us {
-            for (o, v) in out.iter_mut().zip(u) {
-                *o += v;
+        for (u, &s) in updates.iter().zip(scales) {
+            if scaled {
+                for (o, v) in out.iter_mut().zip(u.iter()) {
+                    *o += v * s;
+                }
+            } else {
+                for (o, v) in out.iter_mut().zip(u.iter()) {
+                    *o += v;
+                }
             }
         }
-        let inv = 1.0 / us.len() as f32;
+        let inv = 1.0 / m as f32;
         out.iter_mut().for_each(|o| *o *= inv);
         out
     };
     match agg {
-        Aggregator::Mean => mean_of(updates),
-        Aggregator::TrimmedMean { .. } | Aggregator::Median if m == 1 => updates[0].clone(),
+        Aggregator::Mean => mean_of(false),
+        Aggregator::TrimmedMean { .. } | Aggregator::Median if m == 1 => updates[0].to_vec(),
         Aggregator::TrimmedMean { trim } => {
             let trim = trim.min((m - 1) / 2);
             let mut col = vec![0f32; m];
@@ -123,28 +173,7 @@ pub fn aggregate(agg: Aggregator, updates: &[Vec<f32>]) -> Vec<f32> {
                 })
                 .collect()
         }
-        Aggregator::NormClip { factor } => {
-            let norms: Vec<f32> = updates
-                .iter()
-                .map(|u| u.iter().map(|v| v * v).sum::<f32>().sqrt())
-                .collect();
-            let mut sorted = norms.clone();
-            sorted.sort_by(f32::total_cmp);
-            let limit = factor * sorted[m / 2];
-            let clipped: Vec<Vec<f32>> = updates
-                .iter()
-                .zip(&norms)
-                .map(|(u, &norm)| {
-                    let s = if norm > limit && norm > 0.0 {
-                        limit / norm
-                    } else {
-                        1.0
-                    };
-                    u.iter().map(|v| v * s).collect()
-                })
-                .collect();
-            mean_of(&clipped)
-        }
+        Aggregator::NormClip { .. } => mean_of(true),
     }
 }
 
@@ -181,6 +210,38 @@ mod tests {
             ),
             vec![2.0]
         );
+    }
+
+    #[test]
+    fn a_shards_aggregate_is_that_shard_of_the_whole_aggregate_bit_for_bit() {
+        let updates: Vec<Vec<f32>> = (0..5u32)
+            .map(|k| {
+                (0..1000u32)
+                    .map(|i| ((i * 7 + k * 13) % 17) as f32 * 0.01 * (k as f32 + 0.5) - 0.05)
+                    .collect()
+            })
+            .collect();
+        for agg in [
+            Aggregator::Mean,
+            Aggregator::Median,
+            Aggregator::TrimmedMean { trim: 1 },
+            Aggregator::NormClip { factor: 1.0 },
+            Aggregator::NormClip { factor: 2.0 },
+        ] {
+            let whole = aggregate(agg, &updates);
+            let refs: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
+            let scales = update_scales(agg, &refs);
+            for range in [0..300, 300..1000] {
+                let pieces: Vec<&[f32]> = updates.iter().map(|u| &u[range.clone()]).collect();
+                let part = combine(agg, &pieces, &scales);
+                assert!(
+                    part.iter()
+                        .zip(&whole[range.clone()])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{agg:?} {range:?}"
+                );
+            }
+        }
     }
 
     #[test]

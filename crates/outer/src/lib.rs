@@ -25,9 +25,9 @@ mod rng;
 pub mod shard;
 pub mod state;
 
-pub use aggregate::{aggregate, Aggregator};
+pub use aggregate::{aggregate, combine, update_scales, Aggregator};
 pub use codec::{
-    decode, decode_for, encode, Codec, CodecError, CodecKind, CHUNK_MAX, RANK_MAX,
+    decode, decode_for, encode, slice, Codec, CodecError, CodecKind, CHUNK_MAX, RANK_MAX,
     UPDATE_ELEMENTS_MAX, VALUE_BITS_MAX,
 };
 pub use hash::{theta_digest, theta_hash};

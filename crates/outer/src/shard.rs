@@ -187,6 +187,111 @@ pub fn settle(
     }
 }
 
+/// What a shard's aggregators combine: for each accepted update, in the round's order,
+/// the hash of its piece of the shard and the scale the whole update is combined with
+/// ([`crate::update_scales`]; norms need whole updates, which only the hub holds).
+/// Published by the hub as a blob whose hash the round's record names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardInputs {
+    pub round: u64,
+    pub shard: u32,
+    pub pieces: Vec<([u8; 32], f32)>,
+}
+
+const INPUTS_MAGIC: [u8; 4] = *b"TSI1";
+const INPUTS_HEADER: usize = 4 + 8 + 4 + 4;
+
+impl ShardInputs {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(INPUTS_HEADER + 36 * self.pieces.len());
+        out.extend_from_slice(&INPUTS_MAGIC);
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&self.shard.to_le_bytes());
+        out.extend_from_slice(&(self.pieces.len() as u32).to_le_bytes());
+        for (hash, scale) in &self.pieces {
+            out.extend_from_slice(hash);
+            out.extend_from_slice(&scale.to_le_bytes());
+        }
+        out
+    }
+
+    /// Parses the inputs of shard `shard` of round `round`, of exactly `members`
+    /// pieces; every scale must be finite and within (0, 1].
+    pub fn from_bytes(
+        bytes: &[u8],
+        round: u64,
+        shard: u32,
+        members: usize,
+    ) -> Result<ShardInputs, String> {
+        let expected = members
+            .checked_mul(36)
+            .and_then(|b| b.checked_add(INPUTS_HEADER));
+        if Some(bytes.len()) != expected {
+            return Err(format!(
+                "shard inputs are {} bytes; {members} pieces take {}",
+                bytes.len(),
+                expected.map_or("more than memory".into(), |e| e.to_string())
+            ));
+        }
+        if bytes[..4] != INPUTS_MAGIC {
+            return Err("shard inputs have bad magic bytes".into());
+        }
+        let got_round = u64::from_le_bytes(bytes[4..12].try_into().expect("8 bytes"));
+        let got_shard = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+        let n = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")) as usize;
+        if (got_round, got_shard, n) != (round, shard, members) {
+            return Err(format!(
+                "shard inputs are for round {got_round} shard {got_shard} ({n} pieces), \
+                 expected round {round} shard {shard} ({members})"
+            ));
+        }
+        let pieces = bytes[INPUTS_HEADER..]
+            .chunks_exact(36)
+            .map(|c| {
+                let scale = f32::from_le_bytes(c[32..].try_into().expect("4 bytes"));
+                if !(scale > 0.0 && scale <= 1.0) {
+                    return Err(format!("shard input scale {scale} is not within (0, 1]"));
+                }
+                Ok((c[..32].try_into().expect("32 bytes"), scale))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(ShardInputs {
+            round,
+            shard,
+            pieces,
+        })
+    }
+}
+
+/// One shard's aggregate, as its aggregators and the hub publish it: the decoded pieces
+/// combined with their scales ([`crate::combine`], element by element, so equal to that
+/// shard of the whole aggregate), then encoded with the run's codec from a zero
+/// residual. Deterministic: every honest aggregator publishes the same bytes.
+pub fn aggregate_shard(
+    codec: crate::Codec,
+    aggregator: crate::Aggregator,
+    pieces: &[&[f32]],
+    scales: &[f32],
+) -> Vec<u8> {
+    let combined = crate::combine(aggregator, pieces, scales);
+    crate::encode(codec, &combined, &mut vec![0.0; combined.len()], 1.0)
+}
+
+/// Where the re-compression residual lives: with the contributors. The aggregated
+/// shard keeps only what the codec keeps (top-k: `k` positions per chunk of the
+/// combined update); at every position it dropped (zero in `applied`), a node whose
+/// update was accepted puts its own sent value (`own`) back into its error-feedback
+/// `residual`, to be sent again next round. Summed over the nodes this is what the
+/// aggregate dropped, up to the aggregator's scales, so nothing is lost; it costs no
+/// traffic and no node holds anything but its own residual.
+pub fn keep_what_was_dropped(own: &[f32], applied: &[f32], residual: &mut [f32]) {
+    for ((r, &o), &a) in residual.iter_mut().zip(own).zip(applied) {
+        if a == 0.0 && o != 0.0 {
+            *r += o;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +382,91 @@ mod tests {
         assert_eq!(s1, assignment_seed(3, &blobs));
         assert_ne!(s1, assignment_seed(4, &blobs));
         assert_ne!(s1, assignment_seed(3, &[[1u8; 32], [3u8; 32]]));
+    }
+
+    #[test]
+    fn shard_inputs_round_trip_and_refuse_anything_else() {
+        let inputs = ShardInputs {
+            round: 7,
+            shard: 2,
+            pieces: vec![([1; 32], 1.0), ([2; 32], 0.25)],
+        };
+        let bytes = inputs.to_bytes();
+        assert_eq!(ShardInputs::from_bytes(&bytes, 7, 2, 2), Ok(inputs.clone()));
+        assert!(
+            ShardInputs::from_bytes(&bytes, 8, 2, 2).is_err(),
+            "another round"
+        );
+        assert!(
+            ShardInputs::from_bytes(&bytes, 7, 3, 2).is_err(),
+            "another shard"
+        );
+        assert!(
+            ShardInputs::from_bytes(&bytes, 7, 2, 3).is_err(),
+            "another count"
+        );
+        assert!(ShardInputs::from_bytes(&bytes[..bytes.len() - 1], 7, 2, 2).is_err());
+        for bad in [0.0f32, -1.0, 1.5, f32::NAN] {
+            let mut b = bytes.clone();
+            let at = b.len() - 4;
+            b[at..].copy_from_slice(&bad.to_le_bytes());
+            assert!(ShardInputs::from_bytes(&b, 7, 2, 2).is_err(), "scale {bad}");
+        }
+        let mut b = bytes.clone();
+        b[0] = b'X';
+        assert!(ShardInputs::from_bytes(&b, 7, 2, 2).is_err(), "magic");
+        assert!(ShardInputs::from_bytes(&bytes, 7, 2, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn shards_aggregated_apart_decode_to_the_whole_aggregates_shards() {
+        use crate::{decode, encode, slice, update_scales, Aggregator, Codec};
+        let n = 5 * SHARD_ALIGN + 100;
+        let codec = Codec::TopK {
+            chunk: 4096,
+            k: 44,
+            bits: 4,
+        };
+        let blobs: Vec<Vec<u8>> = (0..4u32)
+            .map(|k| {
+                let d: Vec<f32> = (0..n as u32)
+                    .map(|i| (((i * 2654435761u32) ^ (k * 40503)) % 1000) as f32 * 1e-3 - 0.5)
+                    .collect();
+                encode(codec, &d, &mut vec![0.0; n], 1.0)
+            })
+            .collect();
+        let whole: Vec<Vec<f32>> = blobs.iter().map(|b| decode(b, n as u64).unwrap()).collect();
+        let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
+        let agg = Aggregator::NormClip { factor: 1.0 };
+        let scales = update_scales(agg, &refs);
+        let all = crate::combine(agg, &refs, &scales);
+        let layout = ShardLayout::new(n, 3);
+        for s in 0..layout.count() {
+            let r = layout.range(s);
+            let pieces: Vec<Vec<f32>> = blobs
+                .iter()
+                .map(|b| {
+                    let p = slice(codec, b, n as u64, r.clone()).unwrap();
+                    decode(&p, r.len() as u64).unwrap()
+                })
+                .collect();
+            let prefs: Vec<&[f32]> = pieces.iter().map(Vec::as_slice).collect();
+            let a = aggregate_shard(codec, agg, &prefs, &scales);
+            let direct = encode(codec, &all[r.clone()], &mut vec![0.0; r.len()], 1.0);
+            assert_eq!(
+                a, direct,
+                "shard {s}: the same bytes as encoding the whole aggregate's shard"
+            );
+        }
+    }
+
+    #[test]
+    fn what_the_aggregate_dropped_goes_back_to_its_senders() {
+        let own = [0.5, -0.25, 0.0, 2.0];
+        let applied = [0.4, 0.0, 0.0, 0.0];
+        let mut residual = [0.1, 0.1, 0.1, 0.1];
+        keep_what_was_dropped(&own, &applied, &mut residual);
+        assert_eq!(residual, [0.1, -0.15, 0.1, 2.1]);
     }
 
     #[test]

@@ -64,6 +64,15 @@ impl OuterState {
         self.round += 1;
     }
 
+    /// The outer step with an aggregate already combined (sharded aggregation: the
+    /// decoded aggregated shards, concatenated). Panics when its length differs from
+    /// θ's: callers decode every shard against its length first.
+    pub fn apply_aggregate(&mut self, aggregate: &[f32]) {
+        assert_eq!(aggregate.len(), self.theta.len(), "aggregate length");
+        self.outer.step(&mut self.theta, aggregate);
+        self.round += 1;
+    }
+
     /// `round`, θ and velocity as little-endian bytes (a checkpoint blob).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + 8 * self.theta.len());

@@ -236,6 +236,15 @@ pub enum CodecError {
     /// overflow of a product (an `int8` code times its scale, a low-rank `P Qᵀ`).
     #[error("update blob decodes to a non-finite value at element {index}")]
     NotFinite { index: usize },
+    /// A slice that is not whole chunks of a chunked codec's update.
+    #[error("cannot take elements {start}..{end} of a {codec} update of {n} elements: {why}")]
+    Slice {
+        codec: String,
+        start: usize,
+        end: usize,
+        n: u64,
+        why: &'static str,
+    },
 }
 
 /// Encodes `delta + decay · residual` and leaves in `residual` what the encoding
@@ -254,6 +263,20 @@ pub fn encode(codec: Codec, delta: &[f32], residual: &mut [f32], decay: f32) -> 
     }
     let n = delta.len();
     let mut out = Vec::with_capacity(codec.max_encoded_bytes(n));
+    write_header(codec, n, &mut out);
+    match codec {
+        Codec::None => none::encode(residual, &mut out),
+        Codec::Int8 { chunk } => int8::encode(residual, chunk, &mut out),
+        Codec::TopK { chunk, k, bits } => topk::encode(residual, chunk, k, bits, &mut out),
+        Codec::LowRank { rows, cols, rank } => {
+            lowrank::encode(residual, rows, cols, rank, &mut out)
+        }
+    }
+    debug_assert!(out.len() <= codec.max_encoded_bytes(n));
+    out
+}
+
+fn write_header(codec: Codec, n: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
     out.push(codec.id());
     out.extend_from_slice(&(n as u64).to_le_bytes());
@@ -268,16 +291,60 @@ pub fn encode(codec: Codec, delta: &[f32], residual: &mut [f32], decay: f32) -> 
     out.extend_from_slice(&chunk.to_le_bytes());
     out.extend_from_slice(&k.to_le_bytes());
     out.push(bits);
-    match codec {
-        Codec::None => none::encode(residual, &mut out),
-        Codec::Int8 { chunk } => int8::encode(residual, chunk, &mut out),
-        Codec::TopK { chunk, k, bits } => topk::encode(residual, chunk, k, bits, &mut out),
-        Codec::LowRank { rows, cols, rank } => {
-            lowrank::encode(residual, rows, cols, rank, &mut out)
-        }
+}
+
+/// Elements `range` of a valid update of `expected` elements in the run's codec `run`,
+/// as an update of `range.len()` elements in the same codec: the same codes re-framed,
+/// nothing re-quantized, so `decode(slice) == decode(whole)[range]` bit for bit. This
+/// is how one shard's piece of an update is cut for sharded aggregation. `range` must
+/// start on a chunk boundary and end on one or at the update's end; `lowrank` updates
+/// cannot be sliced (a block mixes its rows). The whole update is checked first, as
+/// [`decode_for`] checks it.
+pub fn slice(
+    run: Codec,
+    bytes: &[u8],
+    expected: u64,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<u8>, CodecError> {
+    decode_for(run, bytes, expected)?;
+    let n = expected as usize;
+    let refuse = |why| CodecError::Slice {
+        codec: run.name(),
+        start: range.start,
+        end: range.end,
+        n: expected,
+        why,
+    };
+    if range.start >= range.end || range.end > n {
+        return Err(refuse("the range is empty or past the end"));
     }
-    debug_assert!(out.len() <= codec.max_encoded_bytes(n));
-    out
+    let chunk = match run {
+        Codec::None => 1,
+        Codec::Int8 { chunk } | Codec::TopK { chunk, .. } => chunk as usize,
+        Codec::LowRank { .. } => return Err(refuse("low-rank blocks cannot be sliced")),
+    };
+    if range.start % chunk != 0 || (range.end % chunk != 0 && range.end != n) {
+        return Err(refuse("the range does not fall on chunk boundaries"));
+    }
+    let payload = &bytes[HEADER_BYTES..];
+    let mut out = Vec::with_capacity(run.max_encoded_bytes(range.len()));
+    write_header(run, range.len(), &mut out);
+    match run {
+        Codec::None => out.extend_from_slice(&payload[4 * range.start..4 * range.end]),
+        Codec::Int8 { chunk } => {
+            // Chunk `c` starts at byte c·(4 + chunk): every chunk before it is whole.
+            let per = 4 + chunk as usize;
+            let first = range.start / chunk as usize;
+            let chunks = range.len().div_ceil(chunk as usize);
+            let from = first * per;
+            out.extend_from_slice(&payload[from..from + 4 * chunks + range.len()]);
+        }
+        Codec::TopK { chunk, k, bits } => {
+            topk::slice(payload, n, range, chunk, k, bits, &mut out);
+        }
+        Codec::LowRank { .. } => unreachable!("refused above"),
+    }
+    Ok(out)
 }
 
 /// Decodes an update of `expected` elements that must be encoded with the run's codec
@@ -374,6 +441,93 @@ fn f32_at(bytes: &[u8], o: usize) -> f32 {
 mod tests {
     use super::*;
     use crate::testing::noise;
+
+    #[test]
+    fn a_slice_decodes_to_exactly_that_part_of_the_whole_update() {
+        let n = 4 * 4096 + 1000;
+        let codecs = [
+            Codec::None,
+            Codec::Int8 { chunk: 4096 },
+            Codec::Int8 { chunk: 1024 },
+            Codec::TopK {
+                chunk: 4096,
+                k: 44,
+                bits: 4,
+            },
+            Codec::TopK {
+                chunk: 1024,
+                k: 7,
+                bits: 2,
+            },
+            Codec::TopK {
+                chunk: 4096,
+                k: 4096,
+                bits: 1,
+            },
+        ];
+        for codec in codecs {
+            let blob = encode(codec, &noise(n, 3), &mut vec![0.0; n], 1.0);
+            let whole = decode_for(codec, &blob, n as u64).expect("valid");
+            for range in [0..4096, 4096..3 * 4096, 3 * 4096..n, 0..n, 4 * 4096..n] {
+                let piece = slice(codec, &blob, n as u64, range.clone()).expect("slices");
+                let part = decode_for(codec, &piece, range.len() as u64).expect("a valid update");
+                let same = part
+                    .iter()
+                    .zip(&whole[range.clone()])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{codec:?} {range:?}: the piece decodes to the same floats"
+                );
+                assert!(piece.len() <= codec.max_encoded_bytes(range.len()));
+            }
+            // The pieces of a layout together are the whole update's codes.
+            let pieces: usize = [0..8192, 8192..n]
+                .into_iter()
+                .map(|r| slice(codec, &blob, n as u64, r).expect("slices").len())
+                .sum();
+            assert!(
+                pieces <= blob.len() + HEADER_BYTES + 1,
+                "{codec:?}: no bytes invented"
+            );
+        }
+    }
+
+    #[test]
+    fn slices_off_chunk_boundaries_of_other_codecs_or_of_bad_blobs_are_refused() {
+        let n = 3 * 4096;
+        let topk = Codec::TopK {
+            chunk: 4096,
+            k: 44,
+            bits: 4,
+        };
+        let blob = encode(topk, &noise(n, 4), &mut vec![0.0; n], 1.0);
+        for bad in [1..4096, 0..4095, 0..0, 4096..n + 1] {
+            assert!(
+                matches!(
+                    slice(topk, &blob, n as u64, bad.clone()),
+                    Err(CodecError::Slice { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let low = Codec::LowRank {
+            rows: 1024,
+            cols: 256,
+            rank: 4,
+        };
+        let lblob = encode(low, &noise(n, 4), &mut vec![0.0; n], 1.0);
+        assert!(matches!(
+            slice(low, &lblob, n as u64, 0..4096),
+            Err(CodecError::Slice { .. })
+        ));
+        // The whole blob is checked first: another codec, or a truncated blob.
+        assert!(matches!(
+            slice(Codec::Int8 { chunk: 4096 }, &blob, n as u64, 0..4096),
+            Err(CodecError::WrongCodec { .. })
+        ));
+        assert!(slice(topk, &blob[..blob.len() - 1], n as u64, 0..4096).is_err());
+    }
 
     /// Story: the hub decoded a blob with whatever codec its header named. A low-rank
     /// blob in a top-k run overflowed θ to inf/NaN, and a 22-byte low-rank header with

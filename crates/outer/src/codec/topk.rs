@@ -92,6 +92,45 @@ pub(super) fn encode(residual: &mut [f32], chunk: u32, k: u32, bits: u8, out: &m
     out.extend_from_slice(&stream.finish());
 }
 
+/// Chunks `range` (whole chunks; see `super::slice`) of a valid payload for `n`
+/// elements, appended to `out` as the payload of a `range.len()`-element update: their
+/// scales, and their codes read from the stream and written again unchanged.
+pub(super) fn slice(
+    payload: &[u8],
+    n: usize,
+    range: std::ops::Range<usize>,
+    chunk: u32,
+    k: u32,
+    bits: u8,
+    out: &mut Vec<u8>,
+) {
+    let chunk = chunk as usize;
+    let (first, last) = (range.start / chunk, range.end.div_ceil(chunk));
+    let scales = 8 * n.div_ceil(chunk);
+    out.extend_from_slice(&payload[8 * first..8 * last]);
+    let mut stream = BitReader::new(&payload[scales..]);
+    let mut writer = BitWriter::new();
+    for ci in 0..last {
+        let len = chunk.min(n - ci * chunk);
+        let kept = (k as usize).min(len);
+        let r = rice_parameter(len, kept);
+        let max_q = (len >> r) as u64;
+        for _ in 0..kept {
+            let gap = stream.rice(r, max_q).expect("validated by decode");
+            let sign = stream.bit().expect("validated by decode");
+            let q = stream
+                .take(u32::from(bits) - 1)
+                .expect("validated by decode");
+            if ci >= first {
+                writer.rice(gap, r);
+                writer.put(sign, 1);
+                writer.put(q, u32::from(bits) - 1);
+            }
+        }
+    }
+    out.extend_from_slice(&writer.finish());
+}
+
 /// `payload` is at most [`max_payload_bytes`] long (`decode` checked that); it must
 /// also hold every chunk's scales and end exactly where the bit stream does.
 pub(super) fn decode(
