@@ -312,6 +312,9 @@ struct NodeArgs {
 enum ExperimentCommand {
     /// DiLoCo (M workers, each codec) against the DDP-equivalent baseline.
     Diloco(experiment::DilocoArgs),
+    /// A grid of DiLoCo rows kept in a resumable JSON-lines file (a row already there
+    /// is not recomputed), and their frontier of bytes per node against bits per byte.
+    Sweep(experiment::SweepArgs),
     /// Verified work against adversarial nodes: M workers, some adversarial (a test
     /// tool), judged by one validator configuration; one row per adversary mode.
     Byzantine(byzantine::ByzantineArgs),
@@ -384,6 +387,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
         Command::Experiment(ExperimentCommand::Diloco(args)) => experiment::diloco(args),
+        Command::Experiment(ExperimentCommand::Sweep(args)) => experiment::sweep(args),
         Command::Experiment(ExperimentCommand::Byzantine(args)) => byzantine::run(args),
         Command::Sim(args) => sim::run_cli(args),
         Command::Validator(args) => validator_cli::run(args),

@@ -696,3 +696,104 @@ fn plan_prints_the_layout_and_cost_as_json() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown GPU kind `tpu`"));
 }
+
+/// `tessera experiment sweep` keeps each row under its settings: a second run of the
+/// same grid computes nothing, a row cut short by a kill is computed again on its own
+/// line, and the table marks the frontier and the best row near the baseline.
+#[test]
+fn sweep_resumes_from_its_file_and_prints_the_frontier() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n";
+    std::fs::write(&corpus, text.repeat(80)).unwrap();
+    let data = dir.path().join("data");
+    ok(&[
+        "data",
+        "prepare",
+        "--input",
+        s(&corpus),
+        "--out",
+        s(&data),
+        "--vocab",
+        "300",
+    ]);
+    let out = dir.path().join("sweep.jsonl");
+    let sweep = |codecs: &str| {
+        tessera(&[
+            "experiment",
+            "sweep",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--preset",
+            "nano",
+            "--steps",
+            "4",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--warmup",
+            "1",
+            "--inner-steps",
+            "2",
+            "--codecs",
+            codecs,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ])
+    };
+    let first = sweep("none,topk");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(stderr.contains("3 grid row(s), 0 already in"), "{stderr}");
+    let table = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        table.contains("ddp-equivalent") && table.contains("topk44/4096-4bit"),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with('*')),
+        "no frontier row:\n{table}"
+    );
+    assert!(table.contains("within 3% of the baseline"), "{table}");
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(written.lines().count(), 3);
+
+    // A kill in the middle of writing the last row leaves half a line.
+    let last = written.lines().last().unwrap();
+    std::fs::write(&out, &written[..written.len() - 1 - last.len() / 2]).unwrap();
+    let second = sweep("none,topk");
+    assert!(second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("unreadable line(s) [3]"), "{stderr}");
+    assert!(stderr.contains("3 grid row(s), 2 already in"), "{stderr}");
+    let rewritten = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(rewritten.lines().count(), 4);
+    // The same row again, to the θ hash (only the time it took differs).
+    let timeless = |l: &str| l[..l.find("\"seconds\"").unwrap()].to_string();
+    assert_eq!(timeless(rewritten.lines().last().unwrap()), timeless(last));
+
+    let third = sweep("none,topk");
+    assert!(String::from_utf8_lossy(&third.stderr).contains("3 grid row(s), 3 already in"));
+    let bad = tessera(&[
+        "experiment",
+        "sweep",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--codecs",
+        "sparse-loco",
+    ]);
+    // A bad flag is clap's usage error (exit code 2), naming the value.
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown format \"sparse-loco\""));
+}

@@ -18,6 +18,7 @@ pub mod optim;
 pub mod outer;
 pub mod python;
 pub mod rng;
+pub mod sweep;
 pub mod trainer;
 pub mod validate;
 pub mod worker;
