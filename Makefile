@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 BIN := target/release/tessera
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build demo test lint ci clean fuzz nettools
+.PHONY: setup build demo test lint ci clean fuzz nettools datasets
 
 $(STAMP): python/requirements.txt
 	python3 -m venv $(VENV)
@@ -24,6 +24,14 @@ build: setup
 
 demo: build
 	$(BIN) demo
+
+# The experiments' prepared data sets (docs/results.md, data/README.md), each prepared
+# once: runs/data/tinyshakespeare and runs/data/brown. For example
+# `tessera experiment sweep --data runs/data/brown --out runs/brown-sweep.jsonl`.
+datasets: runs/data/tinyshakespeare/manifest.json runs/data/brown/manifest.json
+
+runs/data/%/manifest.json: data/%.txt | build
+	$(BIN) data prepare --input $< --out $(@D)
 
 # The emulated-internet test (crates/tessera/tests/internet.rs) builds network
 # namespaces with iproute2 and nftables; as root, install them if missing.
