@@ -20,11 +20,12 @@ pub use tessera_coordinator::DropReason;
 use tessera_coordinator::{
     CoordError, Coordinator, Event, Fact, Input, Judge, Judged, RunConfig, WorkRecord,
 };
+use tessera_outer::shard;
 use tessera_protocol::wire::{
-    Commit, CommitBody, ErrorCode, FinalEval, NodeStats, PeerAddr, Phase, RoundRecord, StateView,
-    Summary, ThetaReport, Verdict,
+    AggregateReport, Commit, CommitBody, ErrorCode, FinalEval, NodeStats, PeerAddr, Phase,
+    RoundRecord, ShardRecord, StateView, Summary, ThetaReport, Verdict,
 };
-use tessera_protocol::{Hash32, NodeId, RunSpec};
+use tessera_protocol::{AggregationMode, Hash32, NodeId, RunSpec};
 use tessera_verify::VerifyConfig;
 
 /// Closed rounds whose accepted updates a commit may not send again.
@@ -108,6 +109,20 @@ pub trait OuterStep {
         _previous: &[(NodeId, Hash32)],
     ) -> Result<Vec<Verdict>, String> {
         Ok(Vec::new())
+    }
+
+    /// The outer step under sharded aggregation: as [`OuterStep::step`], but θ moves by
+    /// the `shards` aggregated shards (`tessera_outer::shard::aggregate_shard` over the
+    /// accepted updates' pieces), whose inputs and shard blobs the implementation
+    /// publishes. Returns, per shard, the hashes of its inputs blob and of its shard.
+    fn step_sharded(
+        &mut self,
+        _round: u64,
+        _from: Hash32,
+        _accepted: &[(NodeId, Hash32)],
+        _shards: usize,
+    ) -> Result<(StepOutcome, Vec<(Hash32, Hash32)>), String> {
+        Err("this outer step does not implement sharded aggregation".into())
     }
 }
 
@@ -227,6 +242,12 @@ pub enum HubInput {
     Theta {
         node: NodeId,
         report: ThetaReport,
+    },
+    /// An aggregator's report of the shard it published: a shard other than the
+    /// round's ejects it (the reply's `agrees` says which).
+    Aggregated {
+        node: NodeId,
+        report: AggregateReport,
     },
     Tick,
     /// The driver evaluated the final checkpoint.
@@ -836,6 +857,31 @@ impl HubState {
                     ..Applied::default()
                 });
             }
+            HubInput::Aggregated { node, report } => {
+                let rec = self.check_aggregate(&node, &report)?;
+                let expected = rec.shards[report.shard as usize].hash;
+                if report.hash == expected {
+                    applied.agrees = Some(true);
+                    return Ok(applied);
+                }
+                if !self.coord.members.contains_key(&node) {
+                    return Err(CoordError::NotMember { node }.into());
+                }
+                applied.agrees = Some(false);
+                audit_failed = Some(AuditRecord {
+                    round: report.round,
+                    node,
+                    passed: false,
+                    detail: format!(
+                        "published aggregated shard {} of round {} as {}, not {}",
+                        report.shard,
+                        report.round,
+                        report.hash.short(12),
+                        expected.short(12)
+                    ),
+                });
+                (Input::Eject { node }, None)
+            }
             HubInput::Tick => {
                 // An audited node that never revealed its state fails its audit.
                 let expired = self
@@ -1067,7 +1113,32 @@ impl HubState {
     ) -> Result<Arc<RoundRecord>, String> {
         let list: Vec<(NodeId, Hash32)> = accepted.iter().map(|(n, c)| (*n, c.blob_hash)).collect();
         let theta_before = self.theta();
-        let outcome = outer.step(round, self.checkpoint(), &list)?;
+        let sharded = self.spec.aggregation == AggregationMode::Sharded && !list.is_empty();
+        let (outcome, shards) = if sharded {
+            let per = self.spec.aggregators_per_shard as usize;
+            let count = shard::shard_count(list.len(), per, self.params as usize);
+            let (outcome, blobs) = outer.step_sharded(round, self.checkpoint(), &list, count)?;
+            if blobs.len() != count {
+                return Err(format!(
+                    "the outer step made {} shards, not {count}",
+                    blobs.len()
+                ));
+            }
+            let seed = shard::assignment_seed(round, list.iter().map(|(_, h)| &h.0));
+            let plan = shard::assign(seed, list.len(), count, per);
+            let shards = blobs
+                .into_iter()
+                .zip(plan)
+                .map(|((inputs, hash), members)| ShardRecord {
+                    aggregators: members.into_iter().map(|m| list[m].0).collect(),
+                    inputs,
+                    hash,
+                })
+                .collect();
+            (outcome, shards)
+        } else {
+            (outer.step(round, self.checkpoint(), &list)?, Vec::new())
+        };
         let sources = list
             .iter()
             .map(|(_, h)| {
@@ -1090,6 +1161,7 @@ impl HubState {
             checkpoint: outcome.checkpoint,
             refused: refused.to_vec(),
             verdicts: verdicts.to_vec(),
+            shards,
         });
         self.rounds.insert(round, rec.clone());
         self.add_audits(&rec, now_ms);
@@ -1192,8 +1264,48 @@ impl HubState {
                     checkpoint: self.checkpoint0,
                     refused: Vec::new(),
                     verdicts: Vec::new(),
+                    shards: Vec::new(),
                 })
             })
+    }
+
+    /// The record an aggregator's report is about, once the report is checked: the
+    /// run, a closed sharded round, a shard of it, and a sender drawn to aggregate it.
+    fn check_aggregate(
+        &self,
+        node: &NodeId,
+        report: &AggregateReport,
+    ) -> Result<Arc<RoundRecord>, HubError> {
+        self.check_run("aggregate report", &report.run_id)?;
+        let rec = self.rounds.get(&report.round).ok_or_else(|| {
+            HubError::new(
+                ErrorCode::NotFound,
+                format!("round {} has no record", report.round),
+            )
+        })?;
+        let shard = rec.shards.get(report.shard as usize).ok_or_else(|| {
+            HubError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "round {} has {} shards, not shard {}",
+                    report.round,
+                    rec.shards.len(),
+                    report.shard
+                ),
+            )
+        })?;
+        if !shard.aggregators.contains(node) {
+            return Err(HubError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} does not aggregate shard {} of round {}",
+                    node.short(12),
+                    report.shard,
+                    report.round
+                ),
+            ));
+        }
+        Ok(rec.clone())
     }
 
     /// A join of a node that is not a member yet counts against the run's

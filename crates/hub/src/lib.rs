@@ -18,6 +18,7 @@ pub mod host;
 pub mod store;
 pub mod validator;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,11 +38,12 @@ use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions};
 use tessera_model::{checkpoint, Preset};
 use tessera_net::http_auth::now_ms;
 use tessera_net::ServerAuth;
-use tessera_outer::{decode_for, OuterState};
+use tessera_outer::shard::{ShardInputs, ShardLayout};
+use tessera_outer::{combine, decode_for, encode, slice, update_scales, OuterState};
 use tessera_protocol::limits::CONTROL_BODY_BYTES_MAX;
 use tessera_protocol::wire::{
-    Ack, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats, RevealBody, RoundRecord, RunInfo,
-    StateView, Summary, ThetaReply, ThetaReport, Verdict,
+    Ack, AggregateReply, AggregateReport, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats,
+    RevealBody, RoundRecord, RunInfo, StateView, Summary, ThetaReply, ThetaReport, Verdict,
 };
 use tessera_protocol::{Hash32, NodeId, RunSpec};
 use tessera_train::data::{Dataset, Windows, MANIFEST_FILE};
@@ -103,9 +105,37 @@ pub struct FileOuter {
     params: usize,
     current: Option<(Hash32, OuterState)>,
     validator: Validator,
+    /// Blobs of the last rounds' sharded aggregation (pieces, inputs, shards), served
+    /// to aggregators and members until [`SHARD_ROUNDS_KEPT`] later rounds closed.
+    shard_blobs: BTreeMap<u64, Vec<String>>,
 }
 
+/// Rounds of sharded-aggregation blobs the hub keeps serving: members one round
+/// behind still step from the last round's shards.
+const SHARD_ROUNDS_KEPT: usize = 2;
+
 impl FileOuter {
+    /// Writes θ and velocity after a step as the new checkpoint, publishes it, and
+    /// makes it current.
+    fn finish_step(&mut self, state: OuterState) -> Result<StepOutcome, String> {
+        let bytes = state.to_bytes();
+        let checkpoint = write_blob(&self.dir, &bytes).map_err(|e| format!("{e:#}"))?;
+        self.blobs.publish(&bytes).map_err(|e| e.to_string())?;
+        let theta_after = Hash32(state.digest());
+        self.current = Some((checkpoint, state));
+        Ok(StepOutcome {
+            theta_after,
+            checkpoint,
+        })
+    }
+
+    fn publish(&self, bytes: &[u8], kept: &mut Vec<String>) -> Result<Hash32, String> {
+        let hex = self.blobs.publish(bytes).map_err(|e| e.to_string())?;
+        let hash = Hash32::from_hex(&hex).map_err(|e| e.to_string())?;
+        kept.push(hex);
+        Ok(hash)
+    }
+
     fn state(&mut self, checkpoint: Hash32) -> Result<&OuterState, String> {
         if self.current.as_ref().map(|(h, _)| *h) != Some(checkpoint) {
             let bytes = read_blob(&self.dir, checkpoint).map_err(|e| format!("{e:#}"))?;
@@ -133,15 +163,76 @@ impl OuterStep for FileOuter {
         state
             .apply(codec, self.spec.aggregator, &blobs)
             .map_err(|e| e.to_string())?;
-        let bytes = state.to_bytes();
-        let checkpoint = write_blob(&self.dir, &bytes).map_err(|e| format!("{e:#}"))?;
-        self.blobs.publish(&bytes).map_err(|e| e.to_string())?;
-        let theta_after = Hash32(state.digest());
-        self.current = Some((checkpoint, state));
-        Ok(StepOutcome {
-            theta_after,
-            checkpoint,
-        })
+        self.finish_step(state)
+    }
+
+    /// The hub holds every accepted update (its validator scored them), so it cuts
+    /// each into its shards' pieces (`tessera_outer::slice`, the same codes), publishes
+    /// them with each shard's inputs and the aggregated shard it computes, and steps θ
+    /// by the aggregated shards: what every member applies.
+    fn step_sharded(
+        &mut self,
+        round: u64,
+        from: Hash32,
+        accepted: &[(NodeId, Hash32)],
+        shards: usize,
+    ) -> Result<(StepOutcome, Vec<(Hash32, Hash32)>), String> {
+        let mut state = self.state(from)?.clone();
+        let codec = self.spec.codec()?;
+        let n = self.params;
+        let blobs = accepted
+            .iter()
+            .map(|(_, h)| read_blob(&self.dir, *h).map_err(|e| format!("{e:#}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let updates = blobs
+            .iter()
+            .map(|b| decode_for(codec, b, n as u64).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
+        let scales = update_scales(self.spec.aggregator, &refs);
+        // Element by element, so each shard of it is what that shard's aggregators
+        // combine from the pieces (`tessera_outer::aggregate`, tested bit for bit).
+        let combined = combine(self.spec.aggregator, &refs, &scales);
+        let shard_codec = self.spec.shard_codec()?;
+        let layout = ShardLayout::new(n, shards);
+        let mut kept = Vec::new();
+        let mut out = Vec::with_capacity(layout.count());
+        let mut applied = Vec::with_capacity(n);
+        for s in 0..layout.count() {
+            let r = layout.range(s);
+            let mut pieces = Vec::with_capacity(blobs.len());
+            for (blob, &scale) in blobs.iter().zip(&scales) {
+                let piece = slice(codec, blob, n as u64, r.clone()).map_err(|e| e.to_string())?;
+                pieces.push((self.publish(&piece, &mut kept)?.0, scale));
+            }
+            let inputs = ShardInputs {
+                round,
+                shard: s as u32,
+                pieces,
+            };
+            let inputs = self.publish(&inputs.to_bytes(), &mut kept)?;
+            let shard = encode(
+                shard_codec,
+                &combined[r.clone()],
+                &mut vec![0.0; r.len()],
+                1.0,
+            );
+            let hash = self.publish(&shard, &mut kept)?;
+            applied.extend(
+                decode_for(shard_codec, &shard, r.len() as u64).map_err(|e| e.to_string())?,
+            );
+            out.push((inputs, hash));
+        }
+        state.apply_aggregate(&applied);
+        self.shard_blobs.insert(round, kept);
+        while self.shard_blobs.len() > SHARD_ROUNDS_KEPT {
+            if let Some((_, old)) = self.shard_blobs.pop_first() {
+                for h in old {
+                    self.blobs.forget(&h);
+                }
+            }
+        }
+        Ok((self.finish_step(state)?, out))
     }
 
     fn judge(
@@ -405,6 +496,7 @@ impl Core {
             params: params as usize,
             current: None,
             validator,
+            shard_blobs: BTreeMap::new(),
         };
         let core = Core {
             config,
@@ -1257,6 +1349,18 @@ async fn theta(State(hub): State<Shared>, signed: Signed) -> Result<Json<ThetaRe
     }))
 }
 
+async fn aggregate(
+    State(hub): State<Shared>,
+    signed: Signed,
+) -> Result<Json<AggregateReply>, ApiError> {
+    let report: AggregateReport = signed.json("aggregate report")?;
+    let node = signed.node;
+    let matches = hub.input(HubInput::Aggregated { node, report }).await?;
+    Ok(Json(AggregateReply {
+        matches: matches.unwrap_or(false),
+    }))
+}
+
 async fn metrics(State(hub): State<Shared>) -> Result<String, ApiError> {
     hub.call(Call::Metrics).await
 }
@@ -1274,6 +1378,7 @@ fn router(hub: Shared) -> Router {
         .route("/state", get(state))
         .route("/rounds/{round}", get(round))
         .route("/theta", post(theta))
+        .route("/aggregate", post(aggregate))
         .route("/reveal", post(reveal))
         .route("/trail", post(trail))
         .route("/metrics", get(metrics))

@@ -24,12 +24,13 @@ use anyhow::anyhow;
 use anyhow::{bail, Context, Result};
 use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions, PeerAddr};
 use tessera_net::http_auth::{call_blocking, ClientAuth};
+use tessera_outer::shard::{aggregate_shard, ShardInputs, ShardLayout};
 use tessera_outer::OuterState;
 use tessera_protocol::limits::{CONTROL_REPLY_BYTES_MAX, DATA_FILE_BYTES_MAX};
 use tessera_protocol::wire::{protocol_of, PROTOCOL_VERSION};
 use tessera_protocol::wire::{
-    Ack, Commit, CommitBody, ErrorBody, ErrorCode, NodeStats, RevealBody, RoundRecord, RunInfo,
-    StateView, ThetaReply, ThetaReport,
+    Ack, AggregateReply, AggregateReport, Commit, CommitBody, ErrorBody, ErrorCode, NodeStats,
+    RevealBody, RoundRecord, RunInfo, StateView, ThetaReply, ThetaReport,
 };
 use tessera_protocol::{Hash32, Identity, NodeId, RunSpec};
 use tessera_train::adversary::{Adversary, Knowledge, Submission};
@@ -59,6 +60,9 @@ pub struct NodeOptions {
     /// Cheat in this way: **a test tool** for verification
     /// (`tessera_train::adversary`); `None` in every real node.
     pub adversary: Option<Adversary>,
+    /// Publish a wrong shard whenever it aggregates one: **a test tool** for sharded
+    /// aggregation's checks; `false` in every real node.
+    pub wrong_shards: bool,
     /// How this node attests for a private run's data keys: `configfs` (inside a TDX or
     /// SEV-SNP guest) or `test:SEED_FILE` (the test PKI). `None`: the node cannot
     /// train on sealed data.
@@ -92,6 +96,7 @@ pub trait HubApi {
     fn theta(&self, report: &ThetaReport) -> Result<ThetaReply, ApiFailure>;
     fn reveal(&self, body: &RevealBody) -> Result<(), ApiFailure>;
     fn trail(&self, body: &tessera_protocol::wire::TrailBody) -> Result<(), ApiFailure>;
+    fn aggregate(&self, body: &AggregateReport) -> Result<AggregateReply, ApiFailure>;
 }
 
 /// The hub's API over signed HTTP. Every reply must carry the hub's signature (for
@@ -235,6 +240,11 @@ impl HubApi for HttpHub {
     fn trail(&self, body: &tessera_protocol::wire::TrailBody) -> Result<(), ApiFailure> {
         let bytes = self.post("/trail", body)?;
         self.json::<Ack>(bytes, "trail reply").map(drop)
+    }
+
+    fn aggregate(&self, body: &AggregateReport) -> Result<AggregateReply, ApiFailure> {
+        let bytes = self.post("/aggregate", body)?;
+        self.json(bytes, "aggregate reply")
     }
 }
 
@@ -582,6 +592,8 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         trailed: BTreeMap::new(),
         earlier: None,
         copy_source: None,
+        own_update: None,
+        wrong_shards: opts.wrong_shards,
     };
     if let Some(a) = opts.adversary {
         eprintln!(
@@ -636,6 +648,12 @@ struct Runner {
     /// Another node's update of the last closed round: the only updates a copier can
     /// get, since this round's are not served before commits close (`copy`).
     copy_source: Option<Vec<f32>>,
+    /// The update this node committed last, and its round: cut into pieces for the
+    /// round's aggregators and, once the round is applied, what the aggregate dropped of
+    /// it goes back into the residual (sharded aggregation).
+    own_update: Option<(u64, Vec<u8>)>,
+    /// Test tool: publish wrong shards ([`NodeOptions::wrong_shards`]).
+    wrong_shards: bool,
 }
 
 /// Rounds of private state a node keeps for audits: the hub asks for a round's state
@@ -749,6 +767,9 @@ impl Runner {
     /// that made it first and the hub second, applied to θ.
     fn step(&mut self, round: u64) -> Result<Outcome> {
         let rec = self.hub.round(round)?;
+        if !rec.shards.is_empty() {
+            return self.step_sharded(rec);
+        }
         let updates = rec
             .accepted
             .iter()
@@ -772,6 +793,12 @@ impl Runner {
         next.apply(codec, self.spec.aggregator, &updates)?;
         self.state = next;
         let used = rec.accepted.iter().map(|(_, h)| *h).collect();
+        self.stepped(round, &rec, used)
+    }
+
+    /// After a round's step: lets go of the blobs of the round before (peers one round
+    /// behind may still fetch this one's), and compares θ with the hub's.
+    fn stepped(&mut self, round: u64, rec: &RoundRecord, used: Vec<Hash32>) -> Result<Outcome> {
         for old in std::mem::replace(&mut self.held, used) {
             self.blobs.forget(&old.to_hex());
         }
@@ -787,6 +814,132 @@ impl Runner {
             theta,
             expected: rec.theta_after,
         })
+    }
+
+    /// The outer step of a sharded round: this node serves its pieces of its accepted
+    /// update, aggregates the shards it was drawn for (and reports them), fetches the
+    /// other aggregated shards from their aggregators (the hub second), applies them,
+    /// and keeps what the aggregate dropped of its own update for the next round.
+    fn step_sharded(&mut self, rec: RoundRecord) -> Result<Outcome> {
+        let round = rec.round;
+        let codec = self.spec.codec().map_err(anyhow::Error::msg)?;
+        let n = self.params;
+        let layout = ShardLayout::new(n as usize, rec.shards.len());
+        let shard_codec = self.spec.shard_codec().map_err(anyhow::Error::msg)?;
+        let accepted = rec
+            .accepted
+            .binary_search_by_key(&self.me, |(id, _)| *id)
+            .is_ok();
+        let own = match self.own_update.take() {
+            Some((r, blob)) if r == round && accepted => Some(blob),
+            _ => None,
+        };
+        let mut used = Vec::new();
+        if let Some(blob) = &own {
+            for s in 0..layout.count() {
+                let piece = tessera_outer::slice(codec, blob, n, layout.range(s))?;
+                used.push(Hash32::from_hex(&self.blobs.publish(&piece)?)?);
+            }
+        }
+        let mut made = BTreeMap::new();
+        for (s, shard) in rec.shards.iter().enumerate() {
+            if shard.aggregators.contains(&self.me) {
+                match self.aggregate(&rec, &layout, s) {
+                    Ok(bytes) => {
+                        used.push(Hash32::of(&bytes));
+                        made.insert(s, bytes);
+                    }
+                    Err(e) => eprintln!(
+                        "node {}: aggregating shard {s} of round {round} failed: {e:#}",
+                        self.tag
+                    ),
+                }
+            }
+        }
+        let mut applied = Vec::with_capacity(n as usize);
+        for (s, shard) in rec.shards.iter().enumerate() {
+            let len = layout.len(s);
+            let bytes = match made.remove(&s) {
+                Some(b) if Hash32::of(&b) == shard.hash => b,
+                _ => {
+                    let mut from: Vec<PeerAddr> = shard
+                        .aggregators
+                        .iter()
+                        .filter(|a| **a != self.me)
+                        .filter_map(|a| rec.accepted.binary_search_by_key(a, |(id, _)| *id).ok())
+                        .filter_map(|i| rec.sources.get(i).cloned())
+                        .collect();
+                    from.extend(self.hub_blobs.iter().cloned());
+                    let max = shard_codec.max_encoded_bytes(len) as u64;
+                    self.blobs.fetch(&shard.hash.to_hex(), &from, max)?
+                }
+            };
+            applied.extend(tessera_outer::decode_for(shard_codec, &bytes, len as u64)?);
+        }
+        let mut next = self.state.clone();
+        next.apply_aggregate(&applied);
+        self.state = next;
+        if let Some(blob) = &own {
+            let sent = tessera_outer::decode_for(codec, blob, n)?;
+            self.worker.keep_what_was_dropped(&sent, &applied);
+        }
+        self.stepped(round, &rec, used)
+    }
+
+    /// Aggregates shard `s` of a closed round: its inputs from the hub, each accepted
+    /// update's piece from that update's node (the hub second), combined and encoded
+    /// (`tessera_outer::shard::aggregate_shard`), published and reported.
+    fn aggregate(&mut self, rec: &RoundRecord, layout: &ShardLayout, s: usize) -> Result<Vec<u8>> {
+        let codec = self.spec.codec().map_err(anyhow::Error::msg)?;
+        let members = rec.accepted.len();
+        let max = (36 * members + 20) as u64;
+        let bytes = self
+            .blobs
+            .fetch(&rec.shards[s].inputs.to_hex(), &self.hub_blobs, max)?;
+        let inputs = ShardInputs::from_bytes(&bytes, rec.round, s as u32, members)
+            .map_err(anyhow::Error::msg)?;
+        let len = layout.len(s);
+        let max = codec.max_encoded_bytes(len) as u64;
+        let pieces = inputs
+            .pieces
+            .iter()
+            .enumerate()
+            .map(|(i, (hash, _))| {
+                let mut from: Vec<PeerAddr> = rec.sources.get(i).cloned().into_iter().collect();
+                from.extend(self.hub_blobs.iter().cloned());
+                let bytes = self.blobs.fetch(&Hash32(*hash).to_hex(), &from, max)?;
+                Ok(tessera_outer::decode_for(codec, &bytes, len as u64)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&[f32]> = pieces.iter().map(Vec::as_slice).collect();
+        let scales: Vec<f32> = inputs.pieces.iter().map(|(_, scale)| *scale).collect();
+        let shard_codec = self.spec.shard_codec().map_err(anyhow::Error::msg)?;
+        let bytes = if self.wrong_shards {
+            let mut combined = tessera_outer::combine(self.spec.aggregator, &refs, &scales);
+            combined[0] += 1.0;
+            tessera_outer::encode(shard_codec, &combined, &mut vec![0.0; len], 1.0)
+        } else {
+            aggregate_shard(shard_codec, self.spec.aggregator, &refs, &scales)
+        };
+        let hash = Hash32::from_hex(&self.blobs.publish(&bytes)?)?;
+        let reply = self.hub.aggregate(&AggregateReport {
+            run_id: self.spec.run_id.clone(),
+            round: rec.round,
+            shard: s as u32,
+            hash,
+        })?;
+        eprintln!(
+            "node {}: aggregated shard {s} of round {} ({} pieces): {}",
+            self.tag,
+            rec.round,
+            members,
+            if reply.matches {
+                "agrees with the hub"
+            } else {
+                "REFUSED by the hub"
+            }
+        );
+        Ok(bytes)
     }
 
     /// Replaces θ by the hub's checkpoint; returns its round.
@@ -1024,6 +1177,7 @@ impl Runner {
         );
         match committed {
             Ok(()) => {
+                self.own_update = Some((round, work.blob));
                 c.rounds.fetch_add(1, Ordering::Relaxed);
                 Outcome::Committed { round }
             }

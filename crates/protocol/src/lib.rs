@@ -16,5 +16,5 @@ pub mod wire;
 
 pub use identity::{Identity, IdentityError, PublicKeyHex};
 pub use ids::{Hash32, IdError, NodeId};
-pub use spec::{RunSpec, SpecError, TeeMode};
+pub use spec::{AggregationMode, RunSpec, SpecError, TeeMode};
 pub use wire::{ErrorBody, ErrorCode, PathTraffic, PeerAddr, Phase, RelayInfo};

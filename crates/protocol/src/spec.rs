@@ -85,6 +85,31 @@ pub struct RunSpec {
     /// A private run's key server (the data owner's `tessera keys serve`), where an
     /// attested member gets the sealed data set's keys. Empty for a public run.
     pub key_server: String,
+    /// How the accepted updates reach every member: `all-to-all` (each member fetches
+    /// every accepted update, O(members) per member) or `sharded` (each shard of the
+    /// update is combined by `aggregators_per_shard` members drawn after the round
+    /// closes, and each member fetches the aggregated shards, O(1) per member;
+    /// `tessera_outer::shard`).
+    pub aggregation: AggregationMode,
+    /// Aggregators per shard under `sharded` (2..=8): their shards must agree with the
+    /// hub's, so a wrong one is caught.
+    pub aggregators_per_shard: u32,
+    /// Under `sharded` with `topk`: an aggregated shard keeps this many times `topk`
+    /// values per chunk (at most the whole chunk). It combines the pieces of every
+    /// accepted update, whose kept positions barely overlap, so at one update's density
+    /// most of the aggregate would wait in the senders' residuals for later rounds; a
+    /// member then fetches this many updates' worth per round, whatever the number of
+    /// members.
+    pub shard_topk_multiple: u32,
+}
+
+/// How the accepted updates reach every member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AggregationMode {
+    #[default]
+    AllToAll,
+    Sharded,
 }
 
 /// Whether a run's members attest.
@@ -130,6 +155,9 @@ impl Default for RunSpec {
             min_stake: 1,
             tee: TeeMode::Off,
             key_server: String::new(),
+            aggregation: AggregationMode::AllToAll,
+            aggregators_per_shard: 2,
+            shard_topk_multiple: 4,
         }
     }
 }
@@ -270,6 +298,29 @@ impl RunSpec {
                 e,
             )
         })?;
+        let max = tessera_outer::shard::REDUNDANCY_MAX as u32;
+        if !(2..=max).contains(&self.aggregators_per_shard) {
+            return Err(bad(
+                "aggregators_per_shard",
+                format!(
+                    "must be 2..={max} (a shard needs two aggregators to compare), got {}",
+                    self.aggregators_per_shard
+                ),
+            ));
+        }
+        if !(1..=64).contains(&self.shard_topk_multiple) {
+            return Err(bad(
+                "shard_topk_multiple",
+                format!("must be 1..=64, got {}", self.shard_topk_multiple),
+            ));
+        }
+        if self.aggregation == AggregationMode::Sharded && self.codec == CodecKind::LowRank {
+            return Err(bad(
+                "aggregation",
+                "`sharded` needs a chunked codec (none, int8 or topk): a low-rank block \
+                 mixes parameters across shards",
+            ));
+        }
         let preset = tessera_model_config::Preset::by_name(&self.preset)
             .map_err(|e| bad("preset", e.to_string()))?;
         // The data set changes only the vocabulary, never the context.
@@ -289,6 +340,19 @@ impl RunSpec {
     /// The codec with its parameters.
     pub fn codec(&self) -> Result<Codec, String> {
         self.codec.codec(self.topk, self.topk_bits, self.rank)
+    }
+
+    /// The codec of an aggregated shard under sharded aggregation: the run's codec, with
+    /// `shard_topk_multiple` × `topk` values per chunk for `topk`.
+    pub fn shard_codec(&self) -> Result<Codec, String> {
+        match self.codec()? {
+            Codec::TopK { chunk, k, bits } => Ok(Codec::TopK {
+                chunk,
+                k: k.saturating_mul(self.shard_topk_multiple).min(chunk),
+                bits,
+            }),
+            other => Ok(other),
+        }
     }
 
     /// The outer learning rate the run's codec uses.

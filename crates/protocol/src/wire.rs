@@ -19,6 +19,7 @@
 //! | `GET /state?node=ID` | – | [`StateView`] |
 //! | `GET /rounds/{round}` | – | [`RoundRecord`] |
 //! | `POST /theta` (signed) | [`ThetaReport`] | [`ThetaReply`] |
+//! | `POST /aggregate` (signed) | [`AggregateReport`] | [`AggregateReply`] |
 //! | `GET /summary` | – | [`Summary`] |
 //! | `GET /auth` | – | [`crate::auth::Audience`] |
 //!
@@ -86,8 +87,10 @@ pub struct Commit {
 /// `busy` and `read_only` error codes and [`Summary::read_only`]; 3 added verified
 /// work: [`Commit::state_hash`], [`RoundRecord::verdicts`] and `refused`,
 /// [`StateView::audit`] and `dispute`, `POST /reveal` and `POST /trail`, and the
-/// `ejected`, `too_many_joins` and `no_stake` error codes.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// `ejected`, `too_many_joins` and `no_stake` error codes; 4 added relays
+/// ([`RunInfo::relays`]) and [`NodeStats::paths`]; 5 added sharded aggregation
+/// ([`RoundRecord::shards`], `POST /aggregate`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Reads only the protocol version of a `GET /run` reply, so a node can refuse a hub
 /// of another version before parsing a body it may not understand.
@@ -284,6 +287,47 @@ pub struct RoundRecord {
     /// round publishes per node.
     #[serde(default)]
     pub verdicts: Vec<Verdict>,
+    /// Under sharded aggregation, the round's shards in parameter order (their ranges
+    /// are `tessera_outer::shard::ShardLayout::new(params, shards.len())`); a member
+    /// applies the aggregated shards instead of fetching every accepted update. Empty
+    /// under all-to-all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardRecord>,
+}
+
+/// One shard of a closed round under sharded aggregation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardRecord {
+    /// The members that aggregate it, drawn after the close from the accepted updates
+    /// (`tessera_outer::shard::assign`); each is one of `accepted`.
+    pub aggregators: Vec<NodeId>,
+    /// The blob of its inputs (`tessera_outer::shard::ShardInputs`: each accepted
+    /// update's piece hash and scale), served by the hub.
+    pub inputs: Hash32,
+    /// The aggregated shard every member applies, as the hub computed it from the
+    /// updates it holds; an aggregator's shard must be these bytes.
+    pub hash: Hash32,
+}
+
+/// `POST /aggregate`: an aggregator's report of the shard it published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateReport {
+    pub run_id: String,
+    pub round: u64,
+    pub shard: u32,
+    /// blake3 of the aggregated shard the member computed and serves.
+    pub hash: Hash32,
+}
+
+/// The reply to [`AggregateReport`]: whether the shard is the round's. A member whose
+/// shard is not is ejected (the aggregation is deterministic, so a different shard is
+/// a wrong one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateReply {
+    pub matches: bool,
 }
 
 /// The validator's verdict on one commit of a round. Measurements are integers

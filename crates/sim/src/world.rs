@@ -188,8 +188,8 @@ struct SimNode {
 
 /// A closed round's sharded aggregation, as the data plane moves it.
 struct ShardRound {
-    /// Encoded size of each shard's piece of one update (and of the aggregated shard).
-    piece_bytes: Vec<u64>,
+    /// Encoded size of each shard's aggregated shard (`RunSpec::shard_codec`).
+    shard_bytes: Vec<u64>,
     /// The aggregators (node indices) whose published shard is the hub's, per shard;
     /// nodes fetch from them, and from the hub where there are none.
     honest: Vec<Vec<usize>>,
@@ -799,6 +799,7 @@ impl World {
             HubInput::Eject { .. } => 10,
             HubInput::Disputed { .. } => 11,
             HubInput::TrailReceived { .. } => 12,
+            HubInput::Aggregated { .. } => 13,
         };
         let round = self.round_now();
         let host = self.host.as_mut().expect("called only while the hub is up");
@@ -894,6 +895,10 @@ impl World {
         let piece_bytes: Vec<u64> = (0..layout.count())
             .map(|s| codec.max_encoded_bytes(layout.len(s)) as u64)
             .collect();
+        let shard_codec = self.spec.shard_codec().expect("default codec");
+        let shard_bytes: Vec<u64> = (0..layout.count())
+            .map(|s| shard_codec.max_encoded_bytes(layout.len(s)) as u64)
+            .collect();
         let seed = shard::assignment_seed(rec.round, rec.accepted.iter().map(|(_, h)| &h.0));
         let plan = shard::assign(seed, n, layout.count(), redundancy);
         let members: Vec<Option<usize>> = rec
@@ -955,7 +960,7 @@ impl World {
                 } else {
                     good.push(i);
                     first = first.min(finish[k]);
-                    *own.entry(i).or_insert(0) += piece_bytes[s];
+                    *own.entry(i).or_insert(0) += shard_bytes[s];
                 }
             }
             for &m in aggs {
@@ -984,7 +989,7 @@ impl World {
         self.shard_rounds.insert(
             rec.round,
             ShardRound {
-                piece_bytes,
+                shard_bytes,
                 honest,
                 own,
                 ready_at,
@@ -1078,7 +1083,7 @@ impl World {
                                     // The aggregated shards, less those it made itself,
                                     // once they are published.
                                     Some(sr) => (
-                                        sr.piece_bytes.iter().sum::<u64>()
+                                        sr.shard_bytes.iter().sum::<u64>()
                                             - sr.own.get(&node).copied().unwrap_or(0),
                                         sr.ready_at.saturating_sub(self.now),
                                     ),
@@ -1214,7 +1219,7 @@ impl World {
                     if honest.is_empty() {
                         continue;
                     }
-                    let each = (self.fetchers[r] * sr.piece_bytes[s]).div_ceil(honest.len() as u64);
+                    let each = (self.fetchers[r] * sr.shard_bytes[s]).div_ceil(honest.len() as u64);
                     for &a in honest {
                         self.nodes[a].bytes[r].0 += each;
                     }
@@ -1244,7 +1249,7 @@ impl World {
             }
             f.hub_cpu_ms = self.hub_cpu.get(&f.round).copied().unwrap_or(0.0);
             if let Some(sr) = self.shard_rounds.get(&f.round) {
-                f.shards = sr.piece_bytes.len() as u64;
+                f.shards = sr.shard_bytes.len() as u64;
                 f.shards_recomputed = sr.recomputed;
                 f.aggregators_caught = sr.caught;
             }

@@ -299,6 +299,11 @@ struct NodeArgs {
     /// stake slashed; never use it in a run you care about.
     #[arg(long, value_name = "MODE")]
     adversary: Option<tessera_train::adversary::Adversary>,
+    /// TEST TOOL: under sharded aggregation, publish a wrong shard whenever this node
+    /// aggregates one, to see the hub catch it (the node is ejected and its stake
+    /// slashed).
+    #[arg(long)]
+    wrong_shards: bool,
     /// How this node attests for a private run's data keys: `configfs` inside a TDX
     /// or SEV-SNP confidential VM (collateral from $TESSERA_PCCS_URL or Intel's PCS),
     /// `configfs:PCCS_URL`, or `test:SEED_FILE` (the test PKI, for tests and local demos).
@@ -426,6 +431,7 @@ fn run(cli: Cli) -> Result<()> {
                 bandwidth_mbps: args.bandwidth_mbps,
                 blob_bind,
                 adversary: args.adversary,
+                wrong_shards: args.wrong_shards,
                 attest: args.attest,
             })
         }

@@ -341,6 +341,13 @@ impl Worker {
     }
 
     /// A copy of the state this worker carries into its next round.
+    /// Sharded aggregation's re-compression residual: what the round's aggregate
+    /// dropped of this worker's sent update (`sent`) goes back into its error-feedback
+    /// residual (`tessera_outer::shard::keep_what_was_dropped`).
+    pub fn keep_what_was_dropped(&mut self, sent: &[f32], applied: &[f32]) {
+        tessera_outer::shard::keep_what_was_dropped(sent, applied, &mut self.residual);
+    }
+
     pub fn private_state(&self) -> PrivateState {
         let flat = |ts: &[Tensor]| {
             let mut out = Vec::with_capacity(self.residual.len());

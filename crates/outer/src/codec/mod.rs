@@ -323,7 +323,7 @@ pub fn slice(
         Codec::Int8 { chunk } | Codec::TopK { chunk, .. } => chunk as usize,
         Codec::LowRank { .. } => return Err(refuse("low-rank blocks cannot be sliced")),
     };
-    if range.start % chunk != 0 || (range.end % chunk != 0 && range.end != n) {
+    if !range.start.is_multiple_of(chunk) || (!range.end.is_multiple_of(chunk) && range.end != n) {
         return Err(refuse("the range does not fall on chunk boundaries"));
     }
     let payload = &bytes[HEADER_BYTES..];
