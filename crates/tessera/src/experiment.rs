@@ -240,6 +240,10 @@ pub struct SweepArgs {
     /// Run every DiLoCo row with the one-step-delayed outer update.
     #[arg(long)]
     overlap: bool,
+    /// Print the table of the rows already in the file and which grid rows are still
+    /// unmeasured; compute nothing (for a sweep still running, or killed).
+    #[arg(long)]
+    no_run: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -334,6 +338,21 @@ pub fn sweep(args: SweepArgs) -> Result<()> {
         args.out.display(),
         todo.len()
     );
+    if args.no_run {
+        for key in &todo {
+            match &key.diloco {
+                None => eprintln!("unmeasured: the baseline"),
+                Some(k) => eprintln!(
+                    "unmeasured: {} H={}{}",
+                    k.row.label,
+                    k.inner_steps,
+                    if k.overlap { " overlap" } else { "" }
+                ),
+            }
+        }
+        print_frontier(&work.read_back(), &parsed.lines);
+        return Ok(());
+    }
     for (i, key) in todo.iter().enumerate() {
         eprintln!("[{}/{}]", i + 1, todo.len());
         let (inner_steps, rows, overlap) = match &key.diloco {

@@ -781,6 +781,45 @@ fn sweep_resumes_from_its_file_and_prints_the_frontier() {
     let timeless = |l: &str| l[..l.find("\"seconds\"").unwrap()].to_string();
     assert_eq!(timeless(rewritten.lines().last().unwrap()), timeless(last));
 
+    // --no-run reports what a larger grid still lacks and computes nothing.
+    let mut args = vec![
+        "experiment",
+        "sweep",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--preset",
+        "nano",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--warmup",
+        "1",
+        "--inner-steps",
+        "2",
+        "--codecs",
+        "none,topk,sparseloco",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ];
+    args.push("--no-run");
+    let report = tessera(&args);
+    assert!(report.status.success());
+    let stderr = String::from_utf8_lossy(&report.stderr);
+    assert!(stderr.contains("4 grid row(s), 3 already in"), "{stderr}");
+    assert!(
+        stderr.contains("unmeasured: sparseloco (topk64/4096-2bit) H=2"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&report.stdout).contains("topk44/4096-4bit"));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), rewritten);
+
     let third = sweep("none,topk");
     assert!(String::from_utf8_lossy(&third.stderr).contains("3 grid row(s), 3 already in"));
     let bad = tessera(&[
