@@ -43,6 +43,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("update_topk", outer::update_topk),
     ("update_lowrank", outer::update_lowrank),
     ("outer_checkpoint", outer::checkpoint),
+    ("shard_inputs", outer::shard_inputs),
     ("wire_bodies", protocol::wire_bodies),
     ("run_spec", protocol::run_spec),
     ("ids", protocol::ids),

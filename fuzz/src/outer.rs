@@ -10,7 +10,8 @@
 //! parameters is refused first); the length is the one the header claims when it is
 //! at most a `nano` model's, else the `nano` model's.
 
-use tessera_outer::{decode, decode_for, encode, Codec, CodecKind, OuterState};
+use tessera_outer::shard::ShardInputs;
+use tessera_outer::{decode, decode_for, encode, slice, Codec, CodecKind, OuterState};
 
 /// The header: magic (4), codec id (1), elements (u64), chunk (u32), k (u32), bits (u8).
 const HEADER_BYTES: usize = 22;
@@ -82,7 +83,7 @@ pub fn update(kind: CodecKind, blob: &[u8]) {
             let mut residual = vec![0f32; out.len()];
             let again = encode(run, &out, &mut residual, 1.0);
             assert_eq!(again.len(), blob.len());
-            assert_eq!(decode(&again, n), Ok(out));
+            assert_eq!(decode(&again, n).as_ref(), Ok(&out));
         }
         Codec::TopK { chunk, k, .. } => {
             for (ci, c) in out.chunks(chunk as usize).enumerate() {
@@ -94,6 +95,55 @@ pub fn update(kind: CodecKind, blob: &[u8]) {
             }
         }
         Codec::Int8 { .. } | Codec::LowRank { .. } => {}
+    }
+    // A shard's piece (sharded aggregation) decodes to exactly that part of the update.
+    let chunk = match run {
+        Codec::None => 1,
+        Codec::Int8 { chunk } | Codec::TopK { chunk, .. } => chunk as usize,
+        Codec::LowRank { .. } => return,
+    };
+    let chunks = out.len().div_ceil(chunk);
+    for (a, b) in [(0, chunks.div_ceil(2)), (chunks / 2, chunks)] {
+        let range = a * chunk..(b * chunk).min(out.len());
+        if range.is_empty() {
+            continue;
+        }
+        let piece = slice(run, blob, n, range.clone()).expect("a valid update slices");
+        let part = decode_for(run, &piece, range.len() as u64).expect("a piece decodes");
+        assert!(
+            part.iter()
+                .zip(&out[range.clone()])
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{run:?}: the piece {range:?} decodes to other values"
+        );
+    }
+}
+
+/// `ShardInputs::from_bytes`: what a shard's aggregator reads (each accepted update's
+/// piece hash and scale). The member count is taken from the length when it is a
+/// whole number of entries, else from the first byte; a parsed blob re-encodes to the
+/// same bytes and its scales are within (0, 1].
+pub fn shard_inputs(data: &[u8]) {
+    let members = if data.len() >= 20 && (data.len() - 20).is_multiple_of(36) {
+        (data.len() - 20) / 36
+    } else {
+        data.first().map_or(0, |&b| usize::from(b))
+    };
+    let (round, shard) = if data.len() >= 16 {
+        (
+            u64::from_le_bytes(data[4..12].try_into().expect("8 bytes")),
+            u32::from_le_bytes(data[12..16].try_into().expect("4 bytes")),
+        )
+    } else {
+        (0, 0)
+    };
+    for m in [members, usize::MAX] {
+        let Ok(inputs) = ShardInputs::from_bytes(data, round, shard, m) else {
+            continue;
+        };
+        assert_eq!(inputs.pieces.len(), m);
+        assert!(inputs.pieces.iter().all(|(_, s)| *s > 0.0 && *s <= 1.0));
+        assert_eq!(inputs.to_bytes(), data, "shard inputs do not re-encode");
     }
 }
 

@@ -5,8 +5,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tessera_protocol::auth::Audience;
 use tessera_protocol::wire::{
-    protocol_of, Ack, Commit, CommitBody, ErrorBody, FinalEval, NodeStats, PeerAddr, Phase,
-    RoundRecord, RunInfo, StateView, Summary, ThetaReply, ThetaReport,
+    protocol_of, Ack, AggregateReply, AggregateReport, Commit, CommitBody, ErrorBody, FinalEval,
+    NodeStats, PeerAddr, Phase, RoundRecord, RunInfo, ShardRecord, StateView, Summary, ThetaReply,
+    ThetaReport,
 };
 use tessera_protocol::{identity, Hash32, NodeId, RunSpec};
 
@@ -42,6 +43,9 @@ pub fn wire_bodies(data: &[u8]) {
     body::<RoundRecord>(data, true);
     body::<ThetaReport>(data, true);
     body::<ThetaReply>(data, true);
+    body::<AggregateReport>(data, true);
+    body::<AggregateReply>(data, true);
+    body::<ShardRecord>(data, true);
     body::<Ack>(data, true);
     body::<ErrorBody>(data, true);
     body::<Phase>(data, true);

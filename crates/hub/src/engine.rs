@@ -858,14 +858,14 @@ impl HubState {
                 });
             }
             HubInput::Aggregated { node, report } => {
+                if !self.coord.members.contains_key(&node) {
+                    return Err(CoordError::NotMember { node }.into());
+                }
                 let rec = self.check_aggregate(&node, &report)?;
                 let expected = rec.shards[report.shard as usize].hash;
                 if report.hash == expected {
                     applied.agrees = Some(true);
                     return Ok(applied);
-                }
-                if !self.coord.members.contains_key(&node) {
-                    return Err(CoordError::NotMember { node }.into());
                 }
                 applied.agrees = Some(false);
                 audit_failed = Some(AuditRecord {

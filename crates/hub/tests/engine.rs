@@ -33,6 +33,37 @@ impl OuterStep for HashStep {
     }
 }
 
+/// [`HashStep`] that also shards: each shard's inputs and aggregate are hashes of the
+/// round and the shard.
+struct ShardStep;
+
+impl OuterStep for ShardStep {
+    fn step(
+        &mut self,
+        r: u64,
+        from: Hash32,
+        acc: &[(NodeId, Hash32)],
+    ) -> Result<StepOutcome, String> {
+        HashStep.step(r, from, acc)
+    }
+
+    fn step_sharded(
+        &mut self,
+        r: u64,
+        from: Hash32,
+        acc: &[(NodeId, Hash32)],
+        shards: usize,
+    ) -> Result<(StepOutcome, Vec<(Hash32, Hash32)>), String> {
+        let hashes = (0..shards as u64)
+            .map(|s| {
+                let of = |what: &str| Hash32::of(format!("{what} {r} {s}").as_bytes());
+                (of("inputs"), of("shard"))
+            })
+            .collect();
+        Ok((HashStep.step(r, from, acc)?, hashes))
+    }
+}
+
 /// An outer step that fails, to exercise the fail-stop path.
 struct Broken;
 
@@ -760,4 +791,136 @@ fn an_audit_that_fails_after_the_run_ended_still_ejects() {
         .iter()
         .any(|e| matches!(e, tessera_hub::engine::Effect::Slash { .. })));
     assert!(hub.pending_audits().keys().all(|(_, n)| *n != id(2)));
+}
+
+#[test]
+fn a_wrong_aggregated_shard_ejects_its_aggregator_and_a_right_one_changes_nothing() {
+    let spec = RunSpec {
+        aggregation: tessera_protocol::AggregationMode::Sharded,
+        min_nodes: 4,
+        ..spec(4)
+    };
+    // 3 chunks of parameters: 4 members at 2 per shard make 2 shards.
+    let mut hub = HubState::new(spec, 3 * 4096, 1_000, Hash32::of(b"t0"), Hash32::of(b"c0"));
+    let out = &mut ShardStep;
+    for i in 1..=4 {
+        hub.apply(HubInput::Join { node: id(i) }, 0, out).unwrap();
+    }
+    for i in 1..=4 {
+        let b = body(&hub, id(i), &[i]);
+        hub.apply(
+            HubInput::Commit {
+                node: id(i),
+                body: b,
+            },
+            10,
+            out,
+        )
+        .unwrap();
+    }
+    let rec = hub.round_record(0).expect("round 0 closed");
+    assert_eq!(rec.shards.len(), 2, "{rec:?}");
+    let mut drawn = Vec::new();
+    for (s, shard) in rec.shards.iter().enumerate() {
+        assert_eq!(shard.aggregators.len(), 2);
+        assert_eq!(shard.hash, Hash32::of(format!("shard 0 {s}").as_bytes()));
+        drawn.extend(shard.aggregators.iter().copied());
+    }
+    drawn.sort();
+    drawn.dedup();
+    assert_eq!(drawn.len(), 4, "every member aggregates one shard: {rec:?}");
+
+    let report = |shard: u32, hash: Hash32| tessera_protocol::wire::AggregateReport {
+        run_id: "t".into(),
+        round: 0,
+        shard,
+        hash,
+    };
+    let (a, b) = (rec.shards[0].aggregators[0], rec.shards[0].aggregators[1]);
+    let other = rec.shards[1].aggregators[0];
+    let right = rec.shards[0].hash;
+    let before = format!("{:?}", hub.coordinator());
+    for (node, r, expect) in [
+        (other, report(0, right), ErrorCode::BadRequest),
+        (a, report(2, right), ErrorCode::NotFound),
+        (
+            a,
+            tessera_protocol::wire::AggregateReport {
+                round: 7,
+                ..report(0, right)
+            },
+            ErrorCode::NotFound,
+        ),
+        (
+            a,
+            tessera_protocol::wire::AggregateReport {
+                run_id: "x".into(),
+                ..report(0, right)
+            },
+            ErrorCode::WrongRun,
+        ),
+    ] {
+        assert_eq!(
+            code(hub.apply(HubInput::Aggregated { node, report: r }, 20, out)),
+            expect
+        );
+        assert_eq!(
+            format!("{:?}", hub.coordinator()),
+            before,
+            "a refused report changed nothing"
+        );
+    }
+    let ok = hub
+        .apply(
+            HubInput::Aggregated {
+                node: a,
+                report: report(0, right),
+            },
+            20,
+            out,
+        )
+        .unwrap();
+    assert_eq!(ok.agrees, Some(true));
+    assert!(ok.change.is_empty() && ok.effects.is_empty(), "{ok:?}");
+    assert_eq!(format!("{:?}", hub.coordinator()), before);
+
+    let wrong = hub
+        .apply(
+            HubInput::Aggregated {
+                node: b,
+                report: report(0, Hash32::of(b"lie")),
+            },
+            20,
+            out,
+        )
+        .unwrap();
+    assert_eq!(wrong.agrees, Some(false));
+    assert!(
+        wrong
+            .effects
+            .iter()
+            .any(|e| matches!(e, tessera_hub::engine::Effect::Slash { node, .. } if *node == b)),
+        "{wrong:?}"
+    );
+    assert!(
+        !hub.coordinator().members.contains_key(&b),
+        "the liar is no longer a member"
+    );
+    assert!(hub.coordinator().members.contains_key(&a));
+    // It can't report again, nor rejoin.
+    assert_eq!(
+        code(hub.apply(
+            HubInput::Aggregated {
+                node: b,
+                report: report(0, right)
+            },
+            30,
+            out
+        )),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(hub.apply(HubInput::Join { node: b }, 30, out)),
+        ErrorCode::Ejected
+    );
 }

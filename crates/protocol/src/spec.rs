@@ -485,6 +485,35 @@ mod tests {
                     ..base.clone()
                 },
             ),
+            (
+                "aggregators_per_shard",
+                RunSpec {
+                    aggregators_per_shard: 1,
+                    ..base.clone()
+                },
+            ),
+            (
+                "aggregators_per_shard",
+                RunSpec {
+                    aggregators_per_shard: 9,
+                    ..base.clone()
+                },
+            ),
+            (
+                "shard_topk_multiple",
+                RunSpec {
+                    shard_topk_multiple: 0,
+                    ..base.clone()
+                },
+            ),
+            (
+                "aggregation",
+                RunSpec {
+                    aggregation: AggregationMode::Sharded,
+                    codec: CodecKind::LowRank,
+                    ..base.clone()
+                },
+            ),
         ];
         for (setting, spec) in cases {
             let e = spec.validate().unwrap_err();
@@ -552,6 +581,41 @@ mod tests {
         assert_eq!((s.ef_decay, s.outer_lr), (0.5, 2.0));
         let back: RunSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn sharded_runs_name_their_aggregation_and_shard_codec() {
+        let s: RunSpec = toml::from_str(
+            "run_id = \"x\"\naggregation = \"sharded\"\naggregators_per_shard = 3\n",
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.aggregation, AggregationMode::Sharded);
+        assert_eq!(s.aggregators_per_shard, 3);
+        assert_eq!(RunSpec::default().aggregation, AggregationMode::AllToAll);
+        // An aggregated shard keeps 4 × 44 values per chunk; other codecs are unchanged.
+        assert_eq!(
+            s.shard_codec().unwrap(),
+            Codec::TopK {
+                chunk: 4096,
+                k: 176,
+                bits: 4
+            }
+        );
+        let wide = RunSpec {
+            topk: 2048,
+            ..s.clone()
+        };
+        assert!(matches!(
+            wide.shard_codec().unwrap(),
+            Codec::TopK { k: 4096, .. }
+        ));
+        let int8 = RunSpec {
+            codec: CodecKind::Int8,
+            ..s
+        };
+        assert_eq!(int8.shard_codec(), int8.codec());
+        assert!(toml::from_str::<RunSpec>("aggregation = \"gossip\"\n").is_err());
     }
 
     #[test]

@@ -18,11 +18,13 @@ use tessera_ledger::amount::Amount;
 use tessera_ledger::state::Operation;
 use tessera_ledger::Work;
 use tessera_model_config::Preset;
+use tessera_outer::shard::ShardInputs;
 use tessera_outer::{encode, Aggregator, Codec, CodecKind, OuterState};
 use tessera_protocol::auth::{sign_reply, sign_request, verify_request};
 use tessera_protocol::wire::{
-    Ack, Commit, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats, PathTraffic, PeerAddr,
-    Phase, RelayInfo, RoundRecord, RunInfo, StateView, Summary, ThetaReply, ThetaReport, PROTOCOL_VERSION,
+    Ack, AggregateReport, Commit, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats,
+    PathTraffic, PeerAddr, Phase, RelayInfo, RoundRecord, RunInfo, ShardRecord, StateView, Summary,
+    ThetaReply, ThetaReport, PROTOCOL_VERSION,
 };
 use tessera_protocol::{Hash32, Identity, NodeId, RunSpec};
 
@@ -233,6 +235,37 @@ fn wire() -> Files {
                 checkpoint: Hash32::of(b"c"),
                 refused: vec![],
                 verdicts: vec![],
+                shards: vec![],
+            }),
+        ),
+        (
+            "round_record_sharded".into(),
+            json(&RoundRecord {
+                round: 2,
+                accepted: vec![(node, Hash32::of(b"blob"))],
+                sources: vec![provider.clone()],
+                late: vec![],
+                tokens: 5120,
+                work: vec![(node, 5120)],
+                theta_before: Hash32::of(b"b"),
+                theta_after: Hash32::of(b"d"),
+                checkpoint: Hash32::of(b"e"),
+                refused: vec![],
+                verdicts: vec![],
+                shards: vec![ShardRecord {
+                    aggregators: vec![node],
+                    inputs: Hash32::of(b"inputs"),
+                    hash: Hash32::of(b"shard"),
+                }],
+            }),
+        ),
+        (
+            "aggregate_report".into(),
+            json(&AggregateReport {
+                run_id: "demo-1".into(),
+                round: 2,
+                shard: 0,
+                hash: Hash32::of(b"shard"),
             }),
         ),
         (
@@ -539,6 +572,22 @@ fn safetensors_files() -> Files {
     ]
 }
 
+fn shard_inputs() -> Files {
+    [0usize, 1, 3]
+        .into_iter()
+        .map(|m| {
+            let inputs = ShardInputs {
+                round: 4,
+                shard: 1,
+                pieces: (0..m)
+                    .map(|i| (*Hash32::of(&[i as u8]).as_bytes(), 1.0 / (i + 1) as f32))
+                    .collect(),
+            };
+            (format!("members-{m}"), inputs.to_bytes())
+        })
+        .collect()
+}
+
 fn configs() -> Files {
     ["nano", "micro"]
         .into_iter()
@@ -563,6 +612,7 @@ fn seeds() -> Vec<(&'static str, Files)> {
     let mut all = updates();
     all.extend([
         ("outer_checkpoint", checkpoints()),
+        ("shard_inputs", shard_inputs()),
         ("wire_bodies", wire()),
         ("run_spec", run_specs()),
         ("ids", ids()),
