@@ -38,8 +38,8 @@ use tessera_blobs::{BlobTransport, IrohBlobs, IrohOptions};
 use tessera_model::{checkpoint, Preset};
 use tessera_net::http_auth::now_ms;
 use tessera_net::ServerAuth;
-use tessera_outer::shard::{ShardInputs, ShardLayout};
-use tessera_outer::{combine, decode_for, encode, slice, update_scales, OuterState};
+use tessera_outer::shard::{aggregate_whole, ShardInputs, ShardLayout};
+use tessera_outer::{decode_for, slice, OuterState};
 use tessera_protocol::limits::CONTROL_BODY_BYTES_MAX;
 use tessera_protocol::wire::{
     Ack, AggregateReply, AggregateReport, CommitBody, ErrorBody, ErrorCode, FinalEval, NodeStats,
@@ -189,19 +189,20 @@ impl OuterStep for FileOuter {
             .map(|b| decode_for(codec, b, n as u64).map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
-        let scales = update_scales(self.spec.aggregator, &refs);
-        // Element by element, so each shard of it is what that shard's aggregators
-        // combine from the pieces (`tessera_outer::aggregate`, tested bit for bit).
-        let combined = combine(self.spec.aggregator, &refs, &scales);
-        let shard_codec = self.spec.shard_codec()?;
         let layout = ShardLayout::new(n, shards);
+        let whole = aggregate_whole(
+            self.spec.shard_codec()?,
+            self.spec.aggregator,
+            &refs,
+            &layout,
+        )
+        .map_err(|e| e.to_string())?;
         let mut kept = Vec::new();
         let mut out = Vec::with_capacity(layout.count());
-        let mut applied = Vec::with_capacity(n);
-        for s in 0..layout.count() {
+        for (s, shard) in whole.shards.iter().enumerate() {
             let r = layout.range(s);
             let mut pieces = Vec::with_capacity(blobs.len());
-            for (blob, &scale) in blobs.iter().zip(&scales) {
+            for (blob, &scale) in blobs.iter().zip(&whole.scales) {
                 let piece = slice(codec, blob, n as u64, r.clone()).map_err(|e| e.to_string())?;
                 pieces.push((self.publish(&piece, &mut kept)?.0, scale));
             }
@@ -211,19 +212,9 @@ impl OuterStep for FileOuter {
                 pieces,
             };
             let inputs = self.publish(&inputs.to_bytes(), &mut kept)?;
-            let shard = encode(
-                shard_codec,
-                &combined[r.clone()],
-                &mut vec![0.0; r.len()],
-                1.0,
-            );
-            let hash = self.publish(&shard, &mut kept)?;
-            applied.extend(
-                decode_for(shard_codec, &shard, r.len() as u64).map_err(|e| e.to_string())?,
-            );
-            out.push((inputs, hash));
+            out.push((inputs, self.publish(shard, &mut kept)?));
         }
-        state.apply_aggregate(&applied);
+        state.apply_aggregate(&whole.applied);
         self.shard_blobs.insert(round, kept);
         while self.shard_blobs.len() > SHARD_ROUNDS_KEPT {
             if let Some((_, old)) = self.shard_blobs.pop_first() {

@@ -277,6 +277,45 @@ pub fn aggregate_shard(
     crate::encode(codec, &combined, &mut vec![0.0; combined.len()], 1.0)
 }
 
+/// A round's sharded aggregation from the whole decoded updates, as the party holding
+/// them (the hub; an independent validator checking it) computes it: the scales, each
+/// shard of `layout` as its aggregators must publish it (the shard codec's encoding of
+/// that shard of the combined update, equal to [`aggregate_shard`] over the pieces),
+/// and the decoded shards end to end: the aggregate every member applies.
+pub struct WholeAggregate {
+    pub scales: Vec<f32>,
+    pub shards: Vec<Vec<u8>>,
+    pub applied: Vec<f32>,
+}
+
+pub fn aggregate_whole(
+    shard_codec: crate::Codec,
+    aggregator: crate::Aggregator,
+    updates: &[&[f32]],
+    layout: &ShardLayout,
+) -> Result<WholeAggregate, crate::CodecError> {
+    let scales = crate::update_scales(aggregator, updates);
+    let combined = crate::combine(aggregator, updates, &scales);
+    let mut shards = Vec::with_capacity(layout.count());
+    let mut applied = Vec::with_capacity(combined.len());
+    for s in 0..layout.count() {
+        let r = layout.range(s);
+        let blob = crate::encode(
+            shard_codec,
+            &combined[r.clone()],
+            &mut vec![0.0; r.len()],
+            1.0,
+        );
+        applied.extend(crate::decode_for(shard_codec, &blob, r.len() as u64)?);
+        shards.push(blob);
+    }
+    Ok(WholeAggregate {
+        scales,
+        shards,
+        applied,
+    })
+}
+
 /// Where the re-compression residual lives: with the contributors. The aggregated
 /// shard keeps only what the codec keeps (top-k: `k` positions per chunk of the
 /// combined update); at every position it dropped (zero in `applied`), a node whose
@@ -441,6 +480,9 @@ mod tests {
         let scales = update_scales(agg, &refs);
         let all = crate::combine(agg, &refs, &scales);
         let layout = ShardLayout::new(n, 3);
+        let whole_agg = aggregate_whole(codec, agg, &refs, &layout).unwrap();
+        assert_eq!(whole_agg.scales, scales);
+        let mut applied = Vec::new();
         for s in 0..layout.count() {
             let r = layout.range(s);
             let pieces: Vec<Vec<f32>> = blobs
@@ -457,7 +499,10 @@ mod tests {
                 a, direct,
                 "shard {s}: the same bytes as encoding the whole aggregate's shard"
             );
+            assert_eq!(a, whole_agg.shards[s], "shard {s}: what the hub publishes");
+            applied.extend(decode(&a, r.len() as u64).unwrap());
         }
+        assert_eq!(applied, whole_agg.applied);
     }
 
     #[test]

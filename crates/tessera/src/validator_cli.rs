@@ -206,7 +206,30 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
                 }
             })
             .collect::<Result<_>>()?;
-        state.apply(codec, spec.aggregator, &accepted)?;
+        if rec.shards.is_empty() {
+            state.apply(codec, spec.aggregator, &accepted)?;
+        } else {
+            // Sharded: the aggregated shards from the whole updates, each checked
+            // against the shard the record names (what members applied).
+            let whole = accepted
+                .iter()
+                .map(|b| decode_for(codec, b, params).map_err(anyhow::Error::msg))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
+            let layout = tessera_outer::shard::ShardLayout::new(params as usize, rec.shards.len());
+            let agg = tessera_outer::shard::aggregate_whole(
+                spec.shard_codec().map_err(anyhow::Error::msg)?,
+                spec.aggregator,
+                &refs,
+                &layout,
+            )?;
+            for (s, (mine, theirs)) in agg.shards.iter().zip(&rec.shards).enumerate() {
+                if Hash32::of(mine) != theirs.hash {
+                    bail!("aggregated shard {s} of round {round} differs from the hub's record");
+                }
+            }
+            state.apply_aggregate(&agg.applied);
+        }
         if Hash32(state.digest()) != rec.theta_after {
             bail!("θ after round {round} differs from the hub's record; the validator can't go on");
         }

@@ -74,6 +74,7 @@ fn run(
     aggregation: &str,
     min_nodes: usize,
     last_extra: &[&str],
+    validator: bool,
 ) -> serde_json::Value {
     std::fs::create_dir_all(d).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -102,6 +103,30 @@ fn run(
     wait_for(d, "the hub", Duration::from_secs(30), || {
         get(&format!("{url}/run")).is_some()
     });
+    // An independent validator follows the run: it recomputes every aggregated shard
+    // from the accepted updates and checks it against the record.
+    let mut checker = validator.then(|| {
+        let hub_key = tessera_protocol::Identity::load(&d.join("hub").join("hub.key"))
+            .unwrap()
+            .public_hex();
+        let (key, dir) = (d.join("val.key"), d.join("val"));
+        spawn(
+            &[
+                "validator",
+                "--hub",
+                &url,
+                "--hub-key",
+                &hub_key,
+                "--key",
+                s(&key),
+                "--dir",
+                s(&dir),
+                "--device",
+                "cpu",
+            ],
+            &d.join("validator.log"),
+        )
+    });
     let cache = d.join("cache");
     for i in 0..NODES {
         let key = d.join(format!("n{i}.key"));
@@ -116,6 +141,17 @@ fn run(
         summary = get(&format!("{url}/summary")).unwrap_or_default();
         summary["final_eval"]["bpb"].is_f64()
     });
+    if let Some(v) = checker.as_mut() {
+        wait_for(d, "the validator", Duration::from_secs(120), || {
+            v.try_wait().unwrap().is_some()
+        });
+        let text = log(d, "validator");
+        assert!(
+            v.wait().unwrap().success()
+                && text.contains("6 round(s) agree with the hub's verdicts, 0 differ"),
+            "the validator checked every round:\n{text}"
+        );
+    }
     summary
 }
 
@@ -129,9 +165,9 @@ fn sharded_aggregation_ends_where_all_to_all_does_and_catches_a_wrong_shard() {
     let root = dir.path();
     let data = data(root);
 
-    let all = run(&root.join("all"), &data, "all-to-all", NODES, &[]);
+    let all = run(&root.join("all"), &data, "all-to-all", NODES, &[], false);
     let d = root.join("sharded");
-    let sharded = run(&d, &data, "sharded", NODES, &[]);
+    let sharded = run(&d, &data, "sharded", NODES, &[], true);
     for (name, sum) in [("all-to-all", &all), ("sharded", &sharded)] {
         assert_eq!(sum["rounds_closed"], 6, "{name}: {sum}");
         assert_eq!(
@@ -179,7 +215,7 @@ fn sharded_aggregation_ends_where_all_to_all_does_and_catches_a_wrong_shard() {
     // A node publishing wrong shards is caught at its first report and ejected; its
     // shard is the hub's for everyone else, and the run finishes.
     let d = root.join("liar");
-    let liar = run(&d, &data, "sharded", NODES - 1, &["--wrong-shards"]);
+    let liar = run(&d, &data, "sharded", NODES - 1, &["--wrong-shards"], false);
     assert_eq!(liar["rounds_closed"], 6, "{liar}");
     assert_eq!(liar["divergent_reports"], 0, "{liar}");
     let text = log(&d, &format!("n{}", NODES - 1));
