@@ -15,9 +15,12 @@
 //!   codec's ratio when one is used.
 //! - Replicas train DiLoCo-style: `inner_steps` steps of `replica_batch_tokens` each,
 //!   then exchange pseudo-gradients, each machine its stage's share, at
-//!   `update_bytes_per_param` (the codec's size). Sharded aggregation sends each
-//!   shard to `redundancy` aggregators and fetches the aggregate; all-to-all fetches
-//!   every other replica's update. With overlap (one-step-delayed outer update) a
+//!   `update_bytes_per_param` (the codec's size). Sharded aggregation, as the network
+//!   runs it, sends each machine's update to the hub and its pieces to `redundancy`
+//!   aggregators per shard, and serves the machine's own aggregated shard (denser:
+//!   `shard_bytes_per_param`) to its share of the members, which also fetch every
+//!   aggregated shard: the busier direction carries (1 + `redundancy`) updates and one
+//!   aggregated update. All-to-all fetches every other replica's update. With overlap (one-step-delayed outer update) a
 //!   round takes the longer of compute and exchange.
 //! - A replica's throughput is the lesser of its compute (GPUs × peak × MFU ÷ FLOPs
 //!   per token) and, with stages, what one stage-boundary link carries.
@@ -114,6 +117,9 @@ pub struct Assumptions {
     pub outer_bytes_per_param: u64,
     /// A pseudo-gradient's encoded size per parameter (the codec's).
     pub update_bytes_per_param: f64,
+    /// An aggregated shard's encoded size per parameter under sharded aggregation (the
+    /// run's shard codec: top-k at `shard_topk_multiple` × the update's density).
+    pub shard_bytes_per_param: f64,
     /// How much an activation codec shrinks stage-boundary traffic (1: none).
     pub activation_codec_ratio: f64,
     pub seq_len: u64,
@@ -142,6 +148,7 @@ impl Default for Assumptions {
             optimizer_bytes_per_param: 8,
             outer_bytes_per_param: 12,
             update_bytes_per_param: 0.05,
+            shard_bytes_per_param: 0.2,
             activation_codec_ratio: 1.0,
             seq_len: 4096,
             micro_batch_seqs: 1,
@@ -255,9 +262,13 @@ pub fn plan(model: &LlamaConfig, gpu: Gpu, a: &Assumptions) -> Result<Plan, Stri
     let tokens_per_s_total = tokens_per_s_replica * replicas as f64;
 
     let update_bytes_per_machine = params as f64 / stages as f64 * a.update_bytes_per_param;
-    // Sharded: each shard to `redundancy` aggregators, the aggregate fetched; an
-    // aggregator receives as much as it is sent and serves its shard once per replica.
-    let sharded_bytes_per_machine_round = (a.redundancy + 1) as f64 * update_bytes_per_machine;
+    // Sharded (each machine aggregating one shard): sent, the update to the hub, its
+    // pieces to `redundancy` aggregators per shard and its aggregated shard to its share
+    // of the members; received, `redundancy` updates' worth of pieces and the aggregated
+    // shards. The sent direction is the busier.
+    let shard_bytes_per_machine = params as f64 / stages as f64 * a.shard_bytes_per_param;
+    let sharded_bytes_per_machine_round =
+        (a.redundancy + 1) as f64 * update_bytes_per_machine + shard_bytes_per_machine;
     let all_to_all_bytes_per_machine_round =
         replicas.saturating_sub(1) as f64 * update_bytes_per_machine;
 
@@ -323,6 +334,7 @@ fn check(a: &Assumptions) -> Result<(), String> {
         ("tokens_per_param", a.tokens_per_param),
         ("mfu", a.mfu),
         ("update_bytes_per_param", a.update_bytes_per_param),
+        ("shard_bytes_per_param", a.shard_bytes_per_param),
         ("activation_codec_ratio", a.activation_codec_ratio),
         ("memory_headroom", a.memory_headroom),
     ];
@@ -376,11 +388,13 @@ fn check(a: &Assumptions) -> Result<(), String> {
             return Err(format!("`{name}` is {v}, more than 64 bytes per parameter"));
         }
     }
-    if a.update_bytes_per_param > 64.0 {
-        return Err(format!(
-            "`update_bytes_per_param` is {}, more than 64",
-            a.update_bytes_per_param
-        ));
+    for (name, v) in [
+        ("update_bytes_per_param", a.update_bytes_per_param),
+        ("shard_bytes_per_param", a.shard_bytes_per_param),
+    ] {
+        if v > 64.0 {
+            return Err(format!("`{name}` is {v}, more than 64"));
+        }
     }
     if let Some(p) = a.price_per_gpu_hour_usd {
         if !(p >= 0.0 && p.is_finite()) {
@@ -442,14 +456,14 @@ mod tests {
         assert_eq!(p.tokens, 160_605_224_960);
         assert_eq!(p.rounds, 16); // 160,605,224,960 / 10,485,760,000 = 15.3
         close(p.inner_seconds_per_round, 104_857_600.0 / tps);
-        // Sharded: 3 × 0.05 bytes × params each round, over 125 MB/s.
+        // Sharded: (1 + 2) × 0.05 + 0.2 bytes × params each round, over 125 MB/s.
         close(
             p.sharded_bytes_per_machine_round,
-            3.0 * 0.05 * 8_030_261_248.0,
+            (3.0 * 0.05 + 0.2) * 8_030_261_248.0,
         );
         close(
             p.exchange_seconds_per_round,
-            3.0 * 0.05 * 8_030_261_248.0 / 125e6,
+            (3.0 * 0.05 + 0.2) * 8_030_261_248.0 / 125e6,
         );
         close(
             p.all_to_all_bytes_per_machine_round,

@@ -47,6 +47,10 @@ pub struct PlanArgs {
     /// size bound from `Codec::max_encoded_bytes`).
     #[arg(long)]
     update_bytes_per_param: Option<f64>,
+    /// An aggregated shard's size per parameter under sharded aggregation (default: the
+    /// run's default shard codec's size bound, `RunSpec::shard_codec`).
+    #[arg(long)]
+    shard_bytes_per_param: Option<f64>,
     /// How much an activation codec shrinks stage-boundary traffic (1: none).
     #[arg(long, default_value_t = 1.0)]
     activation_codec_ratio: f64,
@@ -67,11 +71,16 @@ pub struct PlanArgs {
     json: bool,
 }
 
-/// Bytes per parameter of the run's default codec for `params` parameters.
-fn default_update_bytes_per_param(params: u64) -> Result<f64> {
-    let codec = tessera_protocol::RunSpec::default()
-        .codec()
-        .map_err(anyhow::Error::msg)?;
+/// Bytes per parameter of the run's default codec (or, with `shard`, of its default
+/// aggregated-shard codec) for `params` parameters.
+fn default_bytes_per_param(params: u64, shard: bool) -> Result<f64> {
+    let spec = tessera_protocol::RunSpec::default();
+    let codec = if shard {
+        spec.shard_codec()
+    } else {
+        spec.codec()
+    }
+    .map_err(anyhow::Error::msg)?;
     let n = usize::try_from(params)?;
     Ok(codec.max_encoded_bytes(n) as f64 / params as f64)
 }
@@ -97,7 +106,11 @@ pub fn run(args: PlanArgs) -> Result<()> {
         let model = preset.config();
         let update = match args.update_bytes_per_param {
             Some(u) => u,
-            None => default_update_bytes_per_param(model.params_total())?,
+            None => default_bytes_per_param(model.params_total(), false)?,
+        };
+        let shard = match args.shard_bytes_per_param {
+            Some(u) => u,
+            None => default_bytes_per_param(model.params_total(), true)?,
         };
         let a = Assumptions {
             nodes: args.nodes,
@@ -111,6 +124,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
             optimizer_bytes_per_param: args.optimizer_bytes,
             outer_bytes_per_param: args.outer_bytes,
             update_bytes_per_param: update,
+            shard_bytes_per_param: shard,
             activation_codec_ratio: args.activation_codec_ratio,
             seq_len: args.seq_len,
             micro_batch_seqs: args.micro_batch_seqs,
@@ -177,7 +191,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
     println!(
         "\nassumptions: {} nodes of {} × {} ({:.0} GB, {:.0} TFLOP/s bf16 dense, ${:.2}/GPU-hour), \
          {} Mbit/s links, MFU {}, {} tokens/parameter, state {}+{}+{} bytes/parameter \
-         (outer {} more), update {} (first preset) bytes/parameter, activation codec {}x, \
+         (outer {} more), update {} and aggregated shard {} (first preset) bytes/parameter, \
+         activation codec {}x, \
          seq {} × {} per micro-batch, {}% of GPU memory, H = {} steps of {} tokens, \
          redundancy {}",
         a.nodes,
@@ -194,6 +209,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         a.optimizer_bytes_per_param,
         a.outer_bytes_per_param,
         a.update_bytes_per_param,
+        a.shard_bytes_per_param,
         a.activation_codec_ratio,
         a.seq_len,
         a.micro_batch_seqs,
