@@ -23,12 +23,12 @@
 //! the end of round `t+1` is round `t`'s aggregate:
 //! `θ_{t+2} = outer(θ_{t+1}, agg_t)`. Every replica applies the same aggregate to the
 //! same θ, so θ stays identical (and bit-deterministic) on every node after each outer
-//! step; this is the delayed variant of Kale, Douillard & Donchev's "Eager updates for
-//! overlapped communication and computation in DiLoCo" (2025) and Psyche's one-step
-//! overlap, not their eager variant, which mixes each worker's own fresh update into its
-//! θ and so lets replicas differ. The last round's aggregate is applied when it arrives,
-//! after the last inner step: a run takes as many outer steps as rounds either way, and
-//! sends the same bytes.
+//! step. This is the delayed-outer-gradient variant of Kale, Douillard & Donchev,
+//! "Eager updates for overlapped communication and computation in DiLoCo" (2025), not
+//! their eager variant, which mixes each worker's own fresh update into its θ and so
+//! lets replicas differ. The last round's aggregate is applied when it arrives, after
+//! the last inner step: a run takes as many outer steps as rounds either way, and sends
+//! as many blobs.
 
 use std::path::PathBuf;
 
