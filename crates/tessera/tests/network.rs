@@ -6,11 +6,11 @@
 //! messages are refused and change nothing.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 mod common;
-use common::{exe, node_args, s, tiny_data, wait_for, Procs};
+use common::{exe, get, node_args, s, spawn, tiny_data, wait_for, Procs};
 
 /// The tests here run one at a time. Each picks a free port for its hub by binding and
 /// releasing it; run side by side, two tests once drew the same port, and one test's
@@ -19,27 +19,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn spawn(args: &[&str], log: &Path) -> Child {
-    let out = std::fs::File::create(log).unwrap();
-    Command::new(exe())
-        .args(args)
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap()
-}
-
-fn get(url: &str) -> Option<serde_json::Value> {
-    tessera_net::install_tls_provider();
-    reqwest::blocking::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .ok()?
-        .json()
-        .ok()
 }
 
 /// The hub's audience (key, run, session), which signed requests name.

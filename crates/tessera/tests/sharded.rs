@@ -5,64 +5,21 @@
 //! by the hub and ejected while the run goes on.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{exe, node_args, s, wait_for, Procs};
+use common::{get, node_args, prepare, s, spawn, wait_for, Procs};
 
 const NODES: usize = 8;
-
-fn spawn(args: &[&str], log: &Path) -> Child {
-    let out = std::fs::File::create(log).unwrap();
-    Command::new(exe())
-        .args(args)
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap()
-}
-
-fn get(url: &str) -> Option<serde_json::Value> {
-    tessera_net::install_tls_provider();
-    reqwest::blocking::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .ok()?
-        .json()
-        .ok()
-}
 
 /// Part of the bundled corpus, prepared in `d/data`: varied enough text that bpb
 /// differences mean something.
 fn data(d: &Path) -> std::path::PathBuf {
-    let corpus = d.join("c.txt");
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tinyshakespeare.txt"),
     )
     .unwrap();
-    std::fs::write(&corpus, &text[..200_000]).unwrap();
-    let data = d.join("data");
-    let out = Command::new(exe())
-        .args([
-            "data",
-            "prepare",
-            "--input",
-            s(&corpus),
-            "--out",
-            s(&data),
-            "--vocab",
-            "300",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    data
+    prepare(d, &text[..200_000])
 }
 
 /// Runs `nano` to its end with `NODES` nodes (the last one with `last_extra`

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Processes killed (and reaped) when dropped, so a failing test leaves none behind.
@@ -48,13 +48,17 @@ pub fn s(p: &Path) -> &str {
 
 /// Prepares a tiny data set in `d/data` and returns its path.
 pub fn tiny_data(d: &Path) -> std::path::PathBuf {
-    let corpus = d.join("c.txt");
-    std::fs::write(
-        &corpus,
-        "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day.\n"
+    prepare(
+        d,
+        &"Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day.\n"
             .repeat(200),
     )
-    .unwrap();
+}
+
+/// Prepares `text` as a data set (vocabulary 300) in `d/data` and returns its path.
+pub fn prepare(d: &Path, text: &str) -> std::path::PathBuf {
+    let corpus = d.join("c.txt");
+    std::fs::write(&corpus, text).unwrap();
     let data = d.join("data");
     let out = Command::new(exe())
         .args([
@@ -69,8 +73,35 @@ pub fn tiny_data(d: &Path) -> std::path::PathBuf {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     data
+}
+
+/// Starts `tessera ARGS`, its output (both streams) into `log`.
+pub fn spawn(args: &[&str], log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    Command::new(exe())
+        .args(args)
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap()
+}
+
+/// `GET url` as JSON, or `None` when it can't be had within 5 s.
+pub fn get(url: &str) -> Option<serde_json::Value> {
+    tessera_net::install_tls_provider();
+    reqwest::blocking::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .ok()?
+        .json()
+        .ok()
 }
 
 /// `tessera node` against `hub` with identity `key` and data cache `cache`, on one CPU
