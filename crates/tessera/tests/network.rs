@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 mod common;
-use common::{exe, get, node_args, s, spawn, tiny_data, wait_for, Procs};
+use common::{exe, get, node_args, run_file, s, spawn, tiny_data, wait_for, Procs};
 
 /// The tests here run one at a time. Each picks a free port for its hub by binding and
 /// releasing it; run side by side, two tests once drew the same port, and one test's
@@ -56,27 +56,6 @@ fn spawn_node_with(d: &Path, url: &str, name: &str, extra: &[&str]) -> Child {
     let mut args = node_args(url, &key, &cache);
     args.extend_from_slice(extra);
     spawn(&args, &d.join(format!("{name}.log")))
-}
-
-/// Writes a `nano` run file on a free loopback port with state under `d/hub`, plus
-/// `extra` settings; returns the hub's URL and the file.
-fn run_file(d: &Path, data: &Path, extra: &str) -> (String, std::path::PathBuf) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = d.join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "preset = \"nano\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\
-             batch_size = 2\nseq_len = 32\ncodec = \"topk\"\n{extra}",
-            d.join("hub")
-        ),
-    )
-    .unwrap();
-    (format!("http://127.0.0.1:{port}"), config)
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod common;
-use common::{get, node_args, prepare, s, spawn, wait_for, Procs};
+use common::{get, node_args, prepare, run_file, s, spawn, wait_for, Procs};
 
 const NODES: usize = 8;
 
@@ -34,25 +34,15 @@ fn run(
     validator: bool,
 ) -> serde_json::Value {
     std::fs::create_dir_all(d).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
-    let config = d.join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "preset = \"nano\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\
-             run_id = \"sharded\"\nbatch_size = 2\nseq_len = 32\ncodec = \"topk\"\ntopk = 256\n\
-             min_nodes = {min_nodes}\nmax_nodes = {NODES}\nrounds = 6\ninner_steps = 2\n\
-             round_deadline_ms = 30000\nheartbeat_timeout_ms = 20000\njoins_per_minute = 0\n\
-             seed = 5\naggregation = \"{aggregation}\"\n",
-            d.join("hub")
+    let (url, config) = run_file(
+        d,
+        data,
+        &format!(
+            "run_id = \"sharded\"\ntopk = 256\nmin_nodes = {min_nodes}\nmax_nodes = {NODES}\n\
+             rounds = 6\ninner_steps = 2\nround_deadline_ms = 30000\nheartbeat_timeout_ms = 20000\n\
+             joins_per_minute = 0\nseed = 5\naggregation = \"{aggregation}\"\n"
         ),
-    )
-    .unwrap();
+    );
     let mut procs = Procs(Vec::new());
     procs
         .0

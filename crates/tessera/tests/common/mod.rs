@@ -121,3 +121,24 @@ pub fn node_args<'a>(hub: &'a str, key: &'a Path, cache: &'a Path) -> Vec<&'a st
         "cpu",
     ]
 }
+
+/// Writes a `nano` run file on a free loopback port with state under `d/hub`, plus
+/// `extra` settings; returns the hub's URL and the file.
+pub fn run_file(d: &Path, data: &Path, extra: &str) -> (String, std::path::PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = d.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "preset = \"nano\"\ndata = {data:?}\nlisten = \"127.0.0.1:{port}\"\nstate_dir = {:?}\n\
+             batch_size = 2\nseq_len = 32\ncodec = \"topk\"\n{extra}",
+            d.join("hub")
+        ),
+    )
+    .unwrap();
+    (format!("http://127.0.0.1:{port}"), config)
+}
