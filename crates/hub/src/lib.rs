@@ -136,6 +136,64 @@ impl FileOuter {
         Ok(hash)
     }
 
+    /// A sharded round's pieces, inputs and aggregated shards, computed from the
+    /// accepted updates on disk and published (kept for [`SHARD_ROUNDS_KEPT`] rounds);
+    /// returns each shard's (inputs, shard) hashes and the aggregate to apply. A
+    /// restarted hub calls it again for the last round: the same updates give the same
+    /// blobs.
+    fn publish_shards(
+        &mut self,
+        round: u64,
+        accepted: &[(NodeId, Hash32)],
+        shards: usize,
+    ) -> Result<(Vec<(Hash32, Hash32)>, Vec<f32>), String> {
+        let codec = self.spec.codec()?;
+        let n = self.params;
+        let blobs = accepted
+            .iter()
+            .map(|(_, h)| read_blob(&self.dir, *h).map_err(|e| format!("{e:#}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let updates = blobs
+            .iter()
+            .map(|b| decode_for(codec, b, n as u64).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
+        let layout = ShardLayout::new(n, shards);
+        let whole = aggregate_whole(
+            self.spec.shard_codec()?,
+            self.spec.aggregator,
+            &refs,
+            &layout,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut kept = Vec::new();
+        let mut out = Vec::with_capacity(layout.count());
+        for (s, shard) in whole.shards.iter().enumerate() {
+            let r = layout.range(s);
+            let mut pieces = Vec::with_capacity(blobs.len());
+            for (blob, &scale) in blobs.iter().zip(&whole.scales) {
+                let piece = slice(codec, blob, n as u64, r.clone()).map_err(|e| e.to_string())?;
+                pieces.push((self.publish(&piece, &mut kept)?.0, scale));
+            }
+            let inputs = ShardInputs {
+                round,
+                shard: s as u32,
+                pieces,
+            };
+            let inputs = self.publish(&inputs.to_bytes(), &mut kept)?;
+            out.push((inputs, self.publish(shard, &mut kept)?));
+        }
+        self.shard_blobs.insert(round, kept);
+        while self.shard_blobs.len() > SHARD_ROUNDS_KEPT {
+            if let Some((_, old)) = self.shard_blobs.pop_first() {
+                for h in old {
+                    self.blobs.forget(&h);
+                }
+            }
+        }
+        Ok((out, whole.applied))
+    }
+
     fn state(&mut self, checkpoint: Hash32) -> Result<&OuterState, String> {
         if self.current.as_ref().map(|(h, _)| *h) != Some(checkpoint) {
             let bytes = read_blob(&self.dir, checkpoint).map_err(|e| format!("{e:#}"))?;
@@ -178,51 +236,8 @@ impl OuterStep for FileOuter {
         shards: usize,
     ) -> Result<(StepOutcome, Vec<(Hash32, Hash32)>), String> {
         let mut state = self.state(from)?.clone();
-        let codec = self.spec.codec()?;
-        let n = self.params;
-        let blobs = accepted
-            .iter()
-            .map(|(_, h)| read_blob(&self.dir, *h).map_err(|e| format!("{e:#}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let updates = blobs
-            .iter()
-            .map(|b| decode_for(codec, b, n as u64).map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let refs: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
-        let layout = ShardLayout::new(n, shards);
-        let whole = aggregate_whole(
-            self.spec.shard_codec()?,
-            self.spec.aggregator,
-            &refs,
-            &layout,
-        )
-        .map_err(|e| e.to_string())?;
-        let mut kept = Vec::new();
-        let mut out = Vec::with_capacity(layout.count());
-        for (s, shard) in whole.shards.iter().enumerate() {
-            let r = layout.range(s);
-            let mut pieces = Vec::with_capacity(blobs.len());
-            for (blob, &scale) in blobs.iter().zip(&whole.scales) {
-                let piece = slice(codec, blob, n as u64, r.clone()).map_err(|e| e.to_string())?;
-                pieces.push((self.publish(&piece, &mut kept)?.0, scale));
-            }
-            let inputs = ShardInputs {
-                round,
-                shard: s as u32,
-                pieces,
-            };
-            let inputs = self.publish(&inputs.to_bytes(), &mut kept)?;
-            out.push((inputs, self.publish(shard, &mut kept)?));
-        }
-        state.apply_aggregate(&whole.applied);
-        self.shard_blobs.insert(round, kept);
-        while self.shard_blobs.len() > SHARD_ROUNDS_KEPT {
-            if let Some((_, old)) = self.shard_blobs.pop_first() {
-                for h in old {
-                    self.blobs.forget(&h);
-                }
-            }
-        }
+        let (out, applied) = self.publish_shards(round, accepted, shards)?;
+        state.apply_aggregate(&applied);
         Ok((self.finish_step(state)?, out))
     }
 
@@ -480,7 +495,7 @@ impl Core {
             dep.state_dir.join(validator::HISTORY_FILE),
         )
         .map_err(anyhow::Error::msg)?;
-        let outer = FileOuter {
+        let mut outer = FileOuter {
             dir: blob_dir.clone(),
             blobs: blobs.clone(),
             spec: spec.clone(),
@@ -489,6 +504,25 @@ impl Core {
             validator,
             shard_blobs: BTreeMap::new(),
         };
+        // A sharded last round's pieces, inputs and shards lived in the blob store the
+        // crash emptied: made again from the accepted updates (the same bytes).
+        if let Some(last) = host.state.rounds().values().next_back().cloned() {
+            if !last.shards.is_empty() {
+                let (made, _) = outer
+                    .publish_shards(last.round, &last.accepted, last.shards.len())
+                    .map_err(anyhow::Error::msg)?;
+                let same = made
+                    .iter()
+                    .zip(&last.shards)
+                    .all(|((i, h), rec)| *i == rec.inputs && *h == rec.hash);
+                if !same {
+                    bail!(
+                        "round {}'s aggregated shards differ from its record when made again",
+                        last.round
+                    );
+                }
+            }
+        }
         let core = Core {
             config,
             host,

@@ -2,7 +2,8 @@
 //! `aggregation = "sharded"` (each shard combined by two members, every member fetching
 //! the aggregated shards instead of every update) and end where the same run with
 //! all-to-all exchange ends, within 1% bpb; a node that publishes wrong shards is caught
-//! by the hub and ejected while the run goes on.
+//! by the hub and ejected while the run goes on, and the hub, killed and restarted
+//! mid-run, makes the last round's pieces and shards again.
 
 use std::path::Path;
 use std::time::Duration;
@@ -32,6 +33,7 @@ fn run(
     min_nodes: usize,
     last_extra: &[&str],
     validator: bool,
+    restart_hub_after: Option<u64>,
 ) -> serde_json::Value {
     std::fs::create_dir_all(d).unwrap();
     let (url, config) = run_file(
@@ -83,6 +85,16 @@ fn run(
         }
         procs.0.push(spawn(&args, &d.join(format!("n{i}.log"))));
     }
+    if let Some(k) = restart_hub_after {
+        // SIGKILL the hub once `k` rounds closed and start it again: it makes the last
+        // round's pieces and shards again, and members not yet stepped fetch them.
+        wait_for(d, "rounds to close", Duration::from_secs(300), || {
+            get(&format!("{url}/summary")).is_some_and(|s| s["rounds_closed"].as_u64() >= Some(k))
+        });
+        procs.0[0].kill().unwrap();
+        procs.0[0].wait().unwrap();
+        procs.0[0] = spawn(&["hub", "--config", s(&config)], &d.join("hub2.log"));
+    }
     let mut summary = serde_json::Value::Null;
     wait_for(d, "the run to finish", Duration::from_secs(400), || {
         summary = get(&format!("{url}/summary")).unwrap_or_default();
@@ -112,9 +124,17 @@ fn sharded_aggregation_ends_where_all_to_all_does_and_catches_a_wrong_shard() {
     let root = dir.path();
     let data = data(root);
 
-    let all = run(&root.join("all"), &data, "all-to-all", NODES, &[], false);
+    let all = run(
+        &root.join("all"),
+        &data,
+        "all-to-all",
+        NODES,
+        &[],
+        false,
+        None,
+    );
     let d = root.join("sharded");
-    let sharded = run(&d, &data, "sharded", NODES, &[], true);
+    let sharded = run(&d, &data, "sharded", NODES, &[], true, None);
     for (name, sum) in [("all-to-all", &all), ("sharded", &sharded)] {
         assert_eq!(sum["rounds_closed"], 6, "{name}: {sum}");
         assert_eq!(
@@ -162,7 +182,15 @@ fn sharded_aggregation_ends_where_all_to_all_does_and_catches_a_wrong_shard() {
     // A node publishing wrong shards is caught at its first report and ejected; its
     // shard is the hub's for everyone else, and the run finishes.
     let d = root.join("liar");
-    let liar = run(&d, &data, "sharded", NODES - 1, &["--wrong-shards"], false);
+    let liar = run(
+        &d,
+        &data,
+        "sharded",
+        NODES - 1,
+        &["--wrong-shards"],
+        false,
+        Some(3),
+    );
     assert_eq!(liar["rounds_closed"], 6, "{liar}");
     assert_eq!(liar["divergent_reports"], 0, "{liar}");
     let text = log(&d, &format!("n{}", NODES - 1));
@@ -174,6 +202,11 @@ fn sharded_aggregation_ends_where_all_to_all_does_and_catches_a_wrong_shard() {
     assert!(
         hub.contains("caught") && hub.contains("published aggregated shard"),
         "the hub ejected the liar:\n{hub}"
+    );
+    let hub2 = log(&d, "hub2");
+    assert!(
+        hub2.contains("resumed run"),
+        "the hub restarted mid-run:\n{hub2}"
     );
     let ejected = liar["verification"]
         .as_object()
