@@ -110,6 +110,9 @@ pub struct FileOuter {
     shard_blobs: BTreeMap<u64, Vec<String>>,
 }
 
+/// Each shard's (inputs, aggregated shard) hashes.
+type ShardHashes = Vec<(Hash32, Hash32)>;
+
 /// Rounds of sharded-aggregation blobs the hub keeps serving: members one round
 /// behind still step from the last round's shards.
 const SHARD_ROUNDS_KEPT: usize = 2;
@@ -146,7 +149,7 @@ impl FileOuter {
         round: u64,
         accepted: &[(NodeId, Hash32)],
         shards: usize,
-    ) -> Result<(Vec<(Hash32, Hash32)>, Vec<f32>), String> {
+    ) -> Result<(ShardHashes, Vec<f32>), String> {
         let codec = self.spec.codec()?;
         let n = self.params;
         let blobs = accepted
