@@ -830,8 +830,9 @@ impl Runner {
             .accepted
             .binary_search_by_key(&self.me, |(id, _)| *id)
             .is_ok();
-        let own = match self.own_update.take() {
-            Some((r, blob)) if r == round && accepted => Some(blob),
+        // Kept until the step succeeds: a step tried again still has it.
+        let own = match &self.own_update {
+            Some((r, blob)) if *r == round && accepted => Some(blob.clone()),
             _ => None,
         };
         let mut used = Vec::new();
@@ -876,13 +877,17 @@ impl Runner {
             };
             applied.extend(tessera_outer::decode_for(shard_codec, &bytes, len as u64)?);
         }
-        let mut next = self.state.clone();
-        next.apply_aggregate(&applied);
-        self.state = next;
-        if let Some(blob) = &own {
-            let sent = tessera_outer::decode_for(codec, blob, n)?;
-            self.worker.keep_what_was_dropped(&sent, &applied);
+        let sent = match &own {
+            Some(blob) => Some(tessera_outer::decode_for(codec, blob, n)?),
+            None => None,
+        };
+        // Nothing can fail from here: θ, the residual and the kept update change
+        // together.
+        self.state.apply_aggregate(&applied);
+        if let Some(sent) = &sent {
+            self.worker.keep_what_was_dropped(sent, &applied);
         }
+        self.own_update = None;
         self.stepped(round, &rec, used)
     }
 
