@@ -614,6 +614,37 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     }
 }
 
+/// The shard layout a sharded round's record implies, once the record is checked
+/// against what the run's settings make of its accepted set: as many shards as
+/// `shard_count` gives, each drawn aggregator one of the accepted members. A record
+/// that says otherwise (a broken or hostile hub) is refused before anything is
+/// fetched or indexed by it.
+pub fn shard_layout(rec: &RoundRecord, spec: &RunSpec, params: u64) -> Result<ShardLayout> {
+    let params = params as usize;
+    let per = spec.aggregators_per_shard as usize;
+    let expected = tessera_outer::shard::shard_count(rec.accepted.len(), per, params);
+    if rec.shards.len() != expected {
+        bail!(
+            "round {} names {} shards; {} accepted updates make {expected}",
+            rec.round,
+            rec.shards.len(),
+            rec.accepted.len()
+        );
+    }
+    let member = |id: &NodeId| rec.accepted.binary_search_by_key(id, |(n, _)| *n).is_ok();
+    if rec
+        .shards
+        .iter()
+        .any(|s| s.aggregators.len() > per || !s.aggregators.iter().all(member))
+    {
+        bail!(
+            "round {} draws aggregators outside its accepted set",
+            rec.round
+        );
+    }
+    Ok(ShardLayout::new(params, expected))
+}
+
 /// Carries out the node engine's actions: HTTP to the hub, blobs, training.
 struct Runner {
     tag: String,
@@ -824,7 +855,7 @@ impl Runner {
         let round = rec.round;
         let codec = self.spec.codec().map_err(anyhow::Error::msg)?;
         let n = self.params;
-        let layout = ShardLayout::new(n as usize, rec.shards.len());
+        let layout = shard_layout(&rec, &self.spec, n)?;
         let shard_codec = self.spec.shard_codec().map_err(anyhow::Error::msg)?;
         let accepted = rec
             .accepted
@@ -1199,6 +1230,55 @@ impl Runner {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_sharded_record_must_match_its_accepted_set() {
+        use super::{shard_layout, Hash32, NodeId, RoundRecord, RunSpec};
+        use tessera_protocol::wire::ShardRecord;
+        let spec = RunSpec {
+            aggregation: tessera_protocol::AggregationMode::Sharded,
+            ..RunSpec::default()
+        };
+        let ids: Vec<NodeId> = (1..=4u8).map(|i| NodeId([i; 32])).collect();
+        let shard = |aggregators: Vec<NodeId>| ShardRecord {
+            aggregators,
+            inputs: Hash32::of(b"i"),
+            hash: Hash32::of(b"s"),
+        };
+        let rec = RoundRecord {
+            round: 3,
+            accepted: ids.iter().map(|n| (*n, Hash32::of(&n.0))).collect(),
+            sources: Vec::new(),
+            late: Vec::new(),
+            tokens: 0,
+            work: Vec::new(),
+            theta_before: Hash32::of(b"a"),
+            theta_after: Hash32::of(b"b"),
+            checkpoint: Hash32::of(b"c"),
+            refused: Vec::new(),
+            verdicts: Vec::new(),
+            shards: vec![shard(vec![ids[0], ids[2]]), shard(vec![ids[1], ids[3]])],
+        };
+        let params = 3 * 4096;
+        assert_eq!(shard_layout(&rec, &spec, params).unwrap().count(), 2);
+        // A million shards (a hostile hub) or one too few: refused, not indexed.
+        let mut many = rec.clone();
+        many.shards = vec![shard(vec![ids[0]]); 1_000_000];
+        assert!(shard_layout(&many, &spec, params)
+            .unwrap_err()
+            .to_string()
+            .contains("1000000 shards"));
+        let mut few = rec.clone();
+        few.shards.pop();
+        assert!(shard_layout(&few, &spec, params).is_err());
+        // An aggregator that is not an accepted member, or too many per shard.
+        let mut outsider = rec.clone();
+        outsider.shards[1] = shard(vec![ids[1], NodeId([9; 32])]);
+        assert!(shard_layout(&outsider, &spec, params).is_err());
+        let mut crowded = rec.clone();
+        crowded.shards[0] = shard(ids.clone());
+        assert!(shard_layout(&crowded, &spec, params).is_err());
+    }
+
     #[test]
     fn blob_bind_follows_the_hub() {
         for (url, local) in [

@@ -113,24 +113,16 @@ pub fn assign(seed: u64, members: usize, shards: usize, redundancy: usize) -> Ve
     let r = redundancy.clamp(1, members);
     (0..shards)
         .map(|s| {
+            // The orbit of `s` first; when it holds fewer than `r` members (S divides
+            // n and r > n / S), the rest in shuffled order.
             let mut picked: Vec<usize> = Vec::with_capacity(r);
-            let mut k = 0;
-            while picked.len() < r {
-                let m = perm[(s + k * shards) % members];
+            let orbit = (0..members).map(|k| perm[(s + k * shards) % members]);
+            for m in orbit.chain(perm.iter().copied()) {
+                if picked.len() == r {
+                    break;
+                }
                 if !picked.contains(&m) {
                     picked.push(m);
-                }
-                k += 1;
-                if k > members * 2 {
-                    // Only when S divides n and r > n / S: walk the rest in order.
-                    for &m in &perm {
-                        if picked.len() == r {
-                            break;
-                        }
-                        if !picked.contains(&m) {
-                            picked.push(m);
-                        }
-                    }
                 }
             }
             picked

@@ -216,7 +216,7 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
                 .map(|b| decode_for(codec, b, params).map_err(anyhow::Error::msg))
                 .collect::<Result<Vec<_>>>()?;
             let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
-            let layout = tessera_outer::shard::ShardLayout::new(params as usize, rec.shards.len());
+            let layout = tessera_node::shard_layout(&rec, &spec, params)?;
             let agg = tessera_outer::shard::aggregate_whole(
                 spec.shard_codec().map_err(anyhow::Error::msg)?,
                 spec.aggregator,

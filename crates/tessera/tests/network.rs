@@ -10,7 +10,9 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 mod common;
-use common::{exe, get, node_args, run_file, s, spawn, tiny_data, wait_for, Procs};
+use common::{
+    exe, get, node_args, run_file, s, spawn, spawn_validator, tiny_data, wait_for, Procs,
+};
 
 /// The tests here run one at a time. Each picks a free port for its hub by binding and
 /// releasing it; run side by side, two tests once drew the same port, and one test's
@@ -928,28 +930,7 @@ fn adversary_run(mode: &str, restart: bool) {
     // An independent validator follows the run from its start and judges every round
     // again from public data (the restart run is left out: a restarted hub no longer
     // serves the refused blobs of the round before it).
-    let hub_key = tessera_protocol::Identity::load(&d.join("hub").join("hub.key"))
-        .unwrap()
-        .public_hex();
-    let validator = (!restart).then(|| {
-        let (key, dir) = (d.join("val.key"), d.join("val"));
-        spawn(
-            &[
-                "validator",
-                "--hub",
-                &url,
-                "--hub-key",
-                &hub_key,
-                "--key",
-                s(&key),
-                "--dir",
-                s(&dir),
-                "--device",
-                "cpu",
-            ],
-            &d.join("validator.log"),
-        )
-    });
+    let validator = (!restart).then(|| spawn_validator(d, &url));
     // A key without the run's stake can't join (nor a cheater's next key for free).
     let unstaked = tessera_protocol::Identity::generate();
     let (status, text) = signed(&unstaked, &url, "/node/join", Vec::new());

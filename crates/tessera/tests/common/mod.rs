@@ -142,3 +142,28 @@ pub fn run_file(d: &Path, data: &Path, extra: &str) -> (String, std::path::PathB
     .unwrap();
     (format!("http://127.0.0.1:{port}"), config)
 }
+
+/// Starts `tessera validator` following the hub at `url` (its key pinned from
+/// `d/hub/hub.key`), with its state in `d/val` and its log in `d/validator.log`.
+pub fn spawn_validator(d: &Path, url: &str) -> Child {
+    let hub_key = tessera_protocol::Identity::load(&d.join("hub").join("hub.key"))
+        .unwrap()
+        .public_hex();
+    let (key, dir) = (d.join("val.key"), d.join("val"));
+    spawn(
+        &[
+            "validator",
+            "--hub",
+            url,
+            "--hub-key",
+            &hub_key,
+            "--key",
+            s(&key),
+            "--dir",
+            s(&dir),
+            "--device",
+            "cpu",
+        ],
+        &d.join("validator.log"),
+    )
+}
