@@ -45,6 +45,9 @@ pub struct RunConfig {
     /// Rounds to train; the run finishes after this many.
     pub rounds_total: u64,
     pub seed: u64,
+    /// The run setting `overlap`: each round also draws the next round's batches.
+    #[serde(default)]
+    pub overlap: bool,
 }
 
 impl RunConfig {
@@ -61,6 +64,7 @@ impl RunConfig {
             batches_per_epoch,
             rounds_total: spec.rounds,
             seed: spec.seed,
+            overlap: spec.overlap,
         }
     }
 }
@@ -239,6 +243,8 @@ struct Snapshot {
     commit_order: Vec<NodeId>,
     #[serde(default)]
     ejected: BTreeSet<NodeId>,
+    #[serde(default)]
+    next_assignment: BTreeMap<NodeId, Vec<u64>>,
 }
 
 /// The coordinator's whole state (serialisable, so the hub can persist it).
@@ -267,6 +273,11 @@ pub struct Coordinator {
     pub commit_order: Vec<NodeId>,
     /// Members removed for cheating; refused if they join again.
     pub ejected: BTreeSet<NodeId>,
+    /// Under `overlap`: the next round's batches per member, drawn when the open round
+    /// started, so members train them while this round closes. They become the next
+    /// round's assignment for those still members; a departed member's go back to the
+    /// pool then.
+    pub next_assignment: BTreeMap<NodeId, Vec<u64>>,
     /// Derived: members ordered by last-seen time, to find the silent in O(log N).
     seen: BTreeSet<(u64, NodeId)>,
     /// Derived: assigned members of the open round that are members and have not
@@ -292,6 +303,7 @@ impl From<Snapshot> for Coordinator {
             closed_rounds: s.closed_rounds,
             commit_order: s.commit_order,
             ejected: s.ejected,
+            next_assignment: s.next_assignment,
             seen: BTreeSet::new(),
             pending: BTreeSet::new(),
             fault: None,
@@ -317,6 +329,7 @@ impl From<Coordinator> for Snapshot {
             closed_rounds: c.closed_rounds,
             commit_order: c.commit_order,
             ejected: c.ejected,
+            next_assignment: c.next_assignment,
         }
     }
 }
@@ -354,6 +367,7 @@ impl Coordinator {
             closed_rounds: 0,
             commit_order: Vec::new(),
             ejected: BTreeSet::new(),
+            next_assignment: BTreeMap::new(),
             seen: BTreeSet::new(),
             pending: BTreeSet::new(),
             fault: None,
@@ -590,6 +604,11 @@ impl Coordinator {
                     return;
                 }
                 self.phase = Phase::Forming;
+                // Drawn ahead for a round that starts only when enough members are
+                // back: returned, and drawn again then.
+                if self.members.len() < self.config.min_nodes.max(1) {
+                    self.return_next(true);
+                }
             }
         }
         if self.phase == Phase::Forming && self.members.len() >= self.config.min_nodes.max(1) {
@@ -691,22 +710,50 @@ impl Coordinator {
         });
     }
 
+    /// Batches drawn ahead go back to the pool: those of members that are gone, or
+    /// (`all`) every member's.
+    fn return_next(&mut self, all: bool) {
+        for (node, batches) in std::mem::take(&mut self.next_assignment) {
+            if !all && self.members.contains_key(&node) {
+                self.next_assignment.insert(node, batches);
+            } else {
+                self.returned.extend(batches);
+            }
+        }
+    }
+
+    /// One member's batches for a round: returned ones first, then fresh ones.
+    fn draw(&mut self) -> Vec<u64> {
+        (0..self.config.batches_per_node)
+            .map(|_| {
+                self.returned.pop_front().unwrap_or_else(|| {
+                    self.cursor += 1;
+                    self.cursor - 1
+                })
+            })
+            .collect()
+    }
+
     fn start(&mut self, round: u64, now_ms: u64, events: &mut Vec<Event>) {
         for m in self.members.values_mut() {
             m.waiting = false;
         }
         let order = shuffle(self.members.keys().copied().collect(), &self.shuffle_seed);
-        let mut assignment = BTreeMap::new();
-        for node in order {
-            let batches: Vec<u64> = (0..self.config.batches_per_node)
-                .map(|_| {
-                    self.returned.pop_front().unwrap_or_else(|| {
-                        self.cursor += 1;
-                        self.cursor - 1
-                    })
-                })
-                .collect();
-            assignment.insert(node, batches);
+        // Under `overlap` members keep what was drawn for them last round (and trained
+        // already); a member without (new, or back) gets batches now.
+        self.return_next(false);
+        let mut assignment = std::mem::take(&mut self.next_assignment);
+        for node in &order {
+            if !assignment.contains_key(node) {
+                let batches = self.draw();
+                assignment.insert(*node, batches);
+            }
+        }
+        if self.config.overlap && round + 1 < self.config.rounds_total {
+            for node in &order {
+                let batches = self.draw();
+                self.next_assignment.insert(*node, batches);
+            }
         }
         if let Some(Fault::AssignTwice { from_round }) = self.fault {
             let mut firsts = assignment.values_mut().filter(|b| !b.is_empty());
@@ -771,8 +818,17 @@ impl Coordinator {
         if self.round().is_none() && !self.assignment.is_empty() {
             return Err("an assignment outside a round".into());
         }
+        if (self.round().is_none() || !self.config.overlap) && !self.next_assignment.is_empty() {
+            return Err("next round's batches drawn outside an overlapped round".into());
+        }
         let mut handed = BTreeSet::new();
-        for b in self.assignment.values().flatten().chain(&self.returned) {
+        for b in self
+            .assignment
+            .values()
+            .chain(self.next_assignment.values())
+            .flatten()
+            .chain(&self.returned)
+        {
             if *b >= self.cursor || !handed.insert(*b) {
                 return Err(format!("batch {b} is assigned twice or beyond the cursor"));
             }

@@ -38,6 +38,7 @@ fn config(seed: u64) -> RunConfig {
         batches_per_epoch: 1_000_000,
         rounds_total: 400,
         seed,
+        overlap: false,
     }
 }
 
@@ -89,9 +90,16 @@ fn random_input(rng: &mut Lcg, c: &Coordinator) -> Input {
     }
 }
 
-fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
+fn run_seed(seed: u64, overlap: bool) -> (Coordinator, Vec<(Input, u64)>, usize) {
     let mut rng = Lcg(seed);
-    let mut c = Coordinator::new(config(seed), 128);
+    let mut c = Coordinator::new(
+        RunConfig {
+            overlap,
+            ..config(seed)
+        },
+        128,
+    );
+    let mut drawn_ahead = 0;
     let mut accepted: BTreeSet<u64> = BTreeSet::new();
     let mut inputs = Vec::new();
     let mut rounds_closed = 0;
@@ -102,6 +110,7 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
         let before = c.clone();
         inputs.push((input.clone(), now));
         let assigned_before = c.assignment.clone();
+        let ahead_before = c.next_assignment.clone();
         let result = c.apply_judged(input, now, &mut ByTokens);
         c.check_invariants()
             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -109,6 +118,25 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
             Err(CoordError::Finished) => break,
             Err(_) => assert_eq!(c, before, "a refused input changed the state"),
             Ok(events) => {
+                for e in &events {
+                    // Under overlap a round's members train what was drawn for them
+                    // when the round before opened.
+                    if let Event::RoundStarted { .. } = e {
+                        for (node, batches) in &ahead_before {
+                            if let Some(now) = c.assignment.get(node) {
+                                assert_eq!(now, batches, "seed {seed}: {node} drawn ahead");
+                                drawn_ahead += 1;
+                            }
+                        }
+                        if overlap && c.round().is_some_and(|r| r + 1 < 400) {
+                            assert_eq!(
+                                c.next_assignment.len(),
+                                c.members.len(),
+                                "every member gets the next round's batches"
+                            );
+                        }
+                    }
+                }
                 for e in events {
                     if let Event::RoundClosed {
                         work,
@@ -142,6 +170,7 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
         for b in accepted
             .iter()
             .chain(c.assignment.values().flatten())
+            .chain(c.next_assignment.values().flatten())
             .chain(c.returned.iter())
         {
             *seen.entry(*b).or_default() += 1;
@@ -151,17 +180,36 @@ fn run_seed(seed: u64) -> (Coordinator, Vec<(Input, u64)>, usize) {
         assert!(c.members.len() <= 6);
         assert!(c.members.keys().all(|n| !c.ejected.contains(n)));
     }
+    assert_eq!(overlap, drawn_ahead > 0, "seed {seed}: batches drawn ahead");
     (c, inputs, rounds_closed)
 }
 
 #[test]
 fn random_runs_keep_every_invariant() {
+    random_runs(false);
+}
+
+/// The same under the run setting `overlap`: the next round's batches, drawn when a
+/// round opens, are accounted for like any other (handed out once, returned when
+/// their member leaves) and become that round's assignment.
+#[test]
+fn random_overlapped_runs_keep_every_invariant() {
+    random_runs(true);
+}
+
+fn random_runs(overlap: bool) {
     let mut total_rounds = 0;
     for seed in 0..40 {
-        let (c, inputs, rounds) = run_seed(seed);
+        let (c, inputs, rounds) = run_seed(seed, overlap);
         total_rounds += rounds;
         // Replaying the same inputs gives the same state.
-        let mut again = Coordinator::new(config(seed), 128);
+        let mut again = Coordinator::new(
+            RunConfig {
+                overlap,
+                ..config(seed)
+            },
+            128,
+        );
         for (input, now) in inputs {
             let _ = again.apply_judged(input, now, &mut ByTokens);
         }

@@ -577,11 +577,7 @@ impl HubState {
     /// Opens the audits a closed round's verdicts ask for, unless decided already or
     /// moot (the node was ejected).
     fn add_audits(&mut self, rec: &RoundRecord, now_ms: u64) {
-        let checkpoint = self
-            .rounds
-            .range(..rec.round)
-            .next_back()
-            .map_or(self.checkpoint0, |(_, r)| r.checkpoint);
+        let checkpoint = self.base_of(rec.round).1;
         for v in rec.verdicts.iter().filter(|v| v.audited) {
             let key = (rec.round, v.node);
             if self.audits.contains_key(&key) || self.coord.ejected.contains(&v.node) {
@@ -637,6 +633,30 @@ impl HubState {
             .map_or(self.theta0, |r| r.theta_after)
     }
 
+    /// How many closed rounds θ held when round `round`'s training started: `round`,
+    /// or under `overlap` one fewer (its members trained it while the round before
+    /// was judged and exchanged).
+    fn base_closed(&self, round: u64) -> u64 {
+        if self.spec.overlap {
+            round.saturating_sub(1)
+        } else {
+            round
+        }
+    }
+
+    /// θ and the checkpoint after `closed` closed rounds.
+    fn after_closed(&self, closed: u64) -> (Hash32, Hash32) {
+        match closed.checked_sub(1).and_then(|r| self.rounds.get(&r)) {
+            Some(r) => (r.theta_after, r.checkpoint),
+            None => (self.theta0, self.checkpoint0),
+        }
+    }
+
+    /// θ and the checkpoint round `round` trains from.
+    pub fn base_of(&self, round: u64) -> (Hash32, Hash32) {
+        self.after_closed(self.base_closed(round))
+    }
+
     /// The checkpoint after the last closed round.
     pub fn checkpoint(&self) -> Hash32 {
         self.rounds
@@ -672,6 +692,7 @@ impl HubState {
                 .iter()
                 .find(|((_, n), a)| n == node && a.disputed.is_some() && !a.trail)
                 .map(|((r, _), _)| *r),
+            next_assignment: self.coord.next_assignment.get(node).cloned(),
         }
     }
 
@@ -681,7 +702,7 @@ impl HubState {
     pub fn check_commit(&self, node: &NodeId, body: &CommitBody) -> Result<(), HubError> {
         self.check_run("commit", &body.run_id)?;
         self.coord.check_commit(node, body.round, &body.commit)?;
-        let theta = self.theta();
+        let theta = self.base_of(body.round).0;
         if body.commit.theta_hash != theta {
             return Err(HubError::new(
                 ErrorCode::StaleTheta,
@@ -918,8 +939,9 @@ impl HubState {
         };
         // O(1) per input: the last record is shared, its accepted list read only if a
         // round closes.
+        let open = self.coord.round().unwrap_or(self.coord.closed_rounds);
         let mut judge = RoundJudge {
-            from: self.checkpoint(),
+            from: self.base_of(open).1,
             previous: self.rounds.values().next_back().cloned(),
             outer,
             verdicts: None,

@@ -104,6 +104,9 @@ pub struct FileOuter {
     spec: RunSpec,
     params: usize,
     current: Option<(Hash32, OuterState)>,
+    /// Under `overlap`, the state before `current` too: a round is judged from θ one
+    /// step older than the one it steps.
+    older: Option<(Hash32, OuterState)>,
     validator: Validator,
     /// Blobs of the last rounds' sharded aggregation (pieces, inputs, shards), served
     /// to aggregators and members until [`SHARD_ROUNDS_KEPT`] later rounds closed.
@@ -125,7 +128,10 @@ impl FileOuter {
         let checkpoint = write_blob(&self.dir, &bytes).map_err(|e| format!("{e:#}"))?;
         self.blobs.publish(&bytes).map_err(|e| e.to_string())?;
         let theta_after = Hash32(state.digest());
-        self.current = Some((checkpoint, state));
+        let old = self.current.replace((checkpoint, state));
+        if self.spec.overlap {
+            self.older = old;
+        }
         Ok(StepOutcome {
             theta_after,
             checkpoint,
@@ -198,11 +204,17 @@ impl FileOuter {
     }
 
     fn state(&mut self, checkpoint: Hash32) -> Result<&OuterState, String> {
+        if self.older.as_ref().map(|(h, _)| *h) == Some(checkpoint) {
+            std::mem::swap(&mut self.older, &mut self.current);
+        }
         if self.current.as_ref().map(|(h, _)| *h) != Some(checkpoint) {
             let bytes = read_blob(&self.dir, checkpoint).map_err(|e| format!("{e:#}"))?;
             let lr = self.spec.effective_outer_lr();
             let s = OuterState::from_bytes(&bytes, self.params, lr, self.spec.outer_momentum)?;
-            self.current = Some((checkpoint, s));
+            let old = self.current.replace((checkpoint, s));
+            if self.spec.overlap {
+                self.older = old;
+            }
         }
         Ok(&self.current.as_ref().expect("loaded above").1)
     }
@@ -504,6 +516,7 @@ impl Core {
             spec: spec.clone(),
             params: params as usize,
             current: None,
+            older: None,
             validator,
             shard_blobs: BTreeMap::new(),
         };
@@ -618,6 +631,7 @@ impl Core {
                 if e.code == ErrorCode::Internal {
                     log(&format!("{e}; the engine was rebuilt from its store"));
                     self.outer.current = None;
+                    self.outer.older = None;
                     if let Err(why) = self.probe_writes() {
                         log(&format!(
                             "can't write to the state directory ({why}): read-only until it \

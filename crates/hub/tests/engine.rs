@@ -924,3 +924,124 @@ fn a_wrong_aggregated_shard_ejects_its_aggregator_and_a_right_one_changes_nothin
         ErrorCode::Ejected
     );
 }
+
+/// Records the checkpoint each round was judged from.
+#[derive(Default)]
+struct JudgedFrom(Vec<(u64, Hash32)>);
+
+impl OuterStep for JudgedFrom {
+    fn step(
+        &mut self,
+        r: u64,
+        from: Hash32,
+        acc: &[(NodeId, Hash32)],
+    ) -> Result<StepOutcome, String> {
+        HashStep.step(r, from, acc)
+    }
+
+    fn judge(
+        &mut self,
+        round: u64,
+        from: Hash32,
+        _commits: &[tessera_hub::engine::Judging],
+        _previous: &[(NodeId, Hash32)],
+    ) -> Result<Vec<tessera_protocol::wire::Verdict>, String> {
+        self.0.push((round, from));
+        Ok(Vec::new())
+    }
+}
+
+/// Under `overlap` round k trains from θ of round k - 1: a commit from that θ is
+/// accepted, one from the latest θ refused as stale, the validator judges the round
+/// from the checkpoint it trained from, and each member sees the next round's batches
+/// (which become its assignment) while a round is open.
+#[test]
+fn overlapped_rounds_train_from_the_round_before() {
+    let mut hub = HubState::new(
+        RunSpec {
+            overlap: true,
+            ..spec(2)
+        },
+        1000,
+        1_000,
+        Hash32::of(b"theta0"),
+        Hash32::of(b"ckpt0"),
+    );
+    let out = &mut JudgedFrom::default();
+    for n in [1, 2] {
+        hub.apply(HubInput::Join { node: id(n) }, 0, out).unwrap();
+    }
+    let theta0 = hub.theta();
+    let next = hub.view(&id(1)).next_assignment.expect("drawn ahead");
+    for (n, blob) in [(1, b"a0"), (2, b"b0")] {
+        let b = body(&hub, id(n), blob);
+        hub.apply(
+            HubInput::Commit {
+                node: id(n),
+                body: b,
+            },
+            10,
+            out,
+        )
+        .unwrap();
+    }
+    assert_eq!(hub.view(&id(1)).round(), Some(1));
+    assert_eq!(
+        hub.view(&id(1)).assignment,
+        Some(next),
+        "drawn ahead, then assigned"
+    );
+    let theta1 = hub.theta();
+    assert_ne!(theta1, theta0);
+    // Round 1 trains from θ₀, not from θ after round 0.
+    let latest = body(&hub, id(1), b"a1");
+    assert_eq!(latest.commit.theta_hash, theta1);
+    assert_eq!(
+        code(hub.apply(
+            HubInput::Commit {
+                node: id(1),
+                body: latest
+            },
+            20,
+            out
+        )),
+        ErrorCode::StaleTheta
+    );
+    for (n, blob) in [(1, b"a1"), (2, b"b1")] {
+        let mut b = body(&hub, id(n), blob);
+        b.commit.theta_hash = theta0;
+        hub.apply(
+            HubInput::Commit {
+                node: id(n),
+                body: b,
+            },
+            20,
+            out,
+        )
+        .unwrap();
+    }
+    assert_eq!(hub.view(&id(1)).round(), Some(2));
+    let ckpt1 = hub.round_record(0).unwrap().checkpoint;
+    // Round 2 trains from θ after round 0.
+    for (n, blob) in [(1, b"a2"), (2, b"b2")] {
+        let mut b = body(&hub, id(n), blob);
+        b.commit.theta_hash = theta1;
+        hub.apply(
+            HubInput::Commit {
+                node: id(n),
+                body: b,
+            },
+            30,
+            out,
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        out.0,
+        vec![
+            (0, Hash32::of(b"ckpt0")),
+            (1, Hash32::of(b"ckpt0")),
+            (2, ckpt1)
+        ]
+    );
+}

@@ -38,6 +38,17 @@ pub enum Action {
         round: u64,
         batches: Vec<u64>,
     },
+    /// Under `overlap`: train `batches` of the next round `round` from the θ held now
+    /// (that of the round still open), publish the update and hold it; it is committed
+    /// once `round` opens.
+    TrainAhead {
+        round: u64,
+        batches: Vec<u64>,
+    },
+    /// Commit the update held for `round`.
+    Commit {
+        round: u64,
+    },
     /// Report θ after the outer step of `round`.
     Report {
         round: u64,
@@ -69,6 +80,11 @@ pub enum Outcome {
     Committed {
         round: u64,
     },
+    /// An update for `round` from `batches` was trained ahead and is held.
+    Trained {
+        round: u64,
+        batches: Vec<u64>,
+    },
     Reported,
     Waited,
     /// The hub refused the request with this code.
@@ -95,6 +111,10 @@ pub struct NodeState {
     /// What the node last asked for, to interpret a refusal.
     last: Option<Action>,
     done: bool,
+    /// The run setting `overlap`: round `r` trains from θ of round `r - 1`.
+    overlap: bool,
+    /// Under `overlap`: the round and batches of the update trained ahead and held.
+    ahead: Option<(u64, Vec<u64>)>,
     pub poll_ms: u64,
     pub retry_ms: u64,
 }
@@ -109,8 +129,18 @@ impl NodeState {
             report: None,
             last: None,
             done: false,
+            overlap: false,
+            ahead: None,
             poll_ms,
             retry_ms,
+        }
+    }
+
+    /// A node of a run with `overlap`.
+    pub fn overlapped(poll_ms: u64, retry_ms: u64) -> NodeState {
+        NodeState {
+            overlap: true,
+            ..NodeState::new(poll_ms, retry_ms)
         }
     }
 
@@ -156,6 +186,12 @@ impl NodeState {
             Outcome::Loaded { round } => self.have = Some(round),
             Outcome::Committed { round } => {
                 self.tried = Some(round);
+                self.ahead = None;
+                self.view = None;
+            }
+            Outcome::Trained { round, batches } => {
+                self.ahead = Some((round, batches));
+                // The round it was trained for may have opened meanwhile.
                 self.view = None;
             }
             Outcome::Reported | Outcome::Waited => {}
@@ -165,7 +201,10 @@ impl NodeState {
                     (Some(Action::Join), ErrorCode::Finished) => {
                         self.done = true;
                     }
-                    (Some(Action::Train { round, .. }), _) => self.tried = Some(*round),
+                    (Some(Action::Train { round, .. } | Action::Commit { round }), _) => {
+                        self.tried = Some(*round);
+                        self.ahead = None;
+                    }
                     // A report the hub will not take is dropped, not retried.
                     (Some(Action::Report { .. }), _) => {}
                     _ => {
@@ -192,6 +231,9 @@ impl NodeState {
         let Some(view) = &self.view else {
             return Action::Poll;
         };
+        if self.overlap {
+            return self.decide_overlapped();
+        }
         let target = view.closed_rounds;
         match self.have {
             Some(h) if h == target => {}
@@ -217,6 +259,65 @@ impl NodeState {
         self.view = None;
         Action::Wait { ms: self.poll_ms }
     }
+
+    /// The policy under `overlap`, where round `k` trains from θ of round `k - 1`
+    /// (round 0 from θ₀): with round `k` open, commit the update trained ahead for it
+    /// (or train it now, when θ of round `k - 1` is held), then take the outer step of
+    /// round `k - 1`, then train round `k + 1` from θ of round `k` ahead, while round
+    /// `k` closes.
+    fn decide_overlapped(&mut self) -> Action {
+        let Some(view) = self.view.clone() else {
+            return Action::Poll;
+        };
+        let target = view.closed_rounds;
+        let open = view.round();
+        let base = |k: u64| k.saturating_sub(1);
+        // What this node still owes the open round, if it can: a commit.
+        if let (Some(k), Some(batches)) = (open, &view.assignment) {
+            if !view.committed && self.tried != Some(k) {
+                match &self.ahead {
+                    Some((r, b)) if *r == k && b == batches => {
+                        return Action::Commit { round: k };
+                    }
+                    _ if self.have == Some(base(k)) => {
+                        return Action::Train {
+                            round: k,
+                            batches: batches.clone(),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // A round closes as soon as every member committed, which under overlap is
+        // right after it opens: the node is then two steps behind, and takes them
+        // (the hub keeps two rounds' updates), committing in between what the open
+        // round trains from θ of the one before.
+        match self.have {
+            Some(h) if h == target => {}
+            Some(h) if h < target && target - h <= 2 => return Action::Step { round: h },
+            _ => {
+                return Action::LoadCheckpoint {
+                    hash: view.checkpoint,
+                }
+            }
+        }
+        if view.phase == Phase::Finished {
+            self.done = true;
+            return Action::Done;
+        }
+        if let (Some(k), Some(batches)) = (open, &view.next_assignment) {
+            let held = self.ahead.as_ref().is_some_and(|(r, _)| *r == k + 1);
+            if !held && self.tried != Some(k + 1) {
+                return Action::TrainAhead {
+                    round: k + 1,
+                    batches: batches.clone(),
+                };
+            }
+        }
+        self.view = None;
+        Action::Wait { ms: self.poll_ms }
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +334,7 @@ mod tests {
             checkpoint: Hash32::of(b"ckpt"),
             audit: None,
             dispute: None,
+            next_assignment: None,
         }
     }
 
@@ -345,6 +447,97 @@ mod tests {
         assert_eq!(next, Action::Report { round: 0, theta: t });
         assert_eq!(n.round_held(), Some(1));
         assert_eq!(n.next(Outcome::Reported), Action::Join);
+    }
+
+    /// Under `overlap`: round k trains from θ of round k - 1. The node commits what it
+    /// trained ahead as soon as round k opens, then steps, then trains round k + 1
+    /// ahead while round k closes; when round k closed meanwhile it is two steps
+    /// behind and trains round k + 1 in between them, from the θ that round needs.
+    #[test]
+    fn overlap_trains_the_next_round_while_this_one_closes() {
+        let mut n = NodeState::overlapped(100, 1000);
+        n.next(Outcome::Started { round: 0 });
+        assert_eq!(n.next(Outcome::Joined), Action::Poll);
+        let mut v0 = view(Phase::Training { round: 0 }, 0, Some(vec![0]));
+        v0.next_assignment = Some(vec![1]);
+        // Round 0 trains from θ₀ now; round 1, from θ₀ too, ahead.
+        assert_eq!(
+            n.next(Outcome::View(v0.clone())),
+            Action::Train {
+                round: 0,
+                batches: vec![0]
+            }
+        );
+        assert_eq!(n.next(Outcome::Committed { round: 0 }), Action::Poll);
+        v0.committed = true;
+        assert_eq!(
+            n.next(Outcome::View(v0.clone())),
+            Action::TrainAhead {
+                round: 1,
+                batches: vec![1]
+            }
+        );
+        assert_eq!(
+            n.next(Outcome::Trained {
+                round: 1,
+                batches: vec![1]
+            }),
+            Action::Poll
+        );
+        // Still round 0: nothing more to do.
+        assert_eq!(n.next(Outcome::View(v0)), Action::Wait { ms: 100 });
+        n.next(Outcome::Waited);
+        // Round 1 opens: commit at once, then step round 0, then train round 2 ahead.
+        let mut v1 = view(Phase::Training { round: 1 }, 1, Some(vec![1]));
+        v1.next_assignment = Some(vec![2]);
+        assert_eq!(
+            n.next(Outcome::View(v1.clone())),
+            Action::Commit { round: 1 }
+        );
+        assert_eq!(n.next(Outcome::Committed { round: 1 }), Action::Poll);
+        v1.committed = true;
+        assert_eq!(n.next(Outcome::View(v1.clone())), Action::Step { round: 0 });
+        let t = Hash32::of(b"theta1");
+        let stepped = Outcome::Stepped {
+            round: 0,
+            theta: t,
+            expected: t,
+        };
+        assert_eq!(n.next(stepped), Action::Report { round: 0, theta: t });
+        assert_eq!(
+            n.next(Outcome::Reported),
+            Action::TrainAhead {
+                round: 2,
+                batches: vec![2]
+            }
+        );
+        // Trained ahead for other batches than round 2 got (the node was dropped and
+        // joined again), and round 2 closed meanwhile: the node holds θ of round 1,
+        // two steps behind. It steps once, trains round 3 from θ of round 2 (what
+        // round 3 trains from), commits it, then takes the second step.
+        n.next(Outcome::Trained {
+            round: 2,
+            batches: vec![9],
+        });
+        let mut v3 = view(Phase::Training { round: 3 }, 3, Some(vec![3]));
+        v3.next_assignment = Some(vec![4]);
+        assert_eq!(n.next(Outcome::View(v3.clone())), Action::Step { round: 1 });
+        let t2 = Hash32::of(b"theta2");
+        n.next(Outcome::Stepped {
+            round: 1,
+            theta: t2,
+            expected: t2,
+        });
+        assert_eq!(
+            n.next(Outcome::Reported),
+            Action::Train {
+                round: 3,
+                batches: vec![3]
+            }
+        );
+        assert_eq!(n.next(Outcome::Committed { round: 3 }), Action::Poll);
+        v3.committed = true;
+        assert_eq!(n.next(Outcome::View(v3)), Action::Step { round: 2 });
     }
 
     #[test]

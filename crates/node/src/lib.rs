@@ -67,6 +67,11 @@ pub struct NodeOptions {
     /// SEV-SNP guest) or `test:SEED_FILE` (the test PKI). `None`: the node cannot
     /// train on sealed data.
     pub attest: Option<String>,
+    /// Measure instead of joining: train this many rounds of the run's batches alone
+    /// from θ₀, print the tokens per second, and exit. The denominator of a node's
+    /// utilization in a run (its tokens per second there ÷ this, same machine and
+    /// threads).
+    pub alone_rounds: Option<u64>,
 }
 
 /// Context under which the blob endpoint's key is derived from the node key.
@@ -525,7 +530,23 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     )?;
     check_model(&info, data.manifest.vocab_size)?;
     let windows = Windows::new(&data.train, spec.seq_len);
-    let worker = Worker::new(spec.clone(), &info.model, opts.device).map_err(anyhow::Error::msg)?;
+    let mut worker =
+        Worker::new(spec.clone(), &info.model, opts.device).map_err(anyhow::Error::msg)?;
+    if let Some(rounds) = opts.alone_rounds {
+        let state = initial_state(&spec, &info.model);
+        let began = Instant::now();
+        let mut tokens = 0;
+        for r in 0..rounds {
+            let batches: Vec<u64> = (r * spec.inner_steps..(r + 1) * spec.inner_steps).collect();
+            tokens += worker.train_round(&state, &data, &windows, &batches).tokens;
+        }
+        let secs = began.elapsed().as_secs_f64();
+        eprintln!(
+            "node {tag}: alone: trained {tokens} tokens in {rounds} rounds at {:.1} tok/s",
+            tokens as f64 / secs.max(1e-9)
+        );
+        return Ok(());
+    }
     {
         // Leave cleanly when stopped, so the run does not wait for us at the deadline.
         let hub = hub.clone();
@@ -594,6 +615,8 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         copy_source: None,
         own_update: None,
         wrong_shards: opts.wrong_shards,
+        ahead: None,
+        span: Span::default(),
     };
     if let Some(a) = opts.adversary {
         eprintln!(
@@ -601,7 +624,11 @@ pub fn run(opts: NodeOptions) -> Result<()> {
             runner.tag
         );
     }
-    let mut engine = NodeState::new(100, 1000);
+    let mut engine = if runner.spec.overlap {
+        NodeState::overlapped(POLL_MS, 1000)
+    } else {
+        NodeState::new(POLL_MS, 1000)
+    };
     let mut outcome = Outcome::Started { round: 0 };
     loop {
         if counters.evicted.swap(false, Ordering::Relaxed) {
@@ -685,11 +712,19 @@ struct Runner {
     own_update: Option<(u64, Vec<u8>)>,
     /// Test tool: publish wrong shards ([`NodeOptions::wrong_shards`]).
     wrong_shards: bool,
+    /// Under `overlap`: the update trained ahead for the next round, held until that
+    /// round opens (or one whose commit went unanswered).
+    ahead: Option<Update>,
+    /// When this node trained, for its utilization.
+    span: Span,
 }
 
+/// How often a waiting node polls the hub.
+const POLL_MS: u64 = 100;
 /// Rounds of private state a node keeps for audits: the hub asks for a round's state
-/// right after it closes, before the node's next round.
-const REVEALABLE_ROUNDS: usize = 2;
+/// right after it closes, before the node's next round (under `overlap`, the node has
+/// trained the next one ahead by then).
+const REVEALABLE_ROUNDS: usize = 3;
 /// How long a node waits before sending a state the hub still asks for again (a hub
 /// restarted meanwhile forgot the replay in flight). Well inside the hub's reveal
 /// window of two round deadlines, so an honest node is never late for it.
@@ -721,6 +756,12 @@ impl Runner {
                 let _ =
                     self.hub
                         .heartbeat(&stats(&self.counters, self.blobs.as_ref(), self.started));
+                if let Some((tokens, rate)) = self.span.tokens_per_second() {
+                    eprintln!(
+                        "node {tag}: trained {tokens} tokens at {rate:.1} tok/s from the start of \
+                         its first round's training to the end of its last"
+                    );
+                }
                 eprintln!("node {tag}: run finished");
                 return None;
             }
@@ -777,6 +818,20 @@ impl Runner {
                 }
             },
             Action::Train { round, batches } => self.train(round, &batches),
+            Action::TrainAhead { round, batches } => {
+                let update = self.train_update(round, &batches);
+                self.ahead = Some(update);
+                Outcome::Trained { round, batches }
+            }
+            Action::Commit { round } => match self.ahead.take() {
+                Some(u) if u.round == round => self.commit_update(u),
+                _ => {
+                    eprintln!("node {tag}: no update held for round {round}");
+                    Outcome::Refused {
+                        code: ErrorCode::NotAssigned,
+                    }
+                }
+            },
             Action::Report { round, theta } => {
                 let report = ThetaReport {
                     run_id: self.spec.run_id.clone(),
@@ -1163,6 +1218,13 @@ impl Runner {
 
     /// Trains `batches` from θ of `round`, publishes the update and commits it.
     fn train(&mut self, round: u64, batches: &[u64]) -> Outcome {
+        let update = self.train_update(round, batches);
+        self.commit_update(update)
+    }
+
+    /// Trains `batches` of `round` from the θ held now, keeping what an audit of the
+    /// round asks for.
+    fn train_update(&mut self, round: u64, batches: &[u64]) -> Update {
         let before = self.worker.private_state();
         let state_hash = Hash32(before.digest());
         self.revealable
@@ -1170,6 +1232,7 @@ impl Runner {
         while self.revealable.len() > REVEALABLE_ROUNDS {
             self.revealable.pop_first();
         }
+        let began = Instant::now();
         let work = match self.adversary {
             None => self
                 .worker
@@ -1181,6 +1244,34 @@ impl Runner {
             .fetch_add((work.train_seconds * 1e3) as u64, Ordering::Relaxed);
         c.loss_micro
             .store((work.mean_loss * 1e6) as u64, Ordering::Relaxed);
+        self.span.add(began, Instant::now(), work.tokens);
+        let wall = self.started.elapsed().as_secs_f64();
+        let traffic = self.blobs.traffic();
+        eprintln!(
+            "node {}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
+            self.tag,
+            work.mean_loss,
+            work.tokens as f64 / work.train_seconds.max(1e-9),
+            traffic.sent,
+            traffic.received,
+            100.0 * c.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
+        );
+        Update {
+            round,
+            work,
+            theta_hash: Hash32(self.state.digest()),
+            state_hash,
+        }
+    }
+
+    /// Publishes a trained update and commits it.
+    fn commit_update(&mut self, update: Update) -> Outcome {
+        let Update {
+            round,
+            work,
+            theta_hash,
+            state_hash,
+        } = update;
         let committed = self
             .blobs
             .publish(&work.blob)
@@ -1193,38 +1284,67 @@ impl Runner {
                         blob_hash: Hash32::from_hex(&hash)?,
                         tokens: work.tokens,
                         loss_micro: (work.mean_loss * 1e6) as u64,
-                        theta_hash: Hash32(self.state.digest()),
+                        theta_hash,
                         state_hash,
                     },
                     provider: self.blobs.addr(),
                 };
                 self.hub.commit(&body).map_err(anyhow::Error::new)
             });
-        let wall = self.started.elapsed().as_secs_f64();
-        let traffic = self.blobs.traffic();
-        eprintln!(
-            "node {}: round {round} loss {:.4} {:.0} tok/s sent {} recv {} utilization {:.0}%",
-            self.tag,
-            work.mean_loss,
-            work.tokens as f64 / work.train_seconds.max(1e-9),
-            traffic.sent,
-            traffic.received,
-            100.0 * c.train_ms.load(Ordering::Relaxed) as f64 / 1e3 / wall.max(1e-9)
-        );
         match committed {
             Ok(()) => {
                 self.own_update = Some((round, work.blob));
-                c.rounds.fetch_add(1, Ordering::Relaxed);
+                self.counters.rounds.fetch_add(1, Ordering::Relaxed);
                 Outcome::Committed { round }
             }
             Err(e) => {
                 eprintln!("node {}: commit for round {round} refused: {e:#}", self.tag);
-                match e.downcast_ref::<ApiFailure>() {
-                    Some(f) => outcome_of(f),
-                    None => Outcome::Failed,
+                let outcome = e
+                    .downcast_ref::<ApiFailure>()
+                    .map_or(Outcome::Failed, outcome_of);
+                if outcome == Outcome::Failed {
+                    // Not answered: held, and committed again next time.
+                    self.ahead = Some(Update {
+                        round,
+                        work,
+                        theta_hash,
+                        state_hash,
+                    });
                 }
+                outcome
             }
         }
+    }
+}
+
+/// An update trained and not yet committed.
+struct Update {
+    round: u64,
+    work: tessera_train::worker::RoundWork,
+    theta_hash: Hash32,
+    state_hash: Hash32,
+}
+
+/// When a node trained, for its utilization: tokens trained and the time from the
+/// start of its first round's training to the end of its last.
+#[derive(Default)]
+struct Span {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: u64,
+}
+
+impl Span {
+    fn add(&mut self, began: Instant, ended: Instant, tokens: u64) {
+        self.first.get_or_insert(began);
+        self.last = Some(ended);
+        self.tokens += tokens;
+    }
+
+    /// Tokens trained per second of the span, `None` before any training.
+    fn tokens_per_second(&self) -> Option<(u64, f64)> {
+        let secs = self.last?.duration_since(self.first?).as_secs_f64();
+        (secs > 0.0).then(|| (self.tokens, self.tokens as f64 / secs))
     }
 }
 

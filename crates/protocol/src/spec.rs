@@ -101,6 +101,13 @@ pub struct RunSpec {
     /// member then fetches this many updates' worth per round, whatever the number of
     /// members.
     pub shard_topk_multiple: u32,
+    /// Overlap communication with compute: round `r`'s batches are drawn when round
+    /// `r - 1` opens, and members train them from θ of round `r - 1` while round
+    /// `r - 1`'s updates are judged and exchanged (the one-step-delayed outer update of
+    /// `tessera experiment diloco --overlap`, whose cost docs/results.md measures). Off
+    /// by default: at the run defaults it costs more bpb than the 3% budget.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub overlap: bool,
 }
 
 /// How the accepted updates reach every member.
@@ -158,6 +165,7 @@ impl Default for RunSpec {
             aggregation: AggregationMode::AllToAll,
             aggregators_per_shard: 2,
             shard_topk_multiple: 4,
+            overlap: false,
         }
     }
 }
@@ -319,6 +327,13 @@ impl RunSpec {
                 "aggregation",
                 "`sharded` needs a chunked codec (none, int8 or topk): a low-rank block \
                  mixes parameters across shards",
+            ));
+        }
+        if self.overlap && self.aggregation == AggregationMode::Sharded {
+            return Err(bad(
+                "overlap",
+                "`overlap` runs with `aggregation = \"all-to-all\"` only: a sharded \
+                 round's aggregators would still be combining while they train the next",
             ));
         }
         let preset = tessera_model_config::Preset::by_name(&self.preset)
@@ -511,6 +526,14 @@ mod tests {
                 RunSpec {
                     aggregation: AggregationMode::Sharded,
                     codec: CodecKind::LowRank,
+                    ..base.clone()
+                },
+            ),
+            (
+                "overlap",
+                RunSpec {
+                    aggregation: AggregationMode::Sharded,
+                    overlap: true,
                     ..base.clone()
                 },
             ),

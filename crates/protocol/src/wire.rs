@@ -250,6 +250,10 @@ pub struct StateView {
     /// replay of each step alone, before anything is slashed.
     #[serde(default)]
     pub dispute: Option<u64>,
+    /// Under `overlap`: the asking node's batches of the next round, drawn when this
+    /// one opened, to train from θ of this round while this round closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_assignment: Option<Vec<u64>>,
 }
 
 impl StateView {

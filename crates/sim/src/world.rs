@@ -640,11 +640,16 @@ impl World {
             Action::Train { .. } => 6,
             Action::Report { .. } => 7,
             Action::Done => 8,
+            // The simulated run's spec never sets `overlap` (the engine of a run
+            // without it never asks for these).
+            Action::TrainAhead { .. } | Action::Commit { .. } => {
+                unreachable!("the simulator runs without overlap")
+            }
         };
         self.trace(&[self.now, node as u64, tag]);
         let gen = self.nodes[node].gen;
         match action {
-            Action::Done => {}
+            Action::Done | Action::TrainAhead { .. } | Action::Commit { .. } => {}
             Action::Join => self.request(node, Req::Join),
             Action::Poll => self.request(node, Req::Poll),
             Action::Wait { ms } => self.schedule(

@@ -44,6 +44,21 @@ pub struct DemoArgs {
     /// `--attest configfs` inside a TDX or SEV-SNP guest).
     #[arg(long, conflicts_with = "single")]
     private: bool,
+    /// Overlap communication with compute (the run setting `overlap`; decentralized
+    /// demo): each node trains the next round while the open one is judged and
+    /// exchanged.
+    #[arg(long, conflicts_with = "single")]
+    overlap: bool,
+    /// Measure utilization (decentralized demo): first one node trains 8 rounds alone
+    /// (`tessera node --alone-rounds 8`, one thread), then each node's tokens per second
+    /// in the run, from the start of its first round's training to the end of its
+    /// last, is printed against that.
+    #[arg(long, conflicts_with = "single")]
+    utilization: bool,
+    /// Limit each node's blob upload and download to this many megabits per second
+    /// (decentralized demo).
+    #[arg(long, conflicts_with = "single")]
+    bandwidth_mbps: Option<f64>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -85,6 +100,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
             codec: args.codec.unwrap_or(defaults.codec),
             seed: args.seed,
             private: args.private,
+            overlap: args.overlap,
+            utilization: args.utilization,
+            bandwidth_mbps: args.bandwidth_mbps,
         };
         return crate::netdemo::run(&args.dir, &demo);
     }

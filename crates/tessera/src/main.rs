@@ -309,6 +309,11 @@ struct NodeArgs {
     /// `configfs:PCCS_URL`, or `test:SEED_FILE` (the test PKI, for tests and local demos).
     #[arg(long, value_name = "PROVIDER")]
     attest: Option<String>,
+    /// Measure instead of joining: train N rounds of the run's batches alone from θ₀,
+    /// print the tokens per second and exit (the denominator of a node's utilization
+    /// in the run, on the same machine with the same --threads).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    alone_rounds: Option<u64>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -433,6 +438,7 @@ fn run(cli: Cli) -> Result<()> {
                 adversary: args.adversary,
                 wrong_shards: args.wrong_shards,
                 attest: args.attest,
+                alone_rounds: args.alone_rounds,
             })
         }
         Command::Keygen { out } => {

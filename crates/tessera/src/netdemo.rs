@@ -36,6 +36,22 @@ pub struct NetDemo {
     /// A private run: the corpus sealed, its keys served by a key server to nodes that
     /// attest with the test PKI (what a TDX/SEV-SNP guest does with `--attest configfs`).
     pub private: bool,
+    /// The run setting `overlap`.
+    pub overlap: bool,
+    /// Measure one node alone first, and each node's utilization against it.
+    pub utilization: bool,
+    /// Each node's blob rate limit.
+    pub bandwidth_mbps: Option<f64>,
+}
+
+/// Rounds the utilization's denominator trains alone.
+const ALONE_ROUNDS: u64 = 8;
+
+/// The number after `before` and up to the next space on the last line holding it.
+fn figure_after(text: &str, before: &str) -> Option<f64> {
+    let line = text.lines().rev().find(|l| l.contains(before))?;
+    let rest = &line[line.find(before)? + before.len()..];
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// What a private demo adds: the sealed data, the key server and its journal.
@@ -137,6 +153,9 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
     }
     if demo.codec != defaults.codec {
         config += &format!("codec = \"{}\"\n", demo.codec);
+    }
+    if demo.overlap {
+        config += "overlap = true\n";
     }
     // A ledger whose pool pays every round, so the demo shows what each node earned
     // for verified work.
@@ -291,19 +310,41 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
             why.trim_start_matches("error: ")
         );
     }
-    for i in 0..demo.nodes {
-        let name = format!("node{i}");
-        let key = dir.join(format!("{name}.key"));
+    let node_cmd = |key: &Path| {
         let mut cmd = Command::new(&exe);
         cmd.args(["node", "--hub", &url, "--hub-key", &hub_key])
             .args(["--threads", "1", "--device", "cpu"])
             .arg("--key")
-            .arg(&key)
+            .arg(key)
             .arg("--cache")
             .arg(dir.join("node-cache"));
         if let Some(p) = &private {
             cmd.args(["--attest", &p.attest]);
         }
+        if let Some(b) = demo.bandwidth_mbps {
+            cmd.args(["--bandwidth-mbps", &b.to_string()]);
+        }
+        cmd
+    };
+    let alone = if demo.utilization {
+        eprintln!("measuring one node training {ALONE_ROUNDS} rounds alone (one thread)");
+        let out = node_cmd(&dir.join("node0.key"))
+            .args(["--alone-rounds", &ALONE_ROUNDS.to_string()])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let rate = figure_after(&text, " rounds at ")
+            .filter(|_| out.status.success())
+            .with_context(|| format!("measuring a node alone failed:\n{text}"))?;
+        eprintln!("alone: {rate:.1} tokens/s");
+        Some(rate)
+    } else {
+        None
+    };
+    let start = Instant::now();
+    for i in 0..demo.nodes {
+        let name = format!("node{i}");
+        let key = dir.join(format!("{name}.key"));
+        let mut cmd = node_cmd(&key);
         let child = cmd.stdout(log(&name)?).stderr(log(&name)?).spawn()?;
         children.0.push((name, child));
     }
@@ -364,6 +405,28 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         }
     }
     print_summary(&summary, &earned, start.elapsed().as_secs_f64());
+    if let Some(alone) = alone {
+        // Each node prints its span when it stops.
+        let until = Instant::now() + Duration::from_secs(120);
+        for (_, c) in children.0.iter_mut().filter(|(n, _)| n.starts_with("node")) {
+            while c.try_wait()?.is_none() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        println!(
+            "utilization: a node's tokens/s in the run (from the start of its first round's \
+             training to the end of its last) ÷ one node's alone ({alone:.1} tokens/s, \
+             {ALONE_ROUNDS} rounds, one thread)"
+        );
+        for i in 0..demo.nodes {
+            let name = format!("node{i}");
+            let text = std::fs::read_to_string(dir.join(format!("{name}.log")))?;
+            match figure_after(&text, " tokens at ") {
+                Some(r) => println!("  {name}: {r:.1} tokens/s, {:.1}%", 100.0 * r / alone),
+                None => println!("  {name}: no training span in its log"),
+            }
+        }
+    }
     if let Some(p) = &private {
         let journal = tessera_keyserver::Journal::open(&p.journal)?.entries()?;
         let mut by_node = std::collections::BTreeMap::<String, (usize, usize)>::new();
