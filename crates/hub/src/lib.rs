@@ -895,8 +895,10 @@ struct Shared {
     blobs: Arc<dyn BlobTransport>,
     blob_dir: PathBuf,
     auth: Arc<ServerAuth>,
-    /// Members whose commit's blob is being fetched (one at a time each).
-    fetching: Arc<std::sync::Mutex<std::collections::HashSet<NodeId>>>,
+    /// Members whose blobs are being fetched: one update (a commit's) and one private
+    /// state (a reveal's or a trail's) at a time each, so a node sending a large state
+    /// for an audit can still commit meanwhile.
+    fetching: Arc<std::sync::Mutex<std::collections::HashSet<(NodeId, FetchKind)>>>,
     /// Blob fetches running at once, across members.
     fetch_permits: Arc<tokio::sync::Semaphore>,
 }
@@ -907,17 +909,24 @@ struct Shared {
 const COMMIT_FETCHES_MAX: usize = 64;
 const COMMIT_FETCH_WAIT: Duration = Duration::from_secs(30);
 
+/// What a member's blob fetch is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FetchKind {
+    Update,
+    State,
+}
+
 /// A member's place in [`Shared::fetching`], given back when dropped.
 struct Fetching {
-    set: Arc<std::sync::Mutex<std::collections::HashSet<NodeId>>>,
-    node: NodeId,
+    set: Arc<std::sync::Mutex<std::collections::HashSet<(NodeId, FetchKind)>>>,
+    slot: (NodeId, FetchKind),
 }
 
 impl Fetching {
     /// Takes `node`'s turn to have a blob fetched, or refuses while one is in flight.
-    fn claim(hub: &Shared, node: NodeId) -> Result<Fetching, ApiError> {
+    fn claim(hub: &Shared, node: NodeId, kind: FetchKind) -> Result<Fetching, ApiError> {
         let mut set = hub.fetching.lock().expect("fetching lock");
-        if !set.insert(node) {
+        if !set.insert((node, kind)) {
             return Err(api(
                 ErrorCode::Busy,
                 "a blob of this node is already being fetched; wait for its answer",
@@ -925,14 +934,14 @@ impl Fetching {
         }
         Ok(Fetching {
             set: hub.fetching.clone(),
-            node,
+            slot: (node, kind),
         })
     }
 }
 
 impl Drop for Fetching {
     fn drop(&mut self) {
-        self.set.lock().expect("fetching lock").remove(&self.node);
+        self.set.lock().expect("fetching lock").remove(&self.slot);
     }
 }
 
@@ -1072,7 +1081,7 @@ async fn commit(
                 format!("commit's provider refused: {e}"),
             )
         })?;
-    let _turn = Fetching::claim(&hub, node)?;
+    let _turn = Fetching::claim(&hub, node, FetchKind::Update)?;
     let _permit = tokio::time::timeout(COMMIT_FETCH_WAIT, hub.fetch_permits.acquire())
         .await
         .map_err(|_| {
@@ -1240,7 +1249,7 @@ async fn fetch_states(
             format!("{what}'s provider refused: {e}"),
         )
     })?;
-    let _turn = Fetching::claim(hub, node)?;
+    let _turn = Fetching::claim(hub, node, FetchKind::State)?;
     let max = 8 + 12 * hub.info.model.params_total();
     let blobs = hub.blobs.clone();
     tokio::task::spawn_blocking(move || {

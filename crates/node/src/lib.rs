@@ -617,6 +617,8 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         wrong_shards: opts.wrong_shards,
         ahead: None,
         span: Span::default(),
+        spent: BTreeMap::new(),
+        revealing: None,
     };
     if let Some(a) = opts.adversary {
         eprintln!(
@@ -717,6 +719,10 @@ struct Runner {
     ahead: Option<Update>,
     /// When this node trained, for its utilization.
     span: Span,
+    /// Seconds spent per kind of action, and how many.
+    spent: BTreeMap<&'static str, (u64, f64)>,
+    /// The reveal being sent, if any.
+    revealing: Option<std::thread::JoinHandle<()>>,
 }
 
 /// How often a waiting node polls the hub.
@@ -733,6 +739,36 @@ const REVEAL_AGAIN: Duration = Duration::from_secs(2);
 impl Runner {
     /// Carries out one action; `None` when the run is over.
     fn act(&mut self, action: Action) -> Option<Outcome> {
+        let kind = match &action {
+            Action::Join => "join",
+            Action::Poll => "poll",
+            Action::Wait { .. } => "wait",
+            Action::Step { .. } => "step",
+            Action::LoadCheckpoint { .. } => "checkpoint",
+            Action::Train { .. } => "train+commit",
+            Action::TrainAhead { .. } => "train ahead",
+            Action::Commit { .. } => "commit",
+            Action::Report { .. } => "report",
+            Action::Done => "done",
+        };
+        let began = Instant::now();
+        let outcome = self.act_timed(action);
+        let slot = self.spent.entry(kind).or_default();
+        slot.0 += 1;
+        slot.1 += began.elapsed().as_secs_f64();
+        outcome
+    }
+
+    /// Where this node's time went, per kind of action.
+    fn time_spent(&self) -> String {
+        self.spent
+            .iter()
+            .map(|(k, (n, secs))| format!("{k} {secs:.1} s ({n}×)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn act_timed(&mut self, action: Action) -> Option<Outcome> {
         let tag = self.tag.clone();
         Some(match action {
             Action::Done => {
@@ -762,6 +798,7 @@ impl Runner {
                          its first round's training to the end of its last"
                     );
                 }
+                eprintln!("node {tag}: time spent: {}", self.time_spent());
                 eprintln!("node {tag}: run finished");
                 return None;
             }
@@ -1050,49 +1087,52 @@ impl Runner {
         Ok(round)
     }
 
-    /// Sends the hub the private state this node started `round` from, once.
+    /// Sends the hub the private state this node started `round` from, once (again
+    /// after [`REVEAL_AGAIN`] if the hub still asks), on a thread of its own: a state
+    /// is many times an update (44 MB for `micro`), and training goes on meanwhile.
     fn reveal(&mut self, round: u64) {
-        if self
-            .revealed
-            .get(&round)
-            .is_some_and(|at| at.elapsed() < REVEAL_AGAIN)
+        if self.revealing.as_ref().is_some_and(|t| !t.is_finished())
+            || self
+                .revealed
+                .get(&round)
+                .is_some_and(|at| at.elapsed() < REVEAL_AGAIN)
         {
             return;
         }
+        self.revealed.insert(round, Instant::now());
         let Some((_, state, _)) = self.revealable.get(&round) else {
             eprintln!(
                 "node {}: the hub audits round {round}, whose state this node no longer holds",
                 self.tag
             );
-            self.revealed.insert(round, Instant::now());
             return;
         };
-        let bytes = state.to_bytes();
-        let result = self
-            .blobs
-            .publish(&bytes)
-            .map_err(anyhow::Error::new)
-            .and_then(|hash| {
-                let body = RevealBody {
-                    run_id: self.spec.run_id.clone(),
-                    round,
-                    blob_hash: Hash32::from_hex(&hash)?,
-                    provider: self.blobs.addr(),
-                };
-                let sent = self.hub.reveal(&body).map_err(anyhow::Error::new);
-                self.blobs.forget(&hash);
-                sent
-            });
-        match result {
-            Ok(()) => {
-                eprintln!(
-                    "node {}: audited in round {round}: revealed its private state",
-                    self.tag
-                );
-                self.revealed.insert(round, Instant::now());
+        let state = state.clone();
+        let (hub, blobs) = (self.hub.clone(), self.blobs.clone());
+        let (run_id, tag) = (self.spec.run_id.clone(), self.tag.clone());
+        self.revealing = Some(std::thread::spawn(move || {
+            let bytes = state.to_bytes();
+            let result = blobs
+                .publish(&bytes)
+                .map_err(anyhow::Error::new)
+                .and_then(|hash| {
+                    let body = RevealBody {
+                        run_id,
+                        round,
+                        blob_hash: Hash32::from_hex(&hash)?,
+                        provider: blobs.addr(),
+                    };
+                    let sent = hub.reveal(&body).map_err(anyhow::Error::new);
+                    blobs.forget(&hash);
+                    sent
+                });
+            match result {
+                Ok(()) => {
+                    eprintln!("node {tag}: audited in round {round}: revealed its private state")
+                }
+                Err(e) => eprintln!("node {tag}: revealing round {round} failed: {e:#}"),
             }
-            Err(e) => eprintln!("node {}: revealing round {round} failed: {e:#}", self.tag),
-        }
+        }));
     }
 
     /// Recomputes a disputed round from what it started from and sends the hub its

@@ -1,0 +1,95 @@
+//! A run with the setting `overlap` as real processes on loopback: each node trains the
+//! next round from θ of the open one while that round is judged and closes. Two nodes
+//! train `nano`; mid-run a third joins (it catches up from the hub's checkpoint and
+//! trains ahead from there) and the hub is killed and restarted (the batches it drew
+//! ahead are in its store, and the updates nodes trained ahead are still accepted).
+//! Every round closes, every node's θ agrees with the hub's, and after the start-up
+//! no member's update arrives late.
+
+use std::process::Child;
+use std::time::Duration;
+
+mod common;
+use common::{get, node_args, run_file, s, spawn, tiny_data, wait_for, Procs};
+
+#[test]
+fn overlapped_rounds_train_ahead_across_a_join_and_a_hub_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = tiny_data(d);
+    let rounds = 12u64;
+    let (url, config) = run_file(
+        d,
+        &data,
+        &format!(
+            "run_id = \"ov\"\nmin_nodes = 2\nrounds = {rounds}\ninner_steps = 2\n\
+             round_deadline_ms = 4000\nmin_stake = 0\nheartbeat_timeout_ms = 8000\n\
+             topk = 256\noverlap = true\n"
+        ),
+    );
+    let mut procs = Procs(Vec::new());
+    procs
+        .0
+        .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
+    wait_for(d, "the hub", Duration::from_secs(30), || {
+        get(&format!("{url}/run")).is_some()
+    });
+    let node = |name: &str| -> Child {
+        let key = d.join(format!("{name}.key"));
+        let cache = d.join("cache");
+        spawn(&node_args(&url, &key, &cache), &d.join(format!("{name}.log")))
+    };
+    procs.0.push(node("n0"));
+    procs.0.push(node("n1"));
+    let closed =
+        || get(&format!("{url}/summary")).map_or(0, |s| s["rounds_closed"].as_u64().unwrap_or(0));
+    wait_for(d, "three rounds", Duration::from_secs(120), || closed() >= 3);
+    procs.0.push(node("n2"));
+    let at_join = closed();
+    wait_for(d, "two rounds after the join", Duration::from_secs(120), || {
+        closed() >= at_join + 2
+    });
+    procs.0[0].kill().unwrap();
+    procs.0[0].wait().unwrap();
+    let at_restart = closed();
+    procs.0[0] = spawn(&["hub", "--config", s(&config)], &d.join("hub2.log"));
+    wait_for(d, "the run to finish", Duration::from_secs(240), || {
+        get(&format!("{url}/summary"))
+            .is_some_and(|s| s["finished"] == true && !s["final_eval"].is_null())
+    });
+    let summary = get(&format!("{url}/summary")).unwrap();
+    assert_eq!(summary["rounds_closed"], rounds);
+    assert_eq!(
+        summary["divergent_reports"], 0,
+        "a node's θ differed from the hub's: {summary}"
+    );
+    let mut late_after_start = Vec::new();
+    let mut accepted_joiner = 0;
+    for r in 0..rounds {
+        let rec = get(&format!("{url}/rounds/{r}")).unwrap_or_else(|| panic!("round {r} missing"));
+        assert_eq!(rec["round"], r);
+        let accepted = rec["accepted"].as_array().unwrap().len();
+        assert!(accepted >= 2, "round {r} accepted {accepted}: {rec}");
+        if accepted == 3 {
+            accepted_joiner += 1;
+        }
+        // Late: the round the joiner arrived in, and the restart's round.
+        let late = rec["late"].as_array().unwrap().len();
+        if late > 0 && ![at_join, at_join + 1, at_restart, at_restart + 1].contains(&r) {
+            late_after_start.push(r);
+        }
+    }
+    assert!(
+        accepted_joiner >= 3,
+        "the joiner contributed to {accepted_joiner} rounds"
+    );
+    assert!(
+        late_after_start.is_empty(),
+        "members were late in rounds {late_after_start:?} outside the join and restart"
+    );
+    for name in ["n0", "n1", "n2"] {
+        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
+        assert!(!log.contains("differs from the hub"), "{name}:\n{log}");
+        assert!(!log.contains("refused"), "{name}:\n{log}");
+    }
+}
