@@ -37,13 +37,18 @@ fn overlapped_rounds_train_ahead_across_a_join_and_a_hub_restart() {
     let node = |name: &str| -> Child {
         let key = d.join(format!("{name}.key"));
         let cache = d.join("cache");
-        spawn(&node_args(&url, &key, &cache), &d.join(format!("{name}.log")))
+        spawn(
+            &node_args(&url, &key, &cache),
+            &d.join(format!("{name}.log")),
+        )
     };
     procs.0.push(node("n0"));
     procs.0.push(node("n1"));
     let closed =
         || get(&format!("{url}/summary")).map_or(0, |s| s["rounds_closed"].as_u64().unwrap_or(0));
-    wait_for(d, "three rounds", Duration::from_secs(120), || closed() >= 3);
+    wait_for(d, "three rounds", Duration::from_secs(120), || {
+        closed() >= 3
+    });
     procs.0.push(node("n2"));
     let at_join = closed();
     wait_for(d, "the joiner to train", Duration::from_secs(120), || {
