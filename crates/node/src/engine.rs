@@ -234,20 +234,13 @@ impl NodeState {
         if self.overlap {
             return self.decide_overlapped();
         }
-        let target = view.closed_rounds;
-        match self.have {
-            Some(h) if h == target => {}
-            Some(h) if h + 1 == target => return Action::Step { round: h },
-            _ => {
-                return Action::LoadCheckpoint {
-                    hash: view.checkpoint,
-                }
-            }
+        let (closed, checkpoint, phase) = (view.closed_rounds, view.checkpoint, view.phase);
+        if let Some(a) = self.catch_up(closed, checkpoint, phase, 1) {
+            return a;
         }
-        if view.phase == Phase::Finished {
-            self.done = true;
-            return Action::Done;
-        }
+        let Some(view) = &self.view else {
+            return Action::Poll;
+        };
         if let (Phase::Training { round }, Some(batches)) = (view.phase, &view.assignment) {
             if !view.committed && self.tried != Some(round) && self.have == Some(round) {
                 return Action::Train {
@@ -258,6 +251,28 @@ impl NodeState {
         }
         self.view = None;
         Action::Wait { ms: self.poll_ms }
+    }
+
+    /// What brings θ up to `closed` closed rounds: an outer step when at most `steps`
+    /// behind, else the hub's `checkpoint`; then the end, if the run finished. `None`
+    /// when θ is current and the run goes on.
+    fn catch_up(
+        &mut self,
+        closed: u64,
+        checkpoint: Hash32,
+        phase: Phase,
+        steps: u64,
+    ) -> Option<Action> {
+        match self.have {
+            Some(h) if h == closed => {}
+            Some(h) if h < closed && closed - h <= steps => return Some(Action::Step { round: h }),
+            _ => return Some(Action::LoadCheckpoint { hash: checkpoint }),
+        }
+        if phase == Phase::Finished {
+            self.done = true;
+            return Some(Action::Done);
+        }
+        None
     }
 
     /// The policy under `overlap`, where round `k` trains from θ of round `k - 1`
@@ -293,18 +308,8 @@ impl NodeState {
         // right after it opens: the node is then two steps behind, and takes them
         // (the hub keeps two rounds' updates), committing in between what the open
         // round trains from θ of the one before.
-        match self.have {
-            Some(h) if h == target => {}
-            Some(h) if h < target && target - h <= 2 => return Action::Step { round: h },
-            _ => {
-                return Action::LoadCheckpoint {
-                    hash: view.checkpoint,
-                }
-            }
-        }
-        if view.phase == Phase::Finished {
-            self.done = true;
-            return Action::Done;
+        if let Some(a) = self.catch_up(target, view.checkpoint, view.phase, 2) {
+            return a;
         }
         if let (Some(k), Some(batches)) = (open, &view.next_assignment) {
             let held = self.ahead.as_ref().is_some_and(|(r, _)| *r == k + 1);
