@@ -113,6 +113,60 @@ pub struct FileOuter {
     shard_blobs: BTreeMap<u64, Vec<String>>,
 }
 
+/// Where the hub keeps the port its blob endpoint bound, when `blob_bind` names none.
+const BLOB_PORT_FILE: &str = "blob_port";
+
+/// The hub's blob endpoint, the same across restarts: its key is derived from the
+/// hub's, and with `blob_bind` on port 0 it binds again the port it got at its first
+/// start (kept in `state_dir`), so the address nodes read from the run info at their
+/// start keeps working after a restart. A port taken meanwhile gives a new one.
+fn bind_blobs(
+    dep: &config::Deployment,
+    key: &tessera_protocol::Identity,
+    relays: &[tessera_protocol::RelayInfo],
+) -> Result<IrohBlobs> {
+    let port_file = dep.state_dir.join(BLOB_PORT_FILE);
+    let kept = (dep.blob_bind.port() == 0)
+        .then(|| {
+            std::fs::read_to_string(&port_file)
+                .ok()?
+                .trim()
+                .parse::<u16>()
+                .ok()
+        })
+        .flatten()
+        .filter(|p| *p != 0);
+    let bind = |port: u16| {
+        IrohBlobs::bind(IrohOptions {
+            bind: SocketAddr::new(dep.blob_bind.ip(), port),
+            relays: relays.to_vec(),
+            secret_key: Some(key.derive_secret(HUB_BLOB_KEY_CONTEXT)),
+            ..IrohOptions::loopback()
+        })
+    };
+    let blobs = match kept.map(bind) {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => {
+            log(&format!(
+                "the blob endpoint's port {} is taken ({e}); binding another",
+                kept.unwrap_or(0)
+            ));
+            bind(0).context("starting the hub's blob endpoint")?
+        }
+        None => bind(dep.blob_bind.port()).context("starting the hub's blob endpoint")?,
+    };
+    if dep.blob_bind.port() == 0 {
+        if let Some(port) = blobs.bound_sockets().first().map(|a| a.port()) {
+            std::fs::write(&port_file, format!("{port}\n"))
+                .with_context(|| format!("writing {}", port_file.display()))?;
+        }
+    }
+    Ok(blobs)
+}
+
+/// Context of the hub's blob endpoint key, derived from the hub's key.
+const HUB_BLOB_KEY_CONTEXT: &str = "tessera hub blob endpoint v1";
+
 /// Each shard's (inputs, aggregated shard) hashes.
 type ShardHashes = Vec<(Hash32, Hash32)>;
 
@@ -427,14 +481,7 @@ impl Core {
             .iter()
             .map(|r| r.info())
             .collect::<Result<Vec<_>>>()?;
-        let blobs: Arc<dyn BlobTransport> = Arc::new(
-            IrohBlobs::bind(IrohOptions {
-                bind: dep.blob_bind,
-                relays: relays.clone(),
-                ..IrohOptions::loopback()
-            })
-            .context("starting the hub's blob endpoint")?,
-        );
+        let blobs: Arc<dyn BlobTransport> = Arc::new(bind_blobs(dep, &key, &relays)?);
         let info = Arc::new(RunInfo {
             protocol: tessera_protocol::wire::PROTOCOL_VERSION,
             spec: spec.clone(),

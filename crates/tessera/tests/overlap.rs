@@ -2,7 +2,8 @@
 //! next round from θ of the open one while that round is judged and closes. Two nodes
 //! train `nano`; mid-run a third joins (it catches up from the hub's checkpoint and
 //! trains ahead from there) and the hub is killed and restarted (the batches it drew
-//! ahead are in its store, and the updates nodes trained ahead are still accepted).
+//! ahead are in its store, the updates nodes trained ahead are still accepted, and its
+//! blob endpoint comes back at the same address).
 //! Every round closes, every node's θ agrees with the hub's, and after the start-up
 //! no member's update arrives late.
 
@@ -55,9 +56,17 @@ fn overlapped_rounds_train_ahead_across_a_join_and_a_hub_restart() {
         std::fs::read_to_string(d.join("n2.log")).is_ok_and(|l| l.contains(" loss "))
     });
     let at_restart = closed();
+    let blobs_before = get(&format!("{url}/run")).unwrap()["hub_blobs"].clone();
     procs.0[0].kill().unwrap();
     procs.0[0].wait().unwrap();
     procs.0[0] = spawn(&["hub", "--config", s(&config)], &d.join("hub2.log"));
+    wait_for(d, "the restarted hub", Duration::from_secs(30), || {
+        get(&format!("{url}/run")).is_some()
+    });
+    // The hub's blob endpoint is the same after the restart (its key derived from the
+    // hub's, its port kept): the address nodes read at their start still reaches it.
+    let blobs_after = get(&format!("{url}/run")).unwrap()["hub_blobs"].clone();
+    assert_eq!(blobs_before, blobs_after, "the hub's blob address changed");
     wait_for(d, "the run to finish", Duration::from_secs(240), || {
         get(&format!("{url}/summary"))
             .is_some_and(|s| s["finished"] == true && !s["final_eval"].is_null())
@@ -94,14 +103,17 @@ fn overlapped_rounds_train_ahead_across_a_join_and_a_hub_restart() {
         late_after_start.is_empty(),
         "members were late in rounds {late_after_start:?} outside the join and restart"
     );
+    let mut ahead = 0;
     for name in ["n0", "n1", "n2"] {
         let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
         assert!(!log.contains("differs from the hub"), "{name}:\n{log}");
         // No commit was refused by the hub (a 4xx answer: stale θ, not assigned, …);
         // one sent while the hub was down is not a refusal.
         assert!(!log.contains("refused: 4"), "{name}:\n{log}");
-        // It trained rounds ahead, while the round before closed.
         let spent = log.lines().find(|l| l.contains("time spent")).unwrap_or("");
-        assert!(spent.contains("train ahead"), "{name}:\n{log}");
+        ahead += usize::from(spent.contains("train ahead"));
     }
+    // Nodes trained rounds ahead while the round before closed (the last to commit a
+    // round may always find the next one open already, and train it then).
+    assert!(ahead >= 1, "no node trained a round ahead");
 }
