@@ -643,6 +643,27 @@ pub fn run(opts: NodeOptions) -> Result<()> {
     }
 }
 
+/// Refuses a state view that hands this node more batches than a round trains (a
+/// broken or hostile hub would have it train without end).
+pub fn check_view(view: &StateView, spec: &RunSpec) -> Result<()> {
+    for (what, batches) in [
+        ("this round", &view.assignment),
+        ("the next round", &view.next_assignment),
+    ] {
+        let n = batches.as_ref().map_or(0, Vec::len) as u64;
+        if n > spec.inner_steps {
+            bail!(
+                "the hub's view assigns {n} batches for {what}; the run trains {} a round",
+                spec.inner_steps
+            );
+        }
+    }
+    if view.next_assignment.is_some() && !spec.overlap {
+        bail!("the hub's view assigns next round's batches in a run without overlap");
+    }
+    Ok(())
+}
+
 /// The shard layout a sharded round's record implies, once the record is checked
 /// against what the run's settings make of its accepted set: as many shards as
 /// `shard_count` gives, each drawn aggregator one of the accepted members. A record
@@ -818,7 +839,12 @@ impl Runner {
                     outcome_of(&e)
                 }
             },
-            Action::Poll => match self.hub.state(&self.me) {
+            Action::Poll => match self
+                .hub
+                .state(&self.me)
+                .map_err(anyhow::Error::new)
+                .and_then(|v| check_view(&v, &self.spec).map(|()| v))
+            {
                 Ok(v) => {
                     if let Some(round) = v.audit {
                         self.reveal(round);
@@ -829,8 +855,9 @@ impl Runner {
                     Outcome::View(v)
                 }
                 Err(e) => {
-                    eprintln!("node {tag}: reading the state failed: {e}");
-                    outcome_of(&e)
+                    eprintln!("node {tag}: reading the state failed: {e:#}");
+                    e.downcast_ref::<ApiFailure>()
+                        .map_or(Outcome::Failed, outcome_of)
                 }
             },
             Action::Wait { ms } => {
@@ -1437,6 +1464,38 @@ mod tests {
         let mut crowded = rec.clone();
         crowded.shards[0] = shard(ids.clone());
         assert!(shard_layout(&crowded, &spec, params).is_err());
+    }
+
+    /// A hostile hub's view can't make a node train without end.
+    #[test]
+    fn a_view_assigns_at_most_a_rounds_batches() {
+        use super::{check_view, Hash32, RunSpec, StateView};
+        let spec = RunSpec {
+            overlap: true,
+            ..RunSpec::default()
+        };
+        let view = |now: usize, next: usize| StateView {
+            phase: tessera_protocol::wire::Phase::Training { round: 1 },
+            assignment: Some((0..now as u64).collect()),
+            committed: false,
+            deadline_ms: 0,
+            closed_rounds: 1,
+            checkpoint: Hash32::of(b"c"),
+            audit: None,
+            dispute: None,
+            next_assignment: Some((0..next as u64).collect()),
+        };
+        let h = spec.inner_steps as usize;
+        assert!(check_view(&view(h, h), &spec).is_ok());
+        for (now, next) in [(h + 1, h), (h, h + 1), (1 << 20, 0)] {
+            let e = check_view(&view(now, next), &spec).unwrap_err().to_string();
+            assert!(e.contains("batches"), "{e}");
+        }
+        let plain = RunSpec::default();
+        assert!(check_view(&view(h, h), &plain).is_err());
+        let mut v = view(h, 0);
+        v.next_assignment = None;
+        assert!(check_view(&v, &plain).is_ok());
     }
 
     #[test]
