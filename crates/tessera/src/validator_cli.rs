@@ -117,11 +117,26 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
     )
     .map_err(anyhow::Error::msg)?;
     let mut state = initial_state(&spec, &info.model);
+    // Under `overlap` a round trains (and is judged) from θ one step older than the
+    // one it steps.
+    let mut older: Option<Vec<f32>> = None;
     let mut previous: Vec<(NodeId, Vec<f32>)> = Vec::new();
+    // Retried for as long as a round may take to close: a hub restarting meanwhile
+    // serves its blobs again once it is back.
     let fetch = |h: Hash32| -> Result<Vec<u8>> {
-        let bytes = blobs
-            .fetch(&h.to_hex(), std::slice::from_ref(&info.hub_blobs), max)
-            .with_context(|| format!("fetching blob {} from the hub", h.short(12)))?;
+        let started = Instant::now();
+        let bytes = loop {
+            match blobs.fetch(&h.to_hex(), std::slice::from_ref(&info.hub_blobs), max) {
+                Ok(b) => break b,
+                Err(_) if started.elapsed() < Duration::from_secs(args.round_timeout) => {
+                    std::thread::sleep(Duration::from_millis(500))
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("fetching blob {} from the hub", h.short(12)))
+                }
+            }
+        };
         blobs.forget(&h.to_hex());
         Ok(bytes)
     };
@@ -163,7 +178,13 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
             .collect();
         if !commits.is_empty() {
             let mine = validator
-                .verdicts(round, &state.theta, &commits, &updates, &previous)
+                .verdicts(
+                    round,
+                    older.as_ref().unwrap_or(&state.theta),
+                    &commits,
+                    &updates,
+                    &previous,
+                )
                 .map_err(anyhow::Error::msg)?;
             let differing: Vec<String> = rec
                 .verdicts
@@ -206,6 +227,9 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
                 }
             })
             .collect::<Result<_>>()?;
+        if spec.overlap {
+            older = Some(state.theta.clone());
+        }
         if rec.shards.is_empty() {
             state.apply(codec, spec.aggregator, &accepted)?;
         } else {
