@@ -121,22 +121,10 @@ pub fn run(args: ValidatorArgs) -> Result<()> {
     // one it steps.
     let mut older: Option<Vec<f32>> = None;
     let mut previous: Vec<(NodeId, Vec<f32>)> = Vec::new();
-    // Retried for as long as a round may take to close: a hub restarting meanwhile
-    // serves its blobs again once it is back.
     let fetch = |h: Hash32| -> Result<Vec<u8>> {
-        let started = Instant::now();
-        let bytes = loop {
-            match blobs.fetch(&h.to_hex(), std::slice::from_ref(&info.hub_blobs), max) {
-                Ok(b) => break b,
-                Err(_) if started.elapsed() < Duration::from_secs(args.round_timeout) => {
-                    std::thread::sleep(Duration::from_millis(500))
-                }
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("fetching blob {} from the hub", h.short(12)))
-                }
-            }
-        };
+        let bytes = blobs
+            .fetch(&h.to_hex(), std::slice::from_ref(&info.hub_blobs), max)
+            .with_context(|| format!("fetching blob {} from the hub", h.short(12)))?;
         blobs.forget(&h.to_hex());
         Ok(bytes)
     };
