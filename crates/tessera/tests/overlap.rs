@@ -79,17 +79,20 @@ fn overlapped_rounds_train_ahead_across_a_join_and_a_hub_restart() {
     );
     let mut late_after_start = Vec::new();
     let mut accepted_joiner = 0;
+    // The rounds a join or the restart may disturb: the joiner's first two, and the
+    // rounds open around the kill (one may close between reading the count and the
+    // kill; a round open while the hub was down past its deadline closes at once).
+    let disturbed =
+        |r: u64| (at_join..=at_join + 1).contains(&r) || (at_restart..=at_restart + 2).contains(&r);
     for r in 0..rounds {
         let rec = get(&format!("{url}/rounds/{r}")).unwrap_or_else(|| panic!("round {r} missing"));
         assert_eq!(rec["round"], r);
         let accepted = rec["accepted"].as_array().unwrap().len();
-        assert!(accepted >= 2, "round {r} accepted {accepted}: {rec}");
         if accepted == 3 {
             accepted_joiner += 1;
         }
-        // Late: the round the joiner arrived in, and the restart's round.
         let late = rec["late"].as_array().unwrap().len();
-        if late > 0 && ![at_join, at_join + 1, at_restart, at_restart + 1].contains(&r) {
+        if (late > 0 || accepted < 2) && !disturbed(r) {
             late_after_start.push(r);
         }
     }
@@ -101,7 +104,8 @@ fn overlapped_rounds_train_ahead_across_a_join_and_a_hub_restart() {
     );
     assert!(
         late_after_start.is_empty(),
-        "members were late in rounds {late_after_start:?} outside the join and restart"
+        "members were late in rounds {late_after_start:?} outside the join (round {at_join}) \
+         and the restart (round {at_restart})"
     );
     let mut ahead = 0;
     for name in ["n0", "n1", "n2"] {
