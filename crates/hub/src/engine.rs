@@ -625,7 +625,8 @@ impl HubState {
         self.rounds.get(&round).cloned()
     }
 
-    /// θ every commit of the open round must start from.
+    /// θ after the last closed round: what the open round's commits start from,
+    /// except under `overlap` ([`HubState::base_of`]).
     pub fn theta(&self) -> Hash32 {
         self.rounds
             .values()

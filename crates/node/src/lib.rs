@@ -749,9 +749,9 @@ struct Runner {
 /// How often a waiting node polls the hub.
 const POLL_MS: u64 = 100;
 /// Rounds of private state a node keeps for audits: the hub asks for a round's state
-/// right after it closes, before the node's next round (under `overlap`, the node has
-/// trained the next one ahead by then).
-const REVEALABLE_ROUNDS: usize = 3;
+/// right after it closes, before the node's next round. Under `overlap` one more: the
+/// node has trained the next round ahead by then.
+const REVEALABLE_ROUNDS: usize = 2;
 /// How long a node waits before sending a state the hub still asks for again (a hub
 /// restarted meanwhile forgot the replay in flight). Well inside the hub's reveal
 /// window of two round deadlines, so an honest node is never late for it.
@@ -1296,7 +1296,8 @@ impl Runner {
         let state_hash = Hash32(before.digest());
         self.revealable
             .insert(round, (self.state.clone(), before, batches.to_vec()));
-        while self.revealable.len() > REVEALABLE_ROUNDS {
+        let kept = REVEALABLE_ROUNDS + usize::from(self.spec.overlap);
+        while self.revealable.len() > kept {
             self.revealable.pop_first();
         }
         let began = Instant::now();
