@@ -11,7 +11,7 @@ use std::process::Child;
 use std::time::Duration;
 
 mod common;
-use common::{get, node_args, run_file, s, spawn, spawn_validator, tiny_data, wait_for, Procs};
+use common::{get, node_args, run_file, s, spawn, tiny_data, wait_for, Procs};
 
 #[test]
 fn overlapped_rounds_train_ahead_across_a_join_and_a_hub_restart() {
@@ -120,44 +120,4 @@ fn overlapped_rounds_train_ahead_across_a_join_and_a_hub_restart() {
     // Nodes trained rounds ahead while the round before closed (the last to commit a
     // round may always find the next one open already, and train it then).
     assert!(ahead >= 1, "no node trained a round ahead");
-}
-
-/// An independent `tessera validator` judges each overlapped round from the θ the round
-/// trained from (one step older than the one it steps), as the hub does.
-#[test]
-fn the_validator_judges_overlapped_rounds_as_the_hub_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let data = tiny_data(d);
-    let (url, config) = run_file(
-        d,
-        &data,
-        "run_id = \"ovv\"\nmin_nodes = 2\nrounds = 6\ninner_steps = 8\nmin_stake = 0\n\
-         round_deadline_ms = 4000\ntopk = 256\noverlap = true\n",
-    );
-    let mut procs = Procs(Vec::new());
-    procs
-        .0
-        .push(spawn(&["hub", "--config", s(&config)], &d.join("hub.log")));
-    wait_for(d, "the hub", Duration::from_secs(30), || {
-        get(&format!("{url}/run")).is_some()
-    });
-    let mut checker = spawn_validator(d, &url);
-    for name in ["n0", "n1"] {
-        let key = d.join(format!("{name}.key"));
-        let cache = d.join("cache");
-        procs.0.push(spawn(
-            &node_args(&url, &key, &cache),
-            &d.join(format!("{name}.log")),
-        ));
-    }
-    wait_for(d, "the validator", Duration::from_secs(180), || {
-        checker.try_wait().unwrap().is_some()
-    });
-    let text = std::fs::read_to_string(d.join("validator.log")).unwrap();
-    assert!(
-        checker.wait().unwrap().success()
-            && text.contains("6 round(s) agree with the hub's verdicts, 0 differ"),
-        "the validator judged every round as the hub did:\n{text}"
-    );
 }
