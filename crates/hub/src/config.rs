@@ -55,6 +55,14 @@ pub struct Deployment {
     /// behind NATs. `tessera relay serve --config run.toml` runs one.
     #[serde(default)]
     pub relays: Vec<RelayEntry>,
+    /// The dashboard's validation curve: after every `eval_every`-th round's outer
+    /// step the hub measures θ's bits per byte on the first `eval_tokens` tokens of the
+    /// validation set, on a thread of its own (0 in either turns it off). It costs a
+    /// forward pass over those tokens per evaluated round.
+    #[serde(default = "d_eval_every")]
+    pub eval_every: u64,
+    #[serde(default = "d_eval_tokens")]
+    pub eval_tokens: usize,
 }
 
 /// One `[[relays]]` entry: what nodes are told (`url`, `quic_port`, `ca_cert`), and
@@ -153,6 +161,12 @@ impl Deployment {
     }
 }
 
+fn d_eval_every() -> u64 {
+    1
+}
+fn d_eval_tokens() -> usize {
+    8192
+}
 fn d_listen() -> String {
     "127.0.0.1:7000".into()
 }

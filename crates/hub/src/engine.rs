@@ -604,6 +604,11 @@ impl HubState {
         self.coord.refresh_members(now_ms);
     }
 
+    /// Parameters of the model trained.
+    pub fn params(&self) -> u64 {
+        self.params
+    }
+
     pub fn spec(&self) -> &RunSpec {
         &self.spec
     }
@@ -1422,7 +1427,28 @@ impl HubState {
             read_only: None,
             verification: self.verification(),
             audits_open: self.pending_audits.len() as u64,
+            open_round: self.coord.round(),
+            work: self.work(),
         }
+    }
+
+    /// Every known node's work: O(rounds × accepted + members).
+    fn work(&self) -> BTreeMap<NodeId, tessera_protocol::wire::NodeWork> {
+        let mut out: BTreeMap<NodeId, tessera_protocol::wire::NodeWork> = BTreeMap::new();
+        for r in self.rounds.values() {
+            for (node, tokens) in &r.work {
+                let w = out.entry(*node).or_default();
+                w.tokens += tokens;
+                w.rounds_accepted += 1;
+            }
+            for node in &r.late {
+                out.entry(*node).or_default().rounds_late += 1;
+            }
+        }
+        for node in self.coord.members.keys() {
+            out.entry(*node).or_default().member = true;
+        }
+        out
     }
 
     /// Each judged node's verified work: O(rounds × commits).
@@ -1455,6 +1481,16 @@ impl HubState {
             }
         }
         out
+    }
+
+    /// Takes back members' statistics a restarted hub kept (heartbeats are not
+    /// durable): members only, and never over a newer heartbeat's.
+    pub fn restore_stats(&mut self, kept: &BTreeMap<NodeId, NodeStats>) {
+        for (node, s) in kept {
+            if self.coord.members.contains_key(node) && !self.stats.contains_key(node) {
+                self.stats.insert(*node, s.clone());
+            }
+        }
     }
 
     /// Members' statistics (bounded by the members).

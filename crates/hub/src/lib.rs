@@ -13,8 +13,10 @@
 //! tokio's blocking pool without touching the engine.
 
 pub mod config;
+pub mod dashboard;
 pub mod engine;
 pub mod host;
+pub mod metrics;
 pub mod store;
 pub mod validator;
 
@@ -356,6 +358,14 @@ struct Core {
     read_only: Option<String>,
     /// When writes were last probed for.
     probed_ms: u64,
+    /// The dashboard's per-round history.
+    history: dashboard::History,
+    /// The open round and when it opened at this hub.
+    open_since: Option<(u64, u64)>,
+    /// Members dropped since the open round opened.
+    dropped_in_round: u64,
+    /// Blob bytes each node last reported moving (sent + received).
+    traffic: BTreeMap<NodeId, u64>,
 }
 
 /// An input that takes longer than this refreshes members' last-seen times.
@@ -375,6 +385,17 @@ enum Call {
     Audit(u64, NodeId, oneshot::Sender<Option<PendingAudit>>),
     Summary(oneshot::Sender<Summary>),
     Metrics(oneshot::Sender<String>),
+    /// The ids of the run's slash requests (one per ejected node).
+    Slashes(oneshot::Sender<Vec<String>>),
+}
+
+/// How a setting is spelled in JSON and TOML.
+fn serde_name<T: serde::Serialize>(t: &T) -> String {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
 }
 
 fn log(line: &str) {
@@ -586,6 +607,12 @@ impl Core {
                 }
             }
         }
+        let history = dashboard::History::open(
+            &config.deployment.state_dir,
+            info.clone(),
+            data.clone(),
+            config.deployment.eval_tokens,
+        )?;
         let core = Core {
             config,
             host,
@@ -600,8 +627,23 @@ impl Core {
             calls,
             read_only: None,
             probed_ms: 0,
+            history,
+            open_since: None,
+            dropped_in_round: 0,
+            traffic: BTreeMap::new(),
         };
         core.pay();
+        let mut core = core;
+        // What the engine does not keep across a restart, for the finished run's page.
+        let kept = core.history.kept.clone();
+        core.host.state.restore_stats(&kept.node_stats);
+        if let Some((eval, dir)) = kept.final_eval.clone() {
+            let _ = core.host.input(
+                HubInput::FinalEval { eval, dir },
+                now_ms(),
+                &mut core.outer,
+            );
+        }
         Ok(core)
     }
 
@@ -660,6 +702,19 @@ impl Core {
         if let HubInput::Join { node } = &input {
             self.check_stake(node)?;
         }
+        if let HubInput::FinalEval { eval, dir } = &input {
+            self.history.keep_final_eval(*eval, dir);
+        }
+        if let HubInput::Heartbeat {
+            node,
+            stats: Some(stats),
+        } = &input
+        {
+            if self.host.state.coordinator().members.contains_key(node) {
+                let moved = stats.bytes_sent.saturating_add(stats.bytes_received);
+                self.traffic.insert(*node, moved);
+            }
+        }
         let applied = match self.host.input(input, now, &mut self.outer) {
             Ok(a) => {
                 // A long input (a round close judges every update) held up the
@@ -701,6 +756,7 @@ impl Core {
             match effect {
                 Effect::Log(line) => log(line),
                 Effect::Dropped { node, reason } => {
+                    self.dropped_in_round += 1;
                     log(&format!("dropped {}: {reason:?}", node.short(12)))
                 }
                 Effect::Pay(_) | Effect::Slash { .. } => self.pay(),
@@ -713,7 +769,69 @@ impl Core {
                 Effect::Finish { checkpoint } => self.finish(*checkpoint),
             }
         }
+        self.record_history(&applied.change.rounds, now_ms());
         Ok(applied)
+    }
+
+    /// Hands each newly closed round to the dashboard's history (θ after the last of
+    /// them too, to evaluate), and notes when the next round opened.
+    fn record_history(&mut self, closed: &[Arc<RoundRecord>], now: u64) {
+        let dep = &self.config.deployment;
+        let bytes_moved = self
+            .traffic
+            .values()
+            .fold(0u64, |a, b| a.saturating_add(*b))
+            .max(self.history.last().map_or(0, |r| r.bytes_moved));
+        for rec in closed {
+            let stats = self.host.state.stats();
+            let losses: Vec<f64> = rec
+                .accepted
+                .iter()
+                .filter_map(|(n, _)| stats.get(n).map(|s| s.last_loss))
+                // 0 until a node has trained a step.
+                .filter(|l| l.is_finite() && *l > 0.0)
+                .collect();
+            let row = dashboard::RoundStats {
+                round: rec.round,
+                started_ms: self
+                    .open_since
+                    .filter(|(r, _)| *r == rec.round)
+                    .map(|(_, t)| t),
+                closed_ms: now,
+                members: self.host.state.coordinator().members.len() as u64,
+                accepted: rec.accepted.len() as u64,
+                late: rec.late.len() as u64,
+                refused: rec.refused.len() as u64,
+                dropped: std::mem::take(&mut self.dropped_in_round),
+                tokens: rec.tokens,
+                loss_mean: (!losses.is_empty())
+                    .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+                loss_min: losses.iter().copied().reduce(f64::min),
+                loss_max: losses.iter().copied().reduce(f64::max),
+                val_bpb: None,
+                bytes_moved,
+            };
+            let theta = match &self.outer.current {
+                Some((h, state))
+                    if *h == rec.checkpoint
+                        && self.history.wants_theta(rec.round, dep.eval_every) =>
+                {
+                    Some(state.theta.clone())
+                }
+                _ => None,
+            };
+            self.history.record(row, theta);
+        }
+        if !closed.is_empty() {
+            self.history.keep_node_stats(self.host.state.stats());
+        }
+        let open = self.host.state.coordinator().round();
+        if open != self.open_since.map(|(r, _)| r) {
+            self.open_since = open.map(|r| (r, now));
+            if open.is_some() && closed.is_empty() {
+                self.dropped_in_round = 0;
+            }
+        }
     }
 
     /// A node that is not a member yet must have the run's `min_stake` staked in the
@@ -813,53 +931,109 @@ impl Core {
         });
     }
 
+    /// The Prometheus text exposition of `/metrics` (the table in docs/metrics.md):
+    /// one series per metric except the `node` label, which names current members
+    /// only, so its series are bounded by the run's `max_nodes`.
     fn metrics(&self) -> String {
         let s = &self.host.state;
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        };
-        metric(
-            "tessera_rounds_closed",
-            "counter",
-            "Rounds closed so far.",
-            s.coordinator().closed_rounds,
+        let coord = s.coordinator();
+        let summary = s.summary();
+        let last = self.history.last();
+        let mut m = metrics::Exposition::default();
+        let spec = &self.info.spec;
+        m.gauge_labelled(
+            "tessera_run_info",
+            "The run (value 1): its id, preset, codec and aggregation.",
+            &[(
+                vec![
+                    ("run_id", spec.run_id.clone()),
+                    ("preset", spec.preset.clone()),
+                    ("codec", serde_name(&spec.codec)),
+                    ("aggregation", serde_name(&spec.aggregation)),
+                ],
+                1.0,
+            )],
         );
-        metric(
-            "tessera_members",
-            "gauge",
-            "Current members.",
-            s.coordinator().members.len() as u64,
-        );
-        metric(
-            "tessera_theta_divergent_reports",
-            "counter",
-            "Member θ hashes that differed from the hub's.",
-            s.divergent(),
-        );
-        metric(
-            "tessera_hub_read_only",
-            "gauge",
-            "1 while the hub can't write to its state directory (writes refused).",
-            u64::from(self.read_only.is_some()),
-        );
-        metric(
-            "tessera_uptime_seconds",
-            "gauge",
-            "Seconds since the hub started.",
-            now_ms().saturating_sub(self.started_ms) / 1000,
-        );
-        out.push_str("# HELP tessera_node_bytes_sent Bytes a member reports having sent.\n# TYPE tessera_node_bytes_sent counter\n");
-        for (n, st) in s.stats() {
-            out.push_str(&format!(
-                "tessera_node_bytes_sent{{node=\"{}\"}} {}\n",
-                n.short(16),
-                st.bytes_sent
-            ));
+        m.counter("tessera_rounds_closed_total", "Rounds closed so far.", coord.closed_rounds as f64);
+        m.gauge("tessera_rounds_planned", "Rounds the run trains.", spec.rounds as f64);
+        if let Some(r) = coord.round() {
+            m.gauge("tessera_round_open", "The round open now (absent while none is).", r as f64);
         }
-        out
+        m.gauge("tessera_run_finished", "1 once the run has finished.", f64::from(u8::from(summary.finished)));
+        m.gauge("tessera_members", "Current members.", coord.members.len() as f64);
+        m.gauge("tessera_model_parameters", "Parameters of the model trained.", s.params() as f64);
+        let (mut accepted, mut late, mut refused, mut tokens) = (0u64, 0u64, 0u64, 0u64);
+        for r in s.rounds().values() {
+            accepted += r.accepted.len() as u64;
+            late += r.late.len() as u64;
+            refused += r.refused.len() as u64;
+            tokens += r.tokens;
+        }
+        m.counter("tessera_updates_accepted_total", "Updates accepted into a round's aggregate.", accepted as f64);
+        m.counter("tessera_updates_late_total", "Members that missed a round's deadline.", late as f64);
+        m.counter("tessera_updates_refused_total", "Committed updates the validator refused.", refused as f64);
+        m.counter("tessera_tokens_trained_total", "Tokens of accepted work.", tokens as f64);
+        if let Some(r) = &last {
+            if let Some(start) = r.started_ms {
+                m.gauge(
+                    "tessera_round_duration_seconds",
+                    "How long the last closed round was open.",
+                    r.closed_ms.saturating_sub(start) as f64 / 1000.0,
+                );
+            }
+            if let Some(l) = r.loss_mean {
+                m.gauge("tessera_node_loss_nats", "Mean training loss the last round's accepted nodes reported, nats per token.", l);
+            }
+            m.counter("tessera_blob_bytes_moved_total", "Blob bytes the nodes report having sent and received, all together.", r.bytes_moved as f64);
+        }
+        let bpb = summary
+            .final_eval
+            .map(|e| e.bpb)
+            .or_else(|| self.history.last_bpb());
+        if let Some(b) = bpb {
+            m.gauge("tessera_validation_bits_per_byte", "Validation bits per byte of θ: the last round evaluated, or the final checkpoint on the whole validation set.", b);
+        }
+        m.gauge("tessera_ddp_equivalent_bytes_per_node", "Bytes per node a DDP ring all-reduce of f32 gradients would have moved for the same inner steps.", summary.ddp_bytes_per_node as f64);
+        m.counter("tessera_theta_divergent_reports_total", "Member θ hashes that differed from the hub's.", summary.divergent_reports as f64);
+        let v = summary.verification.values();
+        m.counter("tessera_audits_passed_total", "Replay audits passed.", v.clone().map(|x| x.audits_passed).sum::<u64>() as f64);
+        m.counter("tessera_audits_failed_total", "Replay audits failed.", v.clone().map(|x| x.audits_failed).sum::<u64>() as f64);
+        m.gauge("tessera_audits_open", "Replay audits not yet decided.", summary.audits_open as f64);
+        m.counter("tessera_nodes_ejected_total", "Nodes ejected for cheating.", coord.ejected.len() as f64);
+        m.gauge("tessera_hub_read_only", "1 while the hub can't write to its state directory (writes refused).", f64::from(u8::from(self.read_only.is_some())));
+        m.gauge("tessera_hub_uptime_seconds", "Seconds since the hub started.", now_ms().saturating_sub(self.started_ms) as f64 / 1000.0);
+
+        let ledger = self.ledger.as_ref().map(|svc| {
+            let ledger = svc.ledger.lock().expect("ledger lock");
+            let slashes = coord.ejected.iter().map(|n| engine::slash_id(&spec.run_id, n));
+            dashboard::ledger_view(Some(&*ledger), &spec.run_id, slashes)
+        });
+        let tokens_of = |t: &str| t.parse::<f64>().unwrap_or(f64::NAN);
+        if let Some(l) = &ledger {
+            m.gauge("tessera_ledger_pool_tokens", "The run's reward pool.", tokens_of(&l.pool));
+            m.gauge("tessera_ledger_treasury_tokens", "The treasury.", tokens_of(&l.treasury));
+            m.counter("tessera_ledger_paid_tokens_total", "Tokens the run's pool paid out.", tokens_of(&l.paid_total));
+            m.counter("tessera_ledger_rounds_paid_total", "Rounds the ledger paid.", l.paid.len() as f64);
+            m.counter("tessera_ledger_slashed_tokens_total", "Tokens slashed from the run's stakes.", tokens_of(&l.slashed));
+        }
+
+        // Per member: bounded by max_nodes.
+        let label = |n: &NodeId| vec![("node", n.short(16))];
+        let members: Vec<&NodeId> = coord.members.keys().collect();
+        let per = |f: &dyn Fn(&NodeId) -> Option<f64>| -> Vec<(Vec<(&'static str, String)>, f64)> {
+            members.iter().filter_map(|n| f(n).map(|v| (label(n), v))).collect()
+        };
+        let stat = |n: &NodeId| summary.nodes.get(n);
+        m.counter_labelled("tessera_node_bytes_sent_total", "Blob bytes a member reports having sent.", &per(&|n| stat(n).map(|x| x.bytes_sent as f64)));
+        m.counter_labelled("tessera_node_bytes_received_total", "Blob bytes a member reports having received.", &per(&|n| stat(n).map(|x| x.bytes_received as f64)));
+        m.gauge_labelled("tessera_node_utilization_ratio", "A member's training time over its wall time, as it reports them.", &per(&|n| stat(n).filter(|x| x.wall_seconds > 0.0).map(|x| x.train_seconds / x.wall_seconds)));
+        m.counter_labelled("tessera_node_tokens_total", "Tokens of a member's accepted work.", &per(&|n| summary.work.get(n).map(|w| w.tokens as f64)));
+        m.counter_labelled("tessera_node_rounds_late_total", "Rounds a member was late for.", &per(&|n| summary.work.get(n).map(|w| w.rounds_late as f64)));
+        m.gauge_labelled("tessera_node_score_ratio", "A member's mean validator score (0 to 1).", &per(&|n| summary.verification.get(n).map(|v| f64::from(v.score_ppm_mean) / 1e6)));
+        if let Some(l) = &ledger {
+            m.counter_labelled("tessera_node_earned_tokens_total", "Tokens the run paid a member.", &per(&|n| l.earned.get(&n.to_hex()).map(|t| tokens_of(t))));
+        }
+        m.finish()
     }
 
     fn serve(mut self, mut calls: mpsc::Receiver<Call>) {
@@ -891,6 +1065,11 @@ impl Core {
                 }
                 Call::Metrics(reply) => {
                     let _ = reply.send(self.metrics());
+                }
+                Call::Slashes(reply) => {
+                    let run = &self.info.spec.run_id;
+                    let ids = self.host.state.coordinator().ejected.iter();
+                    let _ = reply.send(ids.map(|n| engine::slash_id(run, n)).collect());
                 }
             }
         }
@@ -948,6 +1127,8 @@ struct Shared {
     fetching: Arc<std::sync::Mutex<std::collections::HashSet<(NodeId, FetchKind)>>>,
     /// Blob fetches running at once, across members.
     fetch_permits: Arc<tokio::sync::Semaphore>,
+    history: dashboard::History,
+    ledger: Option<Arc<tessera_net::LedgerService>>,
 }
 
 /// Most commit blobs the hub fetches at once; past it a commit waits up to
@@ -1467,8 +1648,68 @@ async fn summary(State(hub): State<Shared>) -> Result<Json<Summary>, ApiError> {
     Ok(Json(hub.call(Call::Summary).await?))
 }
 
+/// The dashboard page and its embedded assets.
+async fn index() -> Response {
+    asset_response("index.html")
+}
+
+async fn asset(UrlPath(name): UrlPath<String>) -> Response {
+    asset_response(&name)
+}
+
+fn asset_response(name: &str) -> Response {
+    match dashboard::asset(name) {
+        Some((bytes, kind)) => (
+            [
+                (axum::http::header::CONTENT_TYPE, kind),
+                (axum::http::header::CACHE_CONTROL, "no-cache"),
+            ],
+            bytes,
+        )
+            .into_response(),
+        None => api(ErrorCode::NotFound, "no such asset").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    from: Option<u64>,
+}
+
+async fn history(
+    State(hub): State<Shared>,
+    Query(q): Query<HistoryQuery>,
+) -> Json<Vec<dashboard::RoundStats>> {
+    Json(hub.history.page(q.from.unwrap_or(0)))
+}
+
+async fn ledger_view(State(hub): State<Shared>) -> Result<Json<dashboard::LedgerView>, ApiError> {
+    let slashes = hub.call(Call::Slashes).await?;
+    let run = hub.info.spec.run_id.clone();
+    let ledger = hub.ledger.clone();
+    let view = tokio::task::spawn_blocking(move || match &ledger {
+        Some(svc) => {
+            let ledger = svc.ledger.lock().expect("ledger lock");
+            dashboard::ledger_view(Some(&*ledger), &run, slashes.into_iter())
+        }
+        None => dashboard::ledger_view::<tessera_ledger::SqliteStore>(
+            None,
+            &run,
+            slashes.into_iter(),
+        ),
+    })
+    .await
+    .map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
+    Ok(Json(view))
+}
+
 fn router(hub: Shared) -> Router {
     Router::new()
+        .route("/", get(index))
+        .route("/assets/{name}", get(asset))
+        .route("/api/history", get(history))
+        .route("/api/ledger", get(ledger_view))
         .route("/run", get(run_info))
         .route("/data/{file}", get(data_file))
         .route("/node/{action}", post(membership))
@@ -1512,6 +1753,8 @@ pub async fn serve(config: HubConfig) -> Result<()> {
         auth: core.auth.clone(),
         fetching: Default::default(),
         fetch_permits: Arc::new(tokio::sync::Semaphore::new(COMMIT_FETCHES_MAX)),
+        history: core.history.clone(),
+        ledger: core.ledger.clone(),
     };
     let ledger_routes = core.ledger.clone().map(tessera_net::ledger_router);
     std::thread::Builder::new()

@@ -444,6 +444,25 @@ pub struct Summary {
     /// Replay audits not yet decided (pay of their rounds waits in escrow).
     #[serde(default)]
     pub audits_open: u64,
+    /// The round open now, while one is.
+    #[serde(default)]
+    pub open_round: Option<u64>,
+    /// Every node the run knows (members, and anyone whose work a round recorded):
+    /// whether it is a member now, the tokens it was credited and its rounds.
+    #[serde(default)]
+    pub work: BTreeMap<NodeId, NodeWork>,
+}
+
+/// A node's work over the run so far, from the closed rounds' records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeWork {
+    pub member: bool,
+    /// Tokens of accepted work (what the ledger pays from).
+    pub tokens: u64,
+    /// Rounds whose aggregate took its update, and rounds it was late for.
+    pub rounds_accepted: u64,
+    pub rounds_late: u64,
 }
 
 /// A node's verified work over the run so far.

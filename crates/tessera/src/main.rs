@@ -16,6 +16,7 @@ mod progress;
 mod relay_cli;
 mod seal_cli;
 mod sim;
+mod status_cli;
 mod validator_cli;
 
 use std::ops::ControlFlow;
@@ -75,6 +76,9 @@ enum Command {
     Validator(validator_cli::ValidatorArgs),
     /// What a run of a preset would take: layout, memory, traffic, time and cost.
     Plan(plan_cli::PlanArgs),
+    /// A run at a glance in the terminal (what the hub's dashboard at `/` shows): once,
+    /// or with --watch until Ctrl-C.
+    Status(status_cli::StatusArgs),
     /// A run's relay, for contributors behind NATs (see README: join a run over the
     /// internet).
     #[command(subcommand)]
@@ -403,6 +407,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Validator(args) => validator_cli::run(args),
         Command::Relay(cmd) => relay_cli::run(cmd),
         Command::Plan(args) => plan_cli::run(args),
+        Command::Status(args) => status_cli::run(args),
         Command::Hub { config } => {
             let config = tessera_hub::HubConfig::load(&config)?;
             tokio::runtime::Runtime::new()?.block_on(tessera_hub::serve(config))

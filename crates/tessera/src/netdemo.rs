@@ -293,6 +293,7 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         demo.nodes,
         dir.display()
     );
+    eprintln!("dashboard: {url}/ (or in a terminal: tessera status --hub {url} --watch)");
     if private.is_some() {
         // A node that cannot attest asks too, and is told why it cannot take part.
         let out = Command::new(&exe)
@@ -405,6 +406,11 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
         }
     }
     print_summary(&summary, &earned, start.elapsed().as_secs_f64());
+    let reopen = format!(
+        "{} hub --config {}",
+        exe.file_name().map_or("tessera".into(), |n| n.to_string_lossy()),
+        config_path.display()
+    );
     if let Some(alone) = alone {
         // Each node prints its span when it stops.
         let until = Instant::now() + Duration::from_secs(120);
@@ -456,6 +462,21 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
              ciphertext ({})",
             dir.join("node-cache").display()
         );
+    }
+    show_finished_run(&mut children, &url, &reopen)
+}
+
+/// On an interactive terminal the hub stays up, serving the finished run's dashboard,
+/// until Ctrl-C; otherwise the demo ends and says how to open it again.
+fn show_finished_run(children: &mut Children, url: &str, reopen: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        println!("the finished run's dashboard stays at {url}/ until Ctrl-C");
+        if let Some((_, hub)) = children.0.iter_mut().find(|(n, _)| n == "hub") {
+            hub.wait()?;
+        }
+    } else {
+        println!("to see the finished run's dashboard again: `{reopen}`, then open {url}/");
     }
     Ok(())
 }
