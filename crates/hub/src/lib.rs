@@ -714,6 +714,12 @@ impl Core {
                 let moved = stats.bytes_sent.saturating_add(stats.bytes_received);
                 self.traffic.insert(*node, moved);
             }
+            // A finished run's last statistics come after its last round closed.
+            if self.host.state.is_finished() {
+                let mut kept = self.host.state.stats().clone();
+                kept.insert(*node, stats.clone());
+                self.history.keep_node_stats(&kept);
+            }
         }
         let applied = match self.host.input(input, now, &mut self.outer) {
             Ok(a) => {

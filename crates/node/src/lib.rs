@@ -72,6 +72,8 @@ pub struct NodeOptions {
     /// utilization in a run (its tokens per second there ÷ this, same machine and
     /// threads).
     pub alone_rounds: Option<u64>,
+    /// Print the end report ([`NodeReport`]) as JSON on stdout.
+    pub json: bool,
 }
 
 /// Context under which the blob endpoint's key is derived from the node key.
@@ -86,6 +88,56 @@ pub enum ApiFailure {
     /// No usable answer: the hub is down or restarting, or the reply did not parse.
     #[error("{0:#}")]
     Transport(anyhow::Error),
+}
+
+/// Largest `/summary` or `/api/ledger` reply a node reads (they grow with the nodes and
+/// rounds of the run).
+const SUMMARY_REPLY_BYTES_MAX: usize = 64 << 20;
+
+/// What a node did in its run, printed when it stops (`tessera node --json`: as JSON
+/// on stdout), from the hub's summary and ledger view and its own counters.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeReport {
+    pub node: String,
+    pub run_id: String,
+    pub run_finished: bool,
+    /// Rounds whose aggregate took this node's update, and rounds it was late for.
+    pub rounds_accepted: u64,
+    pub rounds_late: u64,
+    /// Tokens of accepted work.
+    pub tokens: u64,
+    /// Commits the validator refused, its mean score (0 to 1) and its audits.
+    pub refused: u64,
+    pub score_mean: Option<f64>,
+    pub audits_passed: u64,
+    pub audits_failed: u64,
+    pub ejected: bool,
+    /// What the run's pool paid this node so far, in tokens (absent without a ledger
+    /// or before the first payout).
+    pub earned_tokens: Option<String>,
+    /// Training throughput from the start of its first round's training to the end
+    /// of its last.
+    pub tokens_per_second: Option<f64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl NodeReport {
+    /// The report as one line of text.
+    pub fn line(&self) -> String {
+        format!(
+            "{} round(s) accepted, {} late, {} tokens, {} refused, score {}, audits {} passed / {} failed{}, earned {} tokens",
+            self.rounds_accepted,
+            self.rounds_late,
+            self.tokens,
+            self.refused,
+            self.score_mean.map_or("–".into(), |s| format!("{s:.3}")),
+            self.audits_passed,
+            self.audits_failed,
+            if self.ejected { ", EJECTED" } else { "" },
+            self.earned_tokens.as_deref().unwrap_or("no")
+        )
+    }
 }
 
 /// The hub as a node sees it.
@@ -173,6 +225,19 @@ impl HttpHub {
         serde_json::from_slice(&bytes).map_err(|e| {
             ApiFailure::Transport(anyhow::anyhow!("malformed {what} from the hub: {e}"))
         })
+    }
+
+    /// `GET /summary`: the run at a glance (O(nodes), so a larger reply bound).
+    pub fn summary(&self) -> Result<tessera_protocol::wire::Summary, ApiFailure> {
+        let bytes = self.send_max("GET", "/summary", Vec::new(), SUMMARY_REPLY_BYTES_MAX)?;
+        self.json(bytes, "summary")
+    }
+
+    /// `GET /api/ledger`: the run's public ledger view (its `earned` map is what
+    /// [`NodeReport::earned_tokens`] reads).
+    pub fn ledger_view(&self) -> Result<serde_json::Value, ApiFailure> {
+        let bytes = self.send_max("GET", "/api/ledger", Vec::new(), SUMMARY_REPLY_BYTES_MAX)?;
+        self.json(bytes, "ledger view")
     }
 
     fn post<T: serde::Serialize>(&self, path: &str, body: &T) -> Result<Vec<u8>, ApiFailure> {
@@ -454,6 +519,7 @@ fn join_unless_stopping(hub: &dyn HubApi) -> Result<(), ApiFailure> {
 /// Runs a node until the run finishes.
 pub fn run(opts: NodeOptions) -> Result<()> {
     tessera_net::install_tls_provider();
+    let json = opts.json;
     let counters = Arc::new(Counters::default());
     // One pin for every connection to the hub: the given key, or the first one seen.
     let auth = Arc::new(ClientAuth::new(opts.hub_key));
@@ -638,9 +704,19 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         }
         match runner.act(engine.next(outcome)) {
             Some(o) => outcome = o,
-            None => return Ok(()),
+            None => break,
         }
     }
+    match runner.report() {
+        Ok(report) => {
+            eprintln!("node {}: {}", runner.tag, report.line());
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+        }
+        Err(e) => eprintln!("node {}: no end report from the hub: {e}", runner.tag),
+    }
+    Ok(())
 }
 
 /// Refuses a state view that hands this node more batches than a round trains (a
@@ -778,6 +854,39 @@ impl Runner {
         slot.0 += 1;
         slot.1 += began.elapsed().as_secs_f64();
         outcome
+    }
+
+    /// What this node did in the run, as the hub and its ledger record it.
+    fn report(&self) -> Result<NodeReport, ApiFailure> {
+        let summary = self.hub.summary()?;
+        let ledger = self.hub.ledger_view()?;
+        let work = summary.work.get(&self.me).copied().unwrap_or_default();
+        let v = summary
+            .verification
+            .get(&self.me)
+            .copied()
+            .unwrap_or_default();
+        let judged = v.accepted + v.refused;
+        let st = stats(&self.counters, self.blobs.as_ref(), self.started);
+        Ok(NodeReport {
+            node: self.me.to_hex(),
+            run_id: summary.run_id,
+            run_finished: summary.finished,
+            rounds_accepted: work.rounds_accepted,
+            rounds_late: work.rounds_late,
+            tokens: work.tokens,
+            refused: v.refused,
+            score_mean: (judged > 0).then(|| f64::from(v.score_ppm_mean) / 1e6),
+            audits_passed: v.audits_passed,
+            audits_failed: v.audits_failed,
+            ejected: v.ejected,
+            earned_tokens: ledger["earned"][self.me.to_hex()]
+                .as_str()
+                .map(str::to_string),
+            tokens_per_second: self.span.tokens_per_second().map(|(_, r)| r),
+            bytes_sent: st.bytes_sent,
+            bytes_received: st.bytes_received,
+        })
     }
 
     /// Where this node's time went, per kind of action.

@@ -120,8 +120,21 @@ enum LedgerCommand {
         #[arg(long, default_value_t = 0.2)]
         reinvest: f64,
     },
-    /// An account's balance (e.g. `treasury`, `contributor:ID`, `pool:RUN`).
-    Balance { account: String },
+    /// An account's balance (e.g. `treasury`, `contributor:ID`, `pool:RUN`), from the
+    /// database, or with --hub from a hub's ledger API signed with --key (a contributor
+    /// reads its own and public accounts; the account defaults to the key's own).
+    Balance {
+        account: Option<String>,
+        /// A hub (or `tessera ledger serve`) URL to ask instead of the database.
+        #[arg(long)]
+        hub: Option<String>,
+        /// The key that signs the request (a node's identity file).
+        #[arg(long, requires = "hub")]
+        key: Option<PathBuf>,
+        /// The server's public key (hex); every reply must be signed by it.
+        #[arg(long, requires = "hub")]
+        hub_key: Option<String>,
+    },
     /// An account's newest transfers.
     History {
         account: String,
@@ -308,8 +321,44 @@ pub fn run(args: LedgerArgs) -> Result<()> {
                 root,
             );
         }
-        LedgerCommand::Balance { account } => {
-            let account: Account = account.parse()?;
+        LedgerCommand::Balance {
+            account,
+            hub: Some(hub),
+            key,
+            hub_key,
+        } => {
+            let key = key
+                .as_ref()
+                .context("--hub needs --key: the identity file that signs the request")?;
+            let id = tessera_protocol::Identity::load(key)
+                .with_context(|| format!("reading the key {}", key.display()))?;
+            let account: Account = match account {
+                Some(a) => a.parse()?,
+                None => Account::Contributor(id.public_hex()),
+            };
+            let pin = hub_key
+                .as_deref()
+                .map(tessera_protocol::NodeId::from_hex)
+                .transpose()
+                .context("--hub-key: 64 hex digits")?;
+            tessera_net::install_tls_provider();
+            let client = tessera_net::LedgerClient::pinned(hub, id, pin);
+            let reply = tokio::runtime::Runtime::new()?
+                .block_on(client.balance(&account))
+                .map_err(|e| anyhow::anyhow!("{hub}: {e}"))?;
+            let text = Amount::parse_base_units(&reply.base_units)
+                .map_or(reply.base_units.clone(), |a| a.tokens_string());
+            return print(
+                args.json,
+                serde_json::json!({"account": account, "base_units": reply.base_units, "tokens": text}),
+                format!("{account}: {text} tokens"),
+            );
+        }
+        LedgerCommand::Balance { account, .. } => {
+            let account: Account = account
+                .as_deref()
+                .context("name the account (or give --hub and --key for your own)")?
+                .parse()?;
             let ledger = open(&args)?;
             let (units, text) = match account {
                 Account::Issuance => (

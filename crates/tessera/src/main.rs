@@ -318,6 +318,10 @@ struct NodeArgs {
     /// in the run, on the same machine with the same --threads).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
     alone_rounds: Option<u64>,
+    /// When the node stops, print what it did in the run (rounds, tokens, score, audits,
+    /// earnings; also printed as a line on stderr) as JSON on stdout.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -444,6 +448,7 @@ fn run(cli: Cli) -> Result<()> {
                 wrong_shards: args.wrong_shards,
                 attest: args.attest,
                 alone_rounds: args.alone_rounds,
+                json: args.json,
             })
         }
         Command::Keygen { out } => {

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    exe, get, node_args, run_file, s, spawn, spawn_validator, tiny_data, wait_for, Procs,
+    exe, get, ledger_cmd, node_args, run_file, s, spawn, spawn_validator, tiny_data, wait_for,
+    Procs,
 };
 
 /// The tests here run one at a time. Each picks a free port for its hub by binding and
@@ -823,20 +824,6 @@ fn the_hub_serves_https_to_nodes_that_trust_its_certificate() {
     });
 }
 
-/// Runs `tessera ledger --db LEDGER ARGS…` and returns its stdout.
-fn ledger_cmd(ledger: &Path, args: &[&str]) -> String {
-    let out = Command::new(exe())
-        .args(["ledger", "--db", s(ledger), "--json"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ledger {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn balance(ledger: &Path, account: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(&ledger_cmd(ledger, &["balance", account]))

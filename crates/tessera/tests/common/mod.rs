@@ -167,3 +167,18 @@ pub fn spawn_validator(d: &Path, url: &str) -> Child {
         &d.join("validator.log"),
     )
 }
+
+/// Runs `tessera ledger --db LEDGER --json ARGS…` and returns its stdout.
+pub fn ledger_cmd(ledger: &Path, args: &[&str]) -> String {
+    let out = Command::new(exe())
+        .args(["ledger", "--db", s(ledger), "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ledger {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
