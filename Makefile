@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 BIN := target/release/tessera
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build demo test lint ci clean fuzz nettools datasets
+.PHONY: setup build demo test lint ci clean fuzz nettools browser datasets
 
 $(STAMP): python/requirements.txt
 	python3 -m venv $(VENV)
@@ -46,7 +46,20 @@ nettools:
 	  fi; \
 	fi
 
-test: build nettools
+# The dashboard's browser test (crates/tessera/tests/dashboard.rs) drives Debian's
+# Chromium; as root, install it if missing (under CI=true the test fails without it).
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium for the dashboard's browser test"; \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null; }; \
+	  else \
+	    echo "make: chromium missing and not installable here: the browser test will say so"; \
+	  fi; \
+	fi
+
+test: build nettools browser
 	cargo test $(CARGO_FLAGS) --workspace
 
 lint: setup

@@ -201,6 +201,32 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
     ] {
         assert!(names.contains(name), "{name} missing from\n{metrics}");
     }
+    // The documented table and the example Grafana dashboard name exactly what the hub
+    // serves (`tessera_round_open` is absent once the run is finished).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let table = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    let documented: std::collections::BTreeSet<String> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `tessera_"))
+        .map(|l| format!("tessera_{}", &l[..l.find('`').unwrap()]))
+        .collect();
+    let mut served = names.clone();
+    served.insert("tessera_round_open".into());
+    assert_eq!(documented, served, "docs/metrics.md against /metrics");
+    let grafana = std::fs::read_to_string(root.join("docs/grafana-dashboard.json")).unwrap();
+    let grafana: serde_json::Value = serde_json::from_str(&grafana).unwrap();
+    for panel in grafana["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("tessera_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(served.contains(&name), "Grafana names {name}, not served");
+            }
+        }
+    }
 
     // A restarted hub serves the finished run: its whole history, final evaluation
     // and members' last statistics.
