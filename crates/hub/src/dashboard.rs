@@ -208,7 +208,9 @@ impl History {
 
     /// Whether a round closing now should hand θ over for evaluation.
     pub fn wants_theta(&self, round: u64, every: u64) -> bool {
-        every > 0 && round % every == 0 && self.queued.load(Ordering::SeqCst) < EVALS_QUEUED_MAX
+        every > 0
+            && round.is_multiple_of(every)
+            && self.queued.load(Ordering::SeqCst) < EVALS_QUEUED_MAX
     }
 
     /// Records a closed round; `theta` (when given) is evaluated first.
@@ -221,9 +223,7 @@ impl History {
 
     /// Up to [`HISTORY_PAGE_MAX`] rounds from `from` on.
     pub fn page(&self, from: u64) -> Vec<RoundStats> {
-        let rows = self.rows.read().expect("history lock");
-        let start = rows.partition_point(|r| r.round < from);
-        rows[start..].iter().take(HISTORY_PAGE_MAX).cloned().collect()
+        page_of(&self.rows.read().expect("history lock"), from)
     }
 
     /// The validation bpb of the latest round evaluated.
@@ -372,7 +372,10 @@ pub fn ledger_view<S: tessera_ledger::Store>(
         supply: tokens(state.supply()),
         reward_per_round: tokens(info.map_or(0, |i| i.reward_per_round)),
         root: state.root(),
-        epoch_root: state.epochs().last_key_value().map(|(e, r)| (*e, r.clone())),
+        epoch_root: state
+            .epochs()
+            .last_key_value()
+            .map(|(e, r)| (*e, r.clone())),
         paid,
         paid_total: tokens(paid_total),
         earned: earned.into_iter().map(|(c, a)| (c, tokens(a))).collect(),
@@ -409,4 +412,84 @@ pub fn asset(name: &str) -> Option<(&'static [u8], &'static str)> {
         ),
         _ => return None,
     })
+}
+
+/// Up to [`HISTORY_PAGE_MAX`] of `rows` (in round order) from round `from` on.
+fn page_of(rows: &[RoundStats], from: u64) -> Vec<RoundStats> {
+    let start = rows.partition_point(|r| r.round < from);
+    rows[start..]
+        .iter()
+        .take(HISTORY_PAGE_MAX)
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(round: u64) -> RoundStats {
+        RoundStats {
+            round,
+            started_ms: None,
+            closed_ms: round,
+            members: 1,
+            accepted: 1,
+            late: 0,
+            refused: 0,
+            dropped: 0,
+            tokens: 1,
+            loss_mean: None,
+            loss_min: None,
+            loss_max: None,
+            val_bpb: None,
+            bytes_moved: 0,
+        }
+    }
+
+    /// Row 28: one reply carries at most a page, from the round asked for.
+    #[test]
+    fn history_replies_are_bounded_pages() {
+        let rows: Vec<RoundStats> = (0..2500).map(row).collect();
+        let p = page_of(&rows, 0);
+        assert_eq!(p.len(), HISTORY_PAGE_MAX);
+        assert_eq!(p[0].round, 0);
+        let p = page_of(&rows, 2000);
+        assert_eq!((p.len(), p[0].round), (500, 2000));
+        assert!(page_of(&rows, u64::MAX).is_empty());
+    }
+
+    /// Row 28: only the embedded files are served, whatever the name asked for, and the
+    /// page never parses what it shows as HTML.
+    #[test]
+    fn only_embedded_assets_are_served_and_the_page_writes_text_only() {
+        for name in [
+            "index.html",
+            "dashboard.js",
+            "dashboard.css",
+            "uPlot.iife.min.js",
+        ] {
+            assert!(asset(name).is_some(), "{name}");
+        }
+        for name in [
+            "../Cargo.toml",
+            "..",
+            "",
+            "/etc/passwd",
+            "vendor/uPlot.LICENSE",
+            "INDEX.HTML",
+        ] {
+            assert!(asset(name).is_none(), "{name}");
+        }
+        let script = std::str::from_utf8(asset("dashboard.js").unwrap().0).unwrap();
+        for sink in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+        ] {
+            assert!(!script.contains(sink), "the dashboard script uses {sink}");
+        }
+    }
 }

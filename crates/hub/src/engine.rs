@@ -1488,7 +1488,7 @@ impl HubState {
     pub fn restore_stats(&mut self, kept: &BTreeMap<NodeId, NodeStats>) {
         for (node, s) in kept {
             if self.coord.members.contains_key(node) && !self.stats.contains_key(node) {
-                self.stats.insert(*node, s.clone());
+                self.stats.insert(*node, *s);
             }
         }
     }

@@ -638,11 +638,9 @@ impl Core {
         let kept = core.history.kept.clone();
         core.host.state.restore_stats(&kept.node_stats);
         if let Some((eval, dir)) = kept.final_eval.clone() {
-            let _ = core.host.input(
-                HubInput::FinalEval { eval, dir },
-                now_ms(),
-                &mut core.outer,
-            );
+            let _ = core
+                .host
+                .input(HubInput::FinalEval { eval, dir }, now_ms(), &mut core.outer);
         }
         Ok(core)
     }
@@ -717,7 +715,7 @@ impl Core {
             // A finished run's last statistics come after its last round closed.
             if self.host.state.is_finished() {
                 let mut kept = self.host.state.stats().clone();
-                kept.insert(*node, stats.clone());
+                kept.insert(*node, *stats);
                 self.history.keep_node_stats(&kept);
             }
         }
@@ -960,14 +958,38 @@ impl Core {
                 1.0,
             )],
         );
-        m.counter("tessera_rounds_closed_total", "Rounds closed so far.", coord.closed_rounds as f64);
-        m.gauge("tessera_rounds_planned", "Rounds the run trains.", spec.rounds as f64);
+        m.counter(
+            "tessera_rounds_closed_total",
+            "Rounds closed so far.",
+            coord.closed_rounds as f64,
+        );
+        m.gauge(
+            "tessera_rounds_planned",
+            "Rounds the run trains.",
+            spec.rounds as f64,
+        );
         if let Some(r) = coord.round() {
-            m.gauge("tessera_round_open", "The round open now (absent while none is).", r as f64);
+            m.gauge(
+                "tessera_round_open",
+                "The round open now (absent while none is).",
+                r as f64,
+            );
         }
-        m.gauge("tessera_run_finished", "1 once the run has finished.", f64::from(u8::from(summary.finished)));
-        m.gauge("tessera_members", "Current members.", coord.members.len() as f64);
-        m.gauge("tessera_model_parameters", "Parameters of the model trained.", s.params() as f64);
+        m.gauge(
+            "tessera_run_finished",
+            "1 once the run has finished.",
+            f64::from(u8::from(summary.finished)),
+        );
+        m.gauge(
+            "tessera_members",
+            "Current members.",
+            coord.members.len() as f64,
+        );
+        m.gauge(
+            "tessera_model_parameters",
+            "Parameters of the model trained.",
+            s.params() as f64,
+        );
         let (mut accepted, mut late, mut refused, mut tokens) = (0u64, 0u64, 0u64, 0u64);
         for r in s.rounds().values() {
             accepted += r.accepted.len() as u64;
@@ -975,10 +997,26 @@ impl Core {
             refused += r.refused.len() as u64;
             tokens += r.tokens;
         }
-        m.counter("tessera_updates_accepted_total", "Updates accepted into a round's aggregate.", accepted as f64);
-        m.counter("tessera_updates_late_total", "Members that missed a round's deadline.", late as f64);
-        m.counter("tessera_updates_refused_total", "Committed updates the validator refused.", refused as f64);
-        m.counter("tessera_tokens_trained_total", "Tokens of accepted work.", tokens as f64);
+        m.counter(
+            "tessera_updates_accepted_total",
+            "Updates accepted into a round's aggregate.",
+            accepted as f64,
+        );
+        m.counter(
+            "tessera_updates_late_total",
+            "Members that missed a round's deadline.",
+            late as f64,
+        );
+        m.counter(
+            "tessera_updates_refused_total",
+            "Committed updates the validator refused.",
+            refused as f64,
+        );
+        m.counter(
+            "tessera_tokens_trained_total",
+            "Tokens of accepted work.",
+            tokens as f64,
+        );
         if let Some(r) = &last {
             if let Some(start) = r.started_ms {
                 m.gauge(
@@ -988,9 +1026,17 @@ impl Core {
                 );
             }
             if let Some(l) = r.loss_mean {
-                m.gauge("tessera_node_loss_nats", "Mean training loss the last round's accepted nodes reported, nats per token.", l);
+                m.gauge(
+                    "tessera_node_loss_nats",
+                    "Mean training loss the last round's accepted nodes reported, nats per token.",
+                    l,
+                );
             }
-            m.counter("tessera_blob_bytes_moved_total", "Blob bytes the nodes report having sent and received, all together.", r.bytes_moved as f64);
+            m.counter(
+                "tessera_blob_bytes_moved_total",
+                "Blob bytes the nodes report having sent and received, all together.",
+                r.bytes_moved as f64,
+            );
         }
         let bpb = summary
             .final_eval
@@ -1000,44 +1046,135 @@ impl Core {
             m.gauge("tessera_validation_bits_per_byte", "Validation bits per byte of θ: the last round evaluated, or the final checkpoint on the whole validation set.", b);
         }
         m.gauge("tessera_ddp_equivalent_bytes_per_node", "Bytes per node a DDP ring all-reduce of f32 gradients would have moved for the same inner steps.", summary.ddp_bytes_per_node as f64);
-        m.counter("tessera_theta_divergent_reports_total", "Member θ hashes that differed from the hub's.", summary.divergent_reports as f64);
+        m.counter(
+            "tessera_theta_divergent_reports_total",
+            "Member θ hashes that differed from the hub's.",
+            summary.divergent_reports as f64,
+        );
         let v = summary.verification.values();
-        m.counter("tessera_audits_passed_total", "Replay audits passed.", v.clone().map(|x| x.audits_passed).sum::<u64>() as f64);
-        m.counter("tessera_audits_failed_total", "Replay audits failed.", v.clone().map(|x| x.audits_failed).sum::<u64>() as f64);
-        m.gauge("tessera_audits_open", "Replay audits not yet decided.", summary.audits_open as f64);
-        m.counter("tessera_nodes_ejected_total", "Nodes ejected for cheating.", coord.ejected.len() as f64);
-        m.gauge("tessera_hub_read_only", "1 while the hub can't write to its state directory (writes refused).", f64::from(u8::from(self.read_only.is_some())));
-        m.gauge("tessera_hub_uptime_seconds", "Seconds since the hub started.", now_ms().saturating_sub(self.started_ms) as f64 / 1000.0);
+        m.counter(
+            "tessera_audits_passed_total",
+            "Replay audits passed.",
+            v.clone().map(|x| x.audits_passed).sum::<u64>() as f64,
+        );
+        m.counter(
+            "tessera_audits_failed_total",
+            "Replay audits failed.",
+            v.clone().map(|x| x.audits_failed).sum::<u64>() as f64,
+        );
+        m.gauge(
+            "tessera_audits_open",
+            "Replay audits not yet decided.",
+            summary.audits_open as f64,
+        );
+        m.counter(
+            "tessera_nodes_ejected_total",
+            "Nodes ejected for cheating.",
+            coord.ejected.len() as f64,
+        );
+        m.gauge(
+            "tessera_hub_read_only",
+            "1 while the hub can't write to its state directory (writes refused).",
+            f64::from(u8::from(self.read_only.is_some())),
+        );
+        m.gauge(
+            "tessera_hub_uptime_seconds",
+            "Seconds since the hub started.",
+            now_ms().saturating_sub(self.started_ms) as f64 / 1000.0,
+        );
 
         let ledger = self.ledger.as_ref().map(|svc| {
             let ledger = svc.ledger.lock().expect("ledger lock");
-            let slashes = coord.ejected.iter().map(|n| engine::slash_id(&spec.run_id, n));
+            let slashes = coord
+                .ejected
+                .iter()
+                .map(|n| engine::slash_id(&spec.run_id, n));
             dashboard::ledger_view(Some(&*ledger), &spec.run_id, slashes)
         });
         let tokens_of = |t: &str| t.parse::<f64>().unwrap_or(f64::NAN);
         if let Some(l) = &ledger {
-            m.gauge("tessera_ledger_pool_tokens", "The run's reward pool.", tokens_of(&l.pool));
-            m.gauge("tessera_ledger_treasury_tokens", "The treasury.", tokens_of(&l.treasury));
-            m.counter("tessera_ledger_paid_tokens_total", "Tokens the run's pool paid out.", tokens_of(&l.paid_total));
-            m.counter("tessera_ledger_rounds_paid_total", "Rounds the ledger paid.", l.paid.len() as f64);
-            m.counter("tessera_ledger_slashed_tokens_total", "Tokens slashed from the run's stakes.", tokens_of(&l.slashed));
+            m.gauge(
+                "tessera_ledger_pool_tokens",
+                "The run's reward pool.",
+                tokens_of(&l.pool),
+            );
+            m.gauge(
+                "tessera_ledger_treasury_tokens",
+                "The treasury.",
+                tokens_of(&l.treasury),
+            );
+            m.counter(
+                "tessera_ledger_paid_tokens_total",
+                "Tokens the run's pool paid out.",
+                tokens_of(&l.paid_total),
+            );
+            m.counter(
+                "tessera_ledger_rounds_paid_total",
+                "Rounds the ledger paid.",
+                l.paid.len() as f64,
+            );
+            m.counter(
+                "tessera_ledger_slashed_tokens_total",
+                "Tokens slashed from the run's stakes.",
+                tokens_of(&l.slashed),
+            );
         }
 
         // Per member: bounded by max_nodes.
         let label = |n: &NodeId| vec![("node", n.short(16))];
         let members: Vec<&NodeId> = coord.members.keys().collect();
         let per = |f: &dyn Fn(&NodeId) -> Option<f64>| -> Vec<(Vec<(&'static str, String)>, f64)> {
-            members.iter().filter_map(|n| f(n).map(|v| (label(n), v))).collect()
+            members
+                .iter()
+                .filter_map(|n| f(n).map(|v| (label(n), v)))
+                .collect()
         };
         let stat = |n: &NodeId| summary.nodes.get(n);
-        m.counter_labelled("tessera_node_bytes_sent_total", "Blob bytes a member reports having sent.", &per(&|n| stat(n).map(|x| x.bytes_sent as f64)));
-        m.counter_labelled("tessera_node_bytes_received_total", "Blob bytes a member reports having received.", &per(&|n| stat(n).map(|x| x.bytes_received as f64)));
-        m.gauge_labelled("tessera_node_utilization_ratio", "A member's training time over its wall time, as it reports them.", &per(&|n| stat(n).filter(|x| x.wall_seconds > 0.0).map(|x| x.train_seconds / x.wall_seconds)));
-        m.counter_labelled("tessera_node_tokens_total", "Tokens of a member's accepted work.", &per(&|n| summary.work.get(n).map(|w| w.tokens as f64)));
-        m.counter_labelled("tessera_node_rounds_late_total", "Rounds a member was late for.", &per(&|n| summary.work.get(n).map(|w| w.rounds_late as f64)));
-        m.gauge_labelled("tessera_node_score_ratio", "A member's mean validator score (0 to 1).", &per(&|n| summary.verification.get(n).map(|v| f64::from(v.score_ppm_mean) / 1e6)));
+        m.counter_labelled(
+            "tessera_node_bytes_sent_total",
+            "Blob bytes a member reports having sent.",
+            &per(&|n| stat(n).map(|x| x.bytes_sent as f64)),
+        );
+        m.counter_labelled(
+            "tessera_node_bytes_received_total",
+            "Blob bytes a member reports having received.",
+            &per(&|n| stat(n).map(|x| x.bytes_received as f64)),
+        );
+        m.gauge_labelled(
+            "tessera_node_utilization_ratio",
+            "A member's training time over its wall time, as it reports them.",
+            &per(&|n| {
+                stat(n)
+                    .filter(|x| x.wall_seconds > 0.0)
+                    .map(|x| x.train_seconds / x.wall_seconds)
+            }),
+        );
+        m.counter_labelled(
+            "tessera_node_tokens_total",
+            "Tokens of a member's accepted work.",
+            &per(&|n| summary.work.get(n).map(|w| w.tokens as f64)),
+        );
+        m.counter_labelled(
+            "tessera_node_rounds_late_total",
+            "Rounds a member was late for.",
+            &per(&|n| summary.work.get(n).map(|w| w.rounds_late as f64)),
+        );
+        m.gauge_labelled(
+            "tessera_node_score_ratio",
+            "A member's mean validator score (0 to 1).",
+            &per(&|n| {
+                summary
+                    .verification
+                    .get(n)
+                    .map(|v| f64::from(v.score_ppm_mean) / 1e6)
+            }),
+        );
         if let Some(l) = &ledger {
-            m.counter_labelled("tessera_node_earned_tokens_total", "Tokens the run paid a member.", &per(&|n| l.earned.get(&n.to_hex()).map(|t| tokens_of(t))));
+            m.counter_labelled(
+                "tessera_node_earned_tokens_total",
+                "Tokens the run paid a member.",
+                &per(&|n| l.earned.get(&n.to_hex()).map(|t| tokens_of(t))),
+            );
         }
         m.finish()
     }
@@ -1699,11 +1836,9 @@ async fn ledger_view(State(hub): State<Shared>) -> Result<Json<dashboard::Ledger
             let ledger = svc.ledger.lock().expect("ledger lock");
             dashboard::ledger_view(Some(&*ledger), &run, slashes.into_iter())
         }
-        None => dashboard::ledger_view::<tessera_ledger::SqliteStore>(
-            None,
-            &run,
-            slashes.into_iter(),
-        ),
+        None => {
+            dashboard::ledger_view::<tessera_ledger::SqliteStore>(None, &run, slashes.into_iter())
+        }
     })
     .await
     .map_err(|e| api(ErrorCode::Internal, e.to_string()))?;

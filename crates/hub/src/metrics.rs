@@ -89,7 +89,9 @@ pub fn check(text: &str) -> Result<BTreeSet<String>, String> {
     for (i, line) in text.lines().enumerate() {
         let at = |why: &str| format!("line {}: {why}: {line}", i + 1);
         if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').ok_or_else(|| at("HELP without text"))?;
+            let (name, help) = rest
+                .split_once(' ')
+                .ok_or_else(|| at("HELP without text"))?;
             if help.trim().is_empty() {
                 return Err(at("empty HELP"));
             }
@@ -97,7 +99,9 @@ pub fn check(text: &str) -> Result<BTreeSet<String>, String> {
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').ok_or_else(|| at("TYPE without a type"))?;
+            let (name, kind) = rest
+                .split_once(' ')
+                .ok_or_else(|| at("TYPE without a type"))?;
             if helped.as_deref() != Some(name) {
                 return Err(at("TYPE not right after its HELP"));
             }
@@ -142,7 +146,9 @@ pub fn check(text: &str) -> Result<BTreeSet<String>, String> {
         let mut names = BTreeSet::new();
         let mut l = labels;
         while !l.is_empty() {
-            let (k, r) = l.split_once("=\"").ok_or_else(|| at("label without a value"))?;
+            let (k, r) = l
+                .split_once("=\"")
+                .ok_or_else(|| at("label without a value"))?;
             if !is_name(k) || k.starts_with("__") || !names.insert(k) {
                 return Err(at("bad or repeated label name"));
             }
@@ -175,7 +181,7 @@ pub fn check(text: &str) -> Result<BTreeSet<String>, String> {
             "-Inf" => f64::NEG_INFINITY,
             other => other.parse().map_err(|_| at("value is not a number"))?,
         };
-        if kind == "counter" && !(v >= 0.0) {
+        if kind == "counter" && (v.is_nan() || v < 0.0) {
             return Err(at("a counter below zero or not a number"));
         }
         if !series.insert(format!("{name}{{{labels}}}")) {

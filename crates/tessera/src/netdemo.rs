@@ -408,7 +408,8 @@ pub fn run(dir: &Path, demo: &NetDemo) -> Result<()> {
     print_summary(&summary, &earned, start.elapsed().as_secs_f64());
     let reopen = format!(
         "{} hub --config {}",
-        exe.file_name().map_or("tessera".into(), |n| n.to_string_lossy()),
+        exe.file_name()
+            .map_or("tessera".into(), |n| n.to_string_lossy()),
         config_path.display()
     );
     if let Some(alone) = alone {

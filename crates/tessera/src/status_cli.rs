@@ -201,7 +201,11 @@ fn render(s: &Snapshot, rows: usize) -> String {
                 .get(&id.to_hex())
                 .map_or("–".to_string(), |e| e.clone()),
             if flags.is_empty() {
-                if v.is_some() { "clean".into() } else { "–".to_string() }
+                if v.is_some() {
+                    "clean".into()
+                } else {
+                    "–".to_string()
+                }
             } else {
                 flags.join(", ")
             }

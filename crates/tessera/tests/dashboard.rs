@@ -28,8 +28,7 @@ fn python() -> PathBuf {
 
 /// What is missing to drive a browser, if anything.
 fn browser_missing() -> Option<String> {
-    let chromium =
-        std::env::var("TESSERA_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let chromium = std::env::var("TESSERA_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     let mut missing = Vec::new();
     if !Path::new(&chromium).exists() {
         missing.push(format!(
@@ -112,8 +111,8 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
 
     // The browser opens the page while the run waits for nodes; then they start, and
     // it watches the run train, finish and be paid.
-    let shots = std::env::var_os("TESSERA_SCREENSHOTS")
-        .map_or_else(|| d.join("shots"), PathBuf::from);
+    let shots =
+        std::env::var_os("TESSERA_SCREENSHOTS").map_or_else(|| d.join("shots"), PathBuf::from);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python/dashboard_check.py");
     let ready = d.join("page-loaded");
     let browser = Command::new(python())
@@ -228,6 +227,19 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
         }
     }
 
+    // Row 28 (docs/security.md): the public reads refuse what they don't serve.
+    let status_of = |path: &str| {
+        reqwest::blocking::get(format!("{url}{path}"))
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status_of("/assets/..%2F..%2FCargo.toml"), 404);
+    assert_eq!(status_of("/assets/vendor%2FuPlot.LICENSE"), 404);
+    assert_eq!(status_of("/api/history?from=-1"), 400);
+    assert_eq!(status_of("/api/history?from=1&limit=5"), 400);
+    assert_eq!(status_of("/api/history?from=18"), 200);
+
     // A restarted hub serves the finished run: its whole history, final evaluation
     // and members' last statistics.
     let history = get(&format!("{url}/api/history")).unwrap();
@@ -256,16 +268,28 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
             .unwrap()
             .parse()
             .unwrap();
-        let reported: f64 = report.earned_tokens.as_deref().unwrap_or("0").parse().unwrap();
+        let reported: f64 = report
+            .earned_tokens
+            .as_deref()
+            .unwrap_or("0")
+            .parse()
+            .unwrap();
         assert!(reported > 0.0 && reported <= earned, "{line}");
         let out = Command::new(exe())
             .args(["ledger", "--json", "balance", "--hub", &url, "--key"])
             .arg(d.join(format!("{name}.key")))
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(b["tokens"].as_str().unwrap().parse::<f64>().unwrap(), earned);
+        assert_eq!(
+            b["tokens"].as_str().unwrap().parse::<f64>().unwrap(),
+            earned
+        );
     }
     procs.0[0].kill().unwrap();
     procs.0[0].wait().unwrap();

@@ -824,7 +824,6 @@ fn the_hub_serves_https_to_nodes_that_trust_its_certificate() {
     });
 }
 
-
 fn balance(ledger: &Path, account: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(&ledger_cmd(ledger, &["balance", account]))
         .unwrap_or_else(|e| panic!("balance {account}: {e}"));
