@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{exe, get, ledger_cmd, node_args, run_file, s, spawn, tiny_data, wait_for, Procs};
+use common::{exe, funded_ledger, get, node_args, run_file, s, spawn, tiny_data, wait_for, Procs};
 
 /// The Python of the project's virtual environment (what `make test` puts on PATH).
 fn python() -> PathBuf {
@@ -63,35 +63,7 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
     let data = tiny_data(d);
     // A ledger whose pool pays 10 tokens a round.
     let ledger = d.join("ledger.db");
-    ledger_cmd(&ledger, &["init"]);
-    ledger_cmd(
-        &ledger,
-        &[
-            "sale",
-            "--buyer",
-            "organiser",
-            "--tokens",
-            "1",
-            "--treasury-tokens",
-            "500",
-            "--proceeds",
-            "test",
-        ],
-    );
-    ledger_cmd(
-        &ledger,
-        &[
-            "fund",
-            "--run",
-            "dash",
-            "--model",
-            "nano",
-            "--tokens",
-            "300",
-            "--reward-per-round",
-            "10",
-        ],
-    );
+    funded_ledger(&ledger, "dash", "500", "300", "10");
     let rounds = 20;
     let (url, config) = run_file(
         d,

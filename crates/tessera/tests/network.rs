@@ -11,8 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    exe, get, ledger_cmd, node_args, run_file, s, spawn, spawn_validator, tiny_data, wait_for,
-    Procs,
+    exe, funded_ledger, get, ledger_cmd, node_args, run_file, s, spawn, spawn_validator, tiny_data,
+    wait_for, Procs,
 };
 
 /// The tests here run one at a time. Each picks a free port for its hub by binding and
@@ -837,35 +837,7 @@ fn adversary_run(mode: &str, restart: bool) {
     let d = dir.path();
     let data = tiny_data(d);
     let ledger = d.join("ledger.db");
-    ledger_cmd(&ledger, &["init"]);
-    ledger_cmd(
-        &ledger,
-        &[
-            "sale",
-            "--buyer",
-            "organiser",
-            "--tokens",
-            "1",
-            "--treasury-tokens",
-            "100",
-            "--proceeds",
-            "test",
-        ],
-    );
-    ledger_cmd(
-        &ledger,
-        &[
-            "fund",
-            "--run",
-            "it",
-            "--model",
-            "nano",
-            "--tokens",
-            "80",
-            "--reward-per-round",
-            "10",
-        ],
-    );
+    funded_ledger(&ledger, "it", "100", "80", "10");
     let names = ["h0", "h1", "h2", "adv"];
     let mut ids = Vec::new();
     for name in names {

@@ -182,3 +182,37 @@ pub fn ledger_cmd(ledger: &Path, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A new ledger at `ledger` whose pool for `run` (model `nano`) holds `pool` tokens of a
+/// `treasury`-token sale and pays `reward` tokens a round.
+pub fn funded_ledger(ledger: &Path, run: &str, treasury: &str, pool: &str, reward: &str) {
+    ledger_cmd(ledger, &["init"]);
+    ledger_cmd(
+        ledger,
+        &[
+            "sale",
+            "--buyer",
+            "organiser",
+            "--tokens",
+            "1",
+            "--treasury-tokens",
+            treasury,
+            "--proceeds",
+            "test",
+        ],
+    );
+    ledger_cmd(
+        ledger,
+        &[
+            "fund",
+            "--run",
+            run,
+            "--model",
+            "nano",
+            "--tokens",
+            pool,
+            "--reward-per-round",
+            reward,
+        ],
+    );
+}
