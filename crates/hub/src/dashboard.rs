@@ -414,6 +414,53 @@ pub fn asset(name: &str) -> Option<(&'static [u8], &'static str)> {
     })
 }
 
+/// How stale a public read may be: `/summary` and `/metrics` are computed at most once
+/// per this many milliseconds however many people watch (and again at once when a
+/// round closes, a member joins or leaves, an audit is decided or the run finishes),
+/// so viewers can't hold up the engine thread that also closes rounds.
+pub const PUBLIC_READ_MAX_AGE_MS: u64 = 250;
+
+/// A value recomputed only when older than its age limit.
+pub struct Cached<T> {
+    value: Option<(u64, T)>,
+}
+
+impl<T: Clone> Cached<T> {
+    pub fn new() -> Cached<T> {
+        Cached { value: None }
+    }
+
+    /// The value, computed by `f` when none is younger than `max_age_ms` at `now_ms`.
+    pub fn get(&mut self, now_ms: u64, max_age_ms: u64, f: impl FnOnce() -> T) -> T {
+        if let Some(v) = self.fresh(now_ms, max_age_ms) {
+            return v;
+        }
+        let v = f();
+        self.value = Some((now_ms, v.clone()));
+        v
+    }
+
+    /// The value if one is younger than `max_age_ms` at `now_ms`.
+    pub fn fresh(&self, now_ms: u64, max_age_ms: u64) -> Option<T> {
+        match &self.value {
+            Some((at, v)) if now_ms >= *at && now_ms - at < max_age_ms => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// Forgets the value (the state it was computed from changed in a way that
+    /// matters at once).
+    pub fn clear(&mut self) {
+        self.value = None;
+    }
+}
+
+impl<T: Clone> Default for Cached<T> {
+    fn default() -> Self {
+        Cached::new()
+    }
+}
+
 /// Up to [`HISTORY_PAGE_MAX`] of `rows` (in round order) from round `from` on.
 fn page_of(rows: &[RoundStats], from: u64) -> Vec<RoundStats> {
     let start = rows.partition_point(|r| r.round < from);
@@ -445,6 +492,29 @@ mod tests {
             val_bpb: None,
             bytes_moved: 0,
         }
+    }
+
+    /// Row 28: however often it is asked for, a public read is computed at most once
+    /// per age limit.
+    #[test]
+    fn public_reads_are_computed_at_most_once_per_age_limit() {
+        let mut c = Cached::new();
+        let mut computed = 0;
+        for t in 0..PUBLIC_READ_MAX_AGE_MS {
+            c.get(5_000 + t, PUBLIC_READ_MAX_AGE_MS, || {
+                computed += 1;
+                t
+            });
+        }
+        assert_eq!(computed, 1);
+        assert_eq!(
+            c.get(5_000 + PUBLIC_READ_MAX_AGE_MS, PUBLIC_READ_MAX_AGE_MS, || 7),
+            7
+        );
+        // A clock that went back recomputes rather than trusting the old value.
+        assert_eq!(c.get(10, PUBLIC_READ_MAX_AGE_MS, || 8), 8);
+        c.clear();
+        assert_eq!(c.get(10, PUBLIC_READ_MAX_AGE_MS, || 9), 9);
     }
 
     /// Row 28: one reply carries at most a page, from the round asked for.

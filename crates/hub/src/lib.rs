@@ -366,6 +366,9 @@ struct Core {
     dropped_in_round: u64,
     /// Blob bytes each node last reported moving (sent + received).
     traffic: BTreeMap<NodeId, u64>,
+    /// The public reads, recomputed at most once per `PUBLIC_READ_MAX_AGE_MS`.
+    summary_cache: dashboard::Cached<Summary>,
+    metrics_cache: dashboard::Cached<String>,
 }
 
 /// An input that takes longer than this refreshes members' last-seen times.
@@ -631,6 +634,8 @@ impl Core {
             open_since: None,
             dropped_in_round: 0,
             traffic: BTreeMap::new(),
+            summary_cache: dashboard::Cached::new(),
+            metrics_cache: dashboard::Cached::new(),
         };
         core.pay();
         let mut core = core;
@@ -700,6 +705,7 @@ impl Core {
         if let HubInput::Join { node } = &input {
             self.check_stake(node)?;
         }
+        let final_eval = matches!(input, HubInput::FinalEval { .. });
         if let HubInput::FinalEval { eval, dir } = &input {
             self.history.keep_final_eval(*eval, dir);
         }
@@ -773,8 +779,37 @@ impl Core {
                 Effect::Finish { checkpoint } => self.finish(*checkpoint),
             }
         }
+        // What a reader waits for shows at once; commits and heartbeats (many a round
+        // at scale) show within the age limit.
+        let c = &applied.change;
+        let shows_now = c.snapshot.is_some()
+            || !c.rounds.is_empty()
+            || !c.audits.is_empty()
+            || c.divergent.is_some()
+            || !applied.effects.is_empty()
+            || final_eval
+            || c.facts
+                .iter()
+                .any(|f| !matches!(f.fact, tessera_coordinator::Fact::Committed { .. }));
+        if shows_now {
+            self.summary_cache.clear();
+            self.metrics_cache.clear();
+        }
         self.record_history(&applied.change.rounds, now_ms());
         Ok(applied)
+    }
+
+    /// `/summary`, recomputed at most once per [`dashboard::PUBLIC_READ_MAX_AGE_MS`]
+    /// (it is O(rounds × commits)); a round closing or the run finishing shows at once.
+    fn summary(&mut self) -> Summary {
+        let read_only = self.read_only.clone();
+        let state = &self.host.state;
+        self.summary_cache
+            .get(now_ms(), dashboard::PUBLIC_READ_MAX_AGE_MS, || {
+                let mut summary = state.summary();
+                summary.read_only = read_only;
+                summary
+            })
     }
 
     /// Hands each newly closed round to the dashboard's history (θ after the last of
@@ -938,10 +973,10 @@ impl Core {
     /// The Prometheus text exposition of `/metrics` (the table in docs/metrics.md):
     /// one series per metric except the `node` label, which names current members
     /// only, so its series are bounded by the run's `max_nodes`.
-    fn metrics(&self) -> String {
+    fn metrics(&mut self) -> String {
+        let summary = self.summary();
         let s = &self.host.state;
         let coord = s.coordinator();
-        let summary = s.summary();
         let last = self.history.last();
         let mut m = metrics::Exposition::default();
         let spec = &self.info.spec;
@@ -1202,12 +1237,16 @@ impl Core {
                     let _ = reply.send(self.host.state.pending_audits().get(&(r, node)).cloned());
                 }
                 Call::Summary(reply) => {
-                    let mut summary = self.host.state.summary();
-                    summary.read_only = self.read_only.clone();
-                    let _ = reply.send(summary);
+                    let _ = reply.send(self.summary());
                 }
                 Call::Metrics(reply) => {
-                    let _ = reply.send(self.metrics());
+                    let now = now_ms();
+                    let max_age = dashboard::PUBLIC_READ_MAX_AGE_MS;
+                    let cached = std::mem::take(&mut self.metrics_cache);
+                    let mut cached = cached;
+                    let text = cached.get(now, max_age, || self.metrics());
+                    self.metrics_cache = cached;
+                    let _ = reply.send(text);
                 }
                 Call::Slashes(reply) => {
                     let run = &self.info.spec.run_id;
@@ -1272,6 +1311,8 @@ struct Shared {
     fetch_permits: Arc<tokio::sync::Semaphore>,
     history: dashboard::History,
     ledger: Option<Arc<tessera_net::LedgerService>>,
+    /// `/api/ledger`, recomputed at most once per `PUBLIC_READ_MAX_AGE_MS`.
+    ledger_cache: Arc<std::sync::Mutex<dashboard::Cached<dashboard::LedgerView>>>,
 }
 
 /// Most commit blobs the hub fetches at once; past it a commit waits up to
@@ -1828,17 +1869,31 @@ async fn history(
 }
 
 async fn ledger_view(State(hub): State<Shared>) -> Result<Json<dashboard::LedgerView>, ApiError> {
+    let max_age = dashboard::PUBLIC_READ_MAX_AGE_MS;
+    let fresh = {
+        let cache = hub.ledger_cache.lock().expect("cache lock");
+        cache.fresh(now_ms(), max_age)
+    };
+    if let Some(view) = fresh {
+        return Ok(Json(view));
+    }
     let slashes = hub.call(Call::Slashes).await?;
     let run = hub.info.spec.run_id.clone();
     let ledger = hub.ledger.clone();
-    let view = tokio::task::spawn_blocking(move || match &ledger {
-        Some(svc) => {
-            let ledger = svc.ledger.lock().expect("ledger lock");
-            dashboard::ledger_view(Some(&*ledger), &run, slashes.into_iter())
-        }
-        None => {
-            dashboard::ledger_view::<tessera_ledger::SqliteStore>(None, &run, slashes.into_iter())
-        }
+    let cache = hub.ledger_cache.clone();
+    let view = tokio::task::spawn_blocking(move || {
+        let mut cache = cache.lock().expect("cache lock");
+        cache.get(now_ms(), max_age, || match &ledger {
+            Some(svc) => {
+                let ledger = svc.ledger.lock().expect("ledger lock");
+                dashboard::ledger_view(Some(&*ledger), &run, slashes.into_iter())
+            }
+            None => dashboard::ledger_view::<tessera_ledger::SqliteStore>(
+                None,
+                &run,
+                slashes.into_iter(),
+            ),
+        })
     })
     .await
     .map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
@@ -1896,6 +1951,7 @@ pub async fn serve(config: HubConfig) -> Result<()> {
         fetch_permits: Arc::new(tokio::sync::Semaphore::new(COMMIT_FETCHES_MAX)),
         history: core.history.clone(),
         ledger: core.ledger.clone(),
+        ledger_cache: Default::default(),
     };
     let ledger_routes = core.ledger.clone().map(tessera_net::ledger_router);
     std::thread::Builder::new()
