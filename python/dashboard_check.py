@@ -111,6 +111,7 @@ def main():
 
         # The node table: a row per node, with the hub's tokens and the ledger's pay.
         rows = page.query_selector_all("#nodes tbody tr")
+        ejected_rows = 0
         work = summary["work"]
         if len(rows) != len(work):
             fail("the node table has %d rows for %d nodes" % (len(rows), len(work)))
@@ -121,6 +122,19 @@ def main():
             tokens = row.query_selector("td[data-tokens]").get_attribute("data-tokens")
             if int(tokens) != work[node]["tokens"]:
                 fail("node %s shows %s tokens, the hub %d" % (node[:12], tokens, work[node]["tokens"]))
+            status = row.query_selector_all("td")[1].inner_text()
+            flags = row.query_selector_all("td")[9].inner_text()
+            ejected = summary["verification"].get(node, {}).get("ejected", False)
+            if ejected:
+                ejected_rows += 1
+                if status != "ejected":
+                    fail("node %s was ejected but shows %r" % (node[:12], status))
+                slashed = ledger["slashed_nodes"].get(node)
+                want = "%s staked tokens slashed" % slashed if slashed is not None else "pay forfeited"
+                if want not in flags:
+                    fail("ejected node %s shows %r, not %r" % (node[:12], flags, want))
+            elif status != "finished":
+                fail("node %s shows %r in a finished run" % (node[:12], status))
             earned = row.query_selector("td[data-earned]").get_attribute("data-earned")
             if earned != ledger["earned"].get(node, ""):
                 fail("node %s shows %r earned, the ledger %r" % (node[:12], earned, ledger["earned"].get(node)))
@@ -162,7 +176,8 @@ def main():
     if rounds.samples[0].value != closed:
         fail("tessera_rounds_closed_total is %s, /summary %d" % (rounds.samples[0].value, closed))
     print(json.dumps({"rounds": closed, "live_points": live, "first_points": first,
-                      "nodes": len(work), "paid_rounds": len(ledger["paid"]), "metrics": len(families)}))
+                      "nodes": len(work), "ejected": ejected_rows, "paid_rounds": len(ledger["paid"]),
+                      "metrics": len(families)}))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,10 @@
         if (r.ver.refused) flags.push(r.ver.refused + " refused");
         if (r.ver.audits_passed) flags.push(r.ver.audits_passed + " audit(s) passed");
         if (r.ver.audits_failed) flags.push(r.ver.audits_failed + " audit(s) failed");
-        if (ejected) flags.push("slashed");
+        if (ejected) {
+          const slashed = state.ledger && state.ledger.slashed_nodes ? state.ledger.slashed_nodes[r.id] : undefined;
+          flags.push(slashed !== undefined ? "ejected, pay forfeited, " + amount(slashed) + " staked tokens slashed" : "ejected, pay forfeited");
+        }
       }
       tr.appendChild(el("td", r.ver && (r.ver.refused || r.ver.audits_failed || ejected) ? "bad" : "", flags.join(", ") || (r.ver ? "clean" : "–")));
       const e = earned[r.id];

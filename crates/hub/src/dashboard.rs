@@ -295,8 +295,9 @@ pub struct LedgerView {
     pub paid_total: String,
     /// What each node (hex id) was paid by this run.
     pub earned: BTreeMap<String, String>,
-    /// Tokens taken from stakes of this run by slashing.
+    /// Tokens taken from stakes of this run by slashing, in all and per node (hex id).
     pub slashed: String,
+    pub slashed_nodes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -312,11 +313,11 @@ fn tokens(units: u128) -> String {
 }
 
 /// The ledger view of `run` (a hub without a ledger shows `enabled: false`);
-/// `slashes` are the ids of the run's slash requests.
+/// `slashes` are the run's slash requests: (node hex id, request id).
 pub fn ledger_view<S: tessera_ledger::Store>(
     ledger: Option<&tessera_ledger::Ledger<S>>,
     run: &str,
-    slashes: impl Iterator<Item = String>,
+    slashes: impl Iterator<Item = (String, String)>,
 ) -> LedgerView {
     let Some(ledger) = ledger else {
         return LedgerView {
@@ -331,6 +332,7 @@ pub fn ledger_view<S: tessera_ledger::Store>(
             paid_total: tokens(0),
             earned: BTreeMap::new(),
             slashed: tokens(0),
+            slashed_nodes: BTreeMap::new(),
         };
     };
     let state = ledger.state();
@@ -360,9 +362,12 @@ pub fn ledger_view<S: tessera_ledger::Store>(
             });
         }
     }
-    for id in slashes {
+    let mut slashed_nodes = BTreeMap::new();
+    for (node, id) in slashes {
         if let Some(receipt) = state.receipt(&id) {
-            slashed += receipt.transfers.iter().map(|t| t.amount.0).sum::<u128>();
+            let amount = receipt.transfers.iter().map(|t| t.amount.0).sum::<u128>();
+            slashed += amount;
+            slashed_nodes.insert(node, tokens(amount));
         }
     }
     LedgerView {
@@ -380,6 +385,7 @@ pub fn ledger_view<S: tessera_ledger::Store>(
         paid_total: tokens(paid_total),
         earned: earned.into_iter().map(|(c, a)| (c, tokens(a))).collect(),
         slashed: tokens(slashed),
+        slashed_nodes,
     }
 }
 

@@ -1432,7 +1432,8 @@ impl HubState {
         }
     }
 
-    /// Every known node's work: O(rounds × accepted + members).
+    /// Every known node's work (members, and every node a round recorded, judged or
+    /// ejected): O(rounds × commits + members).
     fn work(&self) -> BTreeMap<NodeId, tessera_protocol::wire::NodeWork> {
         let mut out: BTreeMap<NodeId, tessera_protocol::wire::NodeWork> = BTreeMap::new();
         for r in self.rounds.values() {
@@ -1444,6 +1445,12 @@ impl HubState {
             for node in &r.late {
                 out.entry(*node).or_default().rounds_late += 1;
             }
+            for v in &r.verdicts {
+                out.entry(v.node).or_default();
+            }
+        }
+        for node in &self.coord.ejected {
+            out.entry(*node).or_default();
         }
         for node in self.coord.members.keys() {
             out.entry(*node).or_default().member = true;

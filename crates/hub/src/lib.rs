@@ -388,8 +388,8 @@ enum Call {
     Audit(u64, NodeId, oneshot::Sender<Option<PendingAudit>>),
     Summary(oneshot::Sender<Summary>),
     Metrics(oneshot::Sender<String>),
-    /// The ids of the run's slash requests (one per ejected node).
-    Slashes(oneshot::Sender<Vec<String>>),
+    /// The run's slash requests, one per ejected node: (node hex id, request id).
+    Slashes(oneshot::Sender<Vec<(String, String)>>),
 }
 
 /// How a setting is spelled in JSON and TOML.
@@ -880,7 +880,10 @@ impl Core {
         let (Some(svc), true) = (&self.ledger, spec.min_stake > 0) else {
             return Ok(());
         };
-        if self.host.state.coordinator().members.contains_key(node) {
+        // An ejected node is refused as ejected (it stops), not for the stake its
+        // slashing took (it would ask again forever).
+        let coord = self.host.state.coordinator();
+        if coord.members.contains_key(node) || coord.ejected.contains(node) {
             return Ok(());
         }
         let account = tessera_ledger::Account::Stake {
@@ -1123,7 +1126,7 @@ impl Core {
             let slashes = coord
                 .ejected
                 .iter()
-                .map(|n| engine::slash_id(&spec.run_id, n));
+                .map(|n| (n.to_hex(), engine::slash_id(&spec.run_id, n)));
             dashboard::ledger_view(Some(&*ledger), &spec.run_id, slashes)
         });
         let tokens_of = |t: &str| t.parse::<f64>().unwrap_or(f64::NAN);
@@ -1251,7 +1254,10 @@ impl Core {
                 Call::Slashes(reply) => {
                     let run = &self.info.spec.run_id;
                     let ids = self.host.state.coordinator().ejected.iter();
-                    let _ = reply.send(ids.map(|n| engine::slash_id(run, n)).collect());
+                    let _ = reply.send(
+                        ids.map(|n| (n.to_hex(), engine::slash_id(run, n)))
+                            .collect(),
+                    );
                 }
             }
         }

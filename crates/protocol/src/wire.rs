@@ -447,7 +447,8 @@ pub struct Summary {
     /// The round open now, while one is.
     #[serde(default)]
     pub open_round: Option<u64>,
-    /// Every node the run knows (members, and anyone whose work a round recorded):
+    /// Every node the run knows (members, and anyone a round recorded, judged or
+    /// ejected):
     /// whether it is a member now, the tokens it was credited and its rounds.
     #[serde(default)]
     pub work: BTreeMap<NodeId, NodeWork>,

@@ -175,7 +175,10 @@ fn render(s: &Snapshot, rows: usize) -> String {
                 flags.push(format!("{} audit(s) FAILED", v.audits_failed));
             }
             if ejected {
-                flags.push("slashed".into());
+                flags.push(match s.ledger.slashed_nodes.get(&id.to_hex()) {
+                    Some(t) => format!("EJECTED, pay forfeited, {t} staked tokens slashed"),
+                    None => "EJECTED, pay forfeited".into(),
+                });
             }
         }
         out += &format!(

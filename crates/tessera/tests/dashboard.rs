@@ -14,7 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{exe, funded_ledger, get, node_args, run_file, s, spawn, tiny_data, wait_for, Procs};
+use common::{
+    exe, funded_ledger, get, node_args, run_file, s, spawn, staked_key, tiny_data, wait_for, Procs,
+};
 
 /// The Python of the project's virtual environment (what `make test` puts on PATH).
 fn python() -> PathBuf {
@@ -61,16 +63,22 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = tiny_data(d);
-    // A ledger whose pool pays 10 tokens a round.
+    // A ledger whose pool pays 10 tokens a round; three nodes stake 5 tokens each, and
+    // one of them (`c`) cheats by resending another node's update (a test tool).
     let ledger = d.join("ledger.db");
     funded_ledger(&ledger, "dash", "500", "300", "10");
+    let names = ["a", "b", "c"];
+    let ids: Vec<String> = names
+        .iter()
+        .map(|n| staked_key(&ledger, d, n, "dash", "5"))
+        .collect();
     let rounds = 20;
     let (url, config) = run_file(
         d,
         &data,
         &format!(
             "run_id = \"dash\"\nmin_nodes = 2\nrounds = {rounds}\ninner_steps = 2\n\
-             round_deadline_ms = 20000\nmin_stake = 0\ntopk = 256\nledger = {ledger:?}\n"
+             round_deadline_ms = 20000\nmin_stake = 5\ntopk = 256\nledger = {ledger:?}\n"
         ),
     );
     let mut procs = Procs(Vec::new());
@@ -102,10 +110,13 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
         ready.exists() || exited
     });
     let cache = d.join("cache");
-    for name in ["a", "b"] {
+    for name in names {
         let key = d.join(format!("{name}.key"));
         let mut args = node_args(&url, &key, &cache);
         args.push("--json");
+        if name == "c" {
+            args.extend(["--adversary", "copy"]);
+        }
         procs
             .0
             .push(spawn(&args, &d.join(format!("node-{name}.log"))));
@@ -122,10 +133,23 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
     assert!(shots.join("dashboard.png").exists());
     let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
     assert_eq!(report["rounds"], rounds);
-    assert_eq!(report["nodes"], 2);
+    assert_eq!(report["nodes"], 3);
+    assert_eq!(report["ejected"], 1);
 
     let summary = get(&format!("{url}/summary")).unwrap();
     let ledger_view = get(&format!("{url}/api/ledger")).unwrap();
+    // The cheater was caught: ejected, its stake slashed; the honest nodes were not.
+    for (id, name) in ids.iter().zip(names) {
+        let cheat = name == "c";
+        assert_eq!(summary["verification"][id]["ejected"], cheat, "{name}");
+        assert_eq!(
+            ledger_view["slashed_nodes"]
+                .get(id)
+                .and_then(|v| v.as_str()),
+            cheat.then_some("5"),
+            "{name}: {ledger_view}"
+        );
+    }
 
     // `tessera status` says the same.
     let status = Command::new(exe())
@@ -135,11 +159,16 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
     assert!(status.status.success());
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
-        text.contains(&format!("{rounds}/{rounds} rounds closed")) && text.contains("finished"),
+        text.contains(&format!("{rounds}/{rounds} rounds closed"))
+            && text.contains("finished")
+            && text.contains("EJECTED, pay forfeited, 5 staked tokens slashed"),
         "{text}"
     );
     let work = summary["work"].as_object().unwrap();
-    for (node, w) in work {
+    for (node, w) in work
+        .iter()
+        .filter(|(n, _)| ledger_view["earned"].get(*n).is_some())
+    {
         let line = text
             .lines()
             .find(|l| l.starts_with(&node[..12]))
@@ -215,6 +244,8 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
     // A restarted hub serves the finished run: its whole history, final evaluation
     // and members' last statistics.
     let history = get(&format!("{url}/api/history")).unwrap();
+    // Every node stops, the cheater too: a slashed node asking to join again is told
+    // it was ejected, not that its stake is gone (it would ask forever).
     wait_for(d, "the nodes to stop", Duration::from_secs(60), || {
         procs.0[1..]
             .iter_mut()

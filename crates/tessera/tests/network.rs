@@ -841,34 +841,7 @@ fn adversary_run(mode: &str, restart: bool) {
     let names = ["h0", "h1", "h2", "adv"];
     let mut ids = Vec::new();
     for name in names {
-        let id = tessera_protocol::Identity::generate();
-        id.save_new(&d.join(format!("{name}.key"))).unwrap();
-        let hex = id.public_hex();
-        ledger_cmd(
-            &ledger,
-            &[
-                "sale",
-                "--buyer",
-                &hex,
-                "--tokens",
-                "5",
-                "--proceeds",
-                "test",
-            ],
-        );
-        ledger_cmd(
-            &ledger,
-            &[
-                "stake",
-                "--run",
-                "it",
-                "--contributor",
-                &hex,
-                "--tokens",
-                "5",
-            ],
-        );
-        ids.push(hex);
+        ids.push(staked_key(&ledger, d, name, "it", "5"));
     }
     let (url, config) = run_file(
         d,

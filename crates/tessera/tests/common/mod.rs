@@ -216,3 +216,36 @@ pub fn funded_ledger(ledger: &Path, run: &str, treasury: &str, pool: &str, rewar
         ],
     );
 }
+
+/// A new node key at `d/NAME.key` whose contributor bought and staked `tokens` on
+/// `run` in `ledger`; returns its public key (hex).
+pub fn staked_key(ledger: &Path, d: &Path, name: &str, run: &str, tokens: &str) -> String {
+    let id = tessera_protocol::Identity::generate();
+    id.save_new(&d.join(format!("{name}.key"))).unwrap();
+    let hex = id.public_hex();
+    ledger_cmd(
+        ledger,
+        &[
+            "sale",
+            "--buyer",
+            &hex,
+            "--tokens",
+            tokens,
+            "--proceeds",
+            "test",
+        ],
+    );
+    ledger_cmd(
+        ledger,
+        &[
+            "stake",
+            "--run",
+            run,
+            "--contributor",
+            &hex,
+            "--tokens",
+            tokens,
+        ],
+    );
+    hex
+}
