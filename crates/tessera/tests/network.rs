@@ -11,8 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    exe, funded_ledger, get, ledger_cmd, node_args, run_file, s, spawn, spawn_validator, tiny_data,
-    wait_for, Procs,
+    exe, funded_ledger, get, ledger_cmd, node_args, run_file, s, spawn, spawn_validator,
+    staked_key, tiny_data, wait_for, Procs,
 };
 
 /// The tests here run one at a time. Each picks a free port for its hub by binding and
