@@ -264,7 +264,13 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
         let report: tessera_node::NodeReport = serde_json::from_str(line).unwrap();
         let w = &summary["work"][&report.node];
         assert_eq!(report.tokens, w["tokens"].as_u64().unwrap(), "{line}");
-        assert_eq!(report.rounds_accepted, rounds, "{line}");
+        // A node may join a round or two late (the run starts with two members).
+        assert_eq!(
+            report.rounds_accepted,
+            w["rounds_accepted"].as_u64().unwrap(),
+            "{line}"
+        );
+        assert!(report.rounds_accepted >= rounds - 2, "{line}");
         assert!(report.run_finished && !report.ejected, "{line}");
         let earned: f64 = ledger_view["earned"][&report.node]
             .as_str()
