@@ -1072,7 +1072,9 @@ impl HubState {
                 }
             }
         }
-        if let Input::Leave { node } = &coord_input {
+        // Statistics are kept for members only: a node that left or was ejected (which
+        // raises no `MemberDropped`) takes its statistics with it.
+        if let Input::Leave { node } | Input::Eject { node } = &coord_input {
             self.stats.remove(node);
         }
         if transition {

@@ -632,6 +632,33 @@ fn pay_waits_in_escrow_for_audits_and_a_failed_audit_forfeits_it() {
     );
 }
 
+/// Statistics are kept for members only: an ejected node's went on showing in
+/// `/summary` (and so on the dashboard) as if it were a member, and a restarted hub,
+/// which keeps members' statistics only, then disagreed with the one before it.
+#[test]
+fn an_ejected_node_takes_its_statistics_with_it() {
+    let mut hub = fresh(1);
+    let out = &mut HashStep;
+    for n in [1, 2] {
+        hub.apply(HubInput::Join { node: id(n) }, 0, out).unwrap();
+        let stats = Some(NodeStats::default());
+        hub.apply(HubInput::Heartbeat { node: id(n), stats }, 0, out)
+            .unwrap();
+    }
+    assert_eq!(hub.stats().len(), 2);
+    hub.apply(
+        HubInput::Eject {
+            node: id(2),
+            reason: "resent another member's update".into(),
+        },
+        1,
+        out,
+    )
+    .unwrap();
+    assert_eq!(hub.stats().keys().collect::<Vec<_>>(), vec![&id(1)]);
+    assert!(hub.summary().nodes.keys().all(|n| *n == id(1)));
+}
+
 /// Slashing goes through the ledger once per ejected node, however often the hub pays
 /// (after a restart, every ejected node is slashed again by the same request id).
 #[test]

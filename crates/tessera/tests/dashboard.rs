@@ -251,6 +251,10 @@ fn the_dashboard_shows_a_live_run_as_the_hub_reports_it() {
             .iter_mut()
             .all(|c| c.try_wait().unwrap().is_some())
     });
+    // Past the age a public read may have, so the summary holds the last heartbeats.
+    std::thread::sleep(Duration::from_millis(
+        tessera_hub::dashboard::PUBLIC_READ_MAX_AGE_MS + 100,
+    ));
     let summary = get(&format!("{url}/summary")).unwrap();
 
     // Each node's end report (`--json`) and its balance read from the hub's ledger API
