@@ -69,42 +69,7 @@ fn nodes_crash_join_and_the_hub_restarts_without_losing_a_round() {
     let data = tiny_data(d);
     // A ledger whose pool for run `it` pays 10 tokens a round for 14 rounds.
     let ledger = d.join("ledger.db");
-    for args in [
-        vec!["init"],
-        vec![
-            "sale",
-            "--buyer",
-            "organiser",
-            "--tokens",
-            "1",
-            "--treasury-tokens",
-            "1000",
-            "--proceeds",
-            "test",
-        ],
-        vec![
-            "fund",
-            "--run",
-            "it",
-            "--model",
-            "nano",
-            "--tokens",
-            "140",
-            "--reward-per-round",
-            "10",
-        ],
-    ] {
-        let out = Command::new(exe())
-            .args(["ledger", "--db", s(&ledger)])
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    funded_ledger(&ledger, "it", "1000", "140", "10");
     let (url, config) = run_file(
         d,
         &data,
