@@ -816,11 +816,15 @@ impl Core {
     /// them too, to evaluate), and notes when the next round opened.
     fn record_history(&mut self, closed: &[Arc<RoundRecord>], now: u64) {
         let dep = &self.config.deployment;
-        let bytes_moved = self
-            .traffic
-            .values()
-            .fold(0u64, |a, b| a.saturating_add(*b))
-            .max(self.history.last().map_or(0, |r| r.bytes_moved));
+        // O(members): only when a round closed, not on every heartbeat.
+        let bytes_moved = if closed.is_empty() {
+            0
+        } else {
+            self.traffic
+                .values()
+                .fold(0u64, |a, b| a.saturating_add(*b))
+                .max(self.history.last().map_or(0, |r| r.bytes_moved))
+        };
         for rec in closed {
             let stats = self.host.state.stats();
             let losses: Vec<f64> = rec
